@@ -1,0 +1,1 @@
+"""LLM backends: the interface, the OpenAI-compatible implementation, presets and plugins."""

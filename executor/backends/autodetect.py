@@ -1,0 +1,118 @@
+"""`backend = "auto"`: find a local OpenAI-compatible server on its usual port.
+
+Probes every local preset (LM Studio 1234, Ollama 11434, vLLM 8000, llama.cpp
+8080) at once with a short timeout and picks the first in preset order that
+lists its models. Until one answers, the backend has no models and every job
+gets a `backend_unavailable` error that says what was tried; each model refresh
+of the node probes again, so starting LM Studio later is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from executor.backends.base import Completion, ModelInfo, StreamEvent
+from executor.backends.openai_compat import OpenAICompatibleBackend
+from executor.backends.presets import PRESETS, Preset
+from executor.config import LlmClientConfig
+from protocol.errors import BackendUnavailable, LloomError
+from protocol.messages import ChatRequest
+
+PROBE_TIMEOUT_S = 0.5
+
+
+class ProbeResult:
+    def __init__(self, backend: OpenAICompatibleBackend, models: list[ModelInfo] | None, error: str | None) -> None:
+        self.backend = backend
+        self.models = models
+        self.error = error
+
+
+async def probe_local(
+    session: aiohttp.ClientSession, config: LlmClientConfig, presets: list[Preset] | None = None
+) -> list[ProbeResult]:
+    """Ask every local preset for its models, concurrently; results in preset order."""
+    candidates = presets if presets is not None else [p for p in PRESETS.values() if p.local]
+
+    async def probe(preset: Preset) -> ProbeResult:
+        assert preset.base_url is not None
+        backend = OpenAICompatibleBackend(
+            session, base_url=preset.base_url, api_key=config.api_key, timeout_secs=PROBE_TIMEOUT_S, preset=preset
+        )
+        try:
+            return ProbeResult(backend, await backend.list_models(), None)
+        except LloomError as e:
+            return ProbeResult(backend, None, e.message)
+
+    return list(await asyncio.gather(*(probe(p) for p in candidates)))
+
+
+class AutoDetectBackend:
+    """A `Backend` that becomes the first local server found."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, config: LlmClientConfig, presets: list[Preset] | None = None
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._presets = presets
+        self._inner: OpenAICompatibleBackend | None = None
+        self.last_probe: list[ProbeResult] = []
+
+    @property
+    def name(self) -> str:
+        return f"auto ({self._inner.name})" if self._inner else "auto (no local server found yet)"
+
+    @property
+    def resolved(self) -> OpenAICompatibleBackend | None:
+        return self._inner
+
+    async def _resolve(self) -> OpenAICompatibleBackend | None:
+        if self._inner is None:
+            self.last_probe = await probe_local(self._session, self._config, self._presets)
+            found = next((r for r in self.last_probe if r.models is not None), None)
+            if found is not None:
+                self._inner = OpenAICompatibleBackend(
+                    self._session,
+                    base_url=found.backend.base_url,
+                    api_key=self._config.api_key,
+                    timeout_secs=self._config.timeout_secs,
+                    preset=found.backend.preset,
+                )
+        return self._inner
+
+    def _nothing_found(self) -> BackendUnavailable:
+        tried = "; ".join(f"{r.backend.name}: {r.error}" for r in self.last_probe) or "nothing probed yet"
+        return BackendUnavailable(
+            f"no local LLM server found (tried {tried}). Start LM Studio, Ollama, vLLM or llama-server,"
+            " or set [llm_client] backend and base_url"
+        )
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        inner = await self._resolve()
+        if inner is None:
+            raise self._nothing_found()
+        return await inner.complete(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        inner = await self._resolve()
+        if inner is None:
+            raise self._nothing_found()
+        async for event in inner.stream(request):
+            yield event
+
+    async def list_models(self) -> list[ModelInfo]:
+        inner = await self._resolve()
+        if inner is None:
+            raise self._nothing_found()
+        return await inner.list_models()
+
+    async def health_check(self) -> bool:
+        inner = await self._resolve()
+        return inner is not None and await inner.health_check()
+
+    async def aclose(self) -> None:
+        """Owns nothing: the session is the caller's."""

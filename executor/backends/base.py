@@ -1,0 +1,71 @@
+"""The backend interface (the seed's `LlmBackend`) and the normalized types it returns.
+
+A backend turns a normalized `ChatRequest` into a `Completion`, or into a stream
+of `Delta`s closed by one `Finish`. It knows HTTP (or whatever it speaks) and
+these types; it knows nothing of NATS. Failures are raised as the typed errors
+of `protocol.errors` (BackendUnavailable, RateLimited, ModelNotFound, ...), so
+the node can put them on the wire without knowing which backend raised them.
+
+Custom backends implement this protocol and register a factory under the
+`lloom.backends` entry-point group (see `registry.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+from protocol.messages import ChatRequest, FinishReason, Usage
+
+
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    content: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class Delta(msgspec.Struct, frozen=True):
+    """A piece of generated text, in order."""
+
+    text: str
+
+
+class Finish(msgspec.Struct, frozen=True, kw_only=True):
+    """The last event of a stream."""
+
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    id: str
+    context_length: int | None = None
+
+
+StreamEvent = Delta | Finish
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the node needs from a backend."""
+
+    @property
+    def name(self) -> str:
+        """Short label for logs and errors, e.g. `lmstudio at http://localhost:1234/v1`."""
+        ...
+
+    async def complete(self, request: ChatRequest) -> Completion: ...
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Yield `Delta`s as the backend produces them, then exactly one `Finish`."""
+        ...
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    async def health_check(self) -> bool: ...
+
+    async def aclose(self) -> None: ...

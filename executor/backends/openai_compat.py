@@ -1,0 +1,394 @@
+"""The backend for every server that speaks OpenAI's /v1 chat API over HTTP.
+
+LM Studio, OpenAI, Ollama, vLLM and llama.cpp's server all answer
+`POST {base_url}/chat/completions` (JSON, or SSE with `stream: true`) and
+`GET {base_url}/models`. This module sends the normalized request, decodes the
+answer with typed decoders built once, and translates every failure into one of
+the typed errors of `protocol.errors` through `_status_error` and `_io_error`,
+with a message that says what to do about it.
+
+It takes its `aiohttp.ClientSession` from the caller: one connection pool per
+process, owned by whoever owns the event loop.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+
+from executor.backends.base import Completion, Delta, Finish, ModelInfo, StreamEvent
+from executor.backends.presets import PRESETS, Preset
+from executor.config import ConfigError, LlmClientConfig
+from executor.tokens import estimate_usage
+from protocol.errors import (
+    BackendAuthFailed,
+    BackendError,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    InvalidRequest,
+    LloomError,
+    ModelNotFound,
+    RateLimited,
+    StreamInterrupted,
+)
+from protocol.messages import ChatRequest, FinishReason, Message, Usage
+
+# -- the OpenAI wire format, as much of it as we read --------------------------
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = True
+
+
+class _StreamBody(msgspec.Struct, omit_defaults=True):
+    model: str
+    messages: list[Message]
+    stream: bool
+    stream_options: _StreamOptions
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _ErrorBody(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _ChoiceMessage(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _ChoiceMessage
+    finish_reason: str | None = None
+
+
+class _Response(msgspec.Struct):
+    choices: list[_Choice]
+    model: str = ""
+    usage: _Usage | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _ChunkChoice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_ChunkChoice] = []
+    model: str = ""
+    usage: _Usage | None = None
+    # vLLM and OpenAI report a failure inside a started stream this way.
+    error: _ErrorBody | None = None
+
+
+class _ModelEntry(msgspec.Struct):
+    id: str
+    context_length: int | None = None  # LM Studio, OpenRouter
+    max_model_len: int | None = None  # vLLM
+    meta: dict[str, object] | None = None  # llama.cpp: {"n_ctx_train": ...}
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_ModelEntry]
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_response = msgspec.json.Decoder(_Response).decode
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_models = msgspec.json.Decoder(_ModelList).decode
+_decode_any = msgspec.json.Decoder().decode
+
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "content_filter": FinishReason.CONTENT_FILTER,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+}
+
+
+def _finish(reason: str | None) -> FinishReason:
+    return _FINISH.get(reason, FinishReason.OTHER) if reason else FinishReason.OTHER
+
+
+def _usage(u: _Usage | None, request: ChatRequest, content: str, chunks: int | None = None) -> Usage:
+    if u is None:
+        return estimate_usage((m.content for m in request.messages), content, completion_tokens=chunks)
+    total = u.total_tokens or u.prompt_tokens + u.completion_tokens
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=total)
+
+
+# -- the backend ---------------------------------------------------------------
+
+
+class OpenAICompatibleBackend:
+    """`Backend` over an OpenAI-compatible HTTP server."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        timeout_secs: float = 300.0,
+        preset: Preset = PRESETS["openai_compatible"],
+    ) -> None:
+        self._session = session
+        self.base_url = base_url.rstrip("/")
+        self.preset = preset
+        self.timeout_secs = timeout_secs
+        self._chat_url = f"{self.base_url}/chat/completions"
+        self._models_url = f"{self.base_url}/models"
+        self._headers = {"Content-Type": "application/json"}
+        # Keyless local servers (LM Studio's "not-needed") must not get a bogus header.
+        if api_key and api_key != "not-needed":
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._unary_timeout = aiohttp.ClientTimeout(total=timeout_secs)
+        # A stream may run long; what must not happen is silence for timeout_secs.
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_secs, sock_read=timeout_secs)
+        self._probe_timeout = aiohttp.ClientTimeout(total=min(timeout_secs, 5.0))
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset.name} at {self.base_url}"
+
+    async def aclose(self) -> None:
+        """The session belongs to the caller; nothing of ours to close."""
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        body = _encode(msgspec.structs.replace(request, stream=False) if request.stream else request)
+        try:
+            async with self._session.post(
+                self._chat_url, data=body, headers=self._headers, timeout=self._unary_timeout
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise await self._status_error(resp.status, raw, resp.headers, request.model)
+        except LloomError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._io_error(e, started=False) from e
+        try:
+            parsed = _decode_response(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise BackendProtocolError(f"{self.name} sent a malformed completion ({e}): {_excerpt(raw)}") from e
+        if not parsed.choices:
+            raise BackendProtocolError(f"{self.name} sent a completion with no choices: {_excerpt(raw)}")
+        choice = parsed.choices[0]
+        content = choice.message.content or ""
+        return Completion(
+            model=parsed.model or request.model,
+            content=content,
+            finish_reason=_finish(choice.finish_reason),
+            usage=_usage(parsed.usage, request, content),
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        body = _encode(
+            _StreamBody(
+                model=request.model,
+                messages=request.messages,
+                stream=True,
+                stream_options=_StreamOptions(),
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                stop=request.stop,
+            )
+        )
+        started = False
+        finish: str | None = None
+        usage: _Usage | None = None
+        model = request.model
+        parts: list[str] = []
+        try:
+            async with self._session.post(
+                self._chat_url, data=body, headers=self._headers, timeout=self._stream_timeout
+            ) as resp:
+                if resp.status != 200:
+                    raw = await resp.read()
+                    raise await self._status_error(resp.status, raw, resp.headers, request.model)
+                done = False
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, `:` comments, `event:` names
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = _decode_chunk(data)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                        raise BackendProtocolError(
+                            f"{self.name} sent a malformed stream event ({e}): {_excerpt(data)}"
+                        ) from e
+                    if chunk.error is not None:
+                        raise BackendError(f"{self.name} failed mid-stream: {chunk.error.message or chunk.error.code}")
+                    if chunk.model:
+                        model = chunk.model
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices[:1]:
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+                        text = choice.delta.content
+                        if text:
+                            started = True
+                            parts.append(text)
+                            yield Delta(text)
+                if not done and finish is None:
+                    raise StreamInterrupted(f"{self.name} closed the stream before it finished")
+        except LloomError as e:
+            if started and not isinstance(e, StreamInterrupted):
+                raise StreamInterrupted(f"stream broke after it began: {e.message}") from e
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._io_error(e, started=started) from e
+        content = "".join(parts)
+        yield Finish(model=model, finish_reason=_finish(finish), usage=_usage(usage, request, content, len(parts)))
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            async with self._session.get(self._models_url, headers=self._headers, timeout=self._probe_timeout) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise await self._status_error(resp.status, raw, resp.headers, None)
+        except LloomError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._io_error(e, started=False) from e
+        try:
+            listing = _decode_models(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise BackendProtocolError(f"{self.name} sent a malformed model list ({e}): {_excerpt(raw)}") from e
+        return [ModelInfo(id=m.id, context_length=_context_length(m)) for m in listing.data]
+
+    async def health_check(self) -> bool:
+        try:
+            await self.list_models()
+        except LloomError:
+            return False
+        return True
+
+    # -- error translation: the one place HTTP failures become typed errors --
+
+    async def _status_error(
+        self, status: int, raw: bytes, headers: aiohttp.typedefs.LooseHeaders, model: str | None
+    ) -> LloomError:
+        detail = _error_message(raw)
+        where = f"{self.name} answered HTTP {status}"
+        if status in (401, 403):
+            hint = "set api_key in [llm_client] (e.g. \"${OPENAI_API_KEY}\") and check it is valid and permitted"
+            return BackendAuthFailed(f"{where}: {detail}. The backend rejected our credentials: {hint}")
+        if status == 429:
+            retry_after = _retry_after(headers.get("Retry-After"))  # type: ignore[union-attr]
+            return RateLimited(f"{where}: {detail}", retry_after_s=retry_after)
+        if status == 404 and model is not None:
+            try:
+                available = [m.id for m in await self.list_models()]
+            except LloomError:
+                available = None
+            if available is None or model not in available:
+                listing = ", ".join(available) if available else "none could be listed"
+                return ModelNotFound(
+                    f"model {model!r} is not available on {self.name} (available: {listing}); load it in the backend",
+                    available_models=available,
+                )
+            return BackendError(f"{where} for a listed model: {detail}; is base_url right (does it end in /v1)?")
+        if status in (400, 413, 422):
+            return InvalidRequest(f"{where}: {detail}")
+        if status == 404:
+            return BackendError(f"{where}: {detail}; is base_url right (does it end in /v1)?")
+        return BackendError(f"{where}: {detail}")
+
+    def _io_error(self, e: BaseException, *, started: bool) -> LloomError:
+        if isinstance(e, TimeoutError):
+            what = "went silent mid-stream" if started else "did not answer"
+            return BackendTimeout(
+                f"{self.name} {what} within timeout_secs={self.timeout_secs:g}; the backend may be overloaded,"
+                " or raise timeout_secs in [llm_client]"
+            )
+        if started:
+            return StreamInterrupted(f"{self.name} broke the stream mid-way: {_describe(e)}")
+        if isinstance(e, aiohttp.ClientConnectorError):
+            return BackendUnavailable(f"cannot connect to {self.name}: {_describe(e)}; {self.preset.start_hint}")
+        if isinstance(e, aiohttp.ClientPayloadError):
+            return BackendProtocolError(f"{self.name} sent a truncated response: {_describe(e)}")
+        return BackendUnavailable(f"{self.name} dropped the connection: {_describe(e)}")
+
+
+def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> OpenAICompatibleBackend:
+    """Factory for the built-in presets (and the `lloom.backends` entry-point signature)."""
+    preset = PRESETS.get(config.backend, PRESETS["openai_compatible"])
+    base_url = config.base_url or preset.base_url
+    if not base_url:
+        raise ConfigError(f"[llm_client] backend = {config.backend!r} needs base_url")
+    if preset.needs_api_key and not config.api_key:
+        raise ConfigError(f"[llm_client] backend = {config.backend!r} needs api_key (e.g. \"${{OPENAI_API_KEY}}\")")
+    return OpenAICompatibleBackend(
+        session, base_url=base_url, api_key=config.api_key, timeout_secs=config.timeout_secs, preset=preset
+    )
+
+
+def _context_length(m: _ModelEntry) -> int | None:
+    if m.context_length or m.max_model_len:
+        return m.context_length or m.max_model_len
+    n = (m.meta or {}).get("n_ctx_train")
+    return n if isinstance(n, int) else None
+
+
+def _error_message(raw: bytes) -> str:
+    """The human part of an error body, whichever server dialect sent it."""
+    try:
+        body = _decode_any(raw)
+    except msgspec.DecodeError:
+        return _excerpt(raw) or "(empty body)"
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(err, dict):
+            err = err.get("message") or err.get("code")
+        if err:
+            return str(err)[:500]
+    return _excerpt(raw)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _excerpt(raw: bytes, limit: int = 200) -> str:
+    text = raw[:limit].decode("utf-8", "replace")
+    return text + ("..." if len(raw) > limit else "")
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__

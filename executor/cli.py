@@ -1,0 +1,125 @@
+"""`lloom-executor`: run a node (the default), write a config (`init`), or check one (`check`).
+
+Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import msgspec
+
+from executor.config import DEFAULT_CONFIG_TOML, ConfigError, ExecutorConfig, default_config_path, load_config
+from protocol.errors import LloomError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lloom-executor", description="Serve LLM completions on a NATS network.")
+    p.add_argument("--config", type=Path, help=f"config file (default: {default_config_path()}, if it exists)")
+    p.add_argument("--nats", metavar="URL", help="join this NATS server instead of starting an embedded one")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the executor node (default)")
+    init = sub.add_parser("init", help="write a commented default config file")
+    init.add_argument("path", nargs="?", type=Path, help="where to write it (default: the --config/default path)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    sub.add_parser("check", help="validate the config, reach the backend and list its models")
+    return p
+
+
+def _load(args: argparse.Namespace) -> ExecutorConfig:
+    config, _ = load_config(args.config)
+    node = config.node
+    if args.nats:
+        node = msgspec.structs.replace(node, nats_url=args.nats)
+    logging = config.logging
+    if args.log_level:
+        logging = msgspec.structs.replace(logging, level=args.log_level)
+    return msgspec.structs.replace(config, node=node, logging=logging)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "init":
+        return _init(args.path or args.config or default_config_path(), force=args.force)
+    try:
+        config = _load(args)
+    except ConfigError as e:
+        print(f"lloom-executor: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        return asyncio.run(_check(config))
+    return _run(config)
+
+
+def _run(config: ExecutorConfig) -> int:
+    from executor.daemon import serve
+    from executor.logs import configure_logging
+
+    configure_logging(config.logging)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is optional on platforms without it
+        runner = asyncio.run
+    try:
+        runner(serve(config))
+    except ConfigError as e:
+        print(f"lloom-executor: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _init(path: Path, *, force: bool) -> int:
+    if path.exists() and not force:
+        print(f"lloom-executor: {path} exists; use --force to overwrite", file=sys.stderr)
+        return 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DEFAULT_CONFIG_TOML)
+    print(f"wrote {path}")
+    return 0
+
+
+async def _check(config: ExecutorConfig) -> int:
+    from executor.backends.autodetect import AutoDetectBackend
+    from executor.backends.registry import create_backend
+    from executor.daemon import http_session
+
+    print("config: ok")
+    async with http_session(config) as session:
+        try:
+            backend = create_backend(config.llm_client, session)
+        except ConfigError as e:
+            print(f"lloom-executor: {e}", file=sys.stderr)
+            return 2
+        try:
+            models = await backend.list_models()
+        except LloomError as e:
+            if isinstance(backend, AutoDetectBackend):
+                for r in backend.last_probe:
+                    print(f"  probed {r.backend.name}: {r.error}")
+            print(f"backend: FAILED: {e.message}")
+            return 1
+        finally:
+            await backend.aclose()
+        print(f"backend: {backend.name}: ok")
+        served = config.llm_client.models
+        listed = {m.id for m in models}
+        for m in models:
+            ctx = f" (context {m.context_length})" if m.context_length else ""
+            mark = "" if served is None or m.id in served else " (not served: not in [llm_client] models)"
+            print(f"  model {m.id}{ctx}{mark}")
+        missing = [m for m in served or [] if m not in listed]
+        for m in missing:
+            print(f"  model {m}: configured but the backend does not list it")
+        return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The executor's TOML configuration: its shape, its defaults and how it is loaded.
+
+The shape follows the design document (`[llm_client]` for the backend,
+`[logging]`), plus `[node]` for the daemon itself. Everything is decoded once
+into frozen msgspec Structs that reject unknown keys, so a typo is an error that
+names the file and the key (`executor.toml: Expected int >= 1 - at
+$.node.max_concurrent_jobs`) instead of a silently ignored setting.
+
+`${VAR}` and `${VAR:-default}` in `api_key` and `base_url` are expanded from the
+environment at load time, so secrets stay out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # A preset (lmstudio, openai, ollama, vllm, llamacpp, openai_compatible),
+    # "auto" to probe local servers, or a plugin registered under `lloom.backends`.
+    backend: str = "auto"
+    base_url: str | None = None
+    api_key: str | None = None
+    timeout_secs: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    # Serve exactly these models; when absent, serve what the backend lists.
+    models: list[str] | None = None
+    # Connections kept open to the backend (one pool per process).
+    max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 100
+
+
+class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Stable identity on the network; default: host name plus a random suffix.
+    id: str | None = None
+    # Join this NATS server or cluster; when absent, start an embedded one.
+    nats_url: str | None = None
+    embedded_nats_port: Annotated[int, Meta(ge=0, le=65_535)] = 4222
+    max_concurrent_jobs: Annotated[int, Meta(ge=1, le=100_000)] = 32
+    # A job without a caller deadline gets this one.
+    default_timeout_secs: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    # On SIGTERM, in-flight jobs get this long to finish before they are cancelled.
+    drain_timeout_secs: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
+    # Requests asking for more tokens than this are refused with bad_request.
+    max_tokens_cap: Annotated[int, Meta(ge=1, le=1_000_000)] = 32_768
+    # Jobs running longer than this ask their caller whether it still waits.
+    liveness_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 5.0
+    # How often the backend's model list is re-read.
+    model_refresh_secs: Annotated[float, Meta(gt=0, le=86_400)] = 30.0
+
+
+class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # Loggers (by name prefix, e.g. "executor.backends") that log at `level`;
+    # when set, every other logger logs at info.
+    targets: list[str] = []
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    node: NodeConfig = NodeConfig()
+    llm_client: LlmClientConfig = LlmClientConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def default_config_path() -> Path:
+    """`$LLOOM_CONFIG`, else `$XDG_CONFIG_HOME/lloom/executor.toml` (~/.config by default)."""
+    if env := os.environ.get("LLOOM_CONFIG"):
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "lloom" / "executor.toml"
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str, *, key: str, source: str, environ: dict[str, str] | os._Environ[str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{source}: {key} refers to ${{{name}}}, which is not set in the environment")
+
+    return _VAR.sub(sub, value)
+
+
+def load_config(
+    path: Path | None = None, *, environ: dict[str, str] | os._Environ[str] | None = None
+) -> tuple[ExecutorConfig, Path | None]:
+    """Load `path`, or the default file if it exists, else the defaults.
+
+    Returns the config and the file it came from (None for built-in defaults).
+    An explicitly named file that does not exist is an error.
+    """
+    environ = os.environ if environ is None else environ
+    source: Path | None = path
+    if path is None:
+        candidate = default_config_path()
+        source = candidate if candidate.exists() else None
+    if source is None:
+        return ExecutorConfig(), None
+    try:
+        data = source.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read config: {e.strerror}") from e
+    return parse_config(data, source=str(source), environ=environ), source
+
+
+def parse_config(data: bytes | str, *, source: str, environ: dict[str, str] | os._Environ[str]) -> ExecutorConfig:
+    try:
+        cfg = msgspec.toml.decode(data, type=ExecutorConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from e
+    llm = cfg.llm_client
+    changes = {}
+    for key in ("api_key", "base_url"):
+        value = getattr(llm, key)
+        if value is not None:
+            changes[key] = expand_env(value, key=f"llm_client.{key}", source=source, environ=environ)
+    if changes:
+        cfg = msgspec.structs.replace(cfg, llm_client=msgspec.structs.replace(llm, **changes))
+    return cfg
+
+
+DEFAULT_CONFIG_TOML = """\
+# Lloom executor configuration. Every key is optional; the values shown are the defaults.
+# Validate with `lloom-executor check`; run with `lloom-executor --config THIS_FILE`.
+
+[node]
+# Stable identity on the network (default: host name plus a random suffix).
+# id = "my-executor"
+# Join an existing NATS server or cluster. When unset, the node starts an
+# embedded nats-server on 127.0.0.1:embedded_nats_port.
+# nats_url = "nats://127.0.0.1:4222"
+embedded_nats_port = 4222
+# Jobs run at once; one more gets a fast `busy` reply so the caller tries another executor.
+max_concurrent_jobs = 32
+# Deadline for jobs whose caller sent none.
+default_timeout_secs = 300
+# On SIGTERM/SIGINT: stop taking jobs, give in-flight ones this long, then exit.
+drain_timeout_secs = 30
+# Requests asking for more max_tokens than this are refused.
+max_tokens_cap = 32768
+# Long jobs ask their caller this often whether it still waits (and stop if not).
+liveness_interval_secs = 5
+# How often the backend's model list is re-read.
+model_refresh_secs = 30
+
+[llm_client]
+# lmstudio | openai | ollama | vllm | llamacpp | openai_compatible | auto (probe local servers)
+backend = "auto"
+# Defaults per backend: lmstudio http://localhost:1234/v1, ollama http://localhost:11434/v1,
+# vllm http://localhost:8000/v1, llamacpp http://localhost:8080/v1, openai https://api.openai.com/v1
+# base_url = "http://localhost:1234/v1"
+# Taken from the environment at start-up; never write the key itself here.
+# api_key = "${OPENAI_API_KEY}"
+timeout_secs = 300
+# Serve only these models (default: every model the backend lists).
+# models = ["llama-2-13b"]
+max_connections = 100
+
+[logging]
+level = "info"          # debug | info | warning | error
+# targets = ["executor.backends"]   # only these loggers at `level`, the rest at info
+format = "auto"         # auto (console on a terminal, JSON otherwise) | console | json
+"""

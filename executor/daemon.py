@@ -1,0 +1,111 @@
+"""The long-lived executor process: wire NATS, HTTP and the backend to a node, run until told to stop.
+
+Owns, in order of creation and reverse order of shutdown: the embedded NATS
+server (when no URL is configured), the NATS connection, the process's one
+aiohttp session, the backend, and the node. SIGTERM and SIGINT set the stop
+event; the node then drains and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import aiohttp
+import nats
+import structlog
+
+from executor.backends.autodetect import AutoDetectBackend
+from executor.backends.registry import create_backend
+from executor.config import ExecutorConfig
+from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
+from executor.node import ExecutorNode
+
+log = structlog.get_logger().bind(logger=__name__)
+
+
+def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
+    """The process's one connection pool to backends (created inside the running loop)."""
+    connector = aiohttp.TCPConnector(limit=config.llm_client.max_connections, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=config.llm_client.timeout_secs))
+
+
+async def start_embedded_nats(config: ExecutorConfig) -> EmbeddedNats:
+    port = config.node.embedded_nats_port
+    if port and not port_is_free("127.0.0.1", port):
+        chosen = free_port()
+        log.warning(
+            "embedded NATS port busy, using another", wanted=port, port=chosen,
+            hint="is another executor or nats-server running? set [node] nats_url to join it instead",
+        )  # fmt: skip
+        port = chosen
+    server = EmbeddedNats(port=port)
+    await server.start()
+    return server
+
+
+async def _nats_error(e: Exception) -> None:
+    # Denied publishes and slow consumers are reported only here (see NATS-NOTES).
+    log.warning("nats error", error=str(e) or type(e).__name__)
+
+
+async def serve(
+    config: ExecutorConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[ExecutorNode, str], None] | None = None,
+) -> None:
+    """Run an executor until `stop` is set (or SIGTERM/SIGINT), then drain."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with AsyncExitStack() as stack:
+            url = config.node.nats_url
+            if not url:
+                server = await start_embedded_nats(config)
+                stack.push_async_callback(server.stop)
+                url = server.url
+                log.info("embedded NATS server listening", url=url, clients=f"lloom --nats {url} complete ...")
+            nc = await nats.connect(
+                url,
+                name="lloom-executor",
+                error_cb=_nats_error,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=5,
+            )
+            stack.push_async_callback(nc.drain)
+            session = http_session(config)
+            stack.push_async_callback(session.close)
+            backend = create_backend(config.llm_client, session)
+            stack.push_async_callback(backend.aclose)
+            node = ExecutorNode(nc, backend, config.node, models=config.llm_client.models)
+            await node.start()
+            stack.push_async_callback(node.stop)
+            _report_backend(node)
+            if on_ready is not None:
+                on_ready(node, url)
+            await stop.wait()
+            log.info("stop requested; draining")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _report_backend(node: ExecutorNode) -> None:
+    backend = node.backend
+    if isinstance(backend, AutoDetectBackend):
+        if backend.resolved is None:
+            log.warning(
+                "no local LLM server found; serving no models until one starts",
+                tried=[f"{r.backend.name}: {r.error}" for r in backend.last_probe],
+                hint="start LM Studio, Ollama, vLLM or llama-server, or set [llm_client] backend and base_url",
+            )
+        else:
+            log.info("auto-detected backend", backend=backend.resolved.name)
+    elif not node.models:
+        log.warning("backend lists no models; nothing to serve yet", backend=backend.name)

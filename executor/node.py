@@ -1,0 +1,280 @@
+"""The executor node: NATS subscriptions, the concurrency limit, cancellation and drain.
+
+    node = ExecutorNode(nc, backend, NodeConfig())
+    async with node:            # subscribes; leaving drains
+        await stop_event.wait()
+
+The node subscribes, in the `lloom-executors` queue group, to the subject of
+every model it serves (so N executors share a model's load), plus a direct
+subject of its own and the cancel subjects. Each accepted job runs in its own
+task (nats.py runs one subscription's callbacks one at a time); past
+`max_concurrent_jobs` a job gets an immediate `busy` reply instead of waiting in
+an unbounded queue. Long jobs ping their caller; a caller that has gone away
+(no responders) or says it no longer waits has its job cancelled, which closes
+the backend call. `stop()` drains: it unsubscribes (NATS sends new jobs to other
+members of the queue group), lets in-flight jobs finish within
+`drain_timeout_secs`, then cancels the rest with a `shutting_down` error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import socket
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.nuid import NUID
+
+from executor.backends.base import Backend
+from executor.config import NodeConfig
+from executor.job import Job, send_error
+from protocol import subjects as subj
+from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
+from protocol.messages import ChatRequest, request_decoder
+
+log = structlog.get_logger().bind(logger=__name__)
+
+# A caller that misses this many liveness pings in a row (slow, not gone) is given up on.
+MAX_MISSED_PINGS = 3
+
+
+class State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class NodeStats:
+    """Counters a node keeps about itself (exported as metrics by a later layer)."""
+
+    __slots__ = ("received", "completed", "failed", "busy", "cancelled", "bad_requests")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.completed = 0
+        self.failed = 0
+        self.busy = 0
+        self.cancelled = 0
+        self.bad_requests = 0
+
+    def count_error(self, err: LloomError) -> None:
+        if isinstance(err, Cancelled):
+            self.cancelled += 1
+        else:
+            self.failed += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def default_executor_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "executor"
+    return f"{host}-{NUID().next().decode()[-8:]}"
+
+
+class ExecutorNode:
+    def __init__(
+        self,
+        nc: NATS,
+        backend: Backend,
+        config: NodeConfig | None = None,
+        *,
+        executor_id: str | None = None,
+        models: list[str] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.backend = backend
+        self.config = config or NodeConfig()
+        self.id = subj.check_id("executor id", executor_id or self.config.id or default_executor_id())
+        # Serve exactly these when given; otherwise what the backend lists.
+        self._configured_models = list(models) if models else None
+        self.models: frozenset[str] = frozenset()
+        self.stats = NodeStats()
+        self.state = State.NEW
+        self._model_subs: dict[str, Subscription] = {}
+        self._other_subs: list[Subscription] = []
+        self._jobs: dict[str, Job] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._nuid = NUID()
+        self._log = log.bind(executor_id=self.id)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    async def __aenter__(self) -> ExecutorNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self.state is not State.NEW:
+            return
+        self.state = State.RUNNING
+        await self.refresh_models()
+        self._other_subs = [
+            await self.nc.subscribe(subj.direct_subject(self.id), cb=self._on_job),
+            await self.nc.subscribe(subj.CANCEL_ALL, cb=self._on_cancel),
+        ]
+        await self.nc.flush()  # subscriptions are live on the server when start() returns
+        self._tasks = [
+            asyncio.create_task(self._every(self.config.model_refresh_secs, self.refresh_models), name="model-refresh"),
+            asyncio.create_task(self._every(self.config.liveness_interval_secs, self._ping_callers), name="liveness"),
+        ]
+        self._log.info("executor node started", backend=self.backend.name, models=sorted(self.models))
+
+    async def refresh_models(self) -> None:
+        """Re-read the served models and (un)subscribe the difference."""
+        if self._configured_models is not None:
+            wanted = set(self._configured_models)
+        else:
+            try:
+                wanted = {m.id for m in await self.backend.list_models()}
+            except LloomError as e:
+                if not self.models:
+                    self._log.warning("backend lists no models yet", backend=self.backend.name, error=e.message)
+                return  # keep serving what we had: a blip should not unsubscribe us
+        if self.state is not State.RUNNING:
+            return
+        for model in wanted - self._model_subs.keys():
+            try:
+                subject = subj.complete_subject(model)
+            except subj.SubjectError as e:
+                self._log.warning("model name cannot be served", model=model, error=str(e))
+                continue
+            self._model_subs[model] = await self.nc.subscribe(subject, queue=subj.QUEUE_GROUP, cb=self._on_job)
+        for model in self._model_subs.keys() - wanted:
+            await self._model_subs.pop(model).unsubscribe()
+        if wanted != self.models:
+            self.models = frozenset(self._model_subs)
+            await self.nc.flush()
+            self._log.info("serving models", models=sorted(self.models))
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Drain and stop; idempotent. Does not close the NATS connection (not ours)."""
+        if self.state in (State.DRAINING, State.STOPPED) or self.state is State.NEW:
+            self.state = State.STOPPED if self.state is State.NEW else self.state
+            return
+        self.state = State.DRAINING
+        timeout = self.config.drain_timeout_secs if drain_timeout is None else drain_timeout
+        self._log.info("draining", in_flight=len(self._jobs), timeout_s=timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        job_subs = [*self._model_subs.values(), self._other_subs[0]]
+        self._model_subs.clear()
+        if not self.nc.is_closed:
+            # drain() unsubscribes and still hands us what was already delivered,
+            # so a job in the pipe is accepted (or refused as busy), not dropped.
+            await asyncio.gather(*(s.drain() for s in job_subs), return_exceptions=True)
+        running = [j.task for j in self._jobs.values() if j.task is not None]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=timeout)
+            for job in list(self._jobs.values()):
+                job.cancel(ShuttingDown(f"executor {self.id} shut down before the job finished; retry elsewhere"))
+            if pending:
+                await asyncio.wait(pending)
+        if not self.nc.is_closed:
+            await self._other_subs[1].unsubscribe()
+            await self.nc.flush()
+        self.state = State.STOPPED
+        self._log.info("executor node stopped", **self.stats.as_dict())
+
+    # -- message handlers (called one at a time per subscription: keep them short) --
+
+    async def _on_job(self, msg: Msg) -> None:
+        self.stats.received += 1
+        reply = msg.reply
+        if not reply:
+            self.stats.bad_requests += 1
+            return  # a job without a reply subject has nobody to answer
+        headers = msg.headers or {}
+        job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
+        try:
+            subj.check_id("job id", job_id)
+            request: ChatRequest = request_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
+            self.stats.bad_requests += 1
+            await send_error(self, reply, InvalidRequest(f"invalid request: {e}"), job_id=None, stream=False)
+            return
+        if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
+            self.stats.busy += 1
+            busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit")
+            await send_error(self, reply, busy, job_id=job_id, stream=request.stream)
+            return
+        if self.state is not State.RUNNING and self.state is not State.DRAINING:
+            await send_error(self, reply, ShuttingDown("executor stopped"), job_id=job_id, stream=request.stream)
+            return
+        loop = asyncio.get_running_loop()
+        job = Job(
+            self,
+            job_id,
+            request,
+            reply,
+            loop.time() + _timeout_s(headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs),
+            liveness=subj.HDR_LIVENESS in headers,
+        )
+        self._jobs[job_id] = job
+        job.task = loop.create_task(job.run())
+        job.task.add_done_callback(lambda _t, jid=job_id: self._jobs.pop(jid, None))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        job = self._jobs.get(msg.subject.rpartition(".")[2])
+        if job is not None:
+            job.cancel(Cancelled("cancelled by the caller"))
+
+    # -- background work --
+
+    async def _ping_callers(self) -> None:
+        """Ask the callers of long jobs whether they still wait; cancel the jobs of those gone."""
+        now = asyncio.get_running_loop().time()
+        interval = self.config.liveness_interval_secs
+        stale = [j for j in self._jobs.values() if j.liveness and now - j.started >= interval]
+        if stale:
+            await asyncio.gather(*(self._ping(j, interval) for j in stale))
+
+    async def _ping(self, job: Job, timeout: float) -> None:
+        try:
+            answer = await self.nc.request(job.reply, b"", timeout=timeout, headers={subj.HDR_PING: job.id})
+        except nats.errors.NoRespondersError:
+            job.cancel(Cancelled("the caller went away"))
+            return
+        except nats.errors.TimeoutError:
+            job.missed_pings += 1
+            if job.missed_pings >= MAX_MISSED_PINGS:
+                job.cancel(Cancelled(f"the caller did not answer {MAX_MISSED_PINGS} liveness pings"))
+            return
+        except nats.errors.Error as e:
+            self._log.debug("liveness ping failed", job_id=job.id, error=str(e))
+            return
+        job.missed_pings = 0
+        if answer.data == subj.PING_GONE:
+            job.cancel(Cancelled("the caller no longer waits"))
+
+    async def _every(self, period: float, action: object) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await action()  # type: ignore[operator]
+            except Exception:
+                self._log.exception("periodic task failed", task=getattr(action, "__name__", str(action)))
+
+
+def _timeout_s(header: str | None, default: float) -> float:
+    if header:
+        try:
+            ms = int(header)
+        except ValueError:
+            return default
+        if ms > 0:
+            return min(ms / 1000.0, default)
+    return default

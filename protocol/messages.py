@@ -1,0 +1,143 @@
+"""Wire messages of protocol v1 as msgspec Structs, with their encoders and decoders.
+
+A job is a `ChatRequest` published to a model's subject with a reply subject.
+A unary job is answered by one `ChatResponse` or `ErrorReply`; a streamed job by
+`StreamChunk`s in order, then exactly one `StreamEnd` or `ErrorReply`, then an
+empty sentinel message (NATS ADR-47 request-many), so generic NATS tools know
+the stream is over. Replies are a tagged union on the `type` field.
+
+Inbound messages reject unknown fields: a typo in a request is an error, not a
+silently ignored option. Decoders and encoders are built once, here.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from protocol.errors import ERROR_TYPES, ErrorCode, LloomError
+
+MAX_MODEL_NAME = 256
+# Far above any real model's output; a larger value is a bug or an attack.
+MAX_TOKENS_LIMIT = 1_000_000
+
+
+class Role(enum.StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CONTENT_FILTER = "content_filter"
+    TOOL_CALLS = "tool_calls"
+    # The job ended before the model did: the caller cancelled or went away.
+    CANCELLED = "cancelled"
+    # A backend reported a reason this protocol does not know.
+    OTHER = "other"
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: Role
+    content: str
+
+
+class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The normalized request every backend receives (the seed's `LlmRequest`)."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_NAME)]
+    messages: Annotated[list[Message], Meta(min_length=1, max_length=4096)]
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    stop: Annotated[list[str], Meta(max_length=4)] | None = None
+    stream: bool = False
+
+
+class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    # True when the backend reported no usage and the executor estimated it.
+    estimated: bool = False
+
+
+class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, tag="response", tag_field="type"):
+    """The normalized result of a unary job (the seed's `LlmResponse`)."""
+
+    job_id: str
+    executor_id: str
+    model: str
+    content: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class StreamChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
+    """One piece of generated text; `seq` counts from 0 so a gap is detectable."""
+
+    seq: int
+    delta: str
+
+
+class StreamEnd(msgspec.Struct, frozen=True, kw_only=True, tag="end", tag_field="type"):
+    """The last data message of a stream."""
+
+    job_id: str
+    executor_id: str
+    model: str
+    finish_reason: FinishReason
+    usage: Usage
+    chunks: int
+
+
+class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="error", tag_field="type"):
+    # A plain string so that a code added by a newer peer still decodes (as internal).
+    code: str
+    message: str
+    retryable: bool = False
+    retry_after_s: float | None = None
+    available_models: list[str] | None = None
+    job_id: str | None = None
+    executor_id: str | None = None
+
+
+UnaryReply = ChatResponse | ErrorReply
+StreamReply = StreamChunk | StreamEnd | ErrorReply
+
+request_decoder = msgspec.json.Decoder(ChatRequest)
+unary_reply_decoder = msgspec.json.Decoder(UnaryReply)
+stream_reply_decoder = msgspec.json.Decoder(StreamReply)
+encoder = msgspec.json.Encoder()
+
+
+def error_to_wire(err: LloomError, *, job_id: str | None = None, executor_id: str | None = None) -> ErrorReply:
+    return ErrorReply(
+        code=err.code.value,
+        message=err.message,
+        retryable=err.retryable,
+        retry_after_s=err.retry_after_s,
+        available_models=err.available_models,
+        job_id=job_id,
+        executor_id=executor_id,
+    )
+
+
+def error_from_wire(reply: ErrorReply) -> LloomError:
+    """The exception a caller sees for `reply`: the same type the executor raised."""
+    code = ErrorCode(reply.code) if reply.code in _KNOWN_CODES else ErrorCode.INTERNAL
+    return ERROR_TYPES[code](
+        reply.message,
+        retry_after_s=reply.retry_after_s,
+        available_models=reply.available_models,
+        job_id=reply.job_id,
+        executor_id=reply.executor_id,
+    )
+
+
+_KNOWN_CODES = frozenset(c.value for c in ErrorCode)

@@ -1,0 +1,106 @@
+"""Every NATS subject, header and queue group of the Lloom wire, in one place.
+
+The protocol version is the second token (`lloom.v1....`): a breaking change to
+the messages gets a new prefix, so old and new peers can share a bus without
+decoding each other's traffic.
+
+Model names (`qwen2.5:7b`, `meta-llama/Llama-3-8B`, `gpt-3.5-turbo`) contain
+characters NATS gives meaning to (`.` separates tokens, `*` and `>` are
+wildcards, whitespace ends a subject). `model_token` encodes a name into one
+safe token reversibly: `[A-Za-z0-9_-]` pass through and every other UTF-8 byte
+becomes `~XX` (uppercase hex), so `qwen2.5:7b` travels as `qwen2~2E5~3A7b`.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "lloom.v1"
+# Executors serving a model share this queue group, so NATS gives each job to
+# exactly one of them.
+QUEUE_GROUP = "lloom-executors"
+
+# Request headers (metadata stays out of the payload).
+HDR_JOB_ID = "Lloom-Job-Id"
+# Milliseconds the caller will wait, counted from when the executor receives
+# the job: a relative budget, because peers' clocks need not agree.
+HDR_TIMEOUT_MS = "Lloom-Timeout-Ms"
+# Set by clients that answer liveness pings on their reply subject.
+HDR_LIVENESS = "Lloom-Liveness"
+# Sent by an executor to a reply subject to ask whether the caller still waits;
+# the caller answers PING_ALIVE or PING_GONE.
+HDR_PING = "Lloom-Ping"
+PING_ALIVE = b"alive"
+PING_GONE = b"gone"
+# Reply headers in the nats micro convention, so generic NATS tools see errors.
+HDR_SERVICE_ERROR = "Nats-Service-Error"
+HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+HDR_EXECUTOR = "Lloom-Executor"
+# Status header the server sets on its "no responders" reply.
+HDR_STATUS = "Status"
+STATUS_NO_RESPONDERS = "503"
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = re.compile(r"((?:~[0-9A-F]{2})+)")
+MAX_MODEL_NAME = 256
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class SubjectError(ValueError):
+    """A name that cannot be placed in a subject."""
+
+
+def model_token(model: str) -> str:
+    """Encode a model name as one NATS subject token, reversibly."""
+    if not model or len(model) > MAX_MODEL_NAME:
+        raise SubjectError(f"model name must be 1..{MAX_MODEL_NAME} characters, got {len(model)}")
+    if _SAFE.fullmatch(model):
+        return model
+    out: list[str] = []
+    for ch in model:
+        if _SAFE.fullmatch(ch):
+            out.append(ch)
+        else:
+            out.extend(f"~{b:02X}" for b in ch.encode())
+    return "".join(out)
+
+
+def model_from_token(token: str) -> str:
+    """Decode a token made by `model_token`; anything it could not have made is an error."""
+    if "~" not in token:
+        return token
+    buf = bytearray()
+    for i, part in enumerate(_ESCAPES.split(token)):
+        buf += bytes.fromhex(part.replace("~", "")) if i % 2 else part.encode()
+    try:
+        model = buf.decode()
+        if model_token(model) == token:  # rejects stray `~` and non-canonical escapes
+            return model
+    except (UnicodeDecodeError, SubjectError):
+        pass
+    raise SubjectError(f"malformed model token {token!r}")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Executor and job ids are single tokens of a restricted alphabet."""
+    if not _ID.fullmatch(value):
+        raise SubjectError(f"{kind} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
+def complete_subject(model: str) -> str:
+    """Jobs for `model`, load-balanced over every executor serving it."""
+    return f"{PREFIX}.complete.{model_token(model)}"
+
+
+def direct_subject(executor_id: str) -> str:
+    """Jobs for one executor, whatever model they name."""
+    return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.complete"
+
+
+def cancel_subject(job_id: str) -> str:
+    """Where a caller says it no longer wants job `job_id`."""
+    return f"{PREFIX}.cancel.{check_id('job id', job_id)}"
+
+
+CANCEL_ALL = f"{PREFIX}.cancel.*"
