@@ -56,10 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: ExecutorConfig) -> int:
-    from executor.daemon import serve
     from executor.logs import configure_logging
 
+    # Before importing the daemon: its modules bind their loggers at import time,
+    # which freezes whatever structlog configuration exists then.
     configure_logging(config.logging)
+    from executor.daemon import serve
+
     try:
         import uvloop
 

@@ -101,6 +101,8 @@ class ExecutorNode:
         self._model_subs: dict[str, Subscription] = {}
         self._other_subs: list[Subscription] = []
         self._jobs: dict[str, Job] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._nuid = NUID()
         self._log = log.bind(executor_id=self.id)
@@ -108,6 +110,10 @@ class ExecutorNode:
     @property
     def in_flight(self) -> int:
         return len(self._jobs)
+
+    async def wait_idle(self) -> None:
+        """Return once no job is running (at once if none is)."""
+        await self._idle.wait()
 
     async def __aenter__(self) -> ExecutorNode:
         await self.start()
@@ -224,8 +230,14 @@ class ExecutorNode:
             liveness=subj.HDR_LIVENESS in headers,
         )
         self._jobs[job_id] = job
+        self._idle.clear()
         job.task = loop.create_task(job.run())
-        job.task.add_done_callback(lambda _t, jid=job_id: self._jobs.pop(jid, None))
+        job.task.add_done_callback(lambda _t, jid=job_id: self._job_done(jid))
+
+    def _job_done(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        if not self._jobs:
+            self._idle.set()
 
     async def _on_cancel(self, msg: Msg) -> None:
         job = self._jobs.get(msg.subject.rpartition(".")[2])

@@ -18,6 +18,7 @@ import os
 import sys
 
 import msgspec
+import nats.aio.client
 import nats.errors
 
 from protocol.client import DEFAULT_URL, LloomClient
@@ -73,39 +74,62 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
+    # Our own connection rather than LloomClient.connect: the library's default
+    # error callback logs a traceback per failed attempt, and its 2 s between
+    # attempts would keep a user waiting 6 s to learn that nothing is running.
+    errors: list[Exception] = []
+
+    async def on_error(e: Exception) -> None:
+        if nc.is_connected:
+            print(f"lloom: nats: {e or type(e).__name__}", file=sys.stderr)
+        errors.append(e)
+
+    nc = nats.aio.client.Client()
     try:
-        client = await LloomClient.connect(args.nats)
+        await nc.connect(
+            args.nats, name="lloom-client", error_cb=on_error,
+            max_reconnect_attempts=3, reconnect_time_wait=0.5, connect_timeout=5,
+        )  # fmt: skip
     except (OSError, nats.errors.Error) as e:
+        cause = errors[-1] if errors else e
         print(
-            f"lloom: cannot connect to NATS at {args.nats} ({e or type(e).__name__});"
+            f"lloom: cannot connect to NATS at {args.nats} ({cause or type(cause).__name__});"
             " is an executor (lloom-executor) or nats-server running there?",
             file=sys.stderr,
         )
         return 2
-    async with client:
-        try:
-            if request.stream:
-                async with client.stream(request, timeout=args.timeout, executor=args.executor) as stream:
-                    parts = []
-                    async for chunk in stream:
-                        parts.append(chunk.delta)
-                        if not args.json:
-                            sys.stdout.write(chunk.delta)
-                            sys.stdout.flush()
-                assert stream.end is not None
-                _finish(args, stream.end, "".join(parts))
-            else:
-                reply = await client.complete(request, timeout=args.timeout, executor=args.executor)
-                if not args.json:
-                    sys.stdout.write(reply.content)
-                _finish(args, reply, reply.content)
-        except LloomError as e:
-            if request.stream and not args.json:
-                sys.stdout.write("\n")
-            print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
-            if e.available_models:
-                print(f"lloom: available models: {', '.join(e.available_models)}", file=sys.stderr)
-            return 1
+    try:
+        async with LloomClient(nc) as client:
+            return await _run_job(args, request, client)
+    finally:
+        if not nc.is_closed:
+            await nc.drain()
+
+
+async def _run_job(args: argparse.Namespace, request: ChatRequest, client: LloomClient) -> int:
+    try:
+        if request.stream:
+            async with client.stream(request, timeout=args.timeout, executor=args.executor) as stream:
+                parts = []
+                async for chunk in stream:
+                    parts.append(chunk.delta)
+                    if not args.json:
+                        sys.stdout.write(chunk.delta)
+                        sys.stdout.flush()
+            assert stream.end is not None
+            _finish(args, stream.end, "".join(parts))
+        else:
+            reply = await client.complete(request, timeout=args.timeout, executor=args.executor)
+            if not args.json:
+                sys.stdout.write(reply.content)
+            _finish(args, reply, reply.content)
+    except LloomError as e:
+        if request.stream and not args.json:
+            sys.stdout.write("\n")
+        print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
+        if e.available_models:
+            print(f"lloom: available models: {', '.join(e.available_models)}", file=sys.stderr)
+        return 1
     return 0
 
 

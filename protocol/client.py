@@ -188,8 +188,8 @@ class LloomClient:
     async def _may_retry(self, err: LloomError, attempt: int, deadline: float) -> bool:
         if not isinstance(err, ExecutorBusy) or attempt >= self.busy_retries:
             return False
-        # Jittered, short: the queue group picks another member at random.
-        delay = random.uniform(0.005, 0.02) * (2**attempt)
+        # Jittered, short and capped: the queue group picks another member at random.
+        delay = min(0.25, random.uniform(0.005, 0.02) * (2**attempt))
         if asyncio.get_running_loop().time() + delay >= deadline:
             return False
         await asyncio.sleep(delay)
