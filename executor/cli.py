@@ -56,12 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: ExecutorConfig) -> int:
+    from executor.daemon import serve
     from executor.logs import configure_logging
 
-    # Before importing the daemon: its modules bind their loggers at import time,
-    # which freezes whatever structlog configuration exists then.
     configure_logging(config.logging)
-    from executor.daemon import serve
 
     try:
         import uvloop
@@ -71,7 +69,7 @@ def _run(config: ExecutorConfig) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
-    except ConfigError as e:
+    except (ConfigError, ConnectionError) as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import aiohttp
-import nats
 import structlog
 
 from executor.backends.autodetect import AutoDetectBackend
@@ -22,8 +21,9 @@ from executor.backends.registry import create_backend
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.node import ExecutorNode
+from protocol.connection import close_nats, connect_nats
 
-log = structlog.get_logger().bind(logger=__name__)
+log = structlog.get_logger(logger_name=__name__)
 
 
 def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
@@ -70,15 +70,8 @@ async def serve(
                 stack.push_async_callback(server.stop)
                 url = server.url
                 log.info("embedded NATS server listening", url=url, clients=f"lloom --nats {url} complete ...")
-            nc = await nats.connect(
-                url,
-                name="lloom-executor",
-                error_cb=_nats_error,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                connect_timeout=5,
-            )
-            stack.push_async_callback(nc.drain)
+            nc = await connect_nats(url, name=f"lloom-executor {config.node.id or ''}".strip(), on_error=_nats_error)
+            stack.push_async_callback(close_nats, nc)
             session = http_session(config)
             stack.push_async_callback(session.close)
             backend = create_backend(config.llm_client, session)
@@ -98,14 +91,6 @@ async def serve(
 
 def _report_backend(node: ExecutorNode) -> None:
     backend = node.backend
-    if isinstance(backend, AutoDetectBackend):
-        if backend.resolved is None:
-            log.warning(
-                "no local LLM server found; serving no models until one starts",
-                tried=[f"{r.backend.name}: {r.error}" for r in backend.last_probe],
-                hint="start LM Studio, Ollama, vLLM or llama-server, or set [llm_client] backend and base_url",
-            )
-        else:
-            log.info("auto-detected backend", backend=backend.resolved.name)
-    elif not node.models:
-        log.warning("backend lists no models; nothing to serve yet", backend=backend.name)
+    # Failures to list models were logged by the node; say what was found.
+    if isinstance(backend, AutoDetectBackend) and backend.resolved is not None:
+        log.info("auto-detected backend", backend=backend.resolved.name)

@@ -118,6 +118,9 @@ class EmbeddedNats:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
+            # Its own session: a Ctrl-C in the terminal reaches only the node, which
+            # drains through this server before stopping it.
+            start_new_session=True,
         )
         try:
             async with asyncio.timeout(self.ready_timeout):

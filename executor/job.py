@@ -31,7 +31,7 @@ from protocol.messages import ChatRequest, ChatResponse, StreamChunk, StreamEnd,
 if TYPE_CHECKING:
     from executor.node import ExecutorNode
 
-log = structlog.get_logger().bind(logger=__name__)
+log = structlog.get_logger(logger_name=__name__)
 
 _SENTINEL = b""
 

@@ -2,7 +2,7 @@
 
 Processors: level filter (per-logger `targets` when configured), context vars,
 log level, timestamp, secret redaction, then a renderer: console on a terminal,
-JSON otherwise. Modules call `structlog.get_logger().bind(logger=__name__)`; importing one
+JSON otherwise. Modules call `structlog.get_logger(logger_name=__name__)`; importing one
 configures nothing.
 """
 
@@ -35,7 +35,7 @@ def redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[st
 
 def _target_filter(level: int, targets: list[str]) -> structlog.types.Processor:
     def keep(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-        name = event.get("logger", "")
+        name = event.get("logger_name", "")
         floor = level if any(name.startswith(t) for t in targets) else logging.INFO
         if _LEVELS.get(method, logging.INFO) < floor:
             raise structlog.DropEvent

@@ -38,7 +38,7 @@ from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, request_decoder
 
-log = structlog.get_logger().bind(logger=__name__)
+log = structlog.get_logger(logger_name=__name__)
 
 # A caller that misses this many liveness pings in a row (slow, not gone) is given up on.
 MAX_MISSED_PINGS = 3
@@ -97,9 +97,11 @@ class ExecutorNode:
         self._configured_models = list(models) if models else None
         self.models: frozenset[str] = frozenset()
         self.stats = NodeStats()
+        self._refresh_error: str | None = None
         self.state = State.NEW
         self._model_subs: dict[str, Subscription] = {}
-        self._other_subs: list[Subscription] = []
+        self._direct_sub: Subscription | None = None
+        self._cancel_sub: Subscription | None = None
         self._jobs: dict[str, Job] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -127,10 +129,8 @@ class ExecutorNode:
             return
         self.state = State.RUNNING
         await self.refresh_models()
-        self._other_subs = [
-            await self.nc.subscribe(subj.direct_subject(self.id), cb=self._on_job),
-            await self.nc.subscribe(subj.CANCEL_ALL, cb=self._on_cancel),
-        ]
+        self._direct_sub = await self.nc.subscribe(subj.direct_subject(self.id), cb=self._on_job)
+        self._cancel_sub = await self.nc.subscribe(subj.CANCEL_ALL, cb=self._on_cancel)
         await self.nc.flush()  # subscriptions are live on the server when start() returns
         self._tasks = [
             asyncio.create_task(self._every(self.config.model_refresh_secs, self.refresh_models), name="model-refresh"),
@@ -146,9 +146,11 @@ class ExecutorNode:
             try:
                 wanted = {m.id for m in await self.backend.list_models()}
             except LloomError as e:
-                if not self.models:
-                    self._log.warning("backend lists no models yet", backend=self.backend.name, error=e.message)
+                if e.message != self._refresh_error:  # once per distinct failure, not every period
+                    self._refresh_error = e.message
+                    self._log.warning("cannot list the backend's models", backend=self.backend.name, error=e.message)
                 return  # keep serving what we had: a blip should not unsubscribe us
+            self._refresh_error = None
         if self.state is not State.RUNNING:
             return
         for model in wanted - self._model_subs.keys():
@@ -167,8 +169,9 @@ class ExecutorNode:
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Drain and stop; idempotent. Does not close the NATS connection (not ours)."""
-        if self.state in (State.DRAINING, State.STOPPED) or self.state is State.NEW:
-            self.state = State.STOPPED if self.state is State.NEW else self.state
+        if self.state is State.NEW:
+            self.state = State.STOPPED
+        if self.state is not State.RUNNING:
             return
         self.state = State.DRAINING
         timeout = self.config.drain_timeout_secs if drain_timeout is None else drain_timeout
@@ -176,7 +179,7 @@ class ExecutorNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        job_subs = [*self._model_subs.values(), self._other_subs[0]]
+        job_subs = [*self._model_subs.values(), self._direct_sub]
         self._model_subs.clear()
         if not self.nc.is_closed:
             # drain() unsubscribes and still hands us what was already delivered,
@@ -189,8 +192,8 @@ class ExecutorNode:
                 job.cancel(ShuttingDown(f"executor {self.id} shut down before the job finished; retry elsewhere"))
             if pending:
                 await asyncio.wait(pending)
-        if not self.nc.is_closed:
-            await self._other_subs[1].unsubscribe()
+        if not self.nc.is_closed and self._cancel_sub is not None:
+            await self._cancel_sub.unsubscribe()
             await self.nc.flush()
         self.state = State.STOPPED
         self._log.info("executor node stopped", **self.stats.as_dict())

@@ -18,8 +18,6 @@ import os
 import sys
 
 import msgspec
-import nats.aio.client
-import nats.errors
 
 from protocol.client import DEFAULT_URL, LloomClient
 from protocol.errors import LloomError
@@ -74,36 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
-    # Our own connection rather than LloomClient.connect: the library's default
-    # error callback logs a traceback per failed attempt, and its 2 s between
-    # attempts would keep a user waiting 6 s to learn that nothing is running.
-    errors: list[Exception] = []
-
-    async def on_error(e: Exception) -> None:
-        if nc.is_connected:
-            print(f"lloom: nats: {e or type(e).__name__}", file=sys.stderr)
-        errors.append(e)
-
-    nc = nats.aio.client.Client()
     try:
-        await nc.connect(
-            args.nats, name="lloom-client", error_cb=on_error,
-            max_reconnect_attempts=3, reconnect_time_wait=0.5, connect_timeout=5,
-        )  # fmt: skip
-    except (OSError, nats.errors.Error) as e:
-        cause = errors[-1] if errors else e
-        print(
-            f"lloom: cannot connect to NATS at {args.nats} ({cause or type(cause).__name__});"
-            " is an executor (lloom-executor) or nats-server running there?",
-            file=sys.stderr,
-        )
+        client = await LloomClient.connect(args.nats)
+    except ConnectionError as e:
+        print(f"lloom: {e}; is an executor (lloom-executor) or nats-server running there?", file=sys.stderr)
         return 2
-    try:
-        async with LloomClient(nc) as client:
-            return await _run_job(args, request, client)
-    finally:
-        if not nc.is_closed:
-            await nc.drain()
+    async with client:
+        return await _run_job(args, request, client)
 
 
 async def _run_job(args: argparse.Namespace, request: ChatRequest, client: LloomClient) -> int:

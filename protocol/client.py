@@ -22,18 +22,20 @@ have run.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Self
 
 import msgspec
-import nats
+import nats.aio.subscription
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from protocol import subjects as subj
+from protocol.connection import close_nats, connect_nats
 from protocol.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -82,10 +84,15 @@ class LloomClient:
         self._sub: nats.aio.subscription.Subscription | None = None
 
     @classmethod
-    async def connect(cls, servers: str | list[str] = DEFAULT_URL, **kwargs: float | int) -> LloomClient:
-        """Connect to NATS and return a started client that closes the connection with itself."""
-        nc = await nats.connect(servers, name="lloom-client", max_reconnect_attempts=3, connect_timeout=5)
-        client = cls(nc, **kwargs)  # type: ignore[arg-type]
+    async def connect(
+        cls, servers: str | list[str] = DEFAULT_URL, *, timeout: float = DEFAULT_TIMEOUT_S, busy_retries: int = 3
+    ) -> LloomClient:
+        """Connect to NATS and return a started client that closes the connection with itself.
+
+        Raises `ConnectionError` naming the URL and the cause when no server answers.
+        """
+        nc = await connect_nats(servers, name="lloom-client", on_error=_report_nats_error)
+        client = cls(nc, timeout=timeout, busy_retries=busy_retries)
         client._owns_nc = True
         await client.start()
         return client
@@ -102,8 +109,8 @@ class LloomClient:
         for waiter in self._pending.values():
             _fail(waiter, Cancelled("client closed"))
         self._pending.clear()
-        if self._owns_nc and not self._nc.is_closed:
-            await self._nc.drain()
+        if self._owns_nc:
+            await close_nats(self._nc)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -318,6 +325,11 @@ class ChatStream:
             raise DeadlineExceeded(
                 f"stream for model {self._request.model!r} did not finish within {self._budget:g}s", job_id=self.job_id
             ) from None
+
+
+async def _report_nats_error(e: Exception) -> None:
+    # A library must not print; applications see this through stdlib logging.
+    logging.getLogger("protocol.client").warning("nats: %s", e or type(e).__name__)
 
 
 def _fail(waiter: _Waiter, err: LloomError) -> None:

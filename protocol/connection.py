@@ -1,0 +1,66 @@
+"""Opening a NATS connection the way every long-lived Lloom peer needs it.
+
+Two phases with different rules. Connecting: a few quick attempts, then a
+`ConnectionError` that names the URL and the real cause (nats.py's defaults
+would retry for ever with `max_reconnect_attempts=-1`, or log a traceback per
+attempt through its default error callback). Connected: reconnect for ever, so
+a node or client rides out a server restart instead of giving up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+ErrorReporter = Callable[[Exception], Awaitable[None]]
+
+
+async def connect_nats(
+    servers: str | list[str],
+    *,
+    name: str,
+    on_error: ErrorReporter | None = None,
+    initial_attempts: int = 3,
+    connect_timeout: float = 5.0,
+) -> NATS:
+    """Connect, or raise `ConnectionError`; `on_error` hears asynchronous errors once connected."""
+    if isinstance(servers, str):
+        servers = [u.strip() for u in servers.split(",") if u.strip()]  # a cluster seed list
+    failures: list[Exception] = []
+    nc = NATS()
+
+    async def error_cb(e: Exception) -> None:
+        if nc.is_connected or nc.is_reconnecting:
+            if on_error is not None:
+                await on_error(e)
+        else:
+            failures.append(e)
+
+    try:
+        await nc.connect(
+            servers,
+            name=name,
+            error_cb=error_cb,
+            max_reconnect_attempts=initial_attempts,
+            reconnect_time_wait=0.5,
+            connect_timeout=connect_timeout,
+        )
+    except (OSError, nats.errors.Error) as e:
+        cause = failures[-1] if failures else e
+        raise ConnectionError(f"cannot connect to NATS at {', '.join(servers)}: {cause or type(cause).__name__}") from e
+    # From now on, never give up on the cluster: nats.py reads these per attempt.
+    nc.options["max_reconnect_attempts"] = -1
+    nc.options["reconnect_time_wait"] = 1.0
+    return nc
+
+
+async def close_nats(nc: NATS) -> None:
+    """Drain (flush what is still to be said), or just close when draining is refused."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+    except nats.errors.Error:  # e.g. reconnecting: nothing can be delivered anyway
+        await nc.close()

@@ -1,0 +1,549 @@
+"""The `lloom-executor` and `lloom` console scripts, run as a user runs them.
+
+Every test starts the real scripts as subprocesses, against the OpenAI test
+double served on the test's own event loop. Readiness is read from the
+executor's JSON log lines on stderr (it logs JSON when stderr is not a
+terminal), never guessed with sleeps; every wait is bounded, and every process
+started here (and the nats-server it may have started) is killed at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from executor.backends.autodetect import AutoDetectBackend
+from executor.backends.presets import PRESETS, Preset
+from executor.config import DEFAULT_CONFIG_TOML, LlmClientConfig
+from executor.embedded_nats import EmbeddedNats, free_port
+from protocol.client import LloomClient
+from protocol.errors import BackendUnavailable
+from tests.conftest import MODEL
+from tests.doubles.openai_double import Fault, OpenAIDouble
+from tests.test_roundtrip import ask
+
+BIN = Path(sys.executable).parent
+EXECUTOR = str(BIN / "lloom-executor")
+LLOOM = str(BIN / "lloom")
+
+# Upper bound for any one thing to happen (a start, an exit, a CLI run); the
+# tests take far less, this only turns a hang into a failure with a message.
+WAIT_S = 10.0
+T = TypeVar("T")
+CONTENT = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"  # the double's default answer, stripped
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The subprocesses' environment: no user config, no inherited Lloom settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLOOM_")}
+    clean.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    return clean
+
+
+def write_config(path: Path, *, base_url: str, backend: str = "openai_compatible", port: int | None = None) -> Path:
+    path.write_text(
+        f'[llm_client]\nbackend = "{backend}"\nbase_url = "{base_url}"\ntimeout_secs = 10\n\n'
+        f"[node]\nembedded_nats_port = {port or free_port()}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path, double: OpenAIDouble) -> Path:
+    """An executor config serving whatever the double lists."""
+    return write_config(tmp_path / "executor.toml", base_url=double.base_url)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run(*argv: str, env: dict[str, str], timeout: float = WAIT_S) -> Result:
+    """Run a command to completion (killed if it outlives `timeout`)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+async def within(aw: Awaitable[T], what: str, timeout: float = WAIT_S) -> T:
+    """Await `aw`, failing the test with `what` if it takes longer than `timeout`."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await aw
+    except TimeoutError:
+        pytest.fail(f"{what}: not within {timeout}s")
+
+
+def lloom(url: str, *args: str, env: dict[str, str]) -> Awaitable[Result]:
+    return run(LLOOM, "--nats", url, "complete", *args, env=env)
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(p) for p in task.read_text().split()]
+        except OSError:
+            pass  # the thread (or the process) is gone
+    return kids
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+class Executor:
+    """A running `lloom-executor`; its stderr log lines are collected as they arrive."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.events: list[dict[str, object]] = []
+        self.stdout = bytearray()
+        self.descendants: set[int] = set()
+        self._eof = False
+        self._changed = asyncio.Condition()
+        self._readers = [asyncio.create_task(self._read_stderr()), asyncio.create_task(self._read_stdout())]
+
+    async def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            self.lines.append(text)
+            try:
+                event = json.loads(text)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                self.events.append(event)
+            async with self._changed:
+                self._changed.notify_all()
+        async with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    async def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := await self.proc.stdout.read(65536):
+            self.stdout += chunk
+
+    def logged(self, event: str) -> dict[str, object] | None:
+        return next((e for e in self.events if e.get("event") == event), None)
+
+    async def wait_for(self, event: str, timeout: float = WAIT_S) -> dict[str, object]:
+        """The first log line with this `event`; fails if the process ends or the time runs out first."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: self.logged(event) is not None or self._eof)
+        except TimeoutError:
+            pytest.fail(f"no {event!r} log line within {timeout}s; stderr so far:\n{self.stderr}")
+        found = self.logged(event)
+        if found is None:
+            pytest.fail(f"executor ended without logging {event!r}; stderr:\n{self.stderr}")
+        return found
+
+    async def started(self) -> str:
+        """Wait until the node serves jobs; return the NATS URL it serves on when it started one."""
+        await self.wait_for("executor node started")
+        self.descendants.update(children(self.proc.pid))
+        embedded = self.logged("embedded NATS server listening")
+        return str(embedded["url"]) if embedded else ""
+
+    async def exit_code(self, timeout: float = WAIT_S) -> int:
+        try:
+            async with asyncio.timeout(timeout):
+                code = await self.proc.wait()
+                await asyncio.gather(*self._readers)
+        except TimeoutError:
+            pytest.fail(f"executor still running {timeout}s later; stderr:\n{self.stderr}")
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines[-30:])
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.descendants.update(children(self.proc.pid))
+            self.proc.kill()
+            await self.proc.wait()
+        for pid in self.descendants:
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+StartExecutor = Callable[..., Awaitable[Executor]]
+
+
+@pytest.fixture
+async def start_executor(env: dict[str, str]) -> AsyncIterator[StartExecutor]:
+    """Start `lloom-executor ARGS...`; each one (and its nats-server) is killed at teardown."""
+    started: list[Executor] = []
+
+    async def start(*args: str, own_session: bool = False) -> Executor:
+        proc = await asyncio.create_subprocess_exec(
+            EXECUTOR, *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env, start_new_session=own_session,
+        )  # fmt: skip
+        executor = Executor(proc)
+        started.append(executor)
+        return executor
+
+    yield start
+    for executor in started:
+        await executor.close()
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[str], Awaitable[LloomClient]]]:
+    """In-process clients whose connections give up at once if the server goes away."""
+    conns: list[tuple[LloomClient, NATS]] = []
+
+    async def quiet(_e: Exception) -> None:
+        pass
+
+    async def factory(url: str) -> LloomClient:
+        nc = await nats.connect(url, allow_reconnect=False, error_cb=quiet)
+        client = LloomClient(nc, timeout=WAIT_S)
+        await client.start()
+        conns.append((client, nc))
+        return client
+
+    yield factory
+    for client, nc in conns:
+        await client.close()
+        await nc.close()
+
+
+# -- a node with its own NATS server, and the client CLI ----------------------
+
+
+async def test_executor_without_nats_url_starts_one_and_lloom_prints_the_answer(
+    start_executor: StartExecutor, config: Path, env: dict[str, str]
+) -> None:
+    executor = await start_executor("--config", str(config))
+    url = await executor.started()
+    assert url.startswith("nats://127.0.0.1:")
+
+    result = await lloom(url, "--model", MODEL, "hi", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == CONTENT
+    # The summary goes to stderr, so stdout can be piped: model, finish reason, usage.
+    assert MODEL in result.stderr
+    assert "stop" in result.stderr
+    assert "tokens prompt 1 + completion 8 = 9" in result.stderr
+
+
+async def test_stream_and_json_modes_print_the_same_answer(
+    start_executor: StartExecutor, config: Path, env: dict[str, str]
+) -> None:
+    executor = await start_executor("--config", str(config))
+    url = await executor.started()
+
+    streamed, as_json = await asyncio.gather(
+        lloom(url, "--model", MODEL, "--stream", "hi", env=env),
+        lloom(url, "--model", MODEL, "--json", "hi", env=env),
+    )
+
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.strip() == CONTENT
+    assert "tokens prompt 1 + completion 8 = 9" in streamed.stderr
+    assert as_json.returncode == 0, as_json.stderr
+    reply = json.loads(as_json.stdout)
+    assert reply["content"].strip() == CONTENT
+    assert reply["finish_reason"] == "stop"
+    assert reply["usage"] == {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9}
+
+
+async def test_busy_embedded_port_is_replaced_by_a_free_one(
+    start_executor: StartExecutor, tmp_path: Path, double: OpenAIDouble, env: dict[str, str]
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        config = write_config(tmp_path / "executor.toml", base_url=double.base_url, port=busy)
+        executor = await start_executor("--config", str(config))
+        url = await executor.started()
+
+        warning = executor.logged("embedded NATS port busy, using another")
+        assert warning is not None and warning["wanted"] == busy
+        assert url == f"nats://127.0.0.1:{warning['port']}"
+        assert (await lloom(url, "--model", MODEL, "hi", env=env)).returncode == 0
+
+
+async def test_executor_with_nats_url_joins_that_server(
+    start_executor: StartExecutor, config: Path, nats_server: EmbeddedNats, connect: Callable[[str], Awaitable[LloomClient]]
+) -> None:
+    executor = await start_executor("--config", str(config), "--nats", nats_server.url)
+    assert await executor.started() == ""  # no server of its own
+    assert children(executor.proc.pid) == []
+
+    client = await connect(nats_server.url)
+    reply = await client.complete(ask())
+
+    assert reply.content.strip() == CONTENT
+    assert reply.executor_id == executor.logged("executor node started")["executor_id"]  # type: ignore[index]
+
+
+# -- stopping ------------------------------------------------------------------
+
+
+async def test_sigterm_lets_the_job_in_flight_finish_then_exits_0(
+    start_executor: StartExecutor,
+    config: Path,
+    nats_server: EmbeddedNats,
+    double: OpenAIDouble,
+    connect: Callable[[str], Awaitable[LloomClient]],
+) -> None:
+    executor = await start_executor("--config", str(config), "--nats", nats_server.url)
+    await executor.started()
+    client = await connect(nats_server.url)
+    double.fault = Fault.slow(1.0)
+    job = asyncio.create_task(client.complete(ask()))
+    await within(double.started.wait(), "the backend got the job")
+
+    executor.proc.send_signal(signal.SIGTERM)
+
+    reply = await within(job, "the in-flight job's answer")
+    assert reply.content.strip() == CONTENT
+    assert await executor.exit_code() == 0
+    assert (await executor.wait_for("draining"))["in_flight"] == 1
+    assert (await executor.wait_for("executor node stopped"))["completed"] == 1
+    assert executor.stdout == b""  # the log goes to stderr only
+
+
+async def test_sigint_stops_an_idle_executor_with_exit_0(start_executor: StartExecutor, config: Path) -> None:
+    executor = await start_executor("--config", str(config))
+    await executor.started()
+
+    executor.proc.send_signal(signal.SIGINT)
+
+    assert await executor.exit_code() == 0
+    await executor.wait_for("executor node stopped")
+
+
+async def test_ctrl_c_in_a_terminal_still_drains_the_job_in_flight(
+    start_executor: StartExecutor, config: Path, double: OpenAIDouble, connect: Callable[[str], Awaitable[LloomClient]]
+) -> None:
+    # A terminal's Ctrl-C sends SIGINT to the whole foreground process group; the
+    # embedded nats-server must not die with it before the in-flight job answers.
+    executor = await start_executor("--config", str(config), own_session=True)
+    url = await executor.started()
+    client = await connect(url)
+    double.fault = Fault.slow(1.0)
+    job = asyncio.create_task(client.complete(ask()))
+    await within(double.started.wait(), "the backend got the job")
+
+    os.killpg(executor.proc.pid, signal.SIGINT)
+
+    reply = await within(job, "the in-flight job's answer")
+    assert reply.content.strip() == CONTENT
+    assert await executor.exit_code() == 0
+
+
+async def test_sigkill_of_the_executor_leaves_no_nats_server_behind(
+    start_executor: StartExecutor, config: Path
+) -> None:
+    executor = await start_executor("--config", str(config))
+    await executor.started()
+    [server] = children(executor.proc.pid)
+    assert b"nats-server" in Path(f"/proc/{server}/cmdline").read_bytes()
+
+    executor.proc.kill()
+    await executor.exit_code()
+
+    # No event exists for another process's death: poll /proc briefly, bounded.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while is_running(server) and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert not is_running(server), f"nats-server {server} outlived its SIGKILLed executor"
+
+
+# -- init and check --------------------------------------------------------------
+
+
+async def test_init_writes_a_config_once_and_check_accepts_it(
+    tmp_path: Path, double: OpenAIDouble, env: dict[str, str]
+) -> None:
+    path = tmp_path / "conf" / "executor.toml"
+
+    first = await run(EXECUTOR, "init", str(path), env=env)
+    assert first.returncode == 0, first.stderr
+    assert str(path) in first.stdout
+    assert path.read_text() == DEFAULT_CONFIG_TOML
+
+    path.write_text(path.read_text() + "# edited by the user\n")
+    again = await run(EXECUTOR, "init", str(path), env=env)
+    assert again.returncode == 2
+    assert str(path) in again.stderr and "--force" in again.stderr
+    assert path.read_text().endswith("# edited by the user\n")  # untouched
+
+    forced = await run(EXECUTOR, "init", "--force", str(path), env=env)
+    assert forced.returncode == 0
+    assert path.read_text() == DEFAULT_CONFIG_TOML
+
+    # The written file, pointed at a server that runs (its default backend is "auto").
+    path.write_text(
+        path.read_text().replace('backend = "auto"', f'backend = "openai_compatible"\nbase_url = "{double.base_url}"')
+    )
+    check = await run(EXECUTOR, "--config", str(path), "check", env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "config: ok" in check.stdout
+    for model in double.models:
+        assert f"model {model}" in check.stdout
+
+
+async def test_check_against_a_dead_server_exits_1_and_says_how_to_start_it(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    config = write_config(tmp_path / "executor.toml", backend="lmstudio", base_url=url)
+
+    check = await run(EXECUTOR, "--config", str(config), "check", env=env)
+
+    assert check.returncode == 1
+    assert url in check.stdout
+    assert "LM Studio" in check.stdout and "lms server start" in check.stdout
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[node]\nmax_concurrent_jobs = "many"\n', ["$.node.max_concurrent_jobs"]),
+        ("[node]\nmax_concurent_jobs = 4\n", ["max_concurent_jobs", "$.node"]),
+        ("[llm_client]\nmax_connections = 0\n", ["$.llm_client.max_connections"]),
+        ('[llm_client]\napi_key = "${LLOOM_TEST_UNSET_KEY}"\n', ["llm_client.api_key", "LLOOM_TEST_UNSET_KEY"]),
+    ],
+    ids=["wrong-type", "unknown-key", "out-of-range", "unset-variable"],
+)
+async def test_bad_config_exits_2_naming_the_file_and_the_key(
+    tmp_path: Path, env: dict[str, str], toml: str, named: list[str]
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+
+    result = await run(EXECUTOR, "--config", str(config), "check", env=env)
+
+    assert result.returncode == 2
+    assert str(config) in result.stderr
+    for name in named:
+        assert name in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_missing_config_file_exits_2_naming_it(tmp_path: Path, env: dict[str, str]) -> None:
+    missing = tmp_path / "nowhere.toml"
+    for command in ("check", "run"):
+        result = await run(EXECUTOR, "--config", str(missing), command, env=env)
+        assert result.returncode == 2
+        assert str(missing) in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+# -- client errors ---------------------------------------------------------------
+
+
+async def test_model_nobody_serves_exits_1_with_no_executors(nats_server: EmbeddedNats, env: dict[str, str]) -> None:
+    result = await lloom(nats_server.url, "--model", "nobody-serves-this", "hi", env=env)
+
+    assert result.returncode == 1
+    assert "no_executors" in result.stderr
+    assert "nobody-serves-this" in result.stderr
+    assert result.stdout == ""
+
+
+async def test_no_nats_at_the_url_exits_2_saying_it_cannot_connect(env: dict[str, str]) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+
+    result = await lloom(url, "--model", MODEL, "hi", env=env)
+
+    assert result.returncode == 2
+    assert f"cannot connect to NATS at {url}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_executor_told_to_join_a_dead_nats_url_exits_2_naming_it(config: Path, env: dict[str, str]) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+
+    result = await run(EXECUTOR, "--config", str(config), "--nats", url, env=env)
+
+    assert result.returncode == 2
+    assert f"cannot connect to NATS at {url}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- backend = "auto" ------------------------------------------------------------
+
+
+def local_preset(name: str, base_url: str) -> Preset:
+    return Preset(name=name, base_url=base_url, start_hint=PRESETS[name].start_hint)
+
+
+async def test_auto_backend_picks_the_server_that_answers(http: aiohttp.ClientSession, double: OpenAIDouble) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    backend = AutoDetectBackend(
+        http, LlmClientConfig(), presets=[local_preset("lmstudio", dead), local_preset("ollama", double.base_url)]
+    )
+
+    models = await backend.list_models()
+
+    assert [m.id for m in models] == double.models
+    assert backend.resolved is not None and backend.resolved.base_url == double.base_url
+    assert double.base_url in backend.name
+    reply = await backend.complete(ask())
+    assert reply.content.strip() == CONTENT
+
+
+async def test_auto_backend_with_nothing_running_names_every_url_tried(http: aiohttp.ClientSession) -> None:
+    urls = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]
+    backend = AutoDetectBackend(
+        http, LlmClientConfig(), presets=[local_preset("lmstudio", urls[0]), local_preset("ollama", urls[1])]
+    )
+
+    with pytest.raises(BackendUnavailable) as caught:
+        await backend.list_models()
+
+    for url in urls:
+        assert url in caught.value.message
+    assert backend.resolved is None
