@@ -176,17 +176,7 @@ class OpenAICompatibleBackend:
 
     async def complete(self, request: ChatRequest) -> Completion:
         body = _encode(msgspec.structs.replace(request, stream=False) if request.stream else request)
-        try:
-            async with self._session.post(
-                self._chat_url, data=body, headers=self._headers, timeout=self._unary_timeout
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise await self._status_error(resp.status, raw, resp.headers, request.model)
-        except LloomError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise self._io_error(e, started=False) from e
+        raw = await self._fetch("POST", self._chat_url, body, self._unary_timeout, request.model)
         try:
             parsed = _decode_response(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -267,15 +257,7 @@ class OpenAICompatibleBackend:
         yield Finish(model=model, finish_reason=_finish(finish), usage=_usage(usage, request, content, len(parts)))
 
     async def list_models(self) -> list[ModelInfo]:
-        try:
-            async with self._session.get(self._models_url, headers=self._headers, timeout=self._probe_timeout) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    raise await self._status_error(resp.status, raw, resp.headers, None)
-        except LloomError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise self._io_error(e, started=False) from e
+        raw = await self._fetch("GET", self._models_url, None, self._probe_timeout, None)
         try:
             listing = _decode_models(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -288,6 +270,21 @@ class OpenAICompatibleBackend:
         except LloomError:
             return False
         return True
+
+    async def _fetch(
+        self, method: str, url: str, body: bytes | None, timeout: aiohttp.ClientTimeout, model: str | None
+    ) -> bytes:
+        """The whole body of a 200 answer; anything else raised as a typed error."""
+        try:
+            async with self._session.request(method, url, data=body, headers=self._headers, timeout=timeout) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise await self._status_error(resp.status, raw, resp.headers, model)
+                return raw
+        except LloomError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._io_error(e, started=False) from e
 
     # -- error translation: the one place HTTP failures become typed errors --
 
