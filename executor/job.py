@@ -135,6 +135,10 @@ class Job:
             async for event in events:
                 if type(event) is Delta:
                     await nc.publish(self.reply, encoder.encode(StreamChunk(seq, event.text)))
+                    if seq == 0:
+                        # nats.py writes from its flusher task; let it run now, or the
+                        # first token waits behind every chunk the backend already sent.
+                        await asyncio.sleep(0)
                     seq += 1
                 else:
                     assert isinstance(event, Finish)
