@@ -1,0 +1,269 @@
+"""Benchmark: the executor path side by side with direct HTTP and LiteLLM's proxy.
+
+    .venv/bin/python scripts/bench.py            # full run (~5.5 min), writes docs/benchmarks.md
+    .venv/bin/python scripts/bench.py --quick    # under two minutes, for development
+    .venv/bin/python scripts/bench.py --no-litellm --smoke --out /tmp/b.md   # seconds; what the test runs
+
+Starts every process it needs (the fast backend, nats-server, `lloom-executor`
+processes, LiteLLM's proxy from scripts/.bench-venv, created on first use),
+drives them in interleaved round-robin batches from this process, reads CPU
+time and RSS of each child from /proc, stops every child on exit, error or
+Ctrl-C, and writes the markdown report, a JSON dump next to it and a CDF plot.
+Run it with the project's venv (it imports `protocol`); traffic goes only to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import env, phases, report  # noqa: E402
+from benchkit.procs import Procs, pin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODES = {
+    "full": dict(rounds=5, c1_s=3.0, c1_cap=5000, sat_s=4.0, sat_cap=50000, half_s=3.0, half_cap=20000, stream_lens=[16, 256],
+                 stream_c=8, stream_s=3.0, ttft_s=1.5, stream_rounds=3, scaling=[1, 2, 4], scale_s=5.0,
+                 profile_s=8.0, warmup=300),
+    "quick": dict(rounds=2, c1_s=1.0, c1_cap=3000, sat_s=1.5, sat_cap=20000, half_s=1.5, half_cap=10000, stream_lens=[16, 256],
+                  stream_c=8, stream_s=1.2, ttft_s=0.75, stream_rounds=2, scaling=[1, 2, 4], scale_s=2.0,
+                  profile_s=4.0, warmup=200),
+    "smoke": dict(rounds=1, c1_s=0.3, c1_cap=40, sat_s=0.4, sat_cap=200, half_s=0.3, half_cap=60, stream_lens=[8],
+                  stream_c=4, stream_s=0.3, ttft_s=0.2, stream_rounds=1, scaling=[1, 2], scale_s=0.3,
+                  profile_s=0.0, warmup=20),
+}  # fmt: skip
+
+
+class Progress:
+    def __init__(self, quiet: bool) -> None:
+        self.t0 = time.monotonic()
+        self.quiet = quiet
+
+    def __call__(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
+
+
+def cpu_plan() -> tuple[set[int] | None, set[int] | None]:
+    """Relay under test alone on one core; harness, backend and broker on the other."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, {cpus[1]}
+
+
+async def start_backend(procs: Procs, cpus: set[int] | None) -> tuple[str, int]:
+    argv = [sys.executable, str(ROOT / "scripts" / "fast_openai_server.py"), "--port", "0"]
+    for c in sorted(cpus or []):
+        argv += ["--cpu", str(c)]
+    proc = procs.start("backend", argv, stdout_pipe=True)
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
+    if not line.startswith(b"READY "):
+        raise RuntimeError(f"backend did not start: {line!r}\n{procs.log_tail('backend')}")
+    return f"http://127.0.0.1:{int(line.split()[1])}/v1", proc.pid
+
+
+async def start_nats(procs: Procs, cpus: set[int] | None) -> tuple[str, int]:
+    from executor.embedded_nats import find_nats_server, free_port
+
+    port = free_port()
+    proc = procs.start("nats-server", [find_nats_server(), "-a", "127.0.0.1", "-p", str(port)], cpus=cpus)
+    url = f"nats://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            pin(proc.pid, cpus)  # threads it started after the first pin
+            return url, proc.pid
+        except OSError:
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"nats-server did not start\n{procs.log_tail('nats-server')}")
+
+
+def start_executor(procs: Procs, tmp: Path, idx: int, backend_url: str, nats_url: str, cpus: set[int] | None) -> int:
+    cfg = tmp / f"executor-{idx}.toml"
+    cfg.write_text(
+        f'[node]\nid = "bench-exec-{idx}"\nnats_url = "{nats_url}"\n\n'
+        f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{backend_url}"\nmodels = ["bench-model"]\n\n'
+        '[logging]\nformat = "json"\n'
+    )
+    exe = Path(sys.executable).parent / "lloom-executor"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.cli"]
+    return procs.start(f"executor-{idx}", [*argv, "--config", str(cfg), "--nats", nats_url], cpus=cpus).pid
+
+
+async def wait_executor(client, idx: int, deadline_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    from protocol.messages import ChatRequest, Message, Role
+
+    req = ChatRequest(model="bench-model", messages=[Message(role=Role.USER, content="ping")])
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            await client.complete(req, executor=f"bench-exec-{idx}", timeout=2.0)
+            return
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def start_litellm(procs: Procs, tmp: Path, backend_url: str, cpus: set[int] | None, log: Progress) -> tuple[str, int]:
+    exe = env.bench_tool("litellm")
+    if exe is None:
+        raise RuntimeError("litellm is not installed in the bench venv")
+    from executor.embedded_nats import free_port
+
+    cfg = tmp / "litellm.yaml"
+    env.litellm_config(cfg, backend_url)
+    port = free_port()
+    proc = procs.start(
+        "litellm", [exe, "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        cpus=cpus, env=env.LITELLM_ENV,
+    )  # fmt: skip
+    log(f"waiting for LiteLLM's proxy on port {port} (its import takes a while)")
+    try:
+        await env.wait_http_ready(f"http://127.0.0.1:{port}/health/readiness", 180, proc)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}\n{procs.log_tail('litellm')}") from e
+    pin(proc.pid, cpus)
+    return f"http://127.0.0.1:{port}/v1", proc.pid
+
+
+async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress) -> dict:
+    p = MODES[args.mode]
+    relay_cpus, gen_cpus = cpu_plan()
+    res: dict = {"mode": args.mode, "machine": env.machine(), "params": p, "litellm_status": "measured"}
+    res["pinning"] = {"relay": sorted(relay_cpus or []), "harness": sorted(gen_cpus or [])}
+    backend_url, backend_pid = await start_backend(procs, gen_cpus)
+    nats_url, nats_pid = await start_nats(procs, gen_cpus)
+    log(f"backend at {backend_url}, nats-server at {nats_url}")
+    pids = {"backend": backend_pid, "nats-server": nats_pid}
+    pids["executor"] = start_executor(procs, tmp, 1, backend_url, nats_url, relay_cpus)
+    litellm_task = None
+    if args.no_litellm:
+        res["litellm_status"] = "skipped (--no-litellm)"
+    else:
+        why = env.ensure_bench_venv(log)
+        if why:
+            res["litellm_status"] = f"not measured: {why}"
+        else:
+            litellm_task = asyncio.create_task(start_litellm(procs, tmp, backend_url, relay_cpus, log))
+    if gen_cpus:
+        pin(os.getpid(), gen_cpus)
+    paths = phases.make_paths(backend_url, nats_url)
+    for path in paths.values():
+        await path.open()
+    try:
+        await wait_executor(paths["executor"].client, 1)
+        log("executor 1 is serving")
+        if litellm_task is not None:
+            try:
+                litellm_url, pids["litellm"] = await litellm_task
+                paths["litellm"] = phases.make_litellm_path(litellm_url)
+                await paths["litellm"].open()
+                log("LiteLLM proxy is ready")
+            except Exception as e:
+                res["litellm_status"] = f"not measured: the proxy did not start: {str(e)[:600]}"
+                log(res["litellm_status"])
+        res["paths"] = list(paths)
+        res["versions"] = versions(res)
+        # The generator makes many short-lived objects; collector pauses would show up as
+        # relay latency. Freeze what exists and collect rarely (the executor keeps its own GC).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+        runner = phases.Runner(paths, pids, p, log, cpus=(relay_cpus, gen_cpus))
+        await runner.run_all(res)
+        if p["profile_s"] > 0:
+            res["profile"] = await phases.profile_executor(runner, pids["executor"], p["profile_s"], tmp, log)
+        res["scaling"] = await phases.scaling(
+            runner, p, lambda i: start_executor(procs, tmp, i, backend_url, nats_url, relay_cpus),
+            lambda i: wait_executor(paths["executor"].client, i),
+        )
+    finally:
+        for path in paths.values():
+            await path.close()
+    return res
+
+
+def versions(res: dict) -> dict[str, str]:
+    import importlib.metadata as md
+
+    from executor.embedded_nats import find_nats_server
+
+    out = {"python": sys.version.split()[0]}
+    try:  # read-only: which code was measured
+        out["lloom commit"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                                             capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        out["lloom commit"] = "unknown"
+    for dist in ("lloom", "nats-py", "aiohttp", "msgspec", "uvloop"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "not installed"
+    try:
+        out["nats-server"] = subprocess.run([find_nats_server(), "--version"], capture_output=True, text=True).stdout.strip().removeprefix("nats-server: ")
+    except OSError:
+        out["nats-server"] = "unknown"
+    if env.BENCH_PY.exists():
+        for dist in ("litellm", "matplotlib", "py-spy"):
+            out[dist] = env.package_version(str(env.BENCH_PY), dist)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark the executor path against direct HTTP and LiteLLM's proxy.")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", dest="mode", action="store_const", const="quick", help="under two minutes")
+    g.add_argument("--smoke", dest="mode", action="store_const", const="smoke", help="seconds; checks the harness only")
+    ap.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM path (and the bench venv)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown report to write")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    args.mode = args.mode or "full"
+    log = Progress(args.quiet)
+    with tempfile.TemporaryDirectory(prefix="lloom-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        procs = Procs(tmp)
+        try:
+            try:
+                import uvloop
+
+                res = uvloop.run(amain(args, procs, tmp, log))
+            except ImportError:
+                res = asyncio.run(amain(args, procs, tmp, log))
+        except KeyboardInterrupt:
+            print("interrupted; stopping every process this run started", file=sys.stderr)
+            return 130
+        except Exception:
+            for name, _ in procs.started:
+                tail = procs.log_tail(name)
+                if tail:
+                    print(f"--- {name} log tail ---\n{tail}", file=sys.stderr)
+            raise
+        finally:
+            procs.stop_all()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report.write(res, args.out, log)
+    for line in report.goal_lines(res):
+        print(line)
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
