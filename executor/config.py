@@ -6,19 +6,23 @@ into frozen msgspec Structs that reject unknown keys, so a typo is an error that
 names the file and the key (`executor.toml: Expected int >= 1 - at
 $.node.max_concurrent_jobs`) instead of a silently ignored setting.
 
-`${VAR}` and `${VAR:-default}` in `api_key` and `base_url` are expanded from the
-environment at load time, so secrets stay out of the file.
+`${VAR}` and `${VAR:-default}` in `api_key`, `base_url`, `model_path` and
+`llama_server` are expanded from the environment at load time, so secrets stay
+out of the file.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
+
+from protocol.announcements import ModelCategory
 
 
 class ConfigError(Exception):
@@ -27,7 +31,8 @@ class ConfigError(Exception):
 
 class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # A preset (lmstudio, openai, ollama, vllm, llamacpp, openai_compatible),
-    # "auto" to probe local servers, or a plugin registered under `lloom.backends`.
+    # "local" (a llama-server child process with a GGUF model), "auto" to probe
+    # local servers and fall back to "local", or a plugin under `lloom.backends`.
     backend: str = "auto"
     base_url: str | None = None
     api_key: str | None = None
@@ -36,6 +41,20 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     models: list[str] | None = None
     # Connections kept open to the backend (one pool per process).
     max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    # -- backend = "local" (see executor/backends/local.py) --
+    # A GGUF file to serve; when absent, the bundled Gemma 3 270M of the `local` extra.
+    model_path: str | None = None
+    # The name the model is served under (default: gemma3-270m, or the GGUF file's stem).
+    model_name: str | None = None
+    # A llama.cpp built-in chat template name (e.g. "gemma", "chatml"); when absent,
+    # the template in the GGUF's metadata ("gemma" for the bundled model, which has none).
+    chat_template: str | None = None
+    # Context length in tokens; when absent, the model's own (from its GGUF metadata).
+    context_length: Annotated[int, Meta(ge=256, le=10_000_000)] | None = None
+    # CPU threads for generation; when absent, one less than the CPU count (at least 1).
+    threads: Annotated[int, Meta(ge=1, le=1_024)] | None = None
+    # The llama-server binary; when absent, the one `lloom-executor setup-local` built into the cache.
+    llama_server: str | None = None
 
 
 class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -55,6 +74,27 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     liveness_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 5.0
     # How often the backend's model list is re-read.
     model_refresh_secs: Annotated[float, Meta(gt=0, le=86_400)] = 30.0
+    # Heartbeats on the catalogue subject; clients drop an executor after 3 missed.
+    heartbeat_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 0.5
+    # The executor's signing key (an nkey seed). Default: ~/.local/share/lloom/<id>.nk
+    # when `id` is set (a stable identity), else a new key at every start.
+    identity_file: str | None = None
+
+
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the catalogue says about one served model, beyond what the backend tells."""
+
+    name: str
+    # Prices as decimal strings, in US dollars per million tokens.
+    input_price: Decimal = Decimal(0)
+    output_price: Decimal = Decimal(0)
+    category: ModelCategory | None = None  # fast | balanced | quality; derived from speed when absent
+    features: list[str] = msgspec.field(default_factory=lambda: ["chat", "stream"])
+    context_length: Annotated[int, Meta(ge=1)] | None = None  # overrides what the backend reports
+
+    def __post_init__(self) -> None:
+        if self.input_price < 0 or self.output_price < 0:
+            raise ValueError(f"model {self.name!r}: prices must be >= 0")
 
 
 class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -69,6 +109,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     node: NodeConfig = NodeConfig()
     llm_client: LlmClientConfig = LlmClientConfig()
     logging: LoggingConfig = LoggingConfig()
+    models: list[ModelConfig] = []
 
 
 def default_config_path() -> Path:
@@ -125,7 +166,7 @@ def parse_config(data: bytes | str, *, source: str, environ: dict[str, str] | os
         raise ConfigError(f"{source}: not valid TOML: {e}") from e
     llm = cfg.llm_client
     changes = {}
-    for key in ("api_key", "base_url"):
+    for key in ("api_key", "base_url", "model_path", "llama_server"):
         value = getattr(llm, key)
         if value is not None:
             changes[key] = expand_env(value, key=f"llm_client.{key}", source=source, environ=environ)
@@ -157,9 +198,14 @@ max_tokens_cap = 32768
 liveness_interval_secs = 5
 # How often the backend's model list is re-read.
 model_refresh_secs = 30
+# Catalogue heartbeats; clients drop this executor after 3 missed ones.
+heartbeat_interval_secs = 0.5
+# Signing key file (default: ~/.local/share/lloom/<id>.nk if id is set, else a new key per start).
+# identity_file = "/var/lib/lloom/executor.nk"
 
 [llm_client]
-# lmstudio | openai | ollama | vllm | llamacpp | openai_compatible | auto (probe local servers)
+# lmstudio | openai | ollama | vllm | llamacpp | openai_compatible | local (a llama-server
+# child process) | auto (probe local servers; when none answers, run "local" if it is set up)
 backend = "auto"
 # Defaults per backend: lmstudio http://localhost:1234/v1, ollama http://localhost:11434/v1,
 # vllm http://localhost:8000/v1, llamacpp http://localhost:8080/v1, openai https://api.openai.com/v1
@@ -170,6 +216,27 @@ timeout_secs = 300
 # Serve only these models (default: every model the backend lists).
 # models = ["llama-2-13b"]
 max_connections = 100
+# backend = "local": a GGUF file (default: the bundled Gemma 3 270M of the `local` extra),
+# the name it is served under (default: gemma3-270m, else the file's stem), a llama.cpp
+# built-in chat template (default: the file's own), context length (default: the model's
+# own), threads (default: one less than the CPU count), and the llama-server binary
+# (default: the one `lloom-executor setup-local` built into ~/.cache/lloom).
+# model_path = "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
+# model_name = "qwen2.5-0.5b"
+# chat_template = "chatml"
+# context_length = 4096
+# threads = 2
+# llama_server = "/usr/local/bin/llama-server"
+
+# What the network catalogue says about each served model (repeat the table per model).
+# Prices are decimal strings in US dollars per million tokens.
+# [[models]]
+# name = "gpt-4o"
+# input_price = "2.50"
+# output_price = "10.00"
+# category = "quality"       # fast | balanced | quality (default: fast if >= 50 tokens/s measured)
+# features = ["chat", "stream"]
+# context_length = 128000    # default: what the backend reports
 
 [logging]
 level = "info"          # debug | info | warning | error

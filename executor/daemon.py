@@ -2,26 +2,31 @@
 
 Owns, in order of creation and reverse order of shutdown: the embedded NATS
 server (when no URL is configured), the NATS connection, the process's one
-aiohttp session, the backend, and the node. SIGTERM and SIGINT set the stop
+aiohttp session (for plugin backends), the backend, the node and its
+announcer. SIGTERM and SIGINT set the stop
 event; the node then drains and the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import aiohttp
 import structlog
 
+from executor.announcer import Announcer
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.registry import create_backend
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.node import ExecutorNode
 from protocol.connection import close_nats, connect_nats
+from protocol.identity import Identity
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -79,6 +84,17 @@ async def serve(
             node = ExecutorNode(nc, backend, config.node, models=config.llm_client.models)
             await node.start()
             stack.push_async_callback(node.stop)
+            announcer = Announcer(
+                nc,
+                node,
+                load_identity(config, node.id),
+                models=config.models,
+                heartbeat_interval=config.node.heartbeat_interval_secs,
+            )
+            await announcer.start()
+            # Runs before node.stop (the stack unwinds in reverse): clients stop choosing
+            # this executor at once, then in-flight jobs drain.
+            stack.push_async_callback(announcer.stop)
             _report_backend(node)
             if on_ready is not None:
                 on_ready(node, url)
@@ -87,6 +103,20 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def load_identity(config: ExecutorConfig, executor_id: str) -> Identity:
+    """The configured key file, a per-id file when the id is stable, else a key for this run only."""
+    if config.node.identity_file:
+        path = Path(config.node.identity_file).expanduser()
+    elif config.node.id:
+        data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+        path = data_home / "lloom" / f"{executor_id}.nk"
+    else:
+        return Identity.generate()
+    identity = Identity.load_or_create(path)
+    log.info("executor identity", key=identity.public_key, file=str(path))
+    return identity
 
 
 def _report_backend(node: ExecutorNode) -> None:

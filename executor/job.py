@@ -39,7 +39,7 @@ _SENTINEL = b""
 class Job:
     __slots__ = (
         "id", "request", "reply", "deadline", "started", "liveness", "missed_pings", "cancel_reason",
-        "task", "_node",
+        "task", "_node", "_ttft", "_completion_tokens",
     )  # fmt: skip
 
     def __init__(
@@ -55,6 +55,8 @@ class Job:
         self.missed_pings = 0
         self.cancel_reason: LloomError | None = None
         self.task: asyncio.Task[None] | None = None
+        self._ttft: float | None = None
+        self._completion_tokens = 0
 
     def cancel(self, reason: LloomError) -> None:
         """Stop the job (and its backend call); the caller is told `reason`."""
@@ -88,10 +90,16 @@ class Job:
             # The caller gets a code, never a repr: internals stay in our log.
             log.exception("job failed", job_id=self.id, model=self.request.model)
             err = InternalError(f"internal error in executor {node.id}; job {self.id} is in its log")
+        elapsed = asyncio.get_running_loop().time() - self.started
         if err is None:
             node.stats.completed += 1
+            node.perf.record(
+                self.request.model, ok=True, seconds=elapsed, completion_tokens=self._completion_tokens, ttft_s=self._ttft
+            )
             return
         node.stats.count_error(err)
+        if not isinstance(err, (InvalidRequest, Cancelled)):  # the caller's doing, not the model's
+            node.perf.record(self.request.model, ok=False, seconds=elapsed)
         if not isinstance(err, Cancelled):
             log.info("job error", job_id=self.id, model=self.request.model, code=err.code.value, error=err.message)
         await self._send_error(err)
@@ -126,6 +134,7 @@ class Job:
                 " ask for it with stream=True"
             )
         await nc.publish(self.reply, payload)
+        self._completion_tokens = result.usage.completion_tokens
 
     async def _run_stream(self, backend: Backend, nc: NATS) -> None:
         seq = 0
@@ -136,6 +145,7 @@ class Job:
                 if type(event) is Delta:
                     await nc.publish(self.reply, encoder.encode(StreamChunk(seq, event.text)))
                     if seq == 0:
+                        self._ttft = asyncio.get_running_loop().time() - self.started
                         # nats.py writes from its flusher task; let it run now, or the
                         # first token waits behind every chunk the backend already sent.
                         await asyncio.sleep(0)
@@ -157,6 +167,7 @@ class Job:
         )
         await nc.publish(self.reply, encoder.encode(end))
         await nc.publish(self.reply, _SENTINEL)
+        self._completion_tokens = finish.usage.completion_tokens
 
     async def _send_error(self, err: LloomError) -> None:
         await send_error(self._node, self.reply, err, job_id=self.id, stream=self.request.stream)

@@ -22,6 +22,7 @@ import asyncio
 import enum
 import re
 import socket
+from collections.abc import Callable
 
 import msgspec
 import nats.errors
@@ -31,9 +32,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
-from executor.backends.base import Backend
+from executor.backends.base import Backend, ModelInfo
 from executor.config import NodeConfig
 from executor.job import Job, send_error
+from executor.perf import PerfTracker
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, request_decoder
@@ -96,6 +98,10 @@ class ExecutorNode:
         # Serve exactly these when given; otherwise what the backend lists.
         self._configured_models = list(models) if models else None
         self.models: frozenset[str] = frozenset()
+        self.model_info: dict[str, ModelInfo] = {}
+        self.perf = PerfTracker()
+        # Called (synchronously) whenever `models` changes; the announcer listens here.
+        self.on_models_changed: list[Callable[[], None]] = []
         self.stats = NodeStats()
         self._refresh_error: str | None = None
         self.state = State.NEW
@@ -112,6 +118,16 @@ class ExecutorNode:
     @property
     def in_flight(self) -> int:
         return len(self._jobs)
+
+    @property
+    def backend_healthy(self) -> bool:
+        """False while the backend cannot even list its models."""
+        return self._refresh_error is None
+
+    @property
+    def backend_kind(self) -> str:
+        # Backend names read "<kind> at <url>" (or "auto (...)"): the kind is the first word.
+        return self.backend.name.split(" ", 1)[0]
 
     async def wait_idle(self) -> None:
         """Return once no job is running (at once if none is)."""
@@ -144,13 +160,15 @@ class ExecutorNode:
             wanted = set(self._configured_models)
         else:
             try:
-                wanted = {m.id for m in await self.backend.list_models()}
+                listed = await self.backend.list_models()
             except LloomError as e:
                 if e.message != self._refresh_error:  # once per distinct failure, not every period
                     self._refresh_error = e.message
                     self._log.warning("cannot list the backend's models", backend=self.backend.name, error=e.message)
                 return  # keep serving what we had: a blip should not unsubscribe us
             self._refresh_error = None
+            self.model_info = {m.id: m for m in listed}
+            wanted = set(self.model_info)
         if self.state is not State.RUNNING:
             return
         for model in wanted - self._model_subs.keys():
@@ -166,6 +184,8 @@ class ExecutorNode:
             self.models = frozenset(self._model_subs)
             await self.nc.flush()
             self._log.info("serving models", models=sorted(self.models))
+            for listener in self.on_models_changed:
+                listener()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Drain and stop; idempotent. Does not close the NATS connection (not ours)."""

@@ -1,21 +1,16 @@
 """Token estimates for when a backend reports no usage.
 
-This is the design document's estimation fallback (the average of a word-based
-and a character-based guess). Usage made this way is marked `estimated` on the
-wire, so nobody mistakes it for a count.
+The design document's estimation fallback (`protocol.estimate`) applied to a
+job. Usage made this way is marked `estimated` on the wire, so nobody mistakes
+it for a count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from protocol.estimate import estimate_tokens
 from protocol.messages import Usage
-
-
-def estimate_tokens(text: str) -> int:
-    words = len(text.split())
-    chars = len(text)
-    return (int(words * 1.3) + int(chars / 4.0)) // 2
 
 
 def estimate_usage(prompt_texts: Iterable[str], completion: str, *, completion_tokens: int | None = None) -> Usage:

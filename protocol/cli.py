@@ -3,6 +3,8 @@
     lloom complete --model qwen2.5:7b "Why is the sky blue?"
     lloom complete --model qwen2.5:7b --stream --max-tokens 64 - < prompt.txt
     lloom --nats nats://10.0.0.5:4222 complete --model gpt-4o --json "hi"
+    lloom complete --route cheapest --min-context 8192 "hi"
+    lloom models [--json] [--watch]
 
 The text goes to stdout; a summary line (model, finish reason, token usage, the
 executor that served it) to stderr, so the text can be piped. Errors print
@@ -16,12 +18,16 @@ import argparse
 import asyncio
 import os
 import sys
+from decimal import Decimal
 
 import msgspec
 
+from protocol.announcements import ModelCategory
+from protocol.catalog import ExecutorEntry
 from protocol.client import DEFAULT_URL, LloomClient
 from protocol.errors import LloomError
 from protocol.messages import ChatRequest, ChatResponse, Message, Role, StreamEnd, Usage
+from protocol.routing import Category, Cheapest, Constraints, Fastest, ModelRequest, Specific, category_of
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("complete", help="run a chat completion on the network")
     c.add_argument("prompt", help="the user message; - reads it from stdin")
-    c.add_argument("--model", "-m", required=True)
+    c.add_argument("--model", "-m", help="the model (optional with --route)")
     c.add_argument("--system", help="a system message to put first")
     c.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     c.add_argument("--max-tokens", type=int)
@@ -44,18 +50,38 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the whole answer (default 120)")
     c.add_argument("--executor", help="send to this executor id instead of any executor serving the model")
     c.add_argument("--json", action="store_true", help="print the normalized response as JSON")
+    r = c.add_argument_group("routing (picks an executor from the live catalogue)")
+    r.add_argument("--route", choices=["cheapest", "fastest", "fast", "balanced", "quality"],
+                   help="choose the model too: cheapest, fastest, or one of a category")  # fmt: skip
+    r.add_argument("--max-input-price", type=Decimal, help="USD per 1M prompt tokens")
+    r.add_argument("--max-output-price", type=Decimal, help="USD per 1M completion tokens")
+    r.add_argument("--max-cost", type=Decimal, help="USD for this request's estimated tokens")
+    r.add_argument("--min-context", type=int, help="minimum context length")
+    r.add_argument("--feature", action="append", default=[], help="a required feature (repeatable)")
+    r.add_argument("--hedge-after", type=float, help="seconds before also asking a second executor")
+    m = sub.add_parser("models", help="list the models the network serves, live")
+    m.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+    m.add_argument("--watch", action="store_true", help="print it again on every change")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "models":
+        try:
+            return asyncio.run(_models(args))
+        except KeyboardInterrupt:
+            return 0
+    if args.route is None and args.model is None:
+        print("lloom: complete needs --model, or --route to let the network choose one", file=sys.stderr)
+        return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     messages = [Message(Role.SYSTEM, args.system)] if args.system else []
     messages.append(Message(Role.USER, prompt))
     try:
         request = msgspec.convert(
             {
-                "model": args.model,
+                "model": args.model or "any",
                 "messages": messages,
                 "max_tokens": args.max_tokens,
                 "temperature": args.temperature,
@@ -71,20 +97,108 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_complete(args, request))
 
 
-async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
+async def _connect(url: str) -> LloomClient | None:
     try:
-        client = await LloomClient.connect(args.nats)
+        return await LloomClient.connect(url)
     except ConnectionError as e:
         print(f"lloom: {e}; is an executor (lloom-executor) or nats-server running there?", file=sys.stderr)
+        return None
+
+
+async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
+    client = await _connect(args.nats)
+    if client is None:
         return 2
     async with client:
         return await _run_job(args, request, client)
 
 
+def _routing(args: argparse.Namespace) -> dict[str, object]:
+    """The route and constraints for `complete`, or nothing for the plain model subject."""
+    route: ModelRequest | None = None
+    if args.route == "cheapest":
+        route = Cheapest()
+    elif args.route == "fastest":
+        route = Fastest()
+    elif args.route is not None:
+        route = Category(ModelCategory(args.route))
+    limits = {
+        "max_input_price": args.max_input_price,
+        "max_output_price": args.max_output_price,
+        "max_cost": args.max_cost,
+        "min_context": args.min_context,
+    }
+    constraints = None
+    if any(v is not None for v in limits.values()) or args.feature:
+        constraints = Constraints(**limits, features=frozenset(args.feature))  # type: ignore[arg-type]
+    if route is None and constraints is None:
+        return {}
+    return {"route": route or Specific(args.model), "constraints": constraints}
+
+
+async def _models(args: argparse.Namespace) -> int:
+    client = await _connect(args.nats)
+    if client is None:
+        return 2
+    async with client:
+        catalog = await client.catalog()
+        while True:
+            entries = sorted(catalog.entries(), key=lambda e: e.executor_id)
+            if args.json:
+                sys.stdout.write(msgspec.json.encode([_entry_json(e) for e in entries]).decode() + "\n")
+            else:
+                sys.stdout.write(render_catalog(entries))
+            sys.stdout.flush()
+            if not args.watch:
+                return 0
+            # Expiries are noticed on read: look again at least every second.
+            await catalog.wait_changed(timeout=1.0)
+            if not args.json:
+                sys.stdout.write("\n")
+
+
+def _entry_json(entry: ExecutorEntry) -> dict[str, object]:
+    return {
+        "executor_id": entry.executor_id,
+        "key": entry.key,
+        "load": msgspec.to_builtins(entry.load),
+        "models": msgspec.to_builtins(entry.models),
+    }
+
+
+def render_catalog(entries: list[ExecutorEntry]) -> str:
+    rows = [("MODEL", "EXECUTOR", "BACKEND", "IN $/1M", "OUT $/1M", "CONTEXT", "CATEGORY", "LOAD", "LATENCY", "TOK/S", "OK")]
+    for entry in entries:
+        for o in entry.models:
+            p = o.perf
+            rows.append(
+                (
+                    o.name,
+                    entry.executor_id,
+                    o.backend,
+                    str(o.pricing.input),
+                    str(o.pricing.output),
+                    str(o.context_length or "?"),
+                    category_of(o).value + ("" if o.category else "*"),
+                    f"{entry.load.in_flight}/{entry.load.capacity}",
+                    f"{p.latency_ms:.0f} ms" if p.latency_ms is not None else "-",
+                    f"{p.tokens_per_s:.0f}" if p.tokens_per_s is not None else "-",
+                    "yes" if o.available else "no",
+                )
+            )
+    if len(rows) == 1:
+        return "no executors on the network\n"
+    rows.sort(key=lambda r: (r[0] != "MODEL", r[0], r[1]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines) + "\n(* category derived from measured speed)\n"
+
+
 async def _run_job(args: argparse.Namespace, request: ChatRequest, client: LloomClient) -> int:
+    routing = _routing(args)
     try:
         if request.stream:
-            async with client.stream(request, timeout=args.timeout, executor=args.executor) as stream:
+            async with client.stream(request, timeout=args.timeout, executor=args.executor, **routing) as stream:
                 parts = []
                 async for chunk in stream:
                     parts.append(chunk.delta)
@@ -94,7 +208,9 @@ async def _run_job(args: argparse.Namespace, request: ChatRequest, client: Lloom
             assert stream.end is not None
             _finish(args, stream.end, "".join(parts))
         else:
-            reply = await client.complete(request, timeout=args.timeout, executor=args.executor)
+            reply = await client.complete(
+                request, timeout=args.timeout, executor=args.executor, hedge_after=args.hedge_after, **routing
+            )
             if not args.json:
                 sys.stdout.write(reply.content)
             _finish(args, reply, reply.content)

@@ -2,10 +2,19 @@
 
     async with await LloomClient.connect("nats://127.0.0.1:4222") as client:
         reply = await client.complete(ChatRequest(model="m", messages=[...]))
+        reply = await client.complete(request, route=Cheapest(), constraints=Constraints(min_context=8192))
         async with client.stream(request) as stream:
             async for chunk in stream:
                 print(chunk.delta, end="")
         print(stream.end.usage)
+
+Without a route, a job goes to its model's subject and the NATS queue group
+picks an executor. With a route (`Specific`, `Category`, `Cheapest`, `Fastest`
+from `protocol.routing`) or constraints, the client ranks the executors of its
+live `Catalog` and sends the job to the best one's direct subject; on no
+responders, busy, a timeout of the attempt or a retryable error it fails over to
+the next, within the caller's overall deadline, one executor at a time unless
+`hedge_after` asks for a second one when the first is slow.
 
 All replies arrive on one wildcard inbox subscription (`<inbox>.*`), routed to
 the waiting call by the last token, which is the job id: no subscription per
@@ -13,10 +22,9 @@ request. The same dispatcher answers executors' liveness pings, so a job whose
 caller has gone (cancelled, crashed, disconnected) is stopped at the executor.
 
 Errors are the `protocol.errors` types the executor raised. `NoExecutors` comes
-at once from the server's "no responders" status. A `busy` reply is retried
-(another executor of the queue group usually takes it) while the deadline
-allows; nothing else is retried here, since a job whose outcome is unknown may
-have run.
+at once from the server's "no responders" status. Without a route, only `busy`
+is retried (the queue group usually picks another member): a job whose outcome
+is unknown may have run.
 """
 
 from __future__ import annotations
@@ -24,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Self
 
@@ -35,33 +42,19 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from protocol import subjects as subj
+from protocol.catalog import Catalog
 from protocol.connection import close_nats, connect_nats
-from protocol.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    ExecutorBusy,
-    InternalError,
-    LloomError,
-    NoExecutors,
-    PayloadTooLarge,
-    StreamInterrupted,
-)
-from protocol.messages import (
-    ChatRequest,
-    ChatResponse,
-    ErrorReply,
-    StreamChunk,
-    StreamEnd,
-    encoder,
-    error_from_wire,
-    stream_reply_decoder,
-    unary_reply_decoder,
-)
+from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, LloomError, NoExecutors, PayloadTooLarge
+from protocol.estimate import estimate_tokens
+from protocol.messages import ChatRequest, ChatResponse, ErrorReply, encoder, error_from_wire, unary_reply_decoder
+from protocol.replies import Target, Waiter, decode_reply, fail, fails_over, no_responders
+from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
+from protocol.stream import ChatStream
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_TIMEOUT_S = 120.0
-
-_Waiter = asyncio.Future[bytes] | asyncio.Queue[bytes | LloomError]
+# Completion tokens assumed for a job's expected cost when it sets no max_tokens.
+DEFAULT_COMPLETION_ESTIMATE = 256
 
 
 def _headers_size(headers: dict[str, str]) -> int:
@@ -76,12 +69,14 @@ class LloomClient:
         self._nc = nc
         self.timeout = timeout
         self.busy_retries = busy_retries
+        self.latencies = LatencyBook()
         self._owns_nc = False
         self._prefix = nc.new_inbox()
         self._prefix_len = len(self._prefix) + 1
-        self._pending: dict[str, _Waiter] = {}
+        self._pending: dict[str, Waiter] = {}
         self._nuid = NUID()
         self._sub: nats.aio.subscription.Subscription | None = None
+        self._catalog: Catalog | None = None
 
     @classmethod
     async def connect(
@@ -102,12 +97,14 @@ class LloomClient:
             self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._dispatch)
 
     async def close(self) -> None:
+        if self._catalog is not None:
+            await self._catalog.stop()
         if self._sub is not None:
             sub, self._sub = self._sub, None
             if not self._nc.is_closed:
                 await sub.unsubscribe()
         for waiter in self._pending.values():
-            _fail(waiter, Cancelled("client closed"))
+            fail(waiter, Cancelled("client closed"))
         self._pending.clear()
         if self._owns_nc:
             await close_nats(self._nc)
@@ -122,52 +119,158 @@ class LloomClient:
     def new_job_id(self) -> str:
         return self._nuid.next().decode()
 
+    async def catalog(self) -> Catalog:
+        """The live network catalogue, started (and filled by a query) on first use."""
+        if self._catalog is None:
+            self._catalog = Catalog(self._nc)
+            await self._catalog.start()
+        return self._catalog
+
+    async def candidates(
+        self, request: ChatRequest, route: ModelRequest, constraints: Constraints | None = None
+    ) -> list[Candidate]:
+        """The executors `route` would try for `request`, best first; `NoExecutors` if none."""
+        catalog = await self.catalog()
+        found = rank(
+            catalog.entries(),
+            route,
+            constraints or Constraints(),
+            prompt_tokens=sum(estimate_tokens(m.content) for m in request.messages),
+            completion_tokens=request.max_tokens or DEFAULT_COMPLETION_ESTIMATE,
+            observed=self.latencies,
+        )
+        if not found:
+            within = " within the constraints" if constraints else ""
+            raise NoExecutors(f"no executor on the network offers {_describe(route)}{within}")
+        return found
+
     async def complete(
-        self, request: ChatRequest, *, timeout: float | None = None, executor: str | None = None
+        self,
+        request: ChatRequest,
+        *,
+        timeout: float | None = None,
+        executor: str | None = None,
+        route: ModelRequest | None = None,
+        constraints: Constraints | None = None,
+        attempt_timeout: float | None = None,
+        hedge_after: float | None = None,
     ) -> ChatResponse:
         """Run one job and return its normalized response; raises the job's typed error."""
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
-        loop = asyncio.get_running_loop()
         budget = timeout or self.timeout
-        deadline = loop.time() + budget
-        payload = encoder.encode(request)
-        for attempt in range(self.busy_retries + 1):
-            # A busy executor never ran the job, so a retry is a new job: replies
-            # still in flight for the old id can then not be mistaken for its own.
-            job_id = self.new_job_id()
-            fut: asyncio.Future[bytes] = loop.create_future()
-            self._pending[job_id] = fut
-            try:
-                await self._publish(request.model, executor, payload, job_id, deadline)
-                data = await self._wait(fut, deadline, job_id, budget, request.model)
-            except NoExecutors:
-                raise self._no_responders(request.model, executor) from None
-            finally:
-                self._pending.pop(job_id, None)
-            reply = _decode(unary_reply_decoder, data)
-            if type(reply) is ChatResponse:
-                return reply
-            assert isinstance(reply, ErrorReply)
-            err = error_from_wire(reply)
-            if not await self._may_retry(err, attempt, deadline):
-                raise err
-        raise AssertionError("unreachable")
+        deadline = asyncio.get_running_loop().time() + budget
+        if route is None and constraints is None:
+            return await self._complete_on((request.model, executor), request, deadline, self.busy_retries)
+        found = await self.candidates(request, route or Specific(request.model), constraints)
+        return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
 
-    def stream(self, request: ChatRequest, *, timeout: float | None = None, executor: str | None = None) -> ChatStream:
-        """Start a streamed job; iterate the result for chunks, then read `.end`."""
+    def stream(
+        self,
+        request: ChatRequest,
+        *,
+        timeout: float | None = None,
+        executor: str | None = None,
+        route: ModelRequest | None = None,
+        constraints: Constraints | None = None,
+    ) -> ChatStream:
+        """Start a streamed job; iterate the result for chunks, then read `.end`.
+
+        With a route, the stream fails over to the next executor only before its
+        first chunk: text already delivered cannot be taken back.
+        """
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
-        return ChatStream(self, request, timeout or self.timeout, executor)
+        return ChatStream(self, request, timeout or self.timeout, executor, route, constraints)
 
     async def cancel(self, job_id: str) -> None:
         """Tell whichever executor runs `job_id` to stop it (best effort, at most once)."""
         if not self._nc.is_closed:
             await self._nc.publish(subj.cancel_subject(job_id))
 
-    # -- internals shared with ChatStream --
+    # -- one job on one target, and failover over many --
 
-    async def _publish(self, model: str, executor: str | None, payload: bytes, job_id: str, deadline: float) -> None:
+    async def _complete_on(self, target: Target, request: ChatRequest, deadline: float, retries: int) -> ChatResponse:
+        loop = asyncio.get_running_loop()
+        payload = encoder.encode(request)
+        for attempt in range(retries + 1):
+            # A busy executor never ran the job, so a retry is a new job: replies
+            # still in flight for the old id can then not be mistaken for its own.
+            job_id = self.new_job_id()
+            fut: asyncio.Future[bytes] = loop.create_future()
+            self._pending[job_id] = fut
+            try:
+                await self.publish_job(target, payload, job_id, deadline)
+                data = await self._wait(fut, deadline, job_id, target)
+            except NoExecutors:
+                raise no_responders(target) from None
+            finally:
+                self._pending.pop(job_id, None)
+            reply = decode_reply(unary_reply_decoder, data)
+            if type(reply) is ChatResponse:
+                return reply
+            assert isinstance(reply, ErrorReply)
+            err = error_from_wire(reply)
+            if not await self.may_retry_busy(err, attempt, retries, deadline):
+                raise err
+        raise AssertionError("unreachable")
+
+    async def _failover(
+        self,
+        found: list[Candidate],
+        request: ChatRequest,
+        deadline: float,
+        attempt_timeout: float | None,
+        hedge_after: float | None,
+    ) -> ChatResponse:
+        loop = asyncio.get_running_loop()
+        queue = iter(found)
+        running: dict[asyncio.Task[ChatResponse], Candidate] = {}
+        errors: list[LloomError] = []
+
+        async def attempt(cand: Candidate) -> ChatResponse:
+            started = loop.time()
+            end = min(deadline, started + attempt_timeout) if attempt_timeout else deadline
+            job = msgspec.structs.replace(request, model=cand.model)
+            reply = await self._complete_on((cand.model, cand.executor_id), job, end, 0)
+            self.latencies.record(cand.key, cand.model, (loop.time() - started) * 1000)
+            return reply
+
+        def launch() -> None:
+            cand = next(queue, None)
+            if cand is not None and loop.time() < deadline:
+                running[asyncio.create_task(attempt(cand))] = cand
+
+        launch()
+        try:
+            while running:
+                hedge = hedge_after if hedge_after is not None and len(running) == 1 else None
+                done, _ = await asyncio.wait(running, timeout=hedge, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    launch()  # the first is slow: ask a second executor too
+                    continue
+                for task in done:
+                    running.pop(task)
+                    err = task.exception()
+                    if err is None:
+                        return task.result()
+                    if not isinstance(err, LloomError) or not fails_over(err):
+                        raise err
+                    errors.append(err)
+                if not running:
+                    launch()
+        finally:
+            for task in running:
+                task.cancel()  # the loser of a hedge: its cancel reaches the executor
+            await asyncio.gather(*running, return_exceptions=True)
+        if errors:
+            raise errors[-1]
+        raise DeadlineExceeded("the deadline passed before any executor could be tried")
+
+    # -- wire plumbing shared with ChatStream --
+
+    async def publish_job(self, target: Target, payload: bytes, job_id: str, deadline: float) -> None:
+        model, executor = target
         remaining_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
         if remaining_ms <= 0:
             raise DeadlineExceeded("deadline passed before the job could be sent", job_id=job_id)
@@ -181,19 +284,26 @@ class LloomClient:
         subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
         await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)
 
-    async def _wait(self, fut: asyncio.Future[bytes], deadline: float, job_id: str, budget: float, model: str) -> bytes:
+    def register(self, job_id: str, waiter: Waiter) -> None:
+        self._pending[job_id] = waiter
+
+    def unregister(self, job_id: str) -> None:
+        self._pending.pop(job_id, None)
+
+    async def _wait(self, fut: asyncio.Future[bytes], deadline: float, job_id: str, target: Target) -> bytes:
         try:
             async with asyncio.timeout_at(deadline):
                 return await fut
         except TimeoutError:
             await self.cancel(job_id)
-            raise DeadlineExceeded(f"no reply for model {model!r} within {budget:g}s", job_id=job_id) from None
+            where = f" on executor {target[1]}" if target[1] else ""
+            raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time", job_id=job_id) from None
         except asyncio.CancelledError:
             await asyncio.shield(self.cancel(job_id))
             raise
 
-    async def _may_retry(self, err: LloomError, attempt: int, deadline: float) -> bool:
-        if not isinstance(err, ExecutorBusy) or attempt >= self.busy_retries:
+    async def may_retry_busy(self, err: LloomError, attempt: int, retries: int, deadline: float) -> bool:
+        if not isinstance(err, ExecutorBusy) or attempt >= retries:
             return False
         # Jittered, short and capped: the queue group picks another member at random.
         delay = min(0.25, random.uniform(0.005, 0.02) * (2**attempt))
@@ -201,11 +311,6 @@ class LloomClient:
             return False
         await asyncio.sleep(delay)
         return True
-
-    def _no_responders(self, model: str, executor: str | None) -> NoExecutors:
-        if executor:
-            return NoExecutors(f"executor {executor!r} is not on the network")
-        return NoExecutors(f"no executor on the network serves model {model!r}")
 
     async def _dispatch(self, msg: Msg) -> None:
         token = msg.subject[self._prefix_len :]
@@ -218,7 +323,7 @@ class LloomClient:
                 return
             if headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
                 if waiter is not None:
-                    _fail(waiter, NoExecutors("no responders"))
+                    fail(waiter, NoExecutors("no responders"))
                 return
         if waiter is None:
             return  # a late reply for a job its caller gave up on
@@ -228,119 +333,12 @@ class LloomClient:
             waiter.set_result(msg.data)
 
 
-class ChatStream:
-    """One streamed job: an async iterator of `StreamChunk`s and an async context manager.
-
-    Leaving the `async with` block (or `aclose()`) before the end cancels the job
-    at the executor. After a complete iteration, `end` holds the final message.
-    """
-
-    def __init__(self, client: LloomClient, request: ChatRequest, budget: float, executor: str | None) -> None:
-        self._client = client
-        self._request = request
-        self._budget = budget
-        self._executor = executor
-        self.job_id = client.new_job_id()
-        self.end: StreamEnd | None = None
-        self._queue: asyncio.Queue[bytes | LloomError] = asyncio.Queue()
-        self._started = False
-        self._finished = False
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        if self._started and not self._finished:
-            self._finished = True
-            self._client._pending.pop(self.job_id, None)
-            await self._client.cancel(self.job_id)
-
-    def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[StreamChunk]:
-        if self._started:
-            raise RuntimeError("a ChatStream can be iterated once")
-        self._started = True
-        client = self._client
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._budget
-        payload = encoder.encode(self._request)
-        client._pending[self.job_id] = self._queue
-        try:
-            attempt = 0
-            await client._publish(self._request.model, self._executor, payload, self.job_id, deadline)
-            expected_seq = 0
-            while True:
-                item = await self._next(deadline)
-                if isinstance(item, LloomError):
-                    if isinstance(item, NoExecutors):
-                        raise client._no_responders(self._request.model, self._executor)
-                    raise item
-                if not item:
-                    raise StreamInterrupted("stream ended without a final message", job_id=self.job_id)
-                msg = _decode(stream_reply_decoder, item)
-                if type(msg) is StreamChunk:
-                    if msg.seq != expected_seq:
-                        raise StreamInterrupted(
-                            f"lost stream messages: expected chunk {expected_seq}, got {msg.seq}"
-                            " (is this reader too slow for the stream?)",
-                            job_id=self.job_id,
-                        )
-                    expected_seq += 1
-                    yield msg
-                elif type(msg) is StreamEnd:
-                    self.end = msg
-                    self._finished = True
-                    return
-                else:
-                    assert isinstance(msg, ErrorReply)
-                    err = error_from_wire(msg)
-                    if expected_seq == 0 and await client._may_retry(err, attempt, deadline):
-                        attempt += 1
-                        client._pending.pop(self.job_id, None)
-                        self.job_id = client.new_job_id()
-                        self._queue = asyncio.Queue()  # the old attempt's sentinel may be queued already
-                        client._pending[self.job_id] = self._queue
-                        await client._publish(self._request.model, self._executor, payload, self.job_id, deadline)
-                        continue
-                    self._finished = True
-                    raise err
-        except asyncio.CancelledError:
-            await asyncio.shield(self.aclose())
-            raise
-        finally:
-            if not self._finished:
-                await self.aclose()
-            client._pending.pop(self.job_id, None)
-
-    async def _next(self, deadline: float) -> bytes | LloomError:
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self._queue.get()
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"stream for model {self._request.model!r} did not finish within {self._budget:g}s", job_id=self.job_id
-            ) from None
+def _describe(route: ModelRequest) -> str:
+    if isinstance(route, Specific):
+        return f"model {route.model!r}"
+    return f"a model for {msgspec.json.encode(route).decode()}"
 
 
 async def _report_nats_error(e: Exception) -> None:
     # A library must not print; applications see this through stdlib logging.
     logging.getLogger("protocol.client").warning("nats: %s", e or type(e).__name__)
-
-
-def _fail(waiter: _Waiter, err: LloomError) -> None:
-    if isinstance(waiter, asyncio.Queue):
-        waiter.put_nowait(err)
-    elif not waiter.done():
-        waiter.set_exception(err)
-
-
-def _decode(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore[no-untyped-def]
-    try:
-        return decoder.decode(data)
-    except msgspec.DecodeError as e:
-        raise InternalError(f"malformed reply from executor: {e}") from e

@@ -104,3 +104,13 @@ def cancel_subject(job_id: str) -> str:
 
 
 CANCEL_ALL = f"{PREFIX}.cancel.*"
+
+# Signed announcements and heartbeats of every executor (see protocol/announcements.py).
+CATALOG_ANNOUNCE = f"{PREFIX}.catalog.announce"
+# A request every executor answers with its current announcement.
+CATALOG_QUERY = f"{PREFIX}.catalog.query"
+
+
+def info_subject(executor_id: str) -> str:
+    """Where one executor answers with its current announcement."""
+    return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.info"

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import msgspec
 
+from protocol.announcements import Announcement, Heartbeat
 from protocol.messages import ChatRequest, ChatResponse, ErrorReply, StreamChunk, StreamEnd
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "wire-schema.json"
-MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply)
+MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, Announcement, Heartbeat)
 
 
 def render() -> bytes:

@@ -29,6 +29,7 @@ from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.presets import PRESETS, Preset
 from executor.config import DEFAULT_CONFIG_TOML, LlmClientConfig
 from executor.embedded_nats import EmbeddedNats, free_port
+from protocol.catalog import Catalog
 from protocol.client import LloomClient
 from protocol.errors import BackendUnavailable
 from tests.conftest import MODEL
@@ -547,3 +548,60 @@ async def test_auto_backend_with_nothing_running_names_every_url_tried(http: aio
     for url in urls:
         assert url in caught.value.message
     assert backend.resolved is None
+
+
+# -- the catalogue, as processes see it ------------------------------------------
+
+
+async def test_killed_executor_leaves_the_catalogue_after_missed_heartbeats_and_lloom_models_lists_the_live_ones(
+    start_executor: StartExecutor, nats_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
+) -> None:
+    heartbeat = 0.2
+    cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)
+    cfg.write_text(
+        cfg.read_text() + f"heartbeat_interval_secs = {heartbeat}\n\n"
+        '[[models]]\nname = "double-model"\ninput_price = "0.15"\noutput_price = "0.60"\ncategory = "fast"\n'
+    )
+    executor = await start_executor("--config", str(cfg), "--nats", nats_server.url)
+    await executor.started()
+
+    listing = await run(LLOOM, "--nats", nats_server.url, "models", env=env)
+    assert listing.returncode == 0, listing.stderr
+    row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("double-model"))
+    assert row[2:7] == ["openai_compatible", "0.15", "0.60", "?", "fast"]
+    as_json = await run(LLOOM, "--nats", nats_server.url, "models", "--json", env=env)
+    [entry] = json.loads(as_json.stdout)
+    assert {m["name"] for m in entry["models"]} == set(double.models)
+
+    nc = await nats.connect(nats_server.url)
+    catalog = Catalog(nc)
+    await catalog.start()
+    assert len(catalog.entries()) == 1
+    executor.proc.kill()
+    loop = asyncio.get_running_loop()
+    killed_at = loop.time()
+    while catalog.entries():
+        await catalog.wait_changed(timeout=heartbeat)  # expiry is noticed on read: look every period
+        assert loop.time() - killed_at < 3 * heartbeat + 1.0, "a killed executor stayed in the catalogue"
+    gone_after = loop.time() - killed_at
+    # Not before it missed heartbeats (no goodbye was sent), and within three of them (plus one read).
+    assert 2 * heartbeat <= gone_after <= 4 * heartbeat + 0.2
+    await catalog.stop()
+    await nc.close()
+
+
+async def test_graceful_stop_says_goodbye_before_draining(
+    start_executor: StartExecutor, nats_server: EmbeddedNats, config: Path
+) -> None:
+    executor = await start_executor("--config", str(config), "--nats", nats_server.url)
+    await executor.started()
+    nc = await nats.connect(nats_server.url)
+    catalog = Catalog(nc)
+    await catalog.start()
+    assert len(catalog.entries()) == 1
+    executor.proc.send_signal(signal.SIGTERM)
+    assert await catalog.wait_changed(timeout=WAIT_S)
+    assert catalog.entries() == []
+    assert await executor.exit_code() == 0
+    await catalog.stop()
+    await nc.close()
