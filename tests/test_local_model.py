@@ -1,0 +1,285 @@
+"""Real inference through the whole path: client -> NATS -> executor -> llama-server -> Gemma 3 270M.
+
+The `real_inference` tier. It needs the `local` extra (the model) and a built
+`llama-server` (`lloom-executor setup-local`); without them it skips, naming
+the command, except in CI (`CI=true`), where a missing binary is a failure.
+The model is a base model whose text means nothing, so these tests assert
+shapes, token accounting and behaviour, never content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+
+from executor.backends import llama_build
+from executor.backends.autodetect import AutoDetectBackend
+from executor.backends.local import LocalBackend, check_local
+from executor.backends.local import from_config as local_backend
+from executor.backends.presets import Preset
+from executor.config import ConfigError, LlmClientConfig, NodeConfig
+from executor.embedded_nats import EmbeddedNats, free_port
+from executor.node import ExecutorNode
+from protocol.client import LloomClient
+from protocol.errors import BackendUnavailable, InvalidRequest, StreamInterrupted
+from protocol.messages import ChatRequest, FinishReason, Message, Role
+from tests.test_daemon import LLOOM, Executor, StartExecutor, children, is_running, run, start_executor, within
+
+__all__ = ["start_executor"]  # the process tests' fixture, here with this module's `env`
+
+pytestmark = pytest.mark.real_inference
+
+MODEL = llama_build.DEFAULT_MODEL_NAME
+CONTEXT = 2048  # small, so a prompt over it is cheap to build and to refuse
+START_S = 60.0  # bound on a model server start (about 1 s here)
+
+
+def _require_local_backend() -> None:
+    try:
+        check_local(LlmClientConfig(backend="local"))
+    except ConfigError as e:
+        reason = f"real-inference tier needs the local backend: {e}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # CI must run this tier, never skip it silently
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def local_setup() -> None:
+    _require_local_backend()
+    llama_build.default_model_path()  # assemble the model once, outside any timed wait
+
+
+def ask(text: str = "The capital of France is", **kw: object) -> ChatRequest:
+    return ChatRequest(model=MODEL, messages=[Message(Role.USER, text)], **kw)  # type: ignore[arg-type]
+
+
+def local_config(**kw: object) -> LlmClientConfig:
+    return LlmClientConfig(backend="local", context_length=CONTEXT, threads=1, timeout_secs=60, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def local(http: aiohttp.ClientSession, local_setup: None) -> AsyncIterator[LocalBackend]:
+    backend = local_backend(local_config(), http)
+    yield backend
+    await backend.aclose()
+
+
+@pytest.fixture
+async def served(nats_server: EmbeddedNats, local: LocalBackend) -> AsyncIterator[tuple[ExecutorNode, LloomClient]]:
+    """A node on the local backend (its model server started) and a client, both on a real nats-server."""
+    conn = await nats.connect(nats_server.url)
+    node = ExecutorNode(conn, local, NodeConfig())
+    await within(node.start(), "the node started its model server", START_S)
+    async with await LloomClient.connect(nats_server.url, timeout=60) as client:
+        yield node, client
+    await node.stop(drain_timeout=1)
+    await conn.close()
+
+
+# -- answers ---------------------------------------------------------------------
+
+
+async def test_node_serves_the_bundled_model_under_its_name_with_the_real_context_length(
+    served: tuple[ExecutorNode, LloomClient], local: LocalBackend
+) -> None:
+    node, _ = served
+
+    [model] = await local.list_models()
+
+    assert node.models == {MODEL}
+    assert model.id == MODEL and model.context_length == CONTEXT
+
+
+async def test_completion_returns_generated_text_and_the_servers_token_usage(
+    served: tuple[ExecutorNode, LloomClient],
+) -> None:
+    _, client = served
+
+    reply = await client.complete(ask(max_tokens=8, temperature=0))
+
+    assert reply.model == MODEL
+    assert isinstance(reply.content, str) and reply.content
+    assert reply.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    usage = reply.usage
+    assert not usage.estimated
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_stream_delivers_the_tokens_its_final_usage_counts(served: tuple[ExecutorNode, LloomClient]) -> None:
+    _, client = served
+    request = ask(max_tokens=16, temperature=0)
+
+    async with client.stream(request) as stream:
+        chunks = [chunk async for chunk in stream]
+    unary = await client.complete(request)
+
+    end = stream.end
+    assert end is not None and not end.usage.estimated
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    # llama-server sends one event per generated token (text held back only
+    # while a UTF-8 character is incomplete), and counts them in the final usage.
+    assert 0 < len(chunks) <= end.usage.completion_tokens <= 16
+    if end.finish_reason is FinishReason.LENGTH:
+        assert end.usage.completion_tokens == 16
+    # The same greedy request, unary: the same prompt count and the same text.
+    assert end.usage.prompt_tokens == unary.usage.prompt_tokens
+    assert "".join(c.delta for c in chunks) == unary.content
+
+
+async def test_prompt_over_the_context_length_is_refused_before_any_generation(
+    served: tuple[ExecutorNode, LloomClient],
+) -> None:
+    _, client = served
+    too_long = ask("hello " * (CONTEXT + 500), max_tokens=8)
+
+    with pytest.raises(InvalidRequest) as unary:
+        await client.complete(too_long)
+    received: list[str] = []
+    with pytest.raises(InvalidRequest) as streamed:
+        async with client.stream(too_long) as stream:
+            async for chunk in stream:
+                received.append(chunk.delta)
+
+    assert received == []
+    for caught in (unary, streamed):
+        assert "context" in caught.value.message
+    assert (await client.complete(ask(max_tokens=2))).usage.completion_tokens > 0  # the server is fine
+
+
+# -- the model server crashes ------------------------------------------------------
+
+
+async def test_model_server_killed_mid_stream_fails_the_stream_typed_and_is_restarted(
+    served: tuple[ExecutorNode, LloomClient], local: LocalBackend
+) -> None:
+    _, client = served
+    first_pid = local.server_pid
+    assert first_pid is not None
+
+    with pytest.raises(StreamInterrupted):
+        async with client.stream(ask("Once upon a time", max_tokens=1000)) as stream:
+            async for _chunk in stream:
+                if local.server_pid == first_pid:
+                    os.kill(first_pid, signal.SIGKILL)
+
+    # Meanwhile jobs get a typed, retryable error; then the restarted server answers.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_S
+    unavailable: list[BackendUnavailable] = []
+    while True:
+        try:
+            reply = await client.complete(ask(max_tokens=4))
+            break
+        except BackendUnavailable as e:
+            unavailable.append(e)
+            assert loop.time() < deadline, f"the model server was not back within {START_S}s: {e.message}"
+            await asyncio.sleep(0.1)
+    assert reply.usage.completion_tokens > 0
+    assert local.restarts == 1 and local.server_pid not in (None, first_pid)
+    assert not is_running(first_pid)
+    assert all("restart" in e.message for e in unavailable)
+
+
+# -- auto falls back to the local backend --------------------------------------------
+
+
+async def test_auto_with_no_local_server_running_serves_the_bundled_model(
+    http: aiohttp.ClientSession, local_setup: None
+) -> None:
+    dead = Preset(name="lmstudio", base_url=f"http://127.0.0.1:{free_port()}/v1", start_hint="")
+    backend = AutoDetectBackend(http, local_config(), presets=[dead], local_fallback=True)
+    try:
+        models = await within(backend.list_models(), "auto started the local model server", START_S)
+        reply = await backend.complete(ask(max_tokens=2))
+    finally:
+        await backend.aclose()
+
+    assert [m.id for m in models] == [MODEL]
+    assert isinstance(backend.resolved, LocalBackend)
+    assert reply.usage.completion_tokens > 0
+
+
+# -- the executor process owns its model server ----------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path, local_setup: None) -> dict[str, str]:
+    """The process tests' clean environment (see test_daemon), with the real cache: binary and model."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLOOM_")}
+    clean.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    clean["LLOOM_CACHE_DIR"] = str(llama_build.cache_dir())
+    return clean
+
+
+async def start_local(start_executor: StartExecutor, tmp_path: Path) -> tuple[Executor, str, int]:
+    """An executor with `backend = "local"`, its NATS URL, and its llama-server's pid."""
+    config = tmp_path / "executor.toml"
+    config.write_text(
+        f'[llm_client]\nbackend = "local"\ncontext_length = {CONTEXT}\nthreads = 1\n\n'
+        f"[node]\nembedded_nats_port = {free_port()}\n"
+    )
+    executor = await start_executor("--config", str(config))
+    url = await executor.started()
+    [server] = [p for p in children(executor.proc.pid) if b"llama-server" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return executor, url, server
+
+
+async def gone(pid: int, timeout: float = 10.0) -> bool:
+    # No event exists for another process's death: poll /proc briefly, bounded.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while is_running(pid) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    return not is_running(pid)
+
+
+async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
+    start_executor: StartExecutor, tmp_path: Path, env: dict[str, str]
+) -> None:
+    executor, url, server = await start_local(start_executor, tmp_path)
+
+    plain = await run(LLOOM, "--nats", url, "complete", "--model", MODEL, "--max-tokens", "8", "hello",
+                      env=env, timeout=60)  # fmt: skip
+    streamed = await run(LLOOM, "--nats", url, "complete", "--model", MODEL, "--stream", "--max-tokens", "8", "hello",
+                         env=env, timeout=60)  # fmt: skip
+    executor.proc.send_signal(signal.SIGTERM)
+
+    for result in (plain, streamed):
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip()
+        assert MODEL in result.stderr
+    assert await executor.exit_code(timeout=30) == 0
+    assert await gone(server), f"llama-server {server} outlived its executor's SIGTERM"
+
+
+async def test_sigkill_of_the_executor_leaves_no_model_server_behind(
+    start_executor: StartExecutor, tmp_path: Path
+) -> None:
+    executor, _, server = await start_local(start_executor, tmp_path)
+
+    executor.proc.kill()
+    await executor.exit_code()
+
+    assert await gone(server), f"llama-server {server} outlived its SIGKILLed executor"
+
+
+async def test_local_backend_without_a_built_server_says_what_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLOOM_CACHE_DIR", str(tmp_path))
+
+    with pytest.raises(ConfigError) as caught:
+        check_local(LlmClientConfig(backend="local"))
+
+    assert llama_build.SETUP_COMMAND in str(caught.value)
+    assert str(tmp_path) in str(caught.value)
+
