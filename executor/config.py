@@ -105,11 +105,39 @@ class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     format: Literal["auto", "console", "json"] = "auto"
 
 
+class TokensConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How tokens are counted locally (executor/tokens.py) to check what a backend reports."""
+
+    # tiktoken encoding files (<encoding>.tiktoken); default ${LLOOM_CACHE_DIR:-~/.cache/lloom}/tiktoken,
+    # where `lloom-executor setup-tokenizers` writes them. Never downloaded at run time.
+    encodings_dir: str | None = None
+    # Model-name glob (case-insensitive) -> a Hugging Face tokenizer.json, a SentencePiece
+    # .model, or "tiktoken:<encoding>"; the first match wins, before tiktoken's own mapping.
+    tokenizers: dict[str, str] = {}
+    # Reported and counted tokens differing by more than this fraction (and 8 tokens) mismatch.
+    mismatch_tolerance: Annotated[float, Meta(ge=0, le=10)] = 0.1
+    # Count locally to check reported usage: "always", "never", or the fraction of jobs to sample.
+    verify: Literal["always", "never"] | Annotated[float, Meta(ge=0, le=1)] = "always"
+
+
+class ReceiptsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    # Where receipts wait until JetStream acknowledges them.
+    # Default: $XDG_DATA_HOME/lloom/receipts/<executor id> (~/.local/share/...).
+    outbox_dir: str | None = None
+    # The JetStream de-duplication window: a receipt re-sent within it is stored once.
+    duplicate_window_secs: Annotated[float, Meta(gt=0, le=7 * 86_400)] = 7200.0
+    # How often written receipts are fsynced (they survive a killed process at once).
+    sync_interval_secs: Annotated[float, Meta(gt=0, le=60)] = 0.2
+
+
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
     llm_client: LlmClientConfig = LlmClientConfig()
     logging: LoggingConfig = LoggingConfig()
     models: list[ModelConfig] = []
+    receipts: ReceiptsConfig = ReceiptsConfig()
+    tokens: TokensConfig = TokensConfig()
 
 
 def default_config_path() -> Path:
@@ -237,6 +265,29 @@ max_connections = 100
 # category = "quality"       # fast | balanced | quality (default: fast if >= 50 tokens/s measured)
 # features = ["chat", "stream"]
 # context_length = 128000    # default: what the backend reports
+
+[tokens]
+# Tokens are counted locally to check the usage a backend reports (a mismatch is logged,
+# counted and put in the receipt). tiktoken encoding files live here (default:
+# ${LLOOM_CACHE_DIR:-~/.cache/lloom}/tiktoken); `lloom-executor setup-tokenizers` installs
+# them once. Without them, OpenAI models' tokens are estimated (and the receipt says so).
+# encodings_dir = "/var/lib/lloom/tiktoken"
+# Models that are not OpenAI's: a model-name glob -> a Hugging Face tokenizer.json (needs
+# the `tokenizers` extra), a SentencePiece .model (needs `sentencepiece`), or
+# "tiktoken:<encoding>". The first match wins; other models are estimated.
+# tokenizers = { "llama-3*" = "/models/llama-3/tokenizer.json", "my-azure-gpt4" = "tiktoken:cl100k_base" }
+# Reported and counted tokens differing by more than this fraction (and 8 tokens) mismatch.
+mismatch_tolerance = 0.1
+# "always", "never", or the fraction of jobs to check (e.g. 0.05), chosen by job id.
+verify = "always"
+
+[receipts]
+# Every job's signed usage receipt goes to the JetStream stream LLOOM_RECEIPTS, through
+# an on-disk outbox that keeps it until the stream acknowledges it.
+enabled = true
+# outbox_dir = "~/.local/share/lloom/receipts/<executor id>"   (the default)
+duplicate_window_secs = 7200
+sync_interval_secs = 0.2
 
 [logging]
 level = "info"          # debug | info | warning | error
