@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import structlog
+from nats.aio.client import Client as NATS
 
 from executor.announcer import Announcer
 from executor.backends.autodetect import AutoDetectBackend
@@ -25,10 +26,16 @@ from executor.backends.registry import create_backend
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.node import ExecutorNode
+from executor.outbox import Outbox
+from executor.receipt_publisher import ReceiptPublisher
+from executor.receipts import ReceiptIssuer
+from executor.tokens import TokenCounter
+from protocol.announcements import Pricing
 from protocol.connection import close_nats, connect_nats
 from protocol.identity import Identity
 
 log = structlog.get_logger(logger_name=__name__)
+FREE = Pricing()
 
 
 def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
@@ -37,7 +44,7 @@ def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=config.llm_client.timeout_secs))
 
 
-async def start_embedded_nats(config: ExecutorConfig) -> EmbeddedNats:
+async def start_embedded_nats(config: ExecutorConfig, *, jetstream: bool = False) -> EmbeddedNats:
     port = config.node.embedded_nats_port
     if port and not port_is_free("127.0.0.1", port):
         chosen = free_port()
@@ -46,7 +53,9 @@ async def start_embedded_nats(config: ExecutorConfig) -> EmbeddedNats:
             hint="is another executor or nats-server running? set [node] nats_url to join it instead",
         )  # fmt: skip
         port = chosen
-    server = EmbeddedNats(port=port)
+    # JetStream keeps the receipts; its data outlives the process, like the outbox.
+    store = data_home() / "nats" if jetstream else None
+    server = EmbeddedNats(port=port, jetstream=jetstream, store_dir=str(store) if store else None)
     await server.start()
     return server
 
@@ -71,7 +80,7 @@ async def serve(
         async with AsyncExitStack() as stack:
             url = config.node.nats_url
             if not url:
-                server = await start_embedded_nats(config)
+                server = await start_embedded_nats(config, jetstream=config.receipts.enabled)
                 stack.push_async_callback(server.stop)
                 url = server.url
                 log.info("embedded NATS server listening", url=url, clients=f"lloom --nats {url} complete ...")
@@ -82,12 +91,16 @@ async def serve(
             backend = create_backend(config.llm_client, session)
             stack.push_async_callback(backend.aclose)
             node = ExecutorNode(nc, backend, config.node, models=config.llm_client.models)
+            identity = load_identity(config, node.id)
+            if config.receipts.enabled:
+                publisher = await start_receipts(config, nc, node, identity)
+                stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
             await node.start()
             stack.push_async_callback(node.stop)
             announcer = Announcer(
                 nc,
                 node,
-                load_identity(config, node.id),
+                identity,
                 models=config.models,
                 heartbeat_interval=config.node.heartbeat_interval_secs,
             )
@@ -105,13 +118,48 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
+def data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lloom"
+
+
+async def start_receipts(config: ExecutorConfig, nc: NATS, node: ExecutorNode, identity: Identity) -> ReceiptPublisher:
+    """Give the node a receipt issuer whose outbox a background publisher drains into JetStream."""
+    rc = config.receipts
+    directory = Path(rc.outbox_dir).expanduser() if rc.outbox_dir else data_home() / "receipts" / node.id
+    outbox = Outbox(directory)
+    publisher = ReceiptPublisher(
+        nc, outbox, duplicate_window_s=rc.duplicate_window_secs, sync_interval_s=rc.sync_interval_secs
+    )
+    prices = {m.name: Pricing(input=m.input_price, output=m.output_price) for m in config.models}
+    counter = TokenCounter(config.tokens)
+
+    def warm_tokenizers() -> None:
+        # Building an encoding takes up to ~0.4 s: pay it when a model appears, not in its first job.
+        for model in node.models:
+            counter.method_for(model)
+
+    node.on_models_changed.append(warm_tokenizers)
+    node.receipts = ReceiptIssuer(
+        identity,
+        node.id,
+        outbox,
+        pricing=lambda model: prices.get(model, FREE),
+        on_issue=publisher.notify,
+        counter=counter,
+        mismatch_tolerance=config.tokens.mismatch_tolerance,
+    )
+    await publisher.start()
+    if outbox.pending:
+        log.info("publishing receipts left by an earlier run", pending=len(outbox.pending), outbox=str(directory))
+    return publisher
+
+
 def load_identity(config: ExecutorConfig, executor_id: str) -> Identity:
     """The configured key file, a per-id file when the id is stable, else a key for this run only."""
     if config.node.identity_file:
         path = Path(config.node.identity_file).expanduser()
     elif config.node.id:
-        data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-        path = data_home / "lloom" / f"{executor_id}.nk"
+        path = data_home() / f"{executor_id}.nk"
     else:
         return Identity.generate()
     identity = Identity.load_or_create(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -107,10 +108,14 @@ class EmbeddedNats:
             self.port = free_port(self.host)
         args = [find_nats_server(), "-a", self.host, "-p", str(self.port)]
         if self.jetstream:
+            self._tmp = tempfile.TemporaryDirectory(prefix="lloom-nats-")
             if self.store_dir is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="lloom-nats-")
                 self.store_dir = self._tmp.name
-            args += ["-js", "-sd", self.store_dir]
+            # fsync every write: a PubAck for a receipt must mean it is on disk
+            # (Jepsen lost acknowledged writes with the default interval).
+            conf = Path(self._tmp.name) / "jetstream.conf"
+            conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(self.store_dir)}\n  sync_interval: always\n}}\n")
+            args += ["-c", str(conf)]
         args += self.extra_args
         self._proc = await asyncio.create_subprocess_exec(
             *args,

@@ -9,7 +9,10 @@ gets exactly one terminal message: a `ChatResponse`, a `StreamEnd`, or an
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
+
+import msgspec
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -26,7 +29,8 @@ from protocol.errors import (
     ResponseTooLarge,
     StreamInterrupted,
 )
-from protocol.messages import ChatRequest, ChatResponse, StreamChunk, StreamEnd, encoder, error_to_wire
+from protocol.messages import ChatRequest, ChatResponse, StreamChunk, StreamEnd, Usage, encoder, error_to_wire
+from protocol.receipts import Outcome, SignedReceipt
 
 if TYPE_CHECKING:
     from executor.node import ExecutorNode
@@ -39,11 +43,20 @@ _SENTINEL = b""
 class Job:
     __slots__ = (
         "id", "request", "reply", "deadline", "started", "liveness", "missed_pings", "cancel_reason",
-        "task", "_node", "_ttft", "_completion_tokens",
+        "task", "_node", "_ttft", "_completion_tokens", "_payload", "_client", "_started_ms", "_parts",
     )  # fmt: skip
 
     def __init__(
-        self, node: ExecutorNode, job_id: str, request: ChatRequest, reply: str, deadline: float, *, liveness: bool
+        self,
+        node: ExecutorNode,
+        job_id: str,
+        request: ChatRequest,
+        reply: str,
+        deadline: float,
+        *,
+        liveness: bool,
+        payload: bytes = b"",
+        client: str | None = None,
     ) -> None:
         self._node = node
         self.id = job_id
@@ -51,6 +64,10 @@ class Job:
         self.reply = reply
         self.deadline = deadline
         self.started = asyncio.get_running_loop().time()
+        self._started_ms = time.time_ns() // 1_000_000
+        self._payload = payload  # exactly as received: the receipt hashes it
+        self._client = client
+        self._parts: list[str] = []  # a stream's text so far, for its receipt
         self.liveness = liveness
         self.missed_pings = 0
         self.cancel_reason: LloomError | None = None
@@ -102,7 +119,14 @@ class Job:
             node.perf.record(self.request.model, ok=False, seconds=elapsed)
         if not isinstance(err, Cancelled):
             log.info("job error", job_id=self.id, model=self.request.model, code=err.code.value, error=err.message)
-        await self._send_error(err)
+        receipt = None
+        if self._parts:  # a stream that ended early is billed for what it produced
+            outcome: Outcome = "cancelled" if isinstance(err, (Cancelled, DeadlineExceeded)) else "failed"
+            try:
+                receipt = await self._receipt(outcome, None, self.request.model, None, "".join(self._parts))
+            except Exception:
+                log.exception("receipt for an interrupted stream failed", job_id=self.id)
+        await send_error(node, self.reply, err, job_id=self.id, stream=self.request.stream, receipt=receipt)
 
     def _check(self) -> None:
         node = self._node
@@ -116,8 +140,29 @@ class Job:
                 f"max_tokens={request.max_tokens} is over this executor's limit of {node.config.max_tokens_cap}"
             )
 
+    async def _receipt(
+        self, outcome: Outcome, finish_reason: str | None, model: str, usage: Usage | None, text: str
+    ) -> SignedReceipt | None:
+        node = self._node
+        if node.receipts is None:
+            return None
+        return await node.receipts.issue(
+            job_id=self.id,
+            client=self._client,
+            model=model,
+            backend=node.backend_kind,
+            outcome=outcome,
+            finish_reason=finish_reason,
+            usage=node.receipts.usage(self.id, self.request, usage, text, len(self._parts)),
+            started_at_ms=self._started_ms,
+            ttft_ms=None if self._ttft is None else int(self._ttft * 1000),
+            request=self._payload,
+            response_text=text,
+        )
+
     async def _run_unary(self, backend: Backend, nc: NATS) -> None:
         result = await backend.complete(self.request)
+        receipt = await self._receipt("completed", result.finish_reason.value, result.model, result.usage, result.content)
         payload = encoder.encode(
             ChatResponse(
                 job_id=self.id,
@@ -126,6 +171,7 @@ class Job:
                 content=result.content,
                 finish_reason=result.finish_reason,
                 usage=result.usage,
+                receipt=receipt,
             )
         )
         if len(payload) > nc.max_payload:
@@ -144,6 +190,7 @@ class Job:
             async for event in events:
                 if type(event) is Delta:
                     await nc.publish(self.reply, encoder.encode(StreamChunk(seq, event.text)))
+                    self._parts.append(event.text)
                     if seq == 0:
                         self._ttft = asyncio.get_running_loop().time() - self.started
                         # nats.py writes from its flusher task; let it run now, or the
@@ -157,6 +204,9 @@ class Job:
             await events.aclose()  # type: ignore[attr-defined]
         if finish is None:
             raise StreamInterrupted(f"{backend.name} ended the stream without a final event")
+        text = "".join(self._parts)
+        self._parts = []  # billed below in full; an error after this point is not "early"
+        receipt = await self._receipt("completed", finish.finish_reason.value, finish.model, finish.usage, text)
         end = StreamEnd(
             job_id=self.id,
             executor_id=self._node.id,
@@ -164,18 +214,28 @@ class Job:
             finish_reason=finish.finish_reason,
             usage=finish.usage,
             chunks=seq,
+            receipt=receipt,
         )
         await nc.publish(self.reply, encoder.encode(end))
         await nc.publish(self.reply, _SENTINEL)
         self._completion_tokens = finish.usage.completion_tokens
 
-    async def _send_error(self, err: LloomError) -> None:
-        await send_error(self._node, self.reply, err, job_id=self.id, stream=self.request.stream)
 
 
-async def send_error(node: ExecutorNode, reply: str, err: LloomError, *, job_id: str | None, stream: bool) -> None:
+async def send_error(
+    node: ExecutorNode,
+    reply: str,
+    err: LloomError,
+    *,
+    job_id: str | None,
+    stream: bool,
+    receipt: SignedReceipt | None = None,
+) -> None:
     """Answer `reply` with `err` (and close the stream); never raises, a failed reply is only logged."""
-    payload = encoder.encode(error_to_wire(err, job_id=job_id, executor_id=node.id))
+    wire = error_to_wire(err, job_id=job_id, executor_id=node.id)
+    if receipt is not None:
+        wire = msgspec.structs.replace(wire, receipt=receipt)
+    payload = encoder.encode(wire)
     headers = {
         subj.HDR_SERVICE_ERROR: err.message[:200].replace("\r", " ").replace("\n", " "),
         subj.HDR_SERVICE_ERROR_CODE: str(err.status),

@@ -36,6 +36,7 @@ from executor.backends.base import Backend, ModelInfo
 from executor.config import NodeConfig
 from executor.job import Job, send_error
 from executor.perf import PerfTracker
+from executor.receipts import ReceiptIssuer
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, request_decoder
@@ -102,6 +103,8 @@ class ExecutorNode:
         self.perf = PerfTracker()
         # Called (synchronously) whenever `models` changes; the announcer listens here.
         self.on_models_changed: list[Callable[[], None]] = []
+        # Set by whoever wires receipts (the daemon); without it jobs carry none.
+        self.receipts: ReceiptIssuer | None = None
         self.stats = NodeStats()
         self._refresh_error: str | None = None
         self.state = State.NEW
@@ -251,6 +254,8 @@ class ExecutorNode:
             reply,
             loop.time() + _timeout_s(headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs),
             liveness=subj.HDR_LIVENESS in headers,
+            payload=msg.data,
+            client=headers.get(subj.HDR_CLIENT),
         )
         self._jobs[job_id] = job
         self._idle.clear()

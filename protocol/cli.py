@@ -5,6 +5,7 @@
     lloom --nats nats://10.0.0.5:4222 complete --model gpt-4o --json "hi"
     lloom complete --route cheapest --min-context 8192 "hi"
     lloom models [--json] [--watch]
+    lloom receipts verify --stream        lloom receipts report --stream
 
 The text goes to stdout; a summary line (model, finish reason, token usage, the
 executor that served it) to stderr, so the text can be piped. Errors print
@@ -22,6 +23,7 @@ from decimal import Decimal
 
 import msgspec
 
+from protocol import receipts_cli
 from protocol.announcements import ModelCategory
 from protocol.catalog import ExecutorEntry
 from protocol.client import DEFAULT_URL, LloomClient
@@ -59,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--min-context", type=int, help="minimum context length")
     r.add_argument("--feature", action="append", default=[], help="a required feature (repeatable)")
     r.add_argument("--hedge-after", type=float, help="seconds before also asking a second executor")
+    receipts_cli.add_parser(sub)
     m = sub.add_parser("models", help="list the models the network serves, live")
     m.add_argument("--json", action="store_true", help="print the catalogue as JSON")
     m.add_argument("--watch", action="store_true", help="print it again on every change")
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_models(args))
         except KeyboardInterrupt:
             return 0
+    if args.command == "receipts":
+        return asyncio.run(_receipts(args))
     if args.route is None and args.model is None:
         print("lloom: complete needs --model, or --route to let the network choose one", file=sys.stderr)
         return 2
@@ -111,6 +116,16 @@ async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
         return 2
     async with client:
         return await _run_job(args, request, client)
+
+
+async def _receipts(args: argparse.Namespace) -> int:
+    if not args.stream:
+        return await receipts_cli.run(args, None)
+    client = await _connect(args.nats)
+    if client is None:
+        return 2
+    async with client:
+        return await receipts_cli.run(args, client.nc)
 
 
 def _routing(args: argparse.Namespace) -> dict[str, object]:

@@ -65,8 +65,12 @@ def _headers_size(headers: dict[str, str]) -> int:
 class LloomClient:
     """Sends jobs over an existing NATS connection (which it does not own unless made by `connect`)."""
 
-    def __init__(self, nc: NATS, *, timeout: float = DEFAULT_TIMEOUT_S, busy_retries: int = 3) -> None:
+    def __init__(
+        self, nc: NATS, *, timeout: float = DEFAULT_TIMEOUT_S, busy_retries: int = 3, client_id: str | None = None
+    ) -> None:
         self._nc = nc
+        # Recorded in executors' receipts, so usage can be reported per client.
+        self.client_id = client_id
         self.timeout = timeout
         self.busy_retries = busy_retries
         self.latencies = LatencyBook()
@@ -80,14 +84,19 @@ class LloomClient:
 
     @classmethod
     async def connect(
-        cls, servers: str | list[str] = DEFAULT_URL, *, timeout: float = DEFAULT_TIMEOUT_S, busy_retries: int = 3
+        cls,
+        servers: str | list[str] = DEFAULT_URL,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        busy_retries: int = 3,
+        client_id: str | None = None,
     ) -> LloomClient:
         """Connect to NATS and return a started client that closes the connection with itself.
 
         Raises `ConnectionError` naming the URL and the cause when no server answers.
         """
         nc = await connect_nats(servers, name="lloom-client", on_error=_report_nats_error)
-        client = cls(nc, timeout=timeout, busy_retries=busy_retries)
+        client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id)
         client._owns_nc = True
         await client.start()
         return client
@@ -115,6 +124,10 @@ class LloomClient:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
+
+    @property
+    def nc(self) -> NATS:
+        return self._nc
 
     def new_job_id(self) -> str:
         return self._nuid.next().decode()
@@ -275,6 +288,8 @@ class LloomClient:
         if remaining_ms <= 0:
             raise DeadlineExceeded("deadline passed before the job could be sent", job_id=job_id)
         headers = {subj.HDR_JOB_ID: job_id, subj.HDR_TIMEOUT_MS: str(remaining_ms), subj.HDR_LIVENESS: "1"}
+        if self.client_id:
+            headers[subj.HDR_CLIENT] = self.client_id
         size = len(payload) + _headers_size(headers)
         if size > self._nc.max_payload:
             # The server would close the whole connection for this; refuse it here instead.

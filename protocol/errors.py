@@ -77,6 +77,8 @@ class LloomError(Exception):
         # Where it happened, when it happened on an executor.
         self.job_id = job_id
         self.executor_id = executor_id
+        # A stream cut short still has a receipt for what it produced (a SignedReceipt).
+        self.receipt: object | None = None
 
 
 class InvalidRequest(LloomError):

@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from protocol.errors import ERROR_TYPES, ErrorCode, LloomError
+from protocol.receipts import SignedReceipt
 
 MAX_MODEL_NAME = 256
 # Far above any real model's output; a larger value is a bug or an attack.
@@ -67,7 +68,7 @@ class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     estimated: bool = False
 
 
-class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, tag="response", tag_field="type"):
+class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="response", tag_field="type"):
     """The normalized result of a unary job (the seed's `LlmResponse`)."""
 
     job_id: str
@@ -76,6 +77,7 @@ class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, tag="response", ta
     content: str
     finish_reason: FinishReason
     usage: Usage
+    receipt: SignedReceipt | None = None
 
 
 class StreamChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
@@ -85,7 +87,7 @@ class StreamChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
     delta: str
 
 
-class StreamEnd(msgspec.Struct, frozen=True, kw_only=True, tag="end", tag_field="type"):
+class StreamEnd(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="end", tag_field="type"):
     """The last data message of a stream."""
 
     job_id: str
@@ -94,6 +96,7 @@ class StreamEnd(msgspec.Struct, frozen=True, kw_only=True, tag="end", tag_field=
     finish_reason: FinishReason
     usage: Usage
     chunks: int
+    receipt: SignedReceipt | None = None
 
 
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="error", tag_field="type"):
@@ -105,6 +108,8 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, 
     available_models: list[str] | None = None
     job_id: str | None = None
     executor_id: str | None = None
+    # For a stream that ended early: the receipt for what was produced.
+    receipt: SignedReceipt | None = None
 
 
 UnaryReply = ChatResponse | ErrorReply
@@ -131,13 +136,15 @@ def error_to_wire(err: LloomError, *, job_id: str | None = None, executor_id: st
 def error_from_wire(reply: ErrorReply) -> LloomError:
     """The exception a caller sees for `reply`: the same type the executor raised."""
     code = ErrorCode(reply.code) if reply.code in _KNOWN_CODES else ErrorCode.INTERNAL
-    return ERROR_TYPES[code](
+    err = ERROR_TYPES[code](
         reply.message,
         retry_after_s=reply.retry_after_s,
         available_models=reply.available_models,
         job_id=reply.job_id,
         executor_id=reply.executor_id,
     )
+    err.receipt = reply.receipt
+    return err
 
 
 _KNOWN_CODES = frozenset(c.value for c in ErrorCode)

@@ -25,6 +25,8 @@ HDR_JOB_ID = "Lloom-Job-Id"
 # Milliseconds the caller will wait, counted from when the executor receives
 # the job: a relative budget, because peers' clocks need not agree.
 HDR_TIMEOUT_MS = "Lloom-Timeout-Ms"
+# Who the caller says it is (recorded in receipts; not authenticated by Lloom itself).
+HDR_CLIENT = "Lloom-Client"
 # Set by clients that answer liveness pings on their reply subject.
 HDR_LIVENESS = "Lloom-Liveness"
 # Sent by an executor to a reply subject to ask whether the caller still waits;

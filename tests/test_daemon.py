@@ -605,3 +605,50 @@ async def test_graceful_stop_says_goodbye_before_draining(
     assert await executor.exit_code() == 0
     await catalog.stop()
     await nc.close()
+
+
+# -- receipts survive a missing JetStream and a killed executor ---------------------
+
+
+async def test_receipts_survive_jetstream_down_and_executor_sigkill_then_publish_exactly_once(
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
+) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)
+    cfg.write_text(
+        cfg.read_text() + f'id = "durable-exec"\nidentity_file = "{tmp_path / "id.nk"}"\n\n'
+        f'[receipts]\noutbox_dir = "{tmp_path / "outbox"}"\nsync_interval_secs = 0.05\n'
+    )
+
+    async with EmbeddedNats(port=port) as no_jetstream:
+        executor = await start_executor("--config", str(cfg), "--nats", no_jetstream.url)
+        await executor.started()
+        async with await LloomClient.connect(no_jetstream.url, timeout=WAIT_S) as client:
+            replies = [await client.complete(ask()) for _ in range(5)]
+        assert all(r.receipt is not None for r in replies)
+        executor.proc.kill()  # no goodbye, no flush
+        await executor.exit_code()
+
+    async with EmbeddedNats(port=port, jetstream=True, store_dir=str(tmp_path / "js")) as server:
+        nc = await nats.connect(server.url)
+        arrived = await nc.subscribe("lloom.v1.receipts.>")
+        await nc.flush()
+        executor = await start_executor("--config", str(cfg), "--nats", server.url)
+        await executor.started()
+        for _ in range(5):  # the five receipts of the killed run, flushed from its outbox
+            await arrived.next_msg(timeout=WAIT_S)
+        async with await LloomClient.connect(server.url, timeout=WAIT_S) as client:
+            replies += [await client.complete(ask()) for _ in range(2)]
+        for _ in range(2):
+            await arrived.next_msg(timeout=WAIT_S)
+        info = await nc.jetstream().stream_info("LLOOM_RECEIPTS")
+        assert info.state.messages == 7  # none lost, none twice
+        await nc.close()
+
+        verified = await run(LLOOM, "--nats", server.url, "receipts", "verify", "--stream", env=env)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "7 receipts: 7 valid, 0 invalid; chain problems: 0" in verified.stdout
+        report = await run(LLOOM, "--nats", server.url, "receipts", "report", "--stream", "--json", env=env)
+        sums = json.loads(report.stdout)
+        assert sums["executor"]["durable-exec"]["jobs"] == 7
+        assert sums["executor"]["durable-exec"]["completion_tokens"] == sum(r.usage.completion_tokens for r in replies)

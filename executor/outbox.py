@@ -1,0 +1,99 @@
+"""The receipts outbox: every receipt on local disk until JetStream has acknowledged it.
+
+`receipts.jsonl` is append-only, one signed receipt per line, written before the
+job's reply leaves (a plain write: it survives the process being killed; `sync()`
+makes it survive the machine too, and runs off the request path). `acked` holds
+the highest seq up to which JetStream has acknowledged every receipt, replaced
+atomically. After a restart, everything above that mark is published again; the
+stream's de-duplication (Nats-Msg-Id = the receipt's leaf hash) drops what had
+in fact arrived. The last line also gives back the chain's seq and prev.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+import structlog
+
+from protocol.receipts import SignedReceipt, leaf_hash, signed_receipt_decoder
+
+log = structlog.get_logger(logger_name=__name__)
+_encode = msgspec.json.Encoder().encode
+
+
+class Outbox:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._path = directory / "receipts.jsonl"
+        self._acked_path = directory / "acked"
+        self.acked_seq = self._read_acked()
+        self.pending: dict[int, SignedReceipt] = {}
+        self.last_seq = 0
+        self.last_leaf = ""
+        self._load()
+        self._file: BinaryIO | None = None  # opened on the first append
+        self._dirty = False
+
+    def _read_acked(self) -> int:
+        try:
+            return int(self._acked_path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            log.warning("unreadable acked mark; republishing everything (duplicates are dropped)")
+            return 0
+
+    def _load(self) -> None:
+        if not self._path.exists():
+            return
+        with open(self._path, "rb") as f:
+            lines = f.read().split(b"\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                signed = signed_receipt_decoder.decode(line)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                # Only a torn last write (power loss) can do this; say so loudly.
+                log.error("skipping an unreadable outbox line", file=str(self._path), line=number)
+                continue
+            r = signed.receipt
+            if r.seq > self.last_seq:
+                self.last_seq = r.seq
+                self.last_leaf = leaf_hash(r).hex()
+            if r.seq > self.acked_seq:
+                self.pending[r.seq] = signed
+
+    def append(self, signed: SignedReceipt) -> None:
+        if self._file is None:
+            self._file = open(self._path, "ab")  # noqa: SIM115 - owned until close()
+        self._file.write(_encode(signed) + b"\n")
+        self._file.flush()  # into the kernel now: a killed process loses nothing
+        self._dirty = True
+        self.pending[signed.receipt.seq] = signed
+
+    def sync(self) -> None:
+        """fsync the receipts written so far (power-loss durability), if any are new."""
+        if self._dirty and self._file is not None:
+            os.fsync(self._file.fileno())
+            self._dirty = False
+
+    def mark_acked(self, seq: int) -> None:
+        self.pending.pop(seq, None)
+        # The mark only moves over a contiguous prefix: a hole must be republished.
+        low = min(self.pending, default=self.last_seq + 1) - 1
+        if low > self.acked_seq:
+            self.acked_seq = low
+            tmp = self._acked_path.with_suffix(".tmp")
+            tmp.write_text(str(low))
+            os.replace(tmp, self._acked_path)
+
+    def close(self) -> None:
+        self.sync()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

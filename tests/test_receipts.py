@@ -1,0 +1,283 @@
+"""Every job's result carries a signed receipt; receipts reach JetStream; tampering is caught."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from executor.backends.openai_compat import OpenAICompatibleBackend
+from executor.config import NodeConfig
+from executor.embedded_nats import EmbeddedNats
+from executor.node import ExecutorNode
+from executor.outbox import Outbox
+from executor.receipt_publisher import STREAM, ReceiptPublisher
+from executor.receipts import ReceiptIssuer
+from protocol.announcements import Pricing
+from protocol.client import LloomClient
+from protocol.errors import StreamInterrupted
+from protocol.identity import Identity
+from protocol.messages import encoder
+from protocol.receipts import (
+    ReceiptInvalid,
+    SignedReceipt,
+    check_chain,
+    signed_receipt_decoder,
+    verify_receipt,
+)
+from tests.conftest import MODEL
+from tests.doubles.openai_double import Fault, OpenAIDouble
+from tests.test_roundtrip import ask
+
+PRICE = Pricing(input=Decimal("0.15"), output=Decimal("0.60"))
+WAIT = 10.0
+
+
+class Rig:
+    def __init__(self, node: ExecutorNode, issuer: ReceiptIssuer, publisher: ReceiptPublisher, identity: Identity):
+        self.node = node
+        self.issuer = issuer
+        self.publisher = publisher
+        self.identity = identity
+
+    async def published(self) -> list[SignedReceipt]:
+        """Everything in the stream, once the outbox is empty."""
+        async with asyncio.timeout(WAIT):
+            while self.issuer.outbox.pending:
+                await self.publisher.idle.wait()
+        js = self.node.nc.jetstream()
+        info = await js.stream_info(STREAM)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(STREAM, seq)
+            out.append(signed_receipt_decoder.decode(msg.data))
+        return out
+
+
+@pytest.fixture
+async def js_server() -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats(jetstream=True) as server:
+        yield server
+
+
+@pytest.fixture
+async def rig(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path) -> AsyncIterator[Rig]:
+    nc = await nats.connect(js_server.url)
+    identity = Identity.generate()
+    outbox = Outbox(tmp_path / "outbox")
+    publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.05)
+    node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig())
+    issuer = ReceiptIssuer(identity, node.id, outbox, pricing=lambda _m: PRICE, on_issue=publisher.notify)
+    node.receipts = issuer
+    await publisher.start()
+    await node.start()
+    yield Rig(node, issuer, publisher, identity)
+    await node.stop(drain_timeout=1)
+    await publisher.stop()
+    outbox.close()
+    await node.backend.aclose()
+    await nc.close()
+
+
+@pytest.fixture
+async def js_client(js_server: EmbeddedNats) -> AsyncIterator[LloomClient]:
+    async with await LloomClient.connect(js_server.url, timeout=WAIT, client_id="acme") as c:
+        yield c
+
+
+async def test_unary_result_carries_a_receipt_that_binds_request_response_usage_and_cost(
+    rig: Rig, js_client: LloomClient
+) -> None:
+    request = ask(text="three word prompt", max_tokens=5)
+    reply = await js_client.complete(request)
+
+    assert reply.receipt is not None
+    verify_receipt(reply.receipt, trusted_keys=[rig.identity.public_key])
+    r = reply.receipt.receipt
+    assert (r.job_id, r.executor_id, r.client, r.model, r.backend) == (reply.job_id, rig.node.id, "acme", MODEL,
+                                                                        "openai_compatible")  # fmt: skip
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (3, 5, 8)
+    assert r.usage.counted_by == "backend"
+    assert r.cost == Decimal("0.00000345")  # (3 * 0.15 + 5 * 0.60) / 1e6, exactly
+    assert r.outcome == "completed" and r.finish_reason == "length"
+    assert r.request_sha256 == hashlib.sha256(encoder.encode(request)).hexdigest()
+    assert r.response_sha256 == hashlib.sha256(reply.content.encode()).hexdigest()
+    assert (r.seq, r.prev) == (1, "")
+
+
+async def test_stream_end_carries_a_receipt_for_the_text_streamed(rig: Rig, js_client: LloomClient) -> None:
+    async with js_client.stream(ask()) as stream:
+        text = "".join([c.delta async for c in stream])
+    assert stream.end is not None and stream.end.receipt is not None
+    verify_receipt(stream.end.receipt)
+    r = stream.end.receipt.receipt
+    assert r.response_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert r.usage.completion_tokens == stream.end.usage.completion_tokens
+
+
+async def test_stream_broken_by_the_backend_is_billed_for_what_it_produced(
+    rig: Rig, js_client: LloomClient, double: OpenAIDouble
+) -> None:
+    double.faults.append(Fault.reset(after_chunks=3))
+    with pytest.raises(StreamInterrupted) as caught:
+        async with js_client.stream(ask()) as stream:
+            async for _ in stream:
+                pass
+    signed = caught.value.receipt
+    assert isinstance(signed, SignedReceipt)
+    verify_receipt(signed)
+    r = signed.receipt
+    assert (r.outcome, r.usage.completion_tokens, r.usage.counted_by) == ("failed", 3, "estimate")
+    assert r.response_sha256 == hashlib.sha256(b"tok0 tok1 tok2 ").hexdigest()
+
+
+async def test_stream_the_caller_left_still_gets_a_receipt_in_the_stream(
+    rig: Rig, js_client: LloomClient, double: OpenAIDouble
+) -> None:
+    double.completion_tokens = 1000
+    double.fault = Fault.slow(0.01)
+    async with js_client.stream(ask()) as stream:
+        async for chunk in stream:
+            if chunk.seq == 2:
+                break
+    await double.disconnected.wait()
+    await rig.node.wait_idle()
+    [signed] = await rig.published()
+    assert signed.receipt.outcome == "cancelled"
+    assert 3 <= signed.receipt.usage.completion_tokens < 1000
+
+
+async def test_concurrent_jobs_share_signatures_and_every_receipt_verifies_and_chains(
+    rig: Rig, js_client: LloomClient
+) -> None:
+    replies = await asyncio.gather(*(js_client.complete(ask()) for _ in range(30)))
+    leaves = [(r.receipt, verify_receipt(r.receipt)) for r in replies if r.receipt]
+    assert len(leaves) == 30
+    assert check_chain(leaves) == []
+    assert sorted(s.receipt.seq for s, _ in leaves) == list(range(1, 31))
+    assert rig.issuer.signer.batches < 30  # several receipts per signature
+    stored = await rig.published()
+    assert sorted(s.receipt.seq for s in stored) == list(range(1, 31))
+
+
+# -- tampering ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def genuine(rig: Rig, js_client: LloomClient) -> list[SignedReceipt]:
+    replies = [await js_client.complete(ask()) for _ in range(3)]
+    return [r.receipt for r in replies if r.receipt is not None]
+
+
+def _tamper(signed: SignedReceipt, **changes: object) -> SignedReceipt:
+    return msgspec.structs.replace(signed, receipt=msgspec.structs.replace(signed.receipt, **changes))
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"model": "gpt-4o"}, "contents changed"),
+        ({"cost": Decimal("0")}, "contents changed"),
+        ({"client": "someone-else"}, "contents changed"),
+    ],
+)
+async def test_changed_receipts_fail_with_a_precise_reason(genuine: list[SignedReceipt], change: dict, says: str) -> None:
+    with pytest.raises(ReceiptInvalid, match=says):
+        verify_receipt(_tamper(genuine[0], **change))
+
+
+async def test_foreign_signed_and_resigned_receipts_are_caught(genuine: list[SignedReceipt], rig: Rig) -> None:
+    from executor.receipts import BatchSigner
+    from protocol.receipts import leaf_hash
+
+    mallory = Identity.generate()
+    forged = _tamper(genuine[0], usage=msgspec.structs.replace(genuine[0].receipt.usage, completion_tokens=999,
+                                                                total_tokens=999 + genuine[0].receipt.usage.prompt_tokens))  # fmt: skip
+    with pytest.raises(ReceiptInvalid):  # the executor's signature no longer covers it
+        verify_receipt(forged)
+    # Mallory re-signs it under her own key: self-consistent, but not from a trusted executor.
+    resigned_receipt = msgspec.structs.replace(forged.receipt, executor_key=mallory.public_key,
+                                               cost=PRICE.cost(forged.receipt.usage.prompt_tokens, 999))  # fmt: skip
+    proof = await BatchSigner(mallory).sign(leaf_hash(resigned_receipt))
+    resigned = SignedReceipt(resigned_receipt, proof)
+    verify_receipt(resigned)
+    with pytest.raises(ReceiptInvalid, match="not a trusted executor key"):
+        verify_receipt(resigned, trusted_keys=[rig.identity.public_key])
+    leaves = [(g, verify_receipt(g)) for g in genuine[1:]] + [(resigned, verify_receipt(resigned))]
+    assert any("two different keys" in p for p in check_chain(leaves))
+    # A signature swapped in from another receipt does not fit either.
+    with pytest.raises(ReceiptInvalid, match="bad signature|contents changed"):
+        verify_receipt(msgspec.structs.replace(genuine[0], proof=proof))
+
+
+async def test_missing_duplicated_and_relinked_receipts_break_the_chain(genuine: list[SignedReceipt]) -> None:
+    leaves = [(g, verify_receipt(g)) for g in genuine]
+    assert check_chain(leaves) == []
+    assert check_chain([leaves[0], leaves[2]]) == [f"{genuine[0].receipt.executor_id}: receipts 2..2 are missing"]
+    assert any("appears twice" in p for p in check_chain([*leaves, leaves[1]]))
+
+
+async def test_truncated_receipts_do_not_decode() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        signed_receipt_decoder.decode(b'{"receipt": {"v": 1, "executor_id": "x"')
+
+
+# -- durability ----------------------------------------------------------------------
+
+
+async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_published_once(
+    double: OpenAIDouble, tmp_path: Path
+) -> None:
+    """JetStream down, then the executor restarted: nothing lost, nothing doubled."""
+    identity = Identity.generate()
+    store = tmp_path / "js"
+
+    async def run_jobs(server_js: bool, count: int, *, port: int) -> None:
+        async with EmbeddedNats(port=port, jetstream=server_js, store_dir=str(store) if server_js else None) as server:
+            nc = await nats.connect(server.url)
+            outbox = Outbox(tmp_path / "outbox")
+            publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.05, retry_max_s=0.2)
+            node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig(), executor_id="exe")
+            node.receipts = ReceiptIssuer(identity, node.id, outbox, on_issue=publisher.notify)
+            await publisher.start()
+            async with node, await LloomClient.connect(server.url) as client:
+                for _ in range(count):
+                    assert (await client.complete(ask())).receipt is not None
+            # No graceful flush: like a killed process, just drop everything.
+            publisher._task.cancel()  # type: ignore[union-attr]
+            await asyncio.gather(publisher._task, return_exceptions=True)  # type: ignore[arg-type]
+            outbox.close()  # what a killed process leaves: the lines written so far
+            await node.backend.aclose()
+            await nc.close()
+
+    from executor.embedded_nats import free_port
+
+    port = free_port()
+    await run_jobs(server_js=True, count=3, port=port)  # published (mostly) while JetStream is up
+    await run_jobs(server_js=False, count=4, port=port)  # JetStream gone: these wait in the outbox
+    assert len(Outbox(tmp_path / "outbox").pending) >= 4
+
+    # Restart with JetStream back: the outbox flushes on start.
+    async with EmbeddedNats(port=port, jetstream=True, store_dir=str(store)) as server:
+        nc = await nats.connect(server.url)
+        outbox = Outbox(tmp_path / "outbox")
+        publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.05)
+        await publisher.start()
+        async with asyncio.timeout(WAIT):
+            while outbox.pending:
+                await publisher.idle.wait()
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        stored = [signed_receipt_decoder.decode((await js.get_msg(STREAM, s)).data)
+                  for s in range(info.state.first_seq, info.state.last_seq + 1)]  # fmt: skip
+        await publisher.stop()
+        outbox.close()
+        await nc.close()
+    assert sorted(s.receipt.seq for s in stored) == list(range(1, 8))  # all seven, once each
+    assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
