@@ -16,6 +16,7 @@ client) and direct info requests with a fresh signed announcement.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import msgspec
@@ -156,7 +157,8 @@ class Announcer:
         count = 0
         while True:
             try:
-                async with asyncio.timeout(self.heartbeat_interval):
+                # ±10% jitter: executors started together do not stay in step (bursts at clients).
+                async with asyncio.timeout(self.heartbeat_interval * random.uniform(0.9, 1.1)):
                     await self._dirty.wait()  # a change is announced at once, not at the next beat
             except TimeoutError:
                 pass

@@ -74,7 +74,7 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     liveness_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 5.0
     # How often the backend's model list is re-read.
     model_refresh_secs: Annotated[float, Meta(gt=0, le=86_400)] = 30.0
-    # Heartbeats on the catalogue subject; clients drop an executor after 3 missed.
+    # Heartbeats on the catalogue subject; clients drop an executor after 2.5 silent periods.
     heartbeat_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 0.5
     # The executor's signing key (an nkey seed). Default: ~/.local/share/lloom/<id>.nk
     # when `id` is set (a stable identity), else a new key at every start.
@@ -226,7 +226,7 @@ max_tokens_cap = 32768
 liveness_interval_secs = 5
 # How often the backend's model list is re-read.
 model_refresh_secs = 30
-# Catalogue heartbeats; clients drop this executor after 3 missed ones.
+# Catalogue heartbeats; clients drop this executor after 2.5 silent periods.
 heartbeat_interval_secs = 0.5
 # Signing key file (default: ~/.local/share/lloom/<id>.nk if id is set, else a new key per start).
 # identity_file = "/var/lib/lloom/executor.nk"

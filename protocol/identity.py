@@ -10,6 +10,7 @@ restarted executor keeps its identity.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from pathlib import Path
 
@@ -71,11 +72,17 @@ def _raw_public_key(public_key: str) -> bytes:
     return body[1:]
 
 
+@functools.lru_cache(maxsize=4096)
+def _verify_key(public_key: str) -> nacl.signing.VerifyKey:
+    # Decoding a key costs as much as a twentieth of a verification; catalogues see the same keys again and again.
+    return nacl.signing.VerifyKey(_raw_public_key(public_key))
+
+
 def verify(public_key: str, data: bytes, signature: str) -> bool:
     """Whether `signature` is `public_key`'s signature of `data`; malformed input is False."""
     try:
         sig = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-        nacl.signing.VerifyKey(_raw_public_key(public_key)).verify(data, sig)
+        _verify_key(public_key).verify(data, sig)
     except (IdentityError, ValueError, TypeError, nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
         return False
     return True
