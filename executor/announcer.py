@@ -90,7 +90,6 @@ class Announcer:
 
     def offers(self) -> list[ModelOffer]:
         node = self._node
-        available = node.backend_healthy
         out = []
         for name in sorted(node.models):
             cfg = self._configured.get(name) or ModelConfig(name=name)
@@ -103,7 +102,7 @@ class Announcer:
                     context_length=cfg.context_length or (info.context_length if info else None),
                     features=list(cfg.features),
                     category=cfg.category,
-                    available=available,
+                    available=node.model_available(name),
                     perf=node.perf.snapshot(name),
                 )
             )
@@ -119,6 +118,10 @@ class Announcer:
             self._revision += 1
         models = offers if state == "up" else []
         return _encode(Announcement(**self._envelope(), state=state, models=models))  # type: ignore[arg-type]
+
+    def _shape_changed(self) -> bool:
+        """Whether the offers (availability included) differ from the last announcement."""
+        return [msgspec.structs.replace(o, perf=Performance()) for o in self.offers()] != self._shape
 
     def _heartbeat(self) -> bytes:
         return _encode(Heartbeat(**self._envelope()))
@@ -164,7 +167,7 @@ class Announcer:
                 pass
             count += 1
             try:
-                if self._dirty.is_set() or count % FULL_EVERY == 0:
+                if self._dirty.is_set() or count % FULL_EVERY == 0 or self._shape_changed():
                     self._dirty.clear()
                     await self._publish_full()
                 else:

@@ -131,12 +131,82 @@ class ReceiptsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     sync_interval_secs: Annotated[float, Meta(gt=0, le=60)] = 0.2
 
 
+class BackendEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One member of a multi-backend pool (`[[executors.backends]]`)."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    type: str  # a preset (openai, lmstudio, ...), openai_compatible, or a plugin
+    base_url: str | None = None
+    api_key: str | None = None
+    models: list[str] | None = None  # default: what it lists
+    timeout_secs: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 100
+
+
+class WeightEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    backend: str
+    weight: Annotated[int, Meta(ge=0, le=1_000_000)]
+
+
+class LoadBalancingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    strategy: Literal["round_robin", "least_connections", "weighted"] = "round_robin"
+    health_check_interval_secs: Annotated[float, Meta(gt=0, le=86_400)] = 30.0
+    # Consecutive failures that open a backend's circuit breaker.
+    failure_threshold: Annotated[int, Meta(ge=1, le=1_000)] = 3
+    # How long an open breaker waits before letting one probe request through.
+    breaker_cooldown_secs: Annotated[float, Meta(gt=0, le=86_400)] = 5.0
+    weights: list[WeightEntry] = []
+
+
+class RetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The design document's RetryConfig, with its defaults."""
+
+    max_retries: Annotated[int, Meta(ge=0, le=100)] = 3
+    initial_delay_ms: Annotated[int, Meta(ge=0)] = 1000
+    max_delay_ms: Annotated[int, Meta(ge=0)] = 30_000
+    exponential_base: Annotated[float, Meta(ge=1.0, le=10.0)] = 2.0
+
+
+class FallbackConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What happens to a model's jobs when no backend can serve them."""
+
+    model: str
+    strategy: Literal["secondary", "degrade", "reject"] = "secondary"
+    secondary: list[str] = []  # backends kept in reserve for this model (tried after the rest)
+    degrade_model: str | None = None
+    degrade_max_tokens: Annotated[int, Meta(ge=1)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy == "degrade" and not (self.degrade_model or self.degrade_max_tokens):
+            raise ValueError(f"fallback for {self.model!r}: degrade needs degrade_model or degrade_max_tokens")
+        if self.strategy == "secondary" and not self.secondary:
+            raise ValueError(f"fallback for {self.model!r}: secondary needs a list of backend names")
+
+
+class ExecutorsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The design document's multi-backend shape; when `backends` is set it replaces [llm_client]."""
+
+    backends: list[BackendEntry] = []
+    load_balancing: LoadBalancingConfig = LoadBalancingConfig()
+    retry: RetryConfig = RetryConfig()
+    fallbacks: list[FallbackConfig] = []
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.backends]
+        if len(set(names)) != len(names):
+            raise ValueError("backend names must be unique")
+        for ref in [w.backend for w in self.load_balancing.weights] + [n for f in self.fallbacks for n in f.secondary]:
+            if ref not in names:
+                raise ValueError(f"no backend is named {ref!r} (backends: {', '.join(names) or 'none'})")
+
+
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
     llm_client: LlmClientConfig = LlmClientConfig()
     logging: LoggingConfig = LoggingConfig()
     models: list[ModelConfig] = []
     receipts: ReceiptsConfig = ReceiptsConfig()
+    executors: ExecutorsConfig = ExecutorsConfig()
     tokens: TokensConfig = TokensConfig()
 
 
@@ -192,15 +262,21 @@ def parse_config(data: bytes | str, *, source: str, environ: dict[str, str] | os
         raise ConfigError(f"{source}: {e}") from e
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from e
-    llm = cfg.llm_client
-    changes = {}
-    for key in ("api_key", "base_url", "model_path", "llama_server"):
-        value = getattr(llm, key)
-        if value is not None:
-            changes[key] = expand_env(value, key=f"llm_client.{key}", source=source, environ=environ)
-    if changes:
-        cfg = msgspec.structs.replace(cfg, llm_client=msgspec.structs.replace(llm, **changes))
-    return cfg
+    def expanded(struct, keys: tuple[str, ...], where: str):  # type: ignore[no-untyped-def]
+        changes = {
+            key: expand_env(value, key=f"{where}.{key}", source=source, environ=environ)
+            for key in keys
+            if (value := getattr(struct, key)) is not None
+        }
+        return msgspec.structs.replace(struct, **changes) if changes else struct
+
+    llm = expanded(cfg.llm_client, ("api_key", "base_url", "model_path", "llama_server"), "llm_client")
+    backends = [
+        expanded(b, ("api_key", "base_url"), f"executors.backends[{i}]") for i, b in enumerate(cfg.executors.backends)
+    ]
+    return msgspec.structs.replace(
+        cfg, llm_client=llm, executors=msgspec.structs.replace(cfg.executors, backends=backends)
+    )
 
 
 DEFAULT_CONFIG_TOML = """\
@@ -288,6 +364,42 @@ enabled = true
 # outbox_dir = "~/.local/share/lloom/receipts/<executor id>"   (the default)
 duplicate_window_secs = 7200
 sync_interval_secs = 0.2
+
+# Several backends behind this executor (the design document's shape). When any
+# [[executors.backends]] is given, it replaces [llm_client].
+# [[executors.backends]]
+# name = "primary"
+# type = "openai"
+# base_url = "https://api.openai.com/v1"
+# api_key = "${OPENAI_API_KEY}"
+# models = ["gpt-4", "gpt-3.5-turbo"]
+#
+# [[executors.backends]]
+# name = "local"
+# type = "lmstudio"
+# base_url = "http://localhost:1234/v1"
+# models = ["llama-2-13b", "mistral-7b"]
+#
+# [executors.load_balancing]
+# strategy = "round_robin"           # or "least_connections", "weighted"
+# health_check_interval_secs = 30
+# failure_threshold = 3              # consecutive failures that open a backend's breaker
+# breaker_cooldown_secs = 5          # then one probe request decides
+# [[executors.load_balancing.weights]]
+# backend = "primary"
+# weight = 70
+#
+# [executors.retry]                  # when every backend failed: back off and go round again
+# max_retries = 3
+# initial_delay_ms = 1000
+# max_delay_ms = 30000
+# exponential_base = 2.0
+#
+# [[executors.fallbacks]]            # when no backend can serve a model
+# model = "gpt-4"
+# strategy = "degrade"               # secondary (+ secondary = ["backup"]) | degrade | reject
+# degrade_model = "gpt-3.5-turbo"
+# degrade_max_tokens = 256
 
 [logging]
 level = "info"          # debug | info | warning | error

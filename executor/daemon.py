@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 
 from executor.announcer import Announcer
 from executor.backends.autodetect import AutoDetectBackend
-from executor.backends.registry import create_backend
+from executor.backends.registry import create_backend, create_pool
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.node import ExecutorNode
@@ -88,9 +88,14 @@ async def serve(
             stack.push_async_callback(close_nats, nc)
             session = http_session(config)
             stack.push_async_callback(session.close)
-            backend = create_backend(config.llm_client, session)
+            if config.executors.backends:
+                backend = create_pool(config.executors, session)
+                backend.start_health_checks()
+            else:
+                backend = create_backend(config.llm_client, session)
             stack.push_async_callback(backend.aclose)
-            node = ExecutorNode(nc, backend, config.node, models=config.llm_client.models)
+            models = None if config.executors.backends else config.llm_client.models
+            node = ExecutorNode(nc, backend, config.node, models=models)
             identity = load_identity(config, node.id)
             if config.receipts.enabled:
                 publisher = await start_receipts(config, nc, node, identity)

@@ -172,6 +172,7 @@ class Job:
                 finish_reason=result.finish_reason,
                 usage=result.usage,
                 receipt=receipt,
+                degraded=result.degraded,
             )
         )
         if len(payload) > nc.max_payload:
@@ -215,6 +216,7 @@ class Job:
             usage=finish.usage,
             chunks=seq,
             receipt=receipt,
+            degraded=finish.degraded,
         )
         await nc.publish(self.reply, encoder.encode(end))
         await nc.publish(self.reply, _SENTINEL)

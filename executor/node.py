@@ -127,6 +127,11 @@ class ExecutorNode:
         """False while the backend cannot even list its models."""
         return self._refresh_error is None
 
+    def model_available(self, model: str) -> bool:
+        """Whether a job for `model` could be served now (a pool knows per model; others only overall)."""
+        per_model = getattr(self.backend, "available", None)
+        return self.backend_healthy and (per_model(model) if callable(per_model) else True)
+
     @property
     def backend_kind(self) -> str:
         # Backend names read "<kind> at <url>" (or "auto (...)"): the kind is the first word.

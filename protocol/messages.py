@@ -78,6 +78,9 @@ class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     finish_reason: FinishReason
     usage: Usage
     receipt: SignedReceipt | None = None
+    # Set when the executor served the job differently from what was asked (another
+    # model, fewer max_tokens) because nothing could serve it as asked.
+    degraded: str | None = None
 
 
 class StreamChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
@@ -97,6 +100,7 @@ class StreamEnd(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, t
     usage: Usage
     chunks: int
     receipt: SignedReceipt | None = None
+    degraded: str | None = None
 
 
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="error", tag_field="type"):

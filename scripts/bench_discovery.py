@@ -496,6 +496,9 @@ class StubNode:
         self.backend_healthy = True
         self.backend_kind = "openai_compatible"
         self.in_flight = 0
+
+    def model_available(self, model: str) -> bool:
+        return True
         self.config = NodeConfig()
 
 

@@ -25,6 +25,8 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     content: str
     finish_reason: FinishReason
     usage: Usage
+    # Set when a fallback served the job differently from what was asked (a pool's `degrade`).
+    degraded: str | None = None
 
 
 class Delta(msgspec.Struct, frozen=True):
@@ -39,6 +41,7 @@ class Finish(msgspec.Struct, frozen=True, kw_only=True):
     model: str
     finish_reason: FinishReason
     usage: Usage
+    degraded: str | None = None
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -28,7 +28,9 @@ from executor.backends.base import Backend
 from executor.backends.local import from_config as local_from_config
 from executor.backends.openai_compat import from_config as openai_from_config
 from executor.backends.presets import PRESETS
-from executor.config import ConfigError, LlmClientConfig
+from executor.backends.breaker import CircuitBreaker
+from executor.backends.pool import BackendPool, Member
+from executor.config import ConfigError, ExecutorsConfig, LlmClientConfig
 
 ENTRY_POINT_GROUP = "lloom.backends"
 BackendFactory = Callable[[LlmClientConfig, aiohttp.ClientSession], Backend]
@@ -64,3 +66,28 @@ def create_backend(config: LlmClientConfig, session: aiohttp.ClientSession) -> B
     if not isinstance(backend, Backend):
         raise ConfigError(f"backend plugin {name!r} ({ep.value}) returned {type(backend).__name__}, not a Backend")
     return backend
+
+
+def create_pool(config: ExecutorsConfig, session: aiohttp.ClientSession) -> BackendPool:
+    """The `[[executors.backends]]` members as one `BackendPool`."""
+    lb = config.load_balancing
+    weights = {w.backend: w.weight for w in lb.weights}
+    members = []
+    for entry in config.backends:
+        member_config = LlmClientConfig(
+            backend=entry.type,
+            base_url=entry.base_url,
+            api_key=entry.api_key,
+            timeout_secs=entry.timeout_secs,
+            max_connections=entry.max_connections,
+            models=entry.models,
+        )
+        try:
+            backend = create_backend(member_config, session)
+        except ConfigError as e:
+            raise ConfigError(f"[[executors.backends]] {entry.name!r}: {e}") from e
+        breaker = CircuitBreaker(lb.failure_threshold, lb.breaker_cooldown_secs)
+        members.append(Member(entry.name, backend, entry.models, weights.get(entry.name, 1), breaker))
+    return BackendPool(
+        members, balancing=lb, retry=config.retry, fallbacks={f.model: f for f in config.fallbacks}
+    )
