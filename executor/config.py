@@ -200,6 +200,15 @@ class ExecutorsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
                 raise ValueError(f"no backend is named {ref!r} (backends: {', '.join(names) or 'none'})")
 
 
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The response cache: identical requests at temperature 0 (or with cache=true) answered at once."""
+
+    enabled: bool = True
+    max_entries: Annotated[int, Meta(ge=1, le=10_000_000)] = 1000
+    max_mb: Annotated[float, Meta(gt=0, le=100_000)] = 64.0
+    ttl_secs: Annotated[float, Meta(gt=0, le=30 * 86_400)] = 300.0
+
+
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
     llm_client: LlmClientConfig = LlmClientConfig()
@@ -207,6 +216,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     models: list[ModelConfig] = []
     receipts: ReceiptsConfig = ReceiptsConfig()
     executors: ExecutorsConfig = ExecutorsConfig()
+    cache: CacheConfig = CacheConfig()
     tokens: TokensConfig = TokensConfig()
 
 
@@ -400,6 +410,14 @@ sync_interval_secs = 0.2
 # strategy = "degrade"               # secondary (+ secondary = ["backup"]) | degrade | reject
 # degrade_model = "gpt-3.5-turbo"
 # degrade_max_tokens = 256
+
+[cache]
+# Identical requests at temperature 0 (or with "cache": true) are answered from memory,
+# marked `cached` in the result and its receipt.
+enabled = true
+max_entries = 1000
+max_mb = 64
+ttl_secs = 300
 
 [logging]
 level = "info"          # debug | info | warning | error

@@ -25,6 +25,7 @@ from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
+from executor.cache import ResponseCache
 from executor.node import ExecutorNode
 from executor.outbox import Outbox
 from executor.receipt_publisher import ReceiptPublisher
@@ -96,6 +97,9 @@ async def serve(
             stack.push_async_callback(backend.aclose)
             models = None if config.executors.backends else config.llm_client.models
             node = ExecutorNode(nc, backend, config.node, models=models)
+            if config.cache.enabled:
+                c = config.cache
+                node.cache = ResponseCache(max_entries=c.max_entries, max_bytes=int(c.max_mb * 2**20), ttl_s=c.ttl_secs)
             identity = load_identity(config, node.id)
             if config.receipts.enabled:
                 publisher = await start_receipts(config, nc, node, identity)

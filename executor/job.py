@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -17,7 +18,8 @@ import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 
-from executor.backends.base import Backend, Delta, Finish
+from executor.backends.base import Backend, Completion, Delta, Finish, StreamEvent
+from executor.cache import cache_key, cacheable
 from protocol import subjects as subj
 from protocol.errors import (
     Cancelled,
@@ -29,7 +31,16 @@ from protocol.errors import (
     ResponseTooLarge,
     StreamInterrupted,
 )
-from protocol.messages import ChatRequest, ChatResponse, StreamChunk, StreamEnd, Usage, encoder, error_to_wire
+from protocol.messages import (
+    ChatRequest,
+    ChatResponse,
+    FinishReason,
+    StreamChunk,
+    StreamEnd,
+    Usage,
+    encoder,
+    error_to_wire,
+)
 from protocol.receipts import Outcome, SignedReceipt
 
 if TYPE_CHECKING:
@@ -141,7 +152,14 @@ class Job:
             )
 
     async def _receipt(
-        self, outcome: Outcome, finish_reason: str | None, model: str, usage: Usage | None, text: str
+        self,
+        outcome: Outcome,
+        finish_reason: str | None,
+        model: str,
+        usage: Usage | None,
+        text: str,
+        *,
+        cached: bool = False,
     ) -> SignedReceipt | None:
         node = self._node
         if node.receipts is None:
@@ -158,11 +176,30 @@ class Job:
             ttft_ms=None if self._ttft is None else int(self._ttft * 1000),
             request=self._payload,
             response_text=text,
+            cached=cached,
         )
 
+    def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
+        cache = self._node.cache
+        if cache is None or not cacheable(self.request):
+            return None, None
+        key = cache_key(self.request)
+        return key, cache.get(key)
+
+    def _cache_store(self, key: bytes | None, result: Completion) -> None:
+        # Only whole, as-asked answers: never a degraded or cut-short one.
+        if key is not None and self._node.cache is not None and not result.degraded:
+            if result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                self._node.cache.put(key, result)
+
     async def _run_unary(self, backend: Backend, nc: NATS) -> None:
-        result = await backend.complete(self.request)
-        receipt = await self._receipt("completed", result.finish_reason.value, result.model, result.usage, result.content)
+        key, hit = self._cache_lookup()
+        result = hit or await backend.complete(self.request)
+        if hit is None:
+            self._cache_store(key, result)
+        receipt = await self._receipt(
+            "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None
+        )
         payload = encoder.encode(
             ChatResponse(
                 job_id=self.id,
@@ -173,6 +210,7 @@ class Job:
                 usage=result.usage,
                 receipt=receipt,
                 degraded=result.degraded,
+                cached=hit is not None,
             )
         )
         if len(payload) > nc.max_payload:
@@ -186,7 +224,8 @@ class Job:
     async def _run_stream(self, backend: Backend, nc: NATS) -> None:
         seq = 0
         finish: Finish | None = None
-        events = backend.stream(self.request)
+        key, hit = self._cache_lookup()
+        events = _replay(hit) if hit is not None else backend.stream(self.request)
         try:
             async for event in events:
                 if type(event) is Delta:
@@ -207,7 +246,14 @@ class Job:
             raise StreamInterrupted(f"{backend.name} ended the stream without a final event")
         text = "".join(self._parts)
         self._parts = []  # billed below in full; an error after this point is not "early"
-        receipt = await self._receipt("completed", finish.finish_reason.value, finish.model, finish.usage, text)
+        if hit is None:
+            self._cache_store(
+                key, Completion(model=finish.model, content=text, finish_reason=finish.finish_reason, usage=finish.usage,
+                                degraded=finish.degraded)  # fmt: skip
+            )
+        receipt = await self._receipt(
+            "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None
+        )
         end = StreamEnd(
             job_id=self.id,
             executor_id=self._node.id,
@@ -217,6 +263,7 @@ class Job:
             chunks=seq,
             receipt=receipt,
             degraded=finish.degraded,
+            cached=hit is not None,
         )
         await nc.publish(self.reply, encoder.encode(end))
         await nc.publish(self.reply, _SENTINEL)
@@ -248,3 +295,10 @@ async def send_error(
             await node.nc.publish(reply, _SENTINEL)
     except Exception as e:  # the connection may be gone; the job is over either way
         log.warning("could not send error reply", job_id=job_id, code=err.code.value, error=str(e))
+
+
+async def _replay(hit: Completion) -> AsyncIterator[StreamEvent]:
+    """A cached answer as a stream: its text in one chunk, then its end."""
+    if hit.content:
+        yield Delta(hit.content)
+    yield Finish(model=hit.model, finish_reason=hit.finish_reason, usage=hit.usage)

@@ -35,6 +35,7 @@ from nats.nuid import NUID
 from executor.backends.base import Backend, ModelInfo
 from executor.config import NodeConfig
 from executor.job import Job, send_error
+from executor.cache import ResponseCache
 from executor.perf import PerfTracker
 from executor.receipts import ReceiptIssuer
 from protocol import subjects as subj
@@ -105,12 +106,14 @@ class ExecutorNode:
         self.on_models_changed: list[Callable[[], None]] = []
         # Set by whoever wires receipts (the daemon); without it jobs carry none.
         self.receipts: ReceiptIssuer | None = None
+        self.cache: ResponseCache | None = None  # likewise for the response cache
         self.stats = NodeStats()
         self._refresh_error: str | None = None
         self.state = State.NEW
         self._model_subs: dict[str, Subscription] = {}
         self._direct_sub: Subscription | None = None
         self._cancel_sub: Subscription | None = None
+        self._status_subs: list[Subscription] = []
         self._jobs: dict[str, Job] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -155,6 +158,10 @@ class ExecutorNode:
         await self.refresh_models()
         self._direct_sub = await self.nc.subscribe(subj.direct_subject(self.id), cb=self._on_job)
         self._cancel_sub = await self.nc.subscribe(subj.CANCEL_ALL, cb=self._on_cancel)
+        self._status_subs = [
+            await self.nc.subscribe(subj.STATUS_ALL, cb=self._on_status),
+            await self.nc.subscribe(subj.status_subject(self.id), cb=self._on_status),
+        ]
         await self.nc.flush()  # subscriptions are live on the server when start() returns
         self._tasks = [
             asyncio.create_task(self._every(self.config.model_refresh_secs, self.refresh_models), name="model-refresh"),
@@ -222,6 +229,8 @@ class ExecutorNode:
                 await asyncio.wait(pending)
         if not self.nc.is_closed and self._cancel_sub is not None:
             await self._cancel_sub.unsubscribe()
+            for sub in self._status_subs:
+                await sub.unsubscribe()
             await self.nc.flush()
         self.state = State.STOPPED
         self._log.info("executor node stopped", **self.stats.as_dict())
@@ -271,6 +280,30 @@ class ExecutorNode:
         self._jobs.pop(job_id, None)
         if not self._jobs:
             self._idle.set()
+
+    def status(self) -> dict[str, object]:
+        """What `lloom-executor status` shows: state, load, counters, backends, cache, receipts."""
+        pool_status = getattr(self.backend, "status", None)
+        return {
+            "executor_id": self.id,
+            "state": self.state.value,
+            "backend": self.backend.name,
+            "backend_healthy": self.backend_healthy,
+            "models": {m: self.model_available(m) for m in sorted(self.models)},
+            "in_flight": self.in_flight,
+            "capacity": self.config.max_concurrent_jobs,
+            "stats": self.stats.as_dict(),
+            "pool": pool_status() if callable(pool_status) else None,
+            "cache": None if self.cache is None else {"entries": len(self.cache), "hits": self.cache.hits,
+                                                      "misses": self.cache.misses},  # fmt: skip
+            "receipts": None if self.receipts is None else {
+                "issued": self.receipts.outbox.last_seq, "unpublished": len(self.receipts.outbox.pending),
+                "mismatches": self.receipts.mismatches},  # fmt: skip
+        }
+
+    async def _on_status(self, msg: Msg) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, msgspec.json.encode(self.status()))
 
     async def _on_cancel(self, msg: Msg) -> None:
         job = self._jobs.get(msg.subject.rpartition(".")[2])

@@ -152,6 +152,7 @@ class ReceiptIssuer:
         ttft_ms: int | None,
         request: bytes,
         response_text: str,
+        cached: bool = False,
     ) -> SignedReceipt:
         pricing = self._pricing(model)
         self._seq += 1
@@ -174,6 +175,7 @@ class ReceiptIssuer:
             ttft_ms=ttft_ms,
             request_sha256=hashlib.sha256(request).hexdigest(),
             response_sha256=hashlib.sha256(response_text.encode()).hexdigest(),
+            cached=cached,
         )
         leaf = leaf_hash(receipt)
         self._prev = leaf.hex()  # the chain is fixed now, before any await

@@ -58,6 +58,9 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     stop: Annotated[list[str], Meta(max_length=4)] | None = None
     stream: bool = False
+    # Whether an executor may answer from its response cache: by default only at
+    # temperature 0; true opts in, false opts out.
+    cache: bool | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -81,6 +84,7 @@ class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     # Set when the executor served the job differently from what was asked (another
     # model, fewer max_tokens) because nothing could serve it as asked.
     degraded: str | None = None
+    cached: bool = False  # answered from the executor's response cache
 
 
 class StreamChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
@@ -101,6 +105,7 @@ class StreamEnd(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, t
     chunks: int
     receipt: SignedReceipt | None = None
     degraded: str | None = None
+    cached: bool = False
 
 
 class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="error", tag_field="type"):

@@ -65,6 +65,7 @@ class Receipt(msgspec.Struct, frozen=True, kw_only=True):
     ttft_ms: int | None
     request_sha256: str  # of the request payload exactly as received
     response_sha256: str  # of the generated text (all chunks joined, for streams)
+    cached: bool = False  # answered from the executor's response cache
 
 
 class ReceiptProof(msgspec.Struct, frozen=True):

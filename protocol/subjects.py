@@ -113,6 +113,14 @@ CATALOG_ANNOUNCE = f"{PREFIX}.catalog.announce"
 CATALOG_QUERY = f"{PREFIX}.catalog.query"
 
 
+# Every executor answers with its operational status (`lloom-executor status`).
+STATUS_ALL = f"{PREFIX}.status"
+
+
+def status_subject(executor_id: str) -> str:
+    return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.status"
+
+
 def info_subject(executor_id: str) -> str:
     """Where one executor answers with its current announcement."""
     return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.info"

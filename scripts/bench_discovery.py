@@ -496,10 +496,10 @@ class StubNode:
         self.backend_healthy = True
         self.backend_kind = "openai_compatible"
         self.in_flight = 0
+        self.config = NodeConfig()
 
     def model_available(self, model: str) -> bool:
         return True
-        self.config = NodeConfig()
 
 
 def _patient_catalog_class():  # type: ignore[no-untyped-def]

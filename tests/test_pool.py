@@ -319,3 +319,34 @@ weight = 30
     ]  # fmt: skip
     assert [m.breaker.failure_threshold for m in pool.members] == [3, 3, 3]
     assert [c.name for c in pool.candidates("gpt-3.5-turbo")] in (["primary", "fallback"], ["fallback", "primary"])
+
+
+async def test_lloom_executor_status_shows_each_backends_breaker(
+    make_rig: MakeRig, client: LloomClient, nats_server: EmbeddedNats, tmp_path
+) -> None:
+    import json
+    import os
+    import sys
+
+    rig = await make_rig("good", "bad")
+    rig.doubles["bad"].fault = Fault.status(500)
+    for _ in range(4):
+        await client.complete(ask(model="m"))
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "executor.cli", "--nats", nats_server.url, "status",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert f"{rig.node.id}: running, 0/32 jobs" in text
+    assert "backend bad: breaker open, 2 failures in a row" in text
+    assert "backend good: breaker closed" in text
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "executor.cli", "--nats", nats_server.url, "status", "--id", rig.node.id, "--json",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    status = json.loads(out)
+    assert status["stats"]["completed"] == 4 and status["models"] == {"m": True}
