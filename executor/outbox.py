@@ -24,6 +24,14 @@ log = structlog.get_logger(logger_name=__name__)
 _encode = msgspec.json.Encoder().encode
 
 
+class Pending(msgspec.Struct):
+    """A receipt not yet acknowledged: its exact line and its de-duplication id."""
+
+    executor_id: str
+    line: bytes
+    msg_id: str  # the leaf hash, hex
+
+
 class Outbox:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -31,7 +39,8 @@ class Outbox:
         self._path = directory / "receipts.jsonl"
         self._acked_path = directory / "acked"
         self.acked_seq = self._read_acked()
-        self.pending: dict[int, SignedReceipt] = {}
+        self._written_mark = self.acked_seq
+        self.pending: dict[int, Pending] = {}
         self.last_seq = 0
         self.last_leaf = ""
         self._load()
@@ -62,35 +71,39 @@ class Outbox:
                 log.error("skipping an unreadable outbox line", file=str(self._path), line=number)
                 continue
             r = signed.receipt
+            leaf = leaf_hash(r).hex()
             if r.seq > self.last_seq:
-                self.last_seq = r.seq
-                self.last_leaf = leaf_hash(r).hex()
+                self.last_seq, self.last_leaf = r.seq, leaf
             if r.seq > self.acked_seq:
-                self.pending[r.seq] = signed
+                self.pending[r.seq] = Pending(r.executor_id, line, leaf)
 
-    def append(self, signed: SignedReceipt) -> None:
+    def append(self, signed: SignedReceipt, leaf: str) -> None:
+        """Write `signed` (whose leaf hash is `leaf`) before its reply leaves."""
         if self._file is None:
             self._file = open(self._path, "ab")  # noqa: SIM115 - owned until close()
-        self._file.write(_encode(signed) + b"\n")
+        line = _encode(signed)
+        self._file.write(line + b"\n")
         self._file.flush()  # into the kernel now: a killed process loses nothing
         self._dirty = True
-        self.pending[signed.receipt.seq] = signed
+        seq = signed.receipt.seq
+        self.last_seq = max(self.last_seq, seq)
+        self.pending[seq] = Pending(signed.receipt.executor_id, line, leaf)
+
+    def acked(self, seq: int) -> None:
+        self.pending.pop(seq, None)
 
     def sync(self) -> None:
-        """fsync the receipts written so far (power-loss durability), if any are new."""
+        """fsync what was written (power-loss durability) and persist the acked mark; call it now and then."""
         if self._dirty and self._file is not None:
             os.fsync(self._file.fileno())
             self._dirty = False
-
-    def mark_acked(self, seq: int) -> None:
-        self.pending.pop(seq, None)
         # The mark only moves over a contiguous prefix: a hole must be republished.
-        low = min(self.pending, default=self.last_seq + 1) - 1
-        if low > self.acked_seq:
-            self.acked_seq = low
+        mark = (min(self.pending) - 1) if self.pending else self.last_seq
+        if mark > self._written_mark:
             tmp = self._acked_path.with_suffix(".tmp")
-            tmp.write_text(str(low))
+            tmp.write_text(str(mark))
             os.replace(tmp, self._acked_path)
+            self._written_mark = self.acked_seq = mark
 
     def close(self) -> None:
         self.sync()

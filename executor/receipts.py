@@ -180,6 +180,6 @@ class ReceiptIssuer:
         leaf = leaf_hash(receipt)
         self._prev = leaf.hex()  # the chain is fixed now, before any await
         signed = SignedReceipt(receipt, await self._signer.sign(leaf))
-        self.outbox.append(signed)
+        self.outbox.append(signed, leaf.hex())
         self._on_issue()
         return signed
