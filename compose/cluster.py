@@ -21,7 +21,7 @@ import json
 import signal
 import sys
 import tempfile
-from asyncio.subprocess import DEVNULL, PIPE, Process
+from asyncio.subprocess import PIPE, Process
 from pathlib import Path
 from typing import IO
 
@@ -29,8 +29,9 @@ import nats
 import nats.errors
 from nats.js.api import StorageType, StreamConfig
 
+from executor.child_process import spawn_tied, terminate
 from executor.config import ReceiptsConfig
-from executor.embedded_nats import EmbeddedNats, _die_with_parent, find_nats_server, free_port
+from executor.embedded_nats import EmbeddedNats, find_nats_server, free_port
 from executor.receipt_publisher import STREAM
 from protocol import subjects as subj
 
@@ -46,24 +47,6 @@ def distinct_free_ports(count: int) -> list[int]:
     while len(ports) < count:
         ports[free_port()] = None
     return list(ports)
-
-
-async def spawn(*argv: str, stdout: int = DEVNULL, stderr: int | IO[bytes] = PIPE, cwd: Path | None = None) -> Process:
-    """A child that dies with us (PR_SET_PDEATHSIG) and in its own session (Ctrl-C reaches only us)."""
-    return await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, stdin=DEVNULL, stdout=stdout, stderr=stderr, preexec_fn=_die_with_parent, start_new_session=True
-    )
-
-
-async def terminate(proc: Process | None) -> None:
-    if proc is not None and proc.returncode is None:
-        proc.terminate()
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT_S):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 class NatsCluster:
@@ -139,7 +122,7 @@ class ExecutorProcess:
             f'[node]\nid = "{self.name}"\nidentity_file = {json.dumps(str(self.directory / "identity.nk"))}\n\n'
             f"[receipts]\noutbox_dir = {json.dumps(str(self.directory / 'outbox'))}\n"
         )
-        self.proc = await spawn(str(BIN / "lloom-executor"), "--config", str(config), "--nats", self.nats_url)
+        self.proc = await spawn_tied(str(BIN / "lloom-executor"), "--config", str(config), "--nats", self.nats_url)
         self._pump = asyncio.create_task(self._copy_log(), name=f"{self.name}-log")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -160,7 +143,7 @@ class ExecutorProcess:
         self._ready.set()
 
     async def stop(self) -> None:
-        await terminate(self.proc)
+        await terminate(self.proc, STOP_TIMEOUT_S)
         if self._pump is not None:
             await asyncio.gather(self._pump, return_exceptions=True)
 
@@ -168,12 +151,12 @@ class ExecutorProcess:
 async def start_double(log: IO[bytes]) -> tuple[Process, str]:
     """The repo's OpenAI test double as a child serving `demo-model`; returns it and its base URL."""
     argv = ["-m", "tests.doubles.openai_double", "--port", str(free_port()), "--models", DEMO_MODEL]
-    proc = await spawn(sys.executable, *argv, stdout=PIPE, stderr=log, cwd=REPO)
+    proc = await spawn_tied(sys.executable, *argv, stdout=PIPE, stderr=log, cwd=REPO)
     assert proc.stdout is not None
     async with asyncio.timeout(START_TIMEOUT_S):
         base_url = (await proc.stdout.readline()).decode().strip()  # it prints its URL once listening
     if not base_url.startswith("http"):
-        await terminate(proc)
+        await terminate(proc, STOP_TIMEOUT_S)
         raise RuntimeError(f"the OpenAI double did not start; see {log.name}")
     return proc, base_url
 
@@ -208,7 +191,7 @@ class Deployment:
     async def stop(self) -> None:
         # Executors first: they leave the catalogue and drain through the still-running servers.
         await asyncio.gather(*(e.stop() for e in self.executors))
-        await terminate(self.double)
+        await terminate(self.double, STOP_TIMEOUT_S)
         await self.nats.stop()
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -10,18 +10,17 @@ by polling or sleeping.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
-import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
 from pathlib import Path
 
+from executor.child_process import ChildProcess
+
 READY_LINE = b"Server is ready"
-_PR_SET_PDEATHSIG = 1
+STOP_TIMEOUT_S = 5.0  # SIGTERM, then SIGKILL
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -56,12 +55,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class EmbeddedNats:
     """Start with `await start()` (or `async with`); `url` tells where it listens."""
 
@@ -81,8 +74,7 @@ class EmbeddedNats:
         self.store_dir = store_dir
         self.extra_args = extra_args or []
         self.ready_timeout = ready_timeout
-        self._proc: asyncio.subprocess.Process | None = None
-        self._log_task: asyncio.Task[None] | None = None
+        self._child: ChildProcess | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.log_tail: list[str] = []
 
@@ -92,7 +84,7 @@ class EmbeddedNats:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._child.pid if self._child else None
 
     async def __aenter__(self) -> EmbeddedNats:
         await self.start()
@@ -102,7 +94,7 @@ class EmbeddedNats:
         await self.stop()
 
     async def start(self) -> None:
-        if self._proc is not None:
+        if self._child is not None:
             return
         if self.port == 0:
             self.port = free_port(self.host)
@@ -117,64 +109,27 @@ class EmbeddedNats:
             conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(self.store_dir)}\n  sync_interval: always\n}}\n")
             args += ["-c", str(conf)]
         args += self.extra_args
-        self._proc = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-            # Its own session: a Ctrl-C in the terminal reaches only the node, which
-            # drains through this server before stopping it.
-            start_new_session=True,
-        )
+        # Its own session (as every ChildProcess): a Ctrl-C in the terminal reaches only the
+        # node, which drains through this server before stopping it.
+        self._child = await ChildProcess.spawn(args, name="nats-server", ready_line=READY_LINE, log_tail=self.log_tail)
         try:
             async with asyncio.timeout(self.ready_timeout):
-                await self._wait_ready()
+                if not await self._child.wait_ready():
+                    raise EmbeddedNatsError(f"exited with code {await self._child.wait()}")
         except (TimeoutError, EmbeddedNatsError) as e:
             await self.stop()
             tail = "\n".join(self.log_tail[-10:])
             raise EmbeddedNatsError(f"nats-server on {self.host}:{self.port} did not start: {e}\n{tail}") from e
-        self._log_task = asyncio.create_task(self._drain_log(), name="nats-server-log")
-
-    async def _wait_ready(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        while True:
-            line = await self._proc.stderr.readline()
-            if not line:
-                raise EmbeddedNatsError(f"exited with code {await self._proc.wait()}")
-            self._remember(line)
-            if READY_LINE in line:
-                return
-
-    async def _drain_log(self) -> None:
-        # Keep reading so the server never blocks on a full pipe; keep a short tail for errors.
-        assert self._proc is not None and self._proc.stderr is not None
-        while line := await self._proc.stderr.readline():
-            self._remember(line)
-
-    def _remember(self, line: bytes) -> None:
-        self.log_tail.append(line.decode(errors="replace").rstrip())
-        del self.log_tail[:-50]
 
     async def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(5):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._log_task is not None:
-            self._log_task.cancel()
-            await asyncio.gather(self._log_task, return_exceptions=True)
-            self._log_task = None
+        child, self._child = self._child, None
+        if child is not None:
+            await child.stop(STOP_TIMEOUT_S)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
 
     def kill(self) -> None:
         """SIGKILL the server (for fault tests); `stop()` still cleans up."""
-        if self._proc is not None and self._proc.returncode is None:
-            os.kill(self._proc.pid, signal.SIGKILL)
+        if self._child is not None:
+            self._child.kill()

@@ -17,10 +17,8 @@ length is the one the running server reports (`/props`), not a guess.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,6 +30,7 @@ from executor.backends import llama_build
 from executor.backends.base import Completion, ModelInfo, StreamEvent
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS
+from executor.child_process import ChildProcess
 from executor.config import ConfigError, LlmClientConfig
 from executor.embedded_nats import free_port
 from protocol.errors import BackendUnavailable
@@ -48,20 +47,10 @@ STABLE_AFTER_S = 60.0  # a server up this long resets the backoff
 # llama-server's default for requests without max_tokens is "until the context is
 # full" (minutes of base-model text on a CPU); requests that name one get theirs.
 DEFAULT_MAX_TOKENS = 512
-_PR_SET_PDEATHSIG = 1
 
 
 class LocalServerError(RuntimeError):
     pass
-
-
-def _tie_to_parent(parent: int) -> None:
-    """In the child, before exec: die with the node, even if the node is SIGKILLed."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the node died before prctl took effect
-        os._exit(1)
 
 
 class LocalModelServer:
@@ -73,8 +62,7 @@ class LocalModelServer:
         self.host = "127.0.0.1"
         self.port = 0
         self._session = session
-        self._proc: asyncio.subprocess.Process | None = None
-        self._log_task: asyncio.Task[None] | None = None
+        self._child: ChildProcess | None = None
         self.log_tail: list[str] = []
 
     @property
@@ -83,22 +71,16 @@ class LocalModelServer:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._child.pid if self._child else None
 
     async def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         self.port = free_port(self.host)
         argv = [str(self.binary), "--host", self.host, "--port", str(self.port), *self.args]
-        parent = os.getpid()
-        self._proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=lambda: _tie_to_parent(parent),
-            # Its own session: a Ctrl-C reaches only the node, which stops the server after draining.
-            start_new_session=True,
+        # Dies with the node (SIGKILL), even if the node is SIGKILLed; its own session: a
+        # Ctrl-C reaches only the node, which stops the server after draining.
+        self._child = await ChildProcess.spawn(
+            argv, name="llama-server", death_signal=signal.SIGKILL, log_tail=self.log_tail
         )
-        self._log_task = asyncio.create_task(self._drain_log(), name="llama-server-log")
         try:
             async with asyncio.timeout(timeout):
                 await self._wait_healthy()
@@ -112,10 +94,10 @@ class LocalModelServer:
             raise
 
     async def _wait_healthy(self) -> None:
-        assert self._proc is not None
+        assert self._child is not None
         while True:
-            if self._proc.returncode is not None:
-                raise LocalServerError(f"exited with code {self._proc.returncode} while loading the model")
+            if self._child.returncode is not None:
+                raise LocalServerError(f"exited with code {self._child.returncode} while loading the model")
             try:
                 async with self._session.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status == 200:
@@ -134,32 +116,14 @@ class LocalModelServer:
         n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
         return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
 
-    async def _drain_log(self) -> None:
-        # Keep reading so the server never blocks on a full pipe; keep a short tail for errors.
-        assert self._proc is not None and self._proc.stderr is not None
-        while line := await self._proc.stderr.readline():
-            self.log_tail.append(line.decode(errors="replace").rstrip())
-            del self.log_tail[:-50]
-
     async def wait(self) -> int:
-        assert self._proc is not None
-        return await self._proc.wait()
+        assert self._child is not None
+        return await self._child.wait()
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period; idempotent."""
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(STOP_GRACE_S):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._log_task is not None:
-            self._log_task.cancel()
-            await asyncio.gather(self._log_task, return_exceptions=True)
-            self._log_task = None
+        if self._child is not None:
+            await self._child.stop(STOP_GRACE_S)
 
 
 class LocalBackend:
