@@ -11,6 +11,7 @@ in fact arrived. The last line also gives back the chain's seq and prev.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,7 @@ class Outbox:
         self._load()
         self._file: BinaryIO | None = None  # opened on the first append
         self._dirty = False
+        self._dirty_turn = False
 
     def _read_acked(self) -> int:
         try:
@@ -78,16 +80,31 @@ class Outbox:
                 self.pending[r.seq] = Pending(r.executor_id, line, leaf)
 
     def append(self, signed: SignedReceipt, leaf: str) -> None:
-        """Write `signed` (whose leaf hash is `leaf`) before its reply leaves."""
+        """Write `signed` (whose leaf hash is `leaf`) before its reply leaves.
+
+        Lines written in one event-loop turn reach the kernel together, at the end of
+        the turn: before any reply of that turn leaves (replies go out from nats.py's
+        flusher, which runs later), with one write() for the lot.
+        """
         if self._file is None:
             self._file = open(self._path, "ab")  # noqa: SIM115 - owned until close()
         line = _encode(signed)
         self._file.write(line + b"\n")
-        self._file.flush()  # into the kernel now: a killed process loses nothing
+        if not self._dirty_turn:
+            self._dirty_turn = True
+            try:
+                asyncio.get_running_loop().call_soon(self._flush_turn)
+            except RuntimeError:  # no loop (tools, tests): write through
+                self._flush_turn()
         self._dirty = True
         seq = signed.receipt.seq
         self.last_seq = max(self.last_seq, seq)
         self.pending[seq] = Pending(signed.receipt.executor_id, line, leaf)
+
+    def _flush_turn(self) -> None:
+        self._dirty_turn = False
+        if self._file is not None:
+            self._file.flush()  # into the kernel now: a killed process loses nothing
 
     def acked(self, seq: int) -> None:
         self.pending.pop(seq, None)
@@ -95,6 +112,7 @@ class Outbox:
     def sync(self) -> None:
         """fsync what was written (power-loss durability) and persist the acked mark; call it now and then."""
         if self._dirty and self._file is not None:
+            self._file.flush()
             os.fsync(self._file.fileno())
             self._dirty = False
         # The mark only moves over a contiguous prefix: a hole must be republished.
@@ -106,6 +124,7 @@ class Outbox:
             self._written_mark = self.acked_seq = mark
 
     def close(self) -> None:
+        self._flush_turn()
         self.sync()
         if self._file is not None:
             self._file.close()

@@ -59,7 +59,12 @@ class ReceiptPublisher:
         retry_max_s: float = 5.0,
         ack_timeout_s: float = 5.0,
         window: int = 512,
+        batch: int = 64,
+        batch_delay_s: float = 0.01,
     ) -> None:
+        self.batch = batch
+        self.batch_delay_s = batch_delay_s
+        self._batch_timer: asyncio.TimerHandle | None = None
         self._nc = nc
         self._js = nc.jetstream()
         self.outbox = outbox
@@ -81,9 +86,20 @@ class ReceiptPublisher:
         self.idle = asyncio.Event()  # set whenever nothing is pending
 
     def notify(self) -> None:
-        """A new receipt is in the outbox (called by the issuer; cheap)."""
+        """A new receipt is in the outbox (called by the issuer; cheap).
+
+        Receipts go out in batches (`batch` of them, or after `batch_delay_s`), so that
+        publishing does not wake the loop, and the server, once per job.
+        """
         self._queue.append(self.outbox.last_seq)
         self.idle.clear()
+        if len(self._queue) >= self.batch:
+            self._wake.set()
+        elif self._batch_timer is None:
+            self._batch_timer = asyncio.get_running_loop().call_later(self.batch_delay_s, self._batch_due)
+
+    def _batch_due(self) -> None:
+        self._batch_timer = None
         self._wake.set()
 
     async def start(self) -> None:
@@ -104,6 +120,9 @@ class ReceiptPublisher:
                     await self.idle.wait()
             except TimeoutError:
                 log.warning("receipts left in the outbox for the next start", pending=len(self.outbox.pending))
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         task, self._task = self._task, None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
