@@ -1,14 +1,15 @@
 """Benchmark: the executor path side by side with direct HTTP and LiteLLM's proxy.
 
-    .venv/bin/python scripts/bench.py            # full run (~5.5 min), writes docs/benchmarks.md
+    .venv/bin/python scripts/bench.py            # full run (~7 min), writes docs/benchmarks.md
     .venv/bin/python scripts/bench.py --quick    # under two minutes, for development
     .venv/bin/python scripts/bench.py --no-litellm --smoke --out /tmp/b.md   # seconds; what the test runs
 
-Starts every process it needs (the fast backend, nats-server, `lloom-executor`
-processes, LiteLLM's proxy from scripts/.bench-venv, created on first use),
+Starts every process it needs (the fast backend, nats-server with JetStream, `lloom-executor`
+processes (one more with receipts off, for the saturation A/B), LiteLLM's proxy from scripts/.bench-venv, created on first use),
 drives them in interleaved round-robin batches from this process, reads CPU
 time and RSS of each child from /proc, stops every child on exit, error or
-Ctrl-C, and writes the markdown report, a JSON dump next to it and a CDF plot.
+Ctrl-C, keeps JetStream's store, the executors' receipt outboxes and keys in a temp dir
+it removes at the end, and writes the markdown report, a JSON dump next to it and a CDF plot.
 Run it with the project's venv (it imports `protocol`); traffic goes only to 127.0.0.1.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +32,10 @@ from benchkit import env, phases, report  # noqa: E402
 from benchkit.procs import Procs, pin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+MODEL = "bench-model"
+# The receipts-off executor of the A/B serves its own model name, so it joins no queue group of the
+# executor under test and is reached the same way (queue group by model, no direct addressing).
+MODEL_NO_RECEIPTS = "bench-model-nr"
 
 MODES = {
     "full": dict(rounds=5, c1_s=3.0, c1_cap=5000, sat_s=4.0, sat_cap=50000, half_s=3.0, half_cap=20000, stream_lens=[16, 256],
@@ -74,11 +80,18 @@ async def start_backend(procs: Procs, cpus: set[int] | None) -> tuple[str, int]:
     return f"http://127.0.0.1:{int(line.split()[1])}/v1", proc.pid
 
 
-async def start_nats(procs: Procs, cpus: set[int] | None) -> tuple[str, int]:
+async def start_nats(procs: Procs, cpus: set[int] | None, tmp: Path) -> tuple[str, int]:
+    """nats-server with JetStream (executors publish every receipt to it), as the embedded one runs it:
+    file store in the run's temp dir, `sync_interval: always` (a PubAck means the receipt is on disk)."""
     from executor.embedded_nats import find_nats_server, free_port
 
     port = free_port()
-    proc = procs.start("nats-server", [find_nats_server(), "-a", "127.0.0.1", "-p", str(port)], cpus=cpus)
+    store = tmp / "jetstream"
+    conf = tmp / "nats.conf"
+    conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: always\n}}\n")
+    # (the config file enables JetStream; adding -js -sd as well makes nats-server reject a duplicate store_dir)
+    argv = [find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-c", str(conf)]
+    proc = procs.start("nats-server", argv, cpus=cpus)
     url = f"nats://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -93,22 +106,77 @@ async def start_nats(procs: Procs, cpus: set[int] | None) -> tuple[str, int]:
     raise RuntimeError(f"nats-server did not start\n{procs.log_tail('nats-server')}")
 
 
-def start_executor(procs: Procs, tmp: Path, idx: int, backend_url: str, nats_url: str, cpus: set[int] | None) -> int:
+def start_executor(
+    procs: Procs, tmp: Path, idx: int | str, backend_url: str, nats_url: str, cpus: set[int] | None,
+    *, receipts: bool = True, model: str = MODEL,
+) -> int:  # fmt: skip
+    """One `lloom-executor`; its receipts outbox and identity key live in the run's temp dir."""
     cfg = tmp / f"executor-{idx}.toml"
     cfg.write_text(
-        f'[node]\nid = "bench-exec-{idx}"\nnats_url = "{nats_url}"\n\n'
-        f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{backend_url}"\nmodels = ["bench-model"]\n\n'
+        f'[node]\nid = "bench-exec-{idx}"\nnats_url = "{nats_url}"\nidentity_file = "{tmp / f"executor-{idx}.nk"}"\n\n'
+        f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{backend_url}"\nmodels = ["{model}"]\n\n'
+        f'[receipts]\nenabled = {"true" if receipts else "false"}\noutbox_dir = "{outbox_dir(tmp, idx)}"\n\n'
         '[logging]\nformat = "json"\n'
     )
     exe = Path(sys.executable).parent / "lloom-executor"
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.cli"]
-    return procs.start(f"executor-{idx}", [*argv, "--config", str(cfg), "--nats", nats_url], cpus=cpus).pid
+    name = "executor-noreceipts" if not receipts else f"executor-{idx}"
+    return procs.start(name, [*argv, "--config", str(cfg), "--nats", nats_url], cpus=cpus).pid
 
 
-async def wait_executor(client, idx: int, deadline_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+def outbox_dir(tmp: Path, idx: int | str) -> Path:
+    return tmp / f"outbox-{idx}"
+
+
+def outbox_state(directory: Path) -> tuple[int, int]:
+    """(last seq written, acked seq) of an executor's outbox, read from its files without parsing them all."""
+    last = 0
+    try:
+        with open(directory / "receipts.jsonl", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            lines = [ln for ln in f.read().split(b"\n") if ln.strip()]
+        for line in reversed(lines):
+            try:
+                last = json.loads(line)["receipt"]["seq"]
+                break
+            except (ValueError, KeyError):
+                continue  # a line cut by the seek, or being written
+    except FileNotFoundError:
+        pass
+    try:
+        acked = int((directory / "acked").read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        acked = 0
+    return last, acked
+
+
+def outbox_settler(directory: Path, path, lags: list[float]):  # type: ignore[no-untyped-def]
+    """Waits until JetStream holds every receipt the executor wrote, so that a batch's CPU includes
+    publishing its receipts (the publisher works behind the replies).
+
+    The outbox's `acked` mark is written only every sync interval, so it lags; the stream's message
+    count does not (only this executor publishes during the measured phases, and duplicates are
+    never stored)."""
+
+    async def settle() -> None:
+        t0 = time.perf_counter()
+        js = path.client._nc.jetstream()
+        last = outbox_state(directory)[0]
+        while time.perf_counter() - t0 < 60:
+            if (await js.stream_info("LLOOM_RECEIPTS")).state.last_seq >= last:
+                break
+            await asyncio.sleep(0.005)
+        lags.append(time.perf_counter() - t0)
+
+    return settle
+
+
+async def wait_executor(client, idx: int | str, deadline_s: float = 30.0, model: str = MODEL) -> None:  # type: ignore[no-untyped-def]
     from protocol.messages import ChatRequest, Message, Role
 
-    req = ChatRequest(model="bench-model", messages=[Message(role=Role.USER, content="ping")])
+    req = ChatRequest(model=model, messages=[Message(role=Role.USER, content="ping")])
     end = time.monotonic() + deadline_s
     while True:
         try:
@@ -148,10 +216,14 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     res: dict = {"mode": args.mode, "machine": env.machine(), "params": p, "litellm_status": "measured"}
     res["pinning"] = {"relay": sorted(relay_cpus or []), "harness": sorted(gen_cpus or [])}
     backend_url, backend_pid = await start_backend(procs, gen_cpus)
-    nats_url, nats_pid = await start_nats(procs, gen_cpus)
+    nats_url, nats_pid = await start_nats(procs, gen_cpus, tmp)
     log(f"backend at {backend_url}, nats-server at {nats_url}")
     pids = {"backend": backend_pid, "nats-server": nats_pid}
     pids["executor"] = start_executor(procs, tmp, 1, backend_url, nats_url, relay_cpus)
+    # The A/B of the saturation phase: the same executor with `[receipts] enabled = false`.
+    pids["executor-noreceipts"] = start_executor(
+        procs, tmp, "nr", backend_url, nats_url, relay_cpus, receipts=False, model=MODEL_NO_RECEIPTS
+    )
     litellm_task = None
     if args.no_litellm:
         res["litellm_status"] = "skipped (--no-litellm)"
@@ -164,11 +236,15 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     if gen_cpus:
         pin(os.getpid(), gen_cpus)
     paths = phases.make_paths(backend_url, nats_url)
-    for path in paths.values():
+    lags: list[float] = []
+    paths["executor"].settle = outbox_settler(outbox_dir(tmp, 1), paths["executor"], lags)
+    ab = {"executor-noreceipts": phases.ExecutorPath(nats_url, name="executor-noreceipts", model=MODEL_NO_RECEIPTS)}
+    for path in [*paths.values(), *ab.values()]:
         await path.open()
     try:
         await wait_executor(paths["executor"].client, 1)
-        log("executor 1 is serving")
+        await wait_executor(ab["executor-noreceipts"].client, "nr", model=MODEL_NO_RECEIPTS)
+        log("executor 1 (receipts on) and executor nr (receipts off) are serving")
         if litellm_task is not None:
             try:
                 litellm_url, pids["litellm"] = await litellm_task
@@ -185,18 +261,45 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
-        runner = phases.Runner(paths, pids, p, log, cpus=(relay_cpus, gen_cpus))
+        runner = phases.Runner(paths, pids, p, log, cpus=(relay_cpus, gen_cpus), ab_paths=ab)
         await runner.run_all(res)
+        res["receipts_ab"]["publisher_lag_s"] = {"max": max(lags, default=0.0), "mean": sum(lags) / max(1, len(lags))}
         if p["profile_s"] > 0:
             res["profile"] = await phases.profile_executor(runner, pids["executor"], p["profile_s"], tmp, log)
         res["scaling"] = await phases.scaling(
             runner, p, lambda i: start_executor(procs, tmp, i, backend_url, nats_url, relay_cpus),
             lambda i: wait_executor(paths["executor"].client, i),
         )
+        res["receipts_ab"]["stream"] = await receipts_stream_check(nats_url, tmp, max(p["scaling"]))
     finally:
-        for path in paths.values():
+        for path in [*paths.values(), *ab.values()]:
             await path.close()
     return res
+
+
+async def receipts_stream_check(nats_url: str, tmp: Path, n_executors: int) -> dict:
+    """After the run: JetStream holds every receipt the executors wrote, each once."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + 30
+        while True:
+            states = {i: outbox_state(outbox_dir(tmp, i)) for i in range(1, max(1, n_executors) + 1)}
+            written = sum(last for last, _ in states.values())
+            try:
+                stored = (await js.stream_info("LLOOM_RECEIPTS")).state.messages
+            except Exception as e:  # reported, not fatal: the figures above stand on their own
+                stored = f"unavailable: {type(e).__name__}: {e}"
+                break
+            if stored >= written or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+    acked = sum(a for _, a in states.values())
+    return {"written": written, "acked_marks": acked, "stored": stored, "outboxes": len(states)}
 
 
 def versions(res: dict) -> dict[str, str]:

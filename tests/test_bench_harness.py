@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # about 15 s: it starts nats-server, a backend and two executor processes
+@pytest.mark.slow  # about 15 s: it starts nats-server (JetStream), a backend and three executor processes
 def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
     proc = subprocess.run(
@@ -39,11 +39,19 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
             assert blk["ttft"][name]["ttft_p50_ms"] > 0
     for proc_name in ("executor", "nats-server", "backend"):
         assert res["rss_idle_mb"][proc_name] > 0
+    # The receipts A/B: a receipts-off executor measured alongside at saturation, returning no receipts.
+    off = res["sat"]["executor-noreceipts"]
+    assert off["n"] > 0 and off["errors"] == 0 and off["cpu_us"]["executor-noreceipts"] > 0
+    ab = res["receipts_ab"]
+    assert ab["status"] == "measured" and ab["receipts_returned_with_receipts_off"] == 0
+    assert ab["receipts_sampled"] > 0 and ab["receipts_per_signature"] >= 1
+    # JetStream is on: every receipt written to the (temporary) outboxes ended up in the stream, once.
+    assert ab["stream"]["written"] > 0 and ab["stream"]["stored"] == ab["stream"]["written"], ab["stream"]
     assert [r["executors"] for r in res["scaling"]] == [1, 2]
     assert all(r["rps"] > 0 and r["errors"] == 0 for r in res["scaling"])
     text = out.read_text()
     for heading in ("## Goals for the executor path", "## Latency at concurrency 1", "## Saturation", "## Streaming",
-                    "## Memory", "## Scaling"):  # fmt: skip
+                    "## Memory", "## Scaling", "## Receipts"):  # fmt: skip
         assert heading in text
     # Every goal line is judged (LiteLLM's are n/a without it).
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

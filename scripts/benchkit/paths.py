@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -87,11 +88,16 @@ class HttpPath:
 class ExecutorPath:
     """LloomClient -> NATS -> executor node(s) -> backend."""
 
-    def __init__(self, nats_url: str) -> None:
-        self.name = "executor"
+    def __init__(self, nats_url: str, *, name: str = "executor", model: str = MODEL) -> None:
+        self.name = name
         self.nats_url = nats_url
         self.client: LloomClient | None = None
-        self.request = ChatRequest(model=MODEL, messages=[Message(role=Role.USER, content=PROMPT)])
+        self.request = ChatRequest(model=model, messages=[Message(role=Role.USER, content=PROMPT)])
+        # Awaited after each measured batch, before the CPU is read (see Runner.measured).
+        self.settle: Callable[[], Awaitable[None]] | None = None
+        # When a list: the signature of every receipt returned (one per signed batch).
+        self.sigs: list[str] | None = None
+        self.receipts = 0
 
     async def open(self) -> None:
         self.client = await LloomClient.connect(self.nats_url, timeout=30.0)
@@ -104,7 +110,11 @@ class ExecutorPath:
         assert self.client is not None
         reply = await self.client.complete(self.request)
         if not reply.content:
-            raise RuntimeError("executor: empty completion")
+            raise RuntimeError(f"{self.name}: empty completion")
+        if reply.receipt is not None:
+            self.receipts += 1
+            if self.sigs is not None:
+                self.sigs.append(reply.receipt.proof.sig)
 
     async def stream(self, n: int) -> tuple[float, int]:
         assert self.client is not None

@@ -56,13 +56,34 @@ def summary(b: Batch, cpu: dict[str, float]) -> dict:
     return out
 
 
+def receipts_ab(sat: dict, sigs: list[str], off_receipts: dict[str, int]) -> dict:
+    """Receipts on (the `executor` path) vs off (`executor-noreceipts`) at saturation, per request."""
+    on, off = sat["executor"], sat.get("executor-noreceipts")
+    if off is None:
+        return {"status": "not measured"}
+    on_us, off_us = on["cpu_us"].get("executor", 0.0), off["cpu_us"].get("executor-noreceipts", 0.0)
+    on_nats, off_nats = on["cpu_us"].get("nats-server", 0.0), off["cpu_us"].get("nats-server", 0.0)
+    cost = on_us - off_us
+    return {
+        "status": "measured",
+        "executor_cpu_us": {"on": on_us, "off": off_us}, "nats_cpu_us": {"on": on_nats, "off": off_nats},
+        "rps": {"on": on["rps"], "off": off["rps"]}, "p99_ms": {"on": on["p99_ms"], "off": off["p99_ms"]},
+        "cost_us": cost, "cost_share_of_off": cost / off_us if off_us else None,
+        "nats_cost_us": on_nats - off_nats,
+        "receipts_sampled": len(sigs), "signatures": len(set(sigs)),
+        "receipts_per_signature": len(sigs) / len(set(sigs)) if sigs else None,
+        "receipts_returned_with_receipts_off": sum(off_receipts.values()),
+    }  # fmt: skip
+
+
 class Runner:
     def __init__(
         self, paths: dict, pids: dict[str, int], params: dict, log: Callable[[str], None],
-        cpus: tuple[set[int] | None, set[int] | None] = (None, None),
+        cpus: tuple[set[int] | None, set[int] | None] = (None, None), ab_paths: dict | None = None,
     ) -> None:  # fmt: skip
         self.relay_cpus, self.harness_cpus = cpus
         self.paths = paths
+        self.ab_paths = ab_paths or {}  # joins the saturation phase only (the receipts A/B)
         self.pids = pids
         self.p = params
         self.log = log
@@ -72,9 +93,12 @@ class Runner:
         snap["generator"] = self_cpu_seconds()
         return snap
 
-    async def measured(self, coro: Awaitable[Batch]) -> tuple[Batch, dict[str, float]]:
+    async def measured(self, coro: Awaitable[Batch], path: object = None) -> tuple[Batch, dict[str, float]]:
         before = self.cpu()
         batch = await coro
+        settle = getattr(path, "settle", None)
+        if settle is not None:
+            await settle()  # e.g. the receipts of this batch published: their CPU counts here
         after = self.cpu()
         return batch, {k: after[k] - before.get(k, 0.0) for k in after}
 
@@ -88,7 +112,7 @@ class Runner:
                 coro = make(name, self.paths[name])
                 if coro is None:
                     continue
-                batch, cpu = await self.measured(coro)
+                batch, cpu = await self.measured(coro, self.paths[name])
                 if name not in acc:
                     acc[name] = (Batch(), {})
                 acc[name][0].add(batch)
@@ -106,7 +130,7 @@ class Runner:
         p = self.p
         res["rss_idle_mb"] = {name: rss_mb(pid) for name, pid in self.pids.items()}
         self.log("warm-up")
-        for path in self.paths.values():
+        for path in [*self.paths.values(), *self.ab_paths.values()]:
             await closed_loop(path, 4, 30.0, p["warmup"])
         # A request at concurrency 1 is a serial chain, so a second core cannot speed it up; but on this
         # VM some wake-ups sent to the other vCPU arrive 2-6 ms late (about one scheduler tick), which
@@ -122,11 +146,25 @@ class Runner:
         self.log("concurrency 1, relay on its own core")
         res["c1_split"] = await self.rounds("c=1 split", lambda n, path: closed_loop(path, 1, p["c1_s"], p["c1_cap"]), p["rounds"])
         res["c1_split_latencies_ms"] = {n: [x * 1e3 for x in b.latencies] for n, (b, _) in self.last.items()}
-        self.log(f"saturation (concurrency {SAT_CONCURRENCY})")
-        res["sat"] = await self.rounds(
-            f"c={SAT_CONCURRENCY}", lambda n, path: closed_loop(path, SAT_CONCURRENCY, p["sat_s"], p["sat_cap"]), p["rounds"]
-        )
-        res["sat_latencies_ms"] = {n: [x * 1e3 for x in b.latencies] for n, (b, _) in self.last.items()}
+        self.log(f"saturation (concurrency {SAT_CONCURRENCY}), with the receipts A/B")
+        main_paths = self.paths
+        # The receipts-off executor runs right after the receipts-on one in each rotation.
+        self.paths = {}
+        for name, path in main_paths.items():
+            self.paths[name] = path
+            if name == "executor":
+                self.paths.update(self.ab_paths)
+        sigs: list[str] = []
+        main_paths["executor"].sigs = sigs
+        try:
+            res["sat"] = await self.rounds(
+                f"c={SAT_CONCURRENCY}", lambda n, path: closed_loop(path, SAT_CONCURRENCY, p["sat_s"], p["sat_cap"]), p["rounds"]
+            )
+        finally:
+            self.paths = main_paths
+            main_paths["executor"].sigs = None
+        res["sat_latencies_ms"] = {n: [x * 1e3 for x in b.latencies] for n, (b, _) in self.last.items() if n in main_paths}
+        res["receipts_ab"] = receipts_ab(res["sat"], sigs, {n: x.receipts for n, x in self.ab_paths.items()})
         res["rss_loaded_mb"] = {name: rss_mb(pid) for name, pid in self.pids.items()}
         await self.half_load(res)
         res["stream"] = {}
