@@ -7,6 +7,9 @@ the highest seq up to which JetStream has acknowledged every receipt, replaced
 atomically. After a restart, everything above that mark is published again; the
 stream's de-duplication (Nats-Msg-Id = the receipt's leaf hash) drops what had
 in fact arrived. The last line also gives back the chain's seq and prev.
+Once everything is acknowledged and the file has grown past `compact_bytes`, it
+is rotated (`receipts.jsonl.1`, replacing the previous one) and the chain's
+position kept in `chain`, so a restart reads only recent lines.
 """
 
 from __future__ import annotations
@@ -34,11 +37,16 @@ class Pending(msgspec.Struct):
 
 
 class Outbox:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, compact_bytes: int = 16 << 20) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._path = directory / "receipts.jsonl"
         self._acked_path = directory / "acked"
+        # Where the chain continues from once acknowledged lines have been compacted away.
+        self._chain_path = directory / "chain"
+        # Once everything is acknowledged and the file is this big, it is rotated to
+        # receipts.jsonl.1 (the previous one dropped): restarts read only what is recent.
+        self.compact_bytes = compact_bytes
         self.acked_seq = self._read_acked()
         self._written_mark = self.acked_seq
         self.pending: dict[int, Pending] = {}
@@ -59,6 +67,13 @@ class Outbox:
             return 0
 
     def _load(self) -> None:
+        try:
+            seq, leaf = self._chain_path.read_text().split()
+            self.last_seq, self.last_leaf = int(seq), leaf
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            log.error("unreadable chain file; the chain restarts from the outbox lines", file=str(self._chain_path))
         if not self._path.exists():
             return
         with open(self._path, "rb") as f:
@@ -74,7 +89,7 @@ class Outbox:
                 continue
             r = signed.receipt
             leaf = leaf_hash(r).hex()
-            if r.seq > self.last_seq:
+            if r.seq >= self.last_seq:
                 self.last_seq, self.last_leaf = r.seq, leaf
             if r.seq > self.acked_seq:
                 self.pending[r.seq] = Pending(r.executor_id, line, leaf)
@@ -98,7 +113,8 @@ class Outbox:
                 self._flush_turn()
         self._dirty = True
         seq = signed.receipt.seq
-        self.last_seq = max(self.last_seq, seq)
+        if seq > self.last_seq:
+            self.last_seq, self.last_leaf = seq, leaf
         self.pending[seq] = Pending(signed.receipt.executor_id, line, leaf)
 
     def _flush_turn(self) -> None:
@@ -118,10 +134,19 @@ class Outbox:
         # The mark only moves over a contiguous prefix: a hole must be republished.
         mark = (min(self.pending) - 1) if self.pending else self.last_seq
         if mark > self._written_mark:
-            tmp = self._acked_path.with_suffix(".tmp")
-            tmp.write_text(str(mark))
-            os.replace(tmp, self._acked_path)
+            _write_atomically(self._acked_path, str(mark))
             self._written_mark = self.acked_seq = mark
+        if not self.pending and self._file is not None and self._file.tell() >= self.compact_bytes:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rotate a fully acknowledged file; the chain's position is kept in `chain`."""
+        assert self._file is not None
+        _write_atomically(self._chain_path, f"{self.last_seq} {self.last_leaf}")
+        self._file.close()
+        self._file = None
+        os.replace(self._path, self._path.with_name(self._path.name + ".1"))
+        log.info("outbox compacted", last_seq=self.last_seq)
 
     def close(self) -> None:
         self._flush_turn()
@@ -129,3 +154,9 @@ class Outbox:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

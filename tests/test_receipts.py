@@ -281,3 +281,36 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
         await nc.close()
     assert sorted(s.receipt.seq for s in stored) == list(range(1, 8))  # all seven, once each
     assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
+
+
+async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(tmp_path: Path) -> None:
+    identity = Identity.generate()
+    outbox = Outbox(tmp_path, compact_bytes=1)
+    issuer = ReceiptIssuer(identity, "exe", outbox)
+    from executor.receipts import ReceiptUsage
+
+    async def issue() -> SignedReceipt:
+        return await issuer.issue(
+            job_id="j", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
+            usage=ReceiptUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2, counted_by="backend"),
+            started_at_ms=0, ttft_ms=None, request=b"{}", response_text="x",
+        )  # fmt: skip
+
+    first = [await issue() for _ in range(3)]
+    for s in first:
+        outbox.acked(s.receipt.seq)
+    outbox.sync()
+    assert not (tmp_path / "receipts.jsonl").exists()
+    assert (tmp_path / "receipts.jsonl.1").exists()
+    outbox.close()
+
+    reopened = Outbox(tmp_path)
+    assert (reopened.last_seq, reopened.pending) == (3, {})
+    later = await ReceiptIssuer(identity, "exe", reopened).issue(
+        job_id="k", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
+        usage=first[0].receipt.usage, started_at_ms=0, ttft_ms=None, request=b"{}", response_text="y",
+    )  # fmt: skip
+    reopened.close()
+    chain = [(s, verify_receipt(s)) for s in [*first, later]]
+    assert later.receipt.seq == 4
+    assert check_chain(chain) == []
