@@ -187,7 +187,9 @@ class Catalog:
             return
         assert isinstance(message, Heartbeat)
         if entry is not None:
-            entry.load = message.load
+            if entry.load != message.load:
+                entry.load = message.load
+                self._changed.set()
             entry.expires_at = expires
         if entry is None or entry.announcement.revision != message.revision:
             self._fetch(message)

@@ -112,10 +112,13 @@ def _wanted(want: ModelRequest, offer: ModelOffer) -> bool:
     return True
 
 
+NO_CONSTRAINTS = Constraints()
+
+
 def rank(
     entries: Iterable[ExecutorEntry],
     want: ModelRequest,
-    constraints: Constraints = Constraints(),
+    constraints: Constraints = NO_CONSTRAINTS,
     *,
     prompt_tokens: int = 0,
     completion_tokens: int = 0,

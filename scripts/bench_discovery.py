@@ -842,9 +842,9 @@ def render(res: dict) -> str:
 
     L += ["## Method", ""]
     L += [
-        f"- One `nats-server` (monitoring on 127.0.0.1, for its message counters), the benchmark's fast OpenAI-format "
-        f"backend (`scripts/fast_openai_server.py`), and a measuring client: a `protocol.catalog.Catalog` started "
-        f"before any executor, on the harness's event loop (plain asyncio).",
+        "- One `nats-server` (monitoring on 127.0.0.1, for its message counters), the benchmark's fast OpenAI-format "
+        "backend (`scripts/fast_openai_server.py`), and a measuring client: a `protocol.catalog.Catalog` started "
+        "before any executor, on the harness's event loop (plain asyncio).",
         f"- **Visibility, in-process** ({ip['from_announcer_start']['n']} repetitions): each repetition opens a NATS "
         f"connection, starts a real `ExecutorNode` (one model) and a real `Announcer` (new key, heartbeat "
         f"{HEARTBEAT_S} s) on the harness's loop, and times `announcer.start()` until the client's `Catalog` lists the "

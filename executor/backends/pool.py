@@ -161,8 +161,10 @@ class BackendPool:
                 continue
             self._listed[m.name] = {i.id for i in listed}
             for info in listed:
-                if m.models is None or info.id in m.models:
-                    found[info.id] = info if found.get(info.id) is None or found[info.id].context_length is None else found[info.id]
+                known = found.get(info.id)
+                # The backend's own entry (it may know the context length) unless one already does.
+                if (m.models is None or info.id in m.models) and (known is None or known.context_length is None):
+                    found[info.id] = info
         if not found and errors:
             raise BackendUnavailable("no backend of the pool lists models: " + "; ".join(errors))
         return list(found.values())

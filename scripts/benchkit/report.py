@@ -152,7 +152,7 @@ def render(res: dict, plot_note: str) -> str:
     L += [
         "- Backend: `scripts/fast_openai_server.py`, a raw asyncio protocol on uvloop with pre-encoded answers "
         "(constant small completion; streams of N chunks with no pause), so the relay is what is measured. "
-        f"Its own CPU per request is in the CPU tables (the `backend` column).",
+        "Its own CPU per request is in the CPU tables (the `backend` column).",
         "- Paths: **direct** = aiohttp -> backend; **executor** = `LloomClient` -> nats-server -> one `lloom-executor` "
         "process -> backend; **litellm** = aiohttp -> `litellm` proxy (1 worker) -> backend. Same request, same backend.",
         "- Receipts are on, as by default: nats-server runs JetStream (file store in the run's temp dir, "
