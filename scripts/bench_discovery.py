@@ -503,35 +503,10 @@ class StubNode:
 
 
 def _patient_catalog_class():  # type: ignore[no-untyped-def]
-    import nats.errors
-
-    from protocol import subjects as subj
+    """The catalogue whose first query waits for the first answer: the product's `Catalog` since e946c9d."""
     from protocol.catalog import Catalog
 
-    class PatientCatalog(Catalog):
-        """`Catalog` with one change to `refresh()`: the idle gap starts counting after the first answer."""
-
-        async def refresh(self) -> None:
-            inbox = self._nc.new_inbox()
-            sub = await self._nc.subscribe(inbox)
-            try:
-                await self._nc.publish(subj.CATALOG_QUERY, b"", reply=inbox)
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + self.query_timeout
-                first = True
-                while (left := deadline - loop.time()) > 0:
-                    try:
-                        msg = await sub.next_msg(timeout=left if first else min(self.idle_gap, left))
-                    except nats.errors.TimeoutError:
-                        break
-                    first = False
-                    if msg.headers and msg.headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
-                        break
-                    self._accept(msg, solicited=True)
-            finally:
-                await sub.unsubscribe()
-
-    return PatientCatalog
+    return Catalog
 
 
 async def worker_simulate(a: argparse.Namespace) -> None:
@@ -965,7 +940,7 @@ def render(res: dict) -> str:
         ["first catalogue: query answers received (first after / last after)",
          f"{q0['answers']:,} ({_f(q0['first_ms'], 1)} ms / {_f(q0['last_ms'], 0)} ms)"],
         ["first answer to a plain request on the query subject (harness, just before)", f"{sim['first_answer_ms']:,.0f} ms"],
-        ["variant: first answer awaited up to the query timeout, then the idle gap (`PatientCatalog` in this script): returns after / entries",
+        ["variant: first answer awaited up to the query timeout, then the idle gap (`protocol.catalog.Catalog` since e946c9d; a variant of this script before): returns after / entries",
          "; ".join(f"{q['ms']:,.0f} ms / {q['entries']:,}" for q in cl["patient"])],
         ["legitimate messages rejected as \"replayed\" (first catalogue by the end; each variant catalogue)",
          f"{w['rejected'].get('replayed', 0)}; " + ", ".join(str(q['rejected'].get('replayed', 0)) for q in cl["patient"])],
