@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -255,7 +256,11 @@ async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
 
     for result in (plain, streamed):
         assert result.returncode == 0, result.stderr
-        assert result.stdout.strip()
+        # The base model's text is not meaningful (it may be only newlines): assert that
+        # text was printed and that the summary counts generated tokens, not what it says.
+        assert len(result.stdout) > 1  # some text, then the CLI's own closing newline
+        summary = re.search(r"completion (\d+) = (\d+)", result.stderr)
+        assert summary and int(summary.group(1)) > 0, result.stderr
         assert MODEL in result.stderr
     assert await executor.exit_code(timeout=30) == 0
     assert await gone(server), f"llama-server {server} outlived its executor's SIGTERM"
