@@ -586,7 +586,8 @@ async def test_killed_executor_leaves_the_catalogue_after_missed_heartbeats_and_
     gone_after = loop.time() - killed_at
     # Not before it missed heartbeats (no goodbye was sent): silent for 2.5 periods (±10% jitter)
     # after the last one received, which came at most one period before the kill.
-    assert 1.4 * heartbeat <= gone_after <= 3 * heartbeat + 0.2
+    # (+0.4 s: the catalogue notices on its next read, one period later, on a loaded CI machine too.)
+    assert 1.4 * heartbeat <= gone_after <= 3 * heartbeat + 0.4
     await catalog.stop()
     await nc.close()
 
