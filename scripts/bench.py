@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import env, phases, report  # noqa: E402
-from benchkit.procs import Procs, pin  # noqa: E402
+from benchkit.procs import Procs, pin, run_all_stopped  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -342,24 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lloom-bench-") as tmp_s:
         tmp = Path(tmp_s)
         procs = Procs(tmp)
-        try:
-            try:
-                import uvloop
-
-                res = uvloop.run(amain(args, procs, tmp, log))
-            except ImportError:
-                res = asyncio.run(amain(args, procs, tmp, log))
-        except KeyboardInterrupt:
-            print("interrupted; stopping every process this run started", file=sys.stderr)
-            return 130
-        except Exception:
-            for name, _ in procs.started:
-                tail = procs.log_tail(name)
-                if tail:
-                    print(f"--- {name} log tail ---\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            procs.stop_all()
+        res = run_all_stopped(amain(args, procs, tmp, log), procs, uvloop_loop=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report.write(res, args.out, log)
     for line in report.goal_lines(res):

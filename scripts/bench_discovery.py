@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import env  # noqa: E402
-from benchkit.procs import Procs, cpu_seconds, pin, rss_mb, tree  # noqa: E402
+from benchkit.procs import Procs, cpu_seconds, pin, rss_mb, run_all_stopped, tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1054,19 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lloom-bench-discovery-") as tmp_s:
         tmp = Path(tmp_s)
         procs = Procs(tmp)
-        try:
-            res = asyncio.run(amain(args, procs, tmp, log))
-        except KeyboardInterrupt:
-            print("interrupted; stopping every process this run started", file=sys.stderr)
-            return 130
-        except Exception:
-            for name, _ in procs.started:
-                tail = procs.log_tail(name)
-                if tail:
-                    print(f"--- {name} log tail ---\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            procs.stop_all()
+        res = run_all_stopped(amain(args, procs, tmp, log), procs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write(res, args.out)
     for line in goal_lines(res):

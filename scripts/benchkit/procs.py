@@ -7,13 +7,18 @@ PR_SET_PDEATHSIG, so a SIGKILLed harness leaves no orphan behind.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -139,3 +144,30 @@ class Procs:
                 proc.kill()
                 proc.wait()
         self.started.clear()
+
+
+def run_all_stopped(main: Coroutine[Any, Any, T], procs: Procs, *, uvloop_loop: bool = False) -> T:
+    """Run a benchmark's `main`; whatever happens, stop every process it started.
+
+    Ctrl-C ends with exit status 130; a failure shows each process's log tail first.
+    """
+    try:
+        if uvloop_loop:
+            try:
+                import uvloop
+
+                return uvloop.run(main)
+            except ImportError:
+                pass
+        return asyncio.run(main)
+    except KeyboardInterrupt:
+        print("interrupted; stopping every process this run started", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception:
+        for name, _ in procs.started:
+            tail = procs.log_tail(name)
+            if tail:
+                print(f"--- {name} log tail ---\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        procs.stop_all()
