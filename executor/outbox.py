@@ -7,6 +7,10 @@ the highest seq up to which JetStream has acknowledged every receipt, replaced
 atomically. After a restart, everything above that mark is published again; the
 stream's de-duplication (Nats-Msg-Id = the receipt's leaf hash) drops what had
 in fact arrived. The last line also gives back the chain's seq and prev.
+Receipts travel to JetStream in batches, one message each, de-duplicated by a
+hash over the batch; `sent` records each batch's seq range as it is formed, so
+after a restart the same batches go out again and a batch JetStream had in
+fact stored is dropped as a duplicate rather than stored twice.
 Once everything is acknowledged and the file has grown past `compact_bytes`, it
 is rotated (`receipts.jsonl.1`, replacing the previous one) and the chain's
 position kept in `chain`, so a restart reads only recent lines.
@@ -44,6 +48,8 @@ class Outbox:
         self._acked_path = directory / "acked"
         # Where the chain continues from once acknowledged lines have been compacted away.
         self._chain_path = directory / "chain"
+        self._sent_path = directory / "sent"
+        self._sent_fd: int | None = None
         # Once everything is acknowledged and the file is this big, it is rotated to
         # receipts.jsonl.1 (the previous one dropped): restarts read only what is recent.
         self.compact_bytes = compact_bytes
@@ -125,6 +131,29 @@ class Outbox:
     def acked(self, seq: int) -> None:
         self.pending.pop(seq, None)
 
+    def recorded_batches(self) -> list[list[int]]:
+        """The pending receipts' batches as a previous run formed them (seqs, oldest first)."""
+        try:
+            text = self._sent_path.read_text()
+        except FileNotFoundError:
+            return []
+        batches = []
+        for line in text.splitlines():
+            try:
+                first, last = map(int, line.split())
+            except ValueError:
+                continue  # a torn last line: its batch is formed again
+            seqs = [s for s in range(max(first, self.acked_seq + 1), last + 1) if s in self.pending]
+            if seqs:
+                batches.append(seqs)
+        return batches
+
+    def record_batch(self, first: int, last: int) -> None:
+        """Note that receipts first..last leave as one message (before it leaves: a plain write)."""
+        if self._sent_fd is None:
+            self._sent_fd = os.open(self._sent_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self._sent_fd, f"{first} {last}\n".encode())
+
     def sync(self) -> None:
         """fsync what was written (power-loss durability) and persist the acked mark; call it now and then."""
         if self._dirty and self._file is not None:
@@ -146,6 +175,8 @@ class Outbox:
         self._file.close()
         self._file = None
         os.replace(self._path, self._path.with_name(self._path.name + ".1"))
+        self._close_sent()
+        self._sent_path.unlink(missing_ok=True)  # every batch in it is acknowledged
         log.info("outbox compacted", last_seq=self.last_seq)
 
     def close(self) -> None:
@@ -154,6 +185,12 @@ class Outbox:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self._close_sent()
+
+    def _close_sent(self) -> None:
+        if self._sent_fd is not None:
+            os.close(self._sent_fd)
+            self._sent_fd = None
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -1,24 +1,29 @@
 """Where receipts reach JetStream: from the outbox, in the background, until each is acknowledged.
 
 The publisher keeps the `LLOOM_RECEIPTS` stream (subjects `lloom.v1.receipts.>`,
-file storage) and sends every pending outbox receipt to
-`lloom.v1.receipts.<executor id>` with `Nats-Msg-Id` set to the receipt's leaf
-hash, so a receipt sent twice (a retry after a lost ack, a restart before the
-acked mark moved) is stored once within the stream's duplicate window.
+file storage) and sends the pending outbox receipts to
+`lloom.v1.receipts.<executor id>` in batches: one message holds up to `batch`
+consecutive receipts, one per line, so the server stores (and fsyncs) once per
+batch rather than once per job, which was most of what receipts cost. A batch's
+`Nats-Msg-Id` is a hash of its receipts' leaf hashes and its seq range is
+recorded in the outbox before it leaves, so a batch sent twice (a retry after a
+lost ack, a restart before the acked mark moved) goes out identical and is
+stored once within the stream's duplicate window.
 
-It publishes asynchronously: each receipt goes out with a reply subject on one
-wildcard ack inbox (`<inbox>.<seq>`), up to `window` unacknowledged at once,
-and the acks are matched by seq as they come. (nats.py's `js.publish` awaits each
-ack with a request and a timer of its own: several times the CPU per receipt.)
-A receipt without an ack after `ack_timeout_s` is sent again. No responders
-(no JetStream) or an error ack means JetStream is away: back off and retry;
-nothing is dropped. fsync and the acked mark happen every `sync_interval_s`,
-not per receipt, and never on the request path: jobs only append and wake it.
+It publishes asynchronously: each batch goes out with a reply subject on one
+wildcard ack inbox (`<inbox>.<first seq>`), up to `window` batches
+unacknowledged at once, and acks are matched as they come. (nats.py's
+`js.publish` awaits each ack with a request and a timer of its own.) A batch
+without an ack after `ack_timeout_s` is sent again. No responders (no
+JetStream) or an error ack means JetStream is away: back off and retry; nothing
+is dropped. fsync and the acked mark happen every `sync_interval_s`, never on
+the request path: jobs only append and wake it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import deque
 
 import msgspec
@@ -35,7 +40,9 @@ from protocol import subjects as subj
 
 log = structlog.get_logger(logger_name=__name__)
 
-STREAM = "LLOOM_RECEIPTS"
+STREAM = subj.RECEIPTS_STREAM
+# A batch stops growing here, well under NATS's default 1 MiB max_payload.
+MAX_BATCH_BYTES = 256 * 1024
 
 
 class _PubAck(msgspec.Struct):
@@ -48,6 +55,14 @@ class _PubAck(msgspec.Struct):
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
 
+class _Batch:
+    __slots__ = ("seqs", "sent_at")
+
+    def __init__(self, seqs: list[int]) -> None:
+        self.seqs = seqs
+        self.sent_at = 0.0
+
+
 class ReceiptPublisher:
     def __init__(
         self,
@@ -58,7 +73,7 @@ class ReceiptPublisher:
         sync_interval_s: float = 0.2,
         retry_max_s: float = 5.0,
         ack_timeout_s: float = 5.0,
-        window: int = 512,
+        window: int = 64,
         batch: int = 64,
         batch_delay_s: float = 0.01,
     ) -> None:
@@ -73,8 +88,9 @@ class ReceiptPublisher:
         self.retry_max_s = retry_max_s
         self.ack_timeout_s = ack_timeout_s
         self.window = window
-        self._queue: deque[int] = deque()  # seqs to send, oldest first
-        self._in_flight: dict[int, float] = {}  # seq -> when sent
+        self._fresh: deque[int] = deque()  # seqs not in a batch yet, oldest first
+        self._ready: deque[_Batch] = deque()  # formed batches to (re)send, oldest first
+        self._in_flight: dict[int, _Batch] = {}  # first seq -> batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._acks: Subscription | None = None
@@ -82,18 +98,19 @@ class ReceiptPublisher:
         self._stream_ready = False
         self._away_until = 0.0
         self._backoff = 0.1
-        self.published = 0
+        self.published = 0  # receipts acknowledged
+        self.messages = 0  # batches acknowledged
         self.idle = asyncio.Event()  # set whenever nothing is pending
 
-    def notify(self) -> None:
-        """A new receipt is in the outbox (called by the issuer; cheap).
+    def notify(self, seq: int) -> None:
+        """Receipt `seq` is in the outbox (called by the issuer; cheap).
 
-        Receipts go out in batches (`batch` of them, or after `batch_delay_s`), so that
-        publishing does not wake the loop, and the server, once per job.
+        Receipts leave as a batch once `batch` of them wait or `batch_delay_s` after the
+        first, so that publishing wakes neither the loop nor the server once per job.
         """
-        self._queue.append(self.outbox.last_seq)
+        self._fresh.append(seq)
         self.idle.clear()
-        if len(self._queue) >= self.batch:
+        if len(self._fresh) >= self.batch:
             self._wake.set()
         elif self._batch_timer is None:
             self._batch_timer = asyncio.get_running_loop().call_later(self.batch_delay_s, self._batch_due)
@@ -104,7 +121,12 @@ class ReceiptPublisher:
 
     async def start(self) -> None:
         if self._task is None:
-            self._queue.extend(sorted(self.outbox.pending))  # what a previous run left
+            # What a previous run left: its batches as they were, the rest as new.
+            batched: set[int] = set()
+            for seqs in self.outbox.recorded_batches():
+                self._ready.append(_Batch(seqs))
+                batched.update(seqs)
+            self._fresh.extend(sorted(s for s in self.outbox.pending if s not in batched))
             self._acks = await self._nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
             self._wake.set()
             self._task = asyncio.create_task(self._run(), name="receipt-publisher")
@@ -135,7 +157,7 @@ class ReceiptPublisher:
             return
         config = StreamConfig(
             name=STREAM,
-            subjects=[f"{subj.PREFIX}.receipts.>"],
+            subjects=[subj.RECEIPTS_ALL],
             storage=StorageType.FILE,
             duplicate_window=self.duplicate_window_s,
         )
@@ -167,49 +189,80 @@ class ReceiptPublisher:
                 continue
             try:
                 await self._ensure_stream()
-                await self._send_queued()
+                await self._send(now)
             except (nats.errors.Error, OSError) as e:
                 self._away(now, str(e) or type(e).__name__)
 
-    async def _send_queued(self) -> None:
-        nc = self._nc
-        sent_at = asyncio.get_running_loop().time()
-        while self._queue and len(self._in_flight) < self.window:
-            seq = self._queue.popleft()
-            entry = self.outbox.pending.get(seq)
-            if entry is None or seq in self._in_flight:
-                continue  # acknowledged meanwhile, or already on its way
-            self._in_flight[seq] = sent_at
-            await nc.publish(
-                f"{subj.PREFIX}.receipts.{entry.executor_id}",
-                entry.line,
-                reply=f"{self._ack_prefix}.{seq}",
-                headers={"Nats-Msg-Id": entry.msg_id},
+    def _next_batch(self) -> _Batch | None:
+        """The oldest formed batch, or a new one of consecutive fresh receipts (recorded first)."""
+        if self._ready:
+            return self._ready.popleft()
+        pending = self.outbox.pending
+        seqs: list[int] = []
+        size = 0
+        while self._fresh and len(seqs) < self.batch and size < MAX_BATCH_BYTES:
+            seq = self._fresh[0]
+            entry = pending.get(seq)
+            if entry is None:
+                self._fresh.popleft()  # acknowledged meanwhile
+                continue
+            if seqs and seq != seqs[-1] + 1:
+                break  # a batch is a seq range: what `sent` records
+            self._fresh.popleft()
+            seqs.append(seq)
+            size += len(entry.line)
+        if not seqs:
+            return None
+        self.outbox.record_batch(seqs[0], seqs[-1])
+        return _Batch(seqs)
+
+    async def _send(self, now: float) -> None:
+        pending = self.outbox.pending
+        while len(self._in_flight) < self.window:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            entries = [pending[s] for s in batch.seqs if s in pending]
+            if not entries:
+                continue  # acknowledged meanwhile
+            batch.sent_at = now
+            self._in_flight[batch.seqs[0]] = batch
+            msg_id = hashlib.sha256("".join(e.msg_id for e in entries).encode()).hexdigest()
+            await self._nc.publish(
+                subj.receipts_subject(entries[0].executor_id),
+                b"\n".join(e.line for e in entries),
+                reply=f"{self._ack_prefix}.{batch.seqs[0]}",
+                headers={"Nats-Msg-Id": msg_id, subj.HDR_RECEIPTS: str(len(entries))},
             )
 
     async def _on_ack(self, msg: Msg) -> None:
-        seq = int(msg.subject.rpartition(".")[2])
-        self._in_flight.pop(seq, None)
+        batch = self._in_flight.pop(int(msg.subject.rpartition(".")[2]), None)
+        if batch is None:
+            return  # a late ack of a batch already sent again
         if msg.headers and msg.headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
-            self._retry_later(seq, "no JetStream stream answers (is JetStream enabled?)")
+            self._retry_later(batch, "no JetStream stream answers (is JetStream enabled?)")
             return
         try:
             ack = _decode_ack(msg.data)
         except msgspec.DecodeError:
-            self._retry_later(seq, f"unreadable ack: {msg.data[:100]!r}")
+            self._retry_later(batch, f"unreadable ack: {msg.data[:100]!r}")
             return
         if ack.error is not None:
             self._stream_ready = False  # e.g. the stream was deleted: make it again
-            self._retry_later(seq, f"JetStream refused it: {ack.error.get('description', ack.error)}")
+            self._retry_later(batch, f"JetStream refused it: {ack.error.get('description', ack.error)}")
             return
-        self.outbox.acked(seq)
-        self.published += 1
+        for seq in batch.seqs:
+            self.outbox.acked(seq)
+        self.published += len(batch.seqs)
+        self.messages += 1
         self._backoff = 0.1
         if not self.outbox.pending:
             self.idle.set()
+        elif self._ready or self._fresh:
+            self._wake.set()  # the window had filled: more can go now
 
-    def _retry_later(self, seq: int, why: str) -> None:
-        self._queue.appendleft(seq)
+    def _retry_later(self, batch: _Batch, why: str) -> None:
+        self._ready.appendleft(batch)
         self._away(asyncio.get_running_loop().time(), why)
 
     def _away(self, now: float, why: str) -> None:
@@ -221,7 +274,7 @@ class ReceiptPublisher:
         self._wake.set()
 
     def _requeue_overdue(self, now: float) -> None:
-        overdue = [s for s, t in self._in_flight.items() if now - t > self.ack_timeout_s]
-        for seq in sorted(overdue, reverse=True):
-            del self._in_flight[seq]
-            self._queue.appendleft(seq)
+        overdue = [b for b in self._in_flight.values() if now - b.sent_at > self.ack_timeout_s]
+        for batch in sorted(overdue, key=lambda b: b.seqs[0], reverse=True):
+            del self._in_flight[batch.seqs[0]]
+            self._ready.appendleft(batch)

@@ -72,7 +72,7 @@ class ReceiptIssuer:
         outbox: Outbox,
         *,
         pricing: Callable[[str], Pricing] = lambda _model: Pricing(),
-        on_issue: Callable[[], None] = lambda: None,
+        on_issue: Callable[[int], None] = lambda _seq: None,
         counter: TokenCounter | None = None,
         mismatch_tolerance: float = 0.1,
     ) -> None:
@@ -181,5 +181,5 @@ class ReceiptIssuer:
         self._prev = leaf.hex()  # the chain is fixed now, before any await
         signed = SignedReceipt(receipt, await self._signer.sign(leaf))
         self.outbox.append(signed, leaf.hex())
-        self._on_issue()
+        self._on_issue(receipt.seq)
         return signed

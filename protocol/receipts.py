@@ -14,6 +14,11 @@ instead of one per job.
 Each executor numbers its receipts (`seq`, from 1, across restarts) and links
 each to the previous one (`prev`, the previous leaf hash), so whoever holds the
 stream can tell a missing, duplicated or replayed receipt (`check_chain`).
+
+On the wire (JetStream and the outbox file alike) signed receipts are JSON
+documents, one per line; a JetStream message carries a batch of consecutive
+receipts of one executor, so storing them costs one message, not one per job
+(`receipt_lines` splits one).
 """
 
 from __future__ import annotations
@@ -84,6 +89,11 @@ class ReceiptInvalid(Exception):
 
 
 signed_receipt_decoder = msgspec.json.Decoder(SignedReceipt)
+
+
+def receipt_lines(data: bytes) -> list[bytes]:
+    """The signed receipts (encoded) in a receipts message or file: one per non-blank line."""
+    return [line for line in data.split(b"\n") if line.strip()]
 
 
 def canonical(receipt: Receipt) -> bytes:

@@ -24,10 +24,18 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from protocol.receipts import ReceiptInvalid, SignedReceipt, check_chain, signed_receipt_decoder, verify_receipt
+from protocol import subjects as subj
+from protocol.receipts import (
+    ReceiptInvalid,
+    SignedReceipt,
+    check_chain,
+    receipt_lines,
+    signed_receipt_decoder,
+    verify_receipt,
+)
 
-STREAM = "LLOOM_RECEIPTS"
-SUBJECT = "lloom.v1.receipts.>"
+STREAM = subj.RECEIPTS_STREAM
+SUBJECT = subj.RECEIPTS_ALL
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -47,7 +55,7 @@ async def run(args: argparse.Namespace, nc: NATS | None) -> int:
     if (args.file is None) == (not args.stream):
         print("lloom: give a receipts file or --stream (one of them)", file=sys.stderr)
         return 2
-    lines = _file_lines(args.file) if args.file else _stream_lines(nc)  # type: ignore[arg-type]
+    lines = _file_lines(args.file) if args.file else stream_lines(nc)  # type: ignore[arg-type]
     if args.receipts_command == "verify":
         return await _verify(lines, args.key)
     return await _report(lines, args.json)
@@ -63,7 +71,7 @@ async def _file_lines(path: Path) -> AsyncIterator[tuple[str, bytes]]:
             yield f"{path}:{number}", line
 
 
-async def _stream_lines(nc: NATS) -> AsyncIterator[tuple[str, bytes]]:
+async def stream_lines(nc: NATS) -> AsyncIterator[tuple[str, bytes]]:
     js = nc.jetstream()
     try:
         info = await js.stream_info(STREAM)
@@ -75,7 +83,8 @@ async def _stream_lines(nc: NATS) -> AsyncIterator[tuple[str, bytes]]:
     try:
         while True:
             msg = await sub.next_msg(timeout=5)
-            yield f"{STREAM}#{msg.metadata.sequence.stream}", msg.data
+            for i, line in enumerate(receipt_lines(msg.data), 1):
+                yield f"{STREAM}#{msg.metadata.sequence.stream}:{i}", line
             if msg.metadata.num_pending == 0:
                 return
     finally:

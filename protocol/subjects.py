@@ -124,3 +124,15 @@ def status_subject(executor_id: str) -> str:
 def info_subject(executor_id: str) -> str:
     """Where one executor answers with its current announcement."""
     return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.info"
+
+
+# Signed usage receipts, kept by JetStream in the stream RECEIPTS_STREAM. One message
+# holds one or more receipts, one JSON document per line (see protocol/receipts.py).
+RECEIPTS_ALL = f"{PREFIX}.receipts.>"
+RECEIPTS_STREAM = "LLOOM_RECEIPTS"
+# How many receipts a receipts message holds (readers may count without parsing).
+HDR_RECEIPTS = "Lloom-Receipts"
+
+
+def receipts_subject(executor_id: str) -> str:
+    return f"{PREFIX}.receipts.{check_id('executor id', executor_id)}"

@@ -156,16 +156,18 @@ def outbox_settler(directory: Path, path, lags: list[float]):  # type: ignore[no
     """Waits until JetStream holds every receipt the executor wrote, so that a batch's CPU includes
     publishing its receipts (the publisher works behind the replies).
 
-    The outbox's `acked` mark is written only every sync interval, so it lags; the stream's message
-    count does not (only this executor publishes during the measured phases, and duplicates are
-    never stored)."""
+    The outbox's `acked` mark is written only every sync interval, so it lags; the stream does not.
+    Only this executor publishes during the measured phases and its batches are stored in order, so
+    once the last stored message ends with the last receipt written, all of them are in."""
+    from protocol.receipts import receipt_lines
 
     async def settle() -> None:
         t0 = time.perf_counter()
         js = path.client._nc.jetstream()
         last = outbox_state(directory)[0]
         while time.perf_counter() - t0 < 60:
-            if (await js.stream_info("LLOOM_RECEIPTS")).state.last_seq >= last:
+            last_seq = (await js.stream_info("LLOOM_RECEIPTS")).state.last_seq
+            if last_seq and json.loads(receipt_lines((await js.get_msg("LLOOM_RECEIPTS", last_seq)).data)[-1])["receipt"]["seq"] >= last:
                 break
             await asyncio.sleep(0.005)
         lags.append(time.perf_counter() - t0)
@@ -281,25 +283,35 @@ async def receipts_stream_check(nats_url: str, tmp: Path, n_executors: int) -> d
     """After the run: JetStream holds every receipt the executors wrote, each once."""
     import nats
 
+    from protocol.receipts_cli import stream_lines
+
+    states = {i: outbox_state(outbox_dir(tmp, i)) for i in range(1, max(1, n_executors) + 1)}
     nc = await nats.connect(nats_url)
     try:
-        js = nc.jetstream()
+        written = sum(last for last, _ in states.values())
         deadline = time.monotonic() + 30
-        while True:
-            states = {i: outbox_state(outbox_dir(tmp, i)) for i in range(1, max(1, n_executors) + 1)}
-            written = sum(last for last, _ in states.values())
+        while True:  # the last batches may still be on their way
+            seen: set[tuple[str, int]] = set()
+            stored = duplicates = 0
+            messages: set[str] = set()
             try:
-                stored = (await js.stream_info("LLOOM_RECEIPTS")).state.messages
+                async for where, line in stream_lines(nc):
+                    r = json.loads(line)["receipt"]
+                    key = (r["executor_key"], r["seq"])
+                    duplicates += key in seen
+                    seen.add(key)
+                    stored += 1
+                    messages.add(where.partition(":")[0])
             except Exception as e:  # reported, not fatal: the figures above stand on their own
-                stored = f"unavailable: {type(e).__name__}: {e}"
-                break
+                return {"written": written, "stored": f"unavailable: {type(e).__name__}: {e}"}
             if stored >= written or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
     finally:
         await nc.close()
     acked = sum(a for _, a in states.values())
-    return {"written": written, "acked_marks": acked, "stored": stored, "outboxes": len(states)}
+    return {"written": written, "acked_marks": acked, "stored": stored, "duplicates": duplicates,
+            "messages": len(messages), "outboxes": len(states)}
 
 
 def versions(res: dict) -> dict[str, str]:

@@ -123,7 +123,7 @@ async def flush(outbox: Outbox, store: Path) -> dict:
     return {
         "n": n, "wall_s": wall, "receipts_per_s": n / wall, "publisher_cpu_us_per_receipt": cpu * 1e6 / n,
         "nats_cpu_us_per_receipt": srv * 1e6 / n, "mark_acked_s": mark[0], "sync_s": sync[0],
-        "published": publisher.published, "stored": stored, "acked_mark": outbox.acked_seq,
+        "published": publisher.published, "messages": stored, "acked_mark": outbox.acked_seq,
     }  # fmt: skip
 
 
@@ -142,7 +142,7 @@ async def amain(args: argparse.Namespace) -> dict:
         print(f"flush: {f['receipts_per_s']:,.0f} receipts/s ({f['wall_s']:.2f} s for {f['n']:,}); "
               f"publisher CPU {f['publisher_cpu_us_per_receipt']:.0f} µs, nats-server {f['nats_cpu_us_per_receipt']:.0f} µs "
               f"per receipt; acked {f['mark_acked_s']:.2f} s, sync {f['sync_s']:.3f} s; "
-              f"{f['stored']:,} stored, acked mark {f['acked_mark']:,}", flush=True)  # fmt: skip
+              f"{f['published']:,} stored in {f['messages']:,} messages, acked mark {f['acked_mark']:,}", flush=True)  # fmt: skip
         outbox.close()
         outbox, res["load_acked_s"] = load(directory)
         res["load_acked_pending"] = len(outbox.pending)

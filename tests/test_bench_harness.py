@@ -47,6 +47,7 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
     assert ab["receipts_sampled"] > 0 and ab["receipts_per_signature"] >= 1
     # JetStream is on: every receipt written to the (temporary) outboxes ended up in the stream, once.
     assert ab["stream"]["written"] > 0 and ab["stream"]["stored"] == ab["stream"]["written"], ab["stream"]
+    assert ab["stream"]["duplicates"] == 0 and 0 < ab["stream"]["messages"] <= ab["stream"]["stored"], ab["stream"]
     assert [r["executors"] for r in res["scaling"]] == [1, 2]
     assert all(r["rps"] > 0 and r["errors"] == 0 for r in res["scaling"])
     text = out.read_text()

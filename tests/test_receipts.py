@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -28,6 +29,7 @@ from protocol.receipts import (
     ReceiptInvalid,
     SignedReceipt,
     check_chain,
+    receipt_lines,
     signed_receipt_decoder,
     verify_receipt,
 )
@@ -56,7 +58,7 @@ class Rig:
         out = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(STREAM, seq)
-            out.append(signed_receipt_decoder.decode(msg.data))
+            out += [signed_receipt_decoder.decode(line) for line in receipt_lines(msg.data)]
         return out
 
 
@@ -164,6 +166,74 @@ async def test_concurrent_jobs_share_signatures_and_every_receipt_verifies_and_c
     assert rig.issuer.signer.batches < 30  # several receipts per signature
     stored = await rig.published()
     assert sorted(s.receipt.seq for s in stored) == list(range(1, 31))
+
+
+async def test_receipts_travel_in_batches_one_stream_message_for_many_jobs(rig: Rig, js_client: LloomClient) -> None:
+    await asyncio.gather(*(js_client.complete(ask()) for _ in range(40)))
+    stored = await rig.published()
+    assert sorted(s.receipt.seq for s in stored) == list(range(1, 41))
+    info = await rig.node.nc.jetstream().stream_info(STREAM)
+    assert info.state.messages < 40  # batched: not one message per receipt
+    assert rig.publisher.messages == info.state.messages
+    last = await rig.node.nc.jetstream().get_msg(STREAM, info.state.last_seq)
+    assert last.headers is not None
+    assert int(last.headers["Lloom-Receipts"]) == len(receipt_lines(last.data))
+
+
+async def _issue(issuer: ReceiptIssuer, n: int) -> None:
+    from executor.receipts import ReceiptUsage
+
+    for _ in range(n):
+        await issuer.issue(
+            job_id="j", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
+            usage=ReceiptUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2, counted_by="backend"),
+            started_at_ms=0, ttft_ms=None, request=b"{}", response_text="x",
+        )  # fmt: skip
+
+
+async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_restart(
+    js_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """The crash window: JetStream stored a batch, the executor died before its acked mark moved.
+
+    The restarted publisher sends the same batches again (recorded in `sent`), so their
+    Nats-Msg-Id match and JetStream drops them as duplicates."""
+    identity = Identity.generate()
+    nc = await nats.connect(js_server.url)
+    js = nc.jetstream()
+    outbox = Outbox(tmp_path / "live")
+    publisher = ReceiptPublisher(nc, outbox, sync_interval_s=3600, batch=4)  # the mark never moves
+    issuer = ReceiptIssuer(identity, "exe", outbox, on_issue=publisher.notify)
+    await publisher.start()
+    for n in (3, 7):  # batches 1-3, 4-7, 8-10: not what cutting 1..10 into fours would give
+        await _issue(issuer, n)
+        async with asyncio.timeout(WAIT):
+            while outbox.pending:
+                await publisher.idle.wait()
+    before = (await js.stream_info(STREAM)).state.messages
+    assert before >= 3  # batches of at most 4
+    # What a process killed now leaves on disk: the lines and `sent`, but no acked mark.
+    shutil.copytree(tmp_path / "live", tmp_path / "after-kill")
+    await publisher.stop()
+    outbox.close()
+
+    again = Outbox(tmp_path / "after-kill")
+    assert sorted(again.pending) == list(range(1, 11))  # to the outbox, nothing was acknowledged
+    publisher = ReceiptPublisher(nc, again, sync_interval_s=0.05, batch=4)
+    await publisher.start()
+    async with asyncio.timeout(WAIT):
+        while again.pending:
+            await publisher.idle.wait()
+    await publisher.stop()
+    info = await js.stream_info(STREAM)
+    assert info.state.messages == before  # every batch was a duplicate
+    stored = [signed_receipt_decoder.decode(line)
+              for seq in range(info.state.first_seq, info.state.last_seq + 1)
+              for line in receipt_lines((await js.get_msg(STREAM, seq)).data)]  # fmt: skip
+    assert sorted(s.receipt.seq for s in stored) == list(range(1, 11))
+    assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
+    again.close()
+    await nc.close()
 
 
 # -- tampering ---------------------------------------------------------------------
@@ -274,8 +344,9 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
                 await publisher.idle.wait()
         js = nc.jetstream()
         info = await js.stream_info(STREAM)
-        stored = [signed_receipt_decoder.decode((await js.get_msg(STREAM, s)).data)
-                  for s in range(info.state.first_seq, info.state.last_seq + 1)]  # fmt: skip
+        stored = [signed_receipt_decoder.decode(line)
+                  for s in range(info.state.first_seq, info.state.last_seq + 1)
+                  for line in receipt_lines((await js.get_msg(STREAM, s)).data)]  # fmt: skip
         await publisher.stop()
         outbox.close()
         await nc.close()

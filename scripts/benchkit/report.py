@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from pathlib import Path
 
 from benchkit import env
@@ -124,18 +125,38 @@ def cpu_table(block: dict, label: str) -> str:
 
 def write(res: dict, out: Path, log) -> None:  # type: ignore[no-untyped-def]
     json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(res, indent=1))
     png = out.with_name(out.stem + "-cdf.png")
     plot_note = f"![latency CDFs]({png.name})"
     if env.BENCH_PY.exists() and env.package_version(str(env.BENCH_PY), "matplotlib") != "not installed":
-        r = subprocess.run([str(env.BENCH_PY), str(Path(__file__).with_name("plot.py")), str(json_path), str(png)],
-                           capture_output=True, text=True)  # fmt: skip
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as full:  # every sample, for the plot only
+            json.dump(res, full)
+            full.flush()
+            r = subprocess.run([str(env.BENCH_PY), str(Path(__file__).with_name("plot.py")), full.name, str(png)],
+                               capture_output=True, text=True)  # fmt: skip
         if r.returncode != 0:
             plot_note = f"(plot skipped: matplotlib failed: {r.stderr.strip()[-300:]})"
     else:
         plot_note = "(plot skipped: matplotlib is not installed; it comes with the bench venv, i.e. a run without --no-litellm)"
+    json_path.write_text(json.dumps(_trimmed(res), indent=1))
     log(plot_note)
     out.write_text(render(res, plot_note))
+
+
+def _trimmed(res: dict) -> dict:
+    """`res` with each latency list cut to 201 quantiles (0, 0.5, ..., 100%): enough to redraw its
+    CDF, without the tens of thousands of raw samples a run collects."""
+    out = dict(res)
+    for key in ("c1_latencies_ms", "c1_split_latencies_ms", "sat_latencies_ms"):
+        if key in out:
+            out[key] = {path: _quantiles(xs, 201) for path, xs in out[key].items()}
+    return out
+
+
+def _quantiles(xs: list[float], n: int) -> list[float]:
+    s = sorted(xs)
+    if len(s) <= n:
+        return s
+    return [round(s[round(i * (len(s) - 1) / (n - 1))], 4) for i in range(n)]
 
 
 def render(res: dict, plot_note: str) -> str:
@@ -261,7 +282,7 @@ def render_receipts(ab: dict | None) -> list[str]:
     L += ["Two executor processes on the relay core, identical but for `[receipts] enabled`; the receipts-off one "
           "serves its own model name, so both are reached the same way (queue group by model). They run as two paths "
           "of the saturation phase, interleaved with the others. After every batch of the receipts-on path the "
-          "harness waits until the executor's outbox is fully acknowledged by JetStream before reading CPU, so "
+          "harness waits until JetStream holds every receipt the executor wrote before reading CPU, so "
           "publishing a batch's receipts is charged to that batch. nats-server runs JetStream with file storage and "
           "`sync_interval: always` (as the embedded server does), on the harness core.", "",
           _table(["executor", "req/s", "executor CPU µs/req", "nats-server CPU µs/req", "p99 ms"], rows), "",
@@ -274,9 +295,9 @@ def render_receipts(ab: dict | None) -> list[str]:
           f"- Waiting for the outbox to drain after a batch: mean {1e3 * lag.get('mean', 0):.0f} ms, "
           f"max {1e3 * lag.get('max', 0):.0f} ms.",
           f"- End of run: {st.get('written', '–')} receipts written by {st.get('outboxes', '–')} executors, "
-          f"{st.get('stored', '–')} messages in `LLOOM_RECEIPTS` (the outboxes' `acked` marks sum to "
-          f"{st.get('acked_marks', '–')}: the marks are written once per sync interval, so they lag a "
-          "little).", ""]
+          f"{st.get('stored', '–')} receipts in `LLOOM_RECEIPTS` ({st.get('duplicates', '–')} twice), "
+          f"in {st.get('messages', '–')} messages (batches); the outboxes' `acked` marks sum to "
+          f"{st.get('acked_marks', '–')} (written once per sync interval, so they lag a little).", ""]
     return L
 
 
