@@ -171,7 +171,7 @@ class FallbackConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """What happens to a model's jobs when no backend can serve them."""
 
     model: str
-    strategy: Literal["secondary", "degrade", "reject"] = "secondary"
+    strategy: Literal["secondary", "degrade", "queue", "reject"] = "secondary"
     secondary: list[str] = []  # backends kept in reserve for this model (tried after the rest)
     degrade_model: str | None = None
     degrade_max_tokens: Annotated[int, Meta(ge=1)] | None = None
@@ -183,6 +183,21 @@ class FallbackConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError(f"fallback for {self.model!r}: secondary needs a list of backend names")
 
 
+class QueueConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The durable job queue (protocol/durable.py): where `queue` fallbacks and `submit` send jobs."""
+
+    # Take queued jobs for every model this executor serves, not only those whose
+    # fallback is `queue` (clients may submit any job to the queue).
+    consume_all: bool = False
+    # A job not acknowledged this long after delivery goes to another executor; a
+    # running job tells JetStream it is still at work every third of it.
+    ack_wait_secs: Annotated[float, Meta(ge=1, le=86_400)] = 30.0
+    max_deliver: Annotated[int, Meta(ge=1, le=1_000)] = 5
+    # How long one run of a queued job may take.
+    job_timeout_secs: Annotated[float, Meta(gt=0, le=86_400)] = 600.0
+    result_ttl_secs: Annotated[float, Meta(gt=0, le=365 * 86_400)] = 86_400.0
+
+
 class ExecutorsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The design document's multi-backend shape; when `backends` is set it replaces [llm_client]."""
 
@@ -190,6 +205,7 @@ class ExecutorsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     load_balancing: LoadBalancingConfig = LoadBalancingConfig()
     retry: RetryConfig = RetryConfig()
     fallbacks: list[FallbackConfig] = []
+    queue: QueueConfig = QueueConfig()
 
     def __post_init__(self) -> None:
         names = [b.name for b in self.backends]
@@ -407,9 +423,16 @@ sync_interval_secs = 0.2
 #
 # [[executors.fallbacks]]            # when no backend can serve a model
 # model = "gpt-4"
-# strategy = "degrade"               # secondary (+ secondary = ["backup"]) | degrade | reject
+# strategy = "degrade"               # secondary (+ secondary = ["backup"]) | degrade | queue | reject
 # degrade_model = "gpt-3.5-turbo"
 # degrade_max_tokens = 256
+#
+# [executors.queue]                  # queue: jobs wait in JetStream (LLOOM_JOBS) until a backend is back
+# consume_all = false                # also run jobs clients submit for this executor's other models
+# ack_wait_secs = 30
+# max_deliver = 5
+# job_timeout_secs = 600
+# result_ttl_secs = 86400            # results wait this long in the LLOOM_RESULTS bucket
 
 [cache]
 # Identical requests at temperature 0 (or with "cache": true) are answered from memory,

@@ -26,6 +26,7 @@ from executor.backends.registry import create_backend, create_pool
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.cache import ResponseCache
+from executor.job_queue import JobQueue
 from executor.node import ExecutorNode
 from executor.outbox import Outbox
 from executor.receipt_publisher import ReceiptPublisher
@@ -81,7 +82,7 @@ async def serve(
         async with AsyncExitStack() as stack:
             url = config.node.nats_url
             if not url:
-                server = await start_embedded_nats(config, jetstream=config.receipts.enabled)
+                server = await start_embedded_nats(config, jetstream=config.receipts.enabled or uses_queue(config))
                 stack.push_async_callback(server.stop)
                 url = server.url
                 log.info("embedded NATS server listening", url=url, clients=f"lloom --nats {url} complete ...")
@@ -104,8 +105,13 @@ async def serve(
             if config.receipts.enabled:
                 publisher = await start_receipts(config, nc, node, identity)
                 stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
+            queue = _job_queue(config, nc, node)
+            if queue is not None:
+                stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
             await node.start()
             stack.push_async_callback(node.stop)
+            if queue is not None:
+                await queue.start()
             announcer = Announcer(
                 nc,
                 node,
@@ -161,6 +167,20 @@ async def start_receipts(config: ExecutorConfig, nc: NATS, node: ExecutorNode, i
     if outbox.pending:
         log.info("publishing receipts left by an earlier run", pending=len(outbox.pending), outbox=str(directory))
     return publisher
+
+
+def uses_queue(config: ExecutorConfig) -> bool:
+    ex = config.executors
+    return ex.queue.consume_all or any(f.strategy == "queue" for f in ex.fallbacks)
+
+
+def _job_queue(config: ExecutorConfig, nc: NATS, node: ExecutorNode) -> JobQueue | None:
+    if not uses_queue(config):
+        return None
+    ex = config.executors
+    fallback = {f.model for f in ex.fallbacks if f.strategy == "queue"}
+    node.job_queue = JobQueue(nc, node, ex.queue, fallback_models=fallback, retry=ex.retry)
+    return node.job_queue
 
 
 def load_identity(config: ExecutorConfig, executor_id: str) -> Identity:

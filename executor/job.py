@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -22,10 +22,12 @@ from executor.backends.base import Backend, Completion, Delta, Finish, StreamEve
 from executor.cache import cache_key, cacheable
 from protocol import subjects as subj
 from protocol.errors import (
+    BackendError,
     Cancelled,
     DeadlineExceeded,
     InternalError,
     InvalidRequest,
+    JobQueued,
     LloomError,
     ModelNotFound,
     ResponseTooLarge,
@@ -34,6 +36,7 @@ from protocol.errors import (
 from protocol.messages import (
     ChatRequest,
     ChatResponse,
+    ErrorReply,
     FinishReason,
     StreamChunk,
     StreamEnd,
@@ -54,7 +57,7 @@ _SENTINEL = b""
 class Job:
     __slots__ = (
         "id", "request", "reply", "deadline", "started", "liveness", "missed_pings", "cancel_reason",
-        "task", "_node", "_ttft", "_completion_tokens", "_payload", "_client", "_started_ms", "_parts",
+        "task", "_node", "_ttft", "_completion_tokens", "_payload", "_client", "_started_ms", "_parts", "sink",
     )  # fmt: skip
 
     def __init__(
@@ -68,8 +71,11 @@ class Job:
         liveness: bool,
         payload: bytes = b"",
         client: str | None = None,
+        sink: Callable[[bytes], Awaitable[None]] | None = None,
     ) -> None:
         self._node = node
+        # Where the reply goes instead of `reply` (a queued job's result goes to the results bucket).
+        self.sink = sink
         self.id = job_id
         self.request = request
         self.reply = reply
@@ -130,6 +136,8 @@ class Job:
             node.perf.record(self.request.model, ok=False, seconds=elapsed)
         if not isinstance(err, Cancelled):
             log.info("job error", job_id=self.id, model=self.request.model, code=err.code.value, error=err.message)
+        if self._should_queue(err):
+            err = await self._enqueue(err)
         receipt = None
         if self._parts:  # a stream that ended early is billed for what it produced
             outcome: Outcome = "cancelled" if isinstance(err, (Cancelled, DeadlineExceeded)) else "failed"
@@ -137,7 +145,33 @@ class Job:
                 receipt = await self._receipt(outcome, None, self.request.model, None, "".join(self._parts))
             except Exception:
                 log.exception("receipt for an interrupted stream failed", job_id=self.id)
+        if self.sink is not None:
+            await self.sink(encoder.encode(_error_wire(node, err, self.id, receipt)))
+            return
         await send_error(node, self.reply, err, job_id=self.id, stream=self.request.stream, receipt=receipt)
+
+    def _should_queue(self, err: LloomError) -> bool:
+        """A unary job that no backend could serve, for a model whose fallback is `queue`."""
+        queue = self._node.job_queue
+        return (
+            queue is not None and self.sink is None and not self.request.stream and not self._parts
+            and isinstance(err, BackendError) and err.retryable and queue.is_fallback_for(self.request.model)
+        )  # fmt: skip
+
+    async def _enqueue(self, err: LloomError) -> LloomError:
+        queue = self._node.job_queue
+        assert queue is not None
+        try:
+            await queue.enqueue(self.id, self.request.model, self._payload, self._client)
+        except Exception as e:  # JetStream away: the caller gets the backend's error, as without a queue
+            log.warning("could not queue the job", job_id=self.id, error=str(e) or type(e).__name__)
+            return err
+        log.info("job queued", job_id=self.id, model=self.request.model, reason=err.message)
+        return JobQueued(
+            f"no backend can serve {self.request.model!r} now ({err.message}); job {self.id} waits in the durable"
+            " queue: await it with LloomClient.result(job_id) or `lloom result <job id>`",
+            job_id=self.id,
+        )
 
     def _check(self) -> None:
         node = self._node
@@ -218,7 +252,10 @@ class Job:
                 f"the completion is {len(payload)} bytes, over the NATS max_payload of {nc.max_payload};"
                 " ask for it with stream=True"
             )
-        await nc.publish(self.reply, payload)
+        if self.sink is not None:
+            await self.sink(payload)
+        else:
+            await nc.publish(self.reply, payload)
         self._completion_tokens = result.usage.completion_tokens
 
     async def _run_stream(self, backend: Backend, nc: NATS) -> None:
@@ -281,10 +318,7 @@ async def send_error(
     receipt: SignedReceipt | None = None,
 ) -> None:
     """Answer `reply` with `err` (and close the stream); never raises, a failed reply is only logged."""
-    wire = error_to_wire(err, job_id=job_id, executor_id=node.id)
-    if receipt is not None:
-        wire = msgspec.structs.replace(wire, receipt=receipt)
-    payload = encoder.encode(wire)
+    payload = encoder.encode(_error_wire(node, err, job_id, receipt))
     headers = {
         subj.HDR_SERVICE_ERROR: err.message[:200].replace("\r", " ").replace("\n", " "),
         subj.HDR_SERVICE_ERROR_CODE: str(err.status),
@@ -295,6 +329,11 @@ async def send_error(
             await node.nc.publish(reply, _SENTINEL)
     except Exception as e:  # the connection may be gone; the job is over either way
         log.warning("could not send error reply", job_id=job_id, code=err.code.value, error=str(e))
+
+
+def _error_wire(node: ExecutorNode, err: LloomError, job_id: str | None, receipt: SignedReceipt | None) -> ErrorReply:
+    wire = error_to_wire(err, job_id=job_id, executor_id=node.id)
+    return wire if receipt is None else msgspec.structs.replace(wire, receipt=receipt)
 
 
 async def _replay(hit: Completion) -> AsyncIterator[StreamEvent]:

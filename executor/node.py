@@ -22,7 +22,8 @@ import asyncio
 import enum
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats.errors
@@ -41,6 +42,9 @@ from executor.receipts import ReceiptIssuer
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, request_decoder
+
+if TYPE_CHECKING:
+    from executor.job_queue import JobQueue
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -107,6 +111,7 @@ class ExecutorNode:
         # Set by whoever wires receipts (the daemon); without it jobs carry none.
         self.receipts: ReceiptIssuer | None = None
         self.cache: ResponseCache | None = None  # likewise for the response cache
+        self.job_queue: JobQueue | None = None  # and for the durable queue (`queue` fallbacks)
         self.stats = NodeStats()
         self._refresh_error: str | None = None
         self.state = State.NEW
@@ -271,10 +276,35 @@ class ExecutorNode:
             payload=msg.data,
             client=headers.get(subj.HDR_CLIENT),
         )
-        self._jobs[job_id] = job
+        self._launch(job)
+
+    def _launch(self, job: Job) -> asyncio.Task[None]:
+        self._jobs[job.id] = job
         self._idle.clear()
-        job.task = loop.create_task(job.run())
-        job.task.add_done_callback(lambda _t, jid=job_id: self._job_done(jid))
+        job.task = asyncio.get_running_loop().create_task(job.run())
+        job.task.add_done_callback(lambda _t, jid=job.id: self._job_done(jid))
+        return job.task
+
+    def has_room(self) -> bool:
+        return self.state is State.RUNNING and len(self._jobs) < self.config.max_concurrent_jobs
+
+    def run_queued(
+        self,
+        job_id: str,
+        request: ChatRequest,
+        payload: bytes,
+        *,
+        client: str | None,
+        timeout_s: float,
+        sink: Callable[[bytes], Awaitable[None]],
+    ) -> asyncio.Task[None] | None:
+        """Run a job taken from the durable queue like any other (capacity, cancel, drain,
+        receipts), its reply going to `sink`; None if a job with that id already runs here."""
+        if job_id in self._jobs:
+            return None
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        return self._launch(Job(self, job_id, request, "", deadline, liveness=False, payload=payload, client=client,
+                                sink=sink))  # fmt: skip
 
     def _job_done(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
@@ -294,6 +324,7 @@ class ExecutorNode:
             "capacity": self.config.max_concurrent_jobs,
             "stats": self.stats.as_dict(),
             "pool": pool_status() if callable(pool_status) else None,
+            "queue": None if self.job_queue is None else self.job_queue.status(),
             "cache": None if self.cache is None else {"entries": len(self.cache), "hits": self.cache.hits,
                                                       "misses": self.cache.misses},  # fmt: skip
             "receipts": None if self.receipts is None else {

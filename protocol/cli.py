@@ -6,11 +6,14 @@
     lloom complete --route cheapest --min-context 8192 "hi"
     lloom models [--json] [--watch]
     lloom receipts verify --stream        lloom receipts report --stream
+    lloom complete --model qwen2.5:7b --queue "hi"     # durable: prints the job id
+    lloom result <job id> [--timeout 600 | --no-wait]
 
 The text goes to stdout; a summary line (model, finish reason, token usage, the
 executor that served it) to stderr, so the text can be piped. Errors print
 their wire code and message; exit codes: 0 ok, 1 the job failed, 2 bad usage
-or no connection.
+or no connection, 3 the job waits in the durable queue (its id on stdout) or
+its result is not there yet.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from protocol import receipts_cli
 from protocol.announcements import ModelCategory
 from protocol.catalog import ExecutorEntry
 from protocol.client import DEFAULT_URL, LloomClient
-from protocol.errors import LloomError
+from protocol.errors import JobQueued, LloomError, ResultPending
 from protocol.messages import ChatRequest, ChatResponse, Message, Role, StreamEnd, Usage
 from protocol.routing import Category, Cheapest, Constraints, Fastest, ModelRequest, Specific, category_of
 
@@ -52,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the whole answer (default 120)")
     c.add_argument("--executor", help="send to this executor id instead of any executor serving the model")
     c.add_argument("--json", action="store_true", help="print the normalized response as JSON")
+    c.add_argument("--queue", action="store_true",
+                   help="put the job in the durable queue and print its id (then: lloom result ID)")  # fmt: skip
     r = c.add_argument_group("routing (picks an executor from the live catalogue)")
     r.add_argument("--route", choices=["cheapest", "fastest", "fast", "balanced", "quality"],
                    help="choose the model too: cheapest, fastest, or one of a category")  # fmt: skip
@@ -61,11 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--min-context", type=int, help="minimum context length")
     r.add_argument("--feature", action="append", default=[], help="a required feature (repeatable)")
     r.add_argument("--hedge-after", type=float, help="seconds before also asking a second executor")
+    res = sub.add_parser("result", help="the result of a queued job")
+    res.add_argument("job_id")
+    res.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for it (default 120)")
+    res.add_argument("--no-wait", action="store_true", help="only look: exit 3 if it is not there yet")
+    res.add_argument("--json", action="store_true", help="print the normalized response as JSON")
     receipts_cli.add_parser(sub)
     m = sub.add_parser("models", help="list the models the network serves, live")
     m.add_argument("--json", action="store_true", help="print the catalogue as JSON")
     m.add_argument("--watch", action="store_true", help="print it again on every change")
     return p
+
+
+# A job that waits in the durable queue (complete) or whose result is not there yet (result).
+EXIT_PENDING = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if args.command == "receipts":
         return asyncio.run(_receipts(args))
+    if args.command == "result":
+        return asyncio.run(_result(args))
     if args.route is None and args.model is None:
         print("lloom: complete needs --model, or --route to let the network choose one", file=sys.stderr)
         return 2
@@ -116,6 +132,28 @@ async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
         return 2
     async with client:
         return await _run_job(args, request, client)
+
+
+async def _result(args: argparse.Namespace) -> int:
+    client = await _connect(args.nats)
+    if client is None:
+        return 2
+    async with client:
+        try:
+            if args.no_wait:
+                reply = await client.fetch(args.job_id)
+                if reply is None:
+                    print(f"lloom: job {args.job_id} has no result yet", file=sys.stderr)
+                    return EXIT_PENDING
+            else:
+                reply = await client.result(args.job_id, timeout=args.timeout)
+        except LloomError as e:
+            print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
+            return EXIT_PENDING if isinstance(e, ResultPending) else 1
+    if not args.json:
+        sys.stdout.write(reply.content)
+    _finish(args, reply, reply.content)
+    return 0
 
 
 async def _receipts(args: argparse.Namespace) -> int:
@@ -212,6 +250,9 @@ def render_catalog(entries: list[ExecutorEntry]) -> str:
 async def _run_job(args: argparse.Namespace, request: ChatRequest, client: LloomClient) -> int:
     routing = _routing(args)
     try:
+        if args.queue:
+            print(await client.submit(request))
+            return 0
         if request.stream:
             async with client.stream(request, timeout=args.timeout, executor=args.executor, **routing) as stream:
                 parts = []
@@ -235,6 +276,9 @@ async def _run_job(args: argparse.Namespace, request: ChatRequest, client: Lloom
         print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
         if e.available_models:
             print(f"lloom: available models: {', '.join(e.available_models)}", file=sys.stderr)
+        if isinstance(e, JobQueued):
+            print(e.job_id)  # stdout: what `lloom result` takes
+            return EXIT_PENDING
         return 1
     return 0
 

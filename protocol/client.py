@@ -37,14 +37,26 @@ from typing import Self
 
 import msgspec
 import nats.aio.subscription
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 from nats.nuid import NUID
 
 from protocol import subjects as subj
 from protocol.catalog import Catalog
 from protocol.connection import close_nats, connect_nats
-from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, LloomError, NoExecutors, PayloadTooLarge
+from protocol.durable import ensure_jobs_stream, jobs_subject, results_bucket
+from protocol.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ExecutorBusy,
+    LloomError,
+    NoExecutors,
+    PayloadTooLarge,
+    ResultPending,
+)
 from protocol.estimate import estimate_tokens
 from protocol.messages import ChatRequest, ChatResponse, ErrorReply, encoder, error_from_wire, unary_reply_decoder
 from protocol.replies import Target, Waiter, decode_reply, fail, fails_over, no_responders
@@ -81,6 +93,8 @@ class LloomClient:
         self._nuid = NUID()
         self._sub: nats.aio.subscription.Subscription | None = None
         self._catalog: Catalog | None = None
+        self._results: KeyValue | None = None
+        self._jobs_stream_ready = False
 
     @classmethod
     async def connect(
@@ -138,6 +152,63 @@ class LloomClient:
             self._catalog = Catalog(self._nc)
             await self._catalog.start()
         return self._catalog
+
+    # -- the durable queue (protocol/durable.py) --
+
+    async def submit(self, request: ChatRequest, *, job_id: str | None = None) -> str:
+        """Put a job in the durable queue and return its id once JetStream holds it.
+
+        It runs when an executor serving its model can take it (now, or after every
+        backend has come back); `result(job_id)` awaits the answer, `fetch` looks.
+        Submitting the same job id again stores nothing new. Queued jobs are unary.
+        """
+        if request.stream:
+            request = msgspec.structs.replace(request, stream=False)
+        job_id = subj.check_id("job id", job_id or self.new_job_id())
+        js = self._nc.jetstream()
+        if not self._jobs_stream_ready:
+            await ensure_jobs_stream(js)
+            self._jobs_stream_ready = True
+        headers = {"Nats-Msg-Id": job_id, subj.HDR_JOB_ID: job_id}
+        if self.client_id:
+            headers[subj.HDR_CLIENT] = self.client_id
+        await js.publish(jobs_subject(request.model), encoder.encode(request), headers=headers, timeout=self.timeout)
+        return job_id
+
+    async def fetch(self, job_id: str) -> ChatResponse | None:
+        """A queued job's result if it is there (None if not yet); its typed error if it failed."""
+        kv = await self._results_bucket()
+        try:
+            entry = await kv.get(subj.check_id("job id", job_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return _queued_result(entry.value or b"")
+
+    async def result(self, job_id: str, *, timeout: float | None = None) -> ChatResponse:
+        """Await a queued job's result; `ResultPending` if it is not there within `timeout`."""
+        kv = await self._results_bucket()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.timeout)
+        watcher = await kv.watch(subj.check_id("job id", job_id))
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ResultPending(f"job {job_id} has no result yet (waited {timeout or self.timeout:g}s)",
+                                        job_id=job_id)  # fmt: skip
+                try:
+                    entry = await watcher.updates(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is not None and entry.value:  # None marks the end of what was there already
+                    return _queued_result(entry.value)
+        finally:
+            await watcher.stop()
+
+    async def _results_bucket(self) -> KeyValue:
+        if self._results is None:
+            self._results = await results_bucket(self._nc.jetstream())
+        return self._results
 
     async def candidates(
         self, request: ChatRequest, route: ModelRequest, constraints: Constraints | None = None
@@ -346,6 +417,13 @@ class LloomClient:
             waiter.put_nowait(msg.data)
         elif not waiter.done():
             waiter.set_result(msg.data)
+
+
+def _queued_result(data: bytes) -> ChatResponse:
+    reply = decode_reply(unary_reply_decoder, data)
+    if type(reply) is ChatResponse:
+        return reply
+    raise error_from_wire(reply)
 
 
 def _describe(route: ModelRequest) -> str:

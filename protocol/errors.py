@@ -48,6 +48,8 @@ class ErrorCode(enum.StrEnum):
     BACKEND_TIMEOUT = "backend_timeout"
     BACKEND_PROTOCOL = "backend_protocol"
     STREAM_INTERRUPTED = "stream_interrupted"
+    QUEUED = "queued"
+    RESULT_PENDING = "result_pending"
     INTERNAL = "internal"
 
 
@@ -121,6 +123,21 @@ class DeadlineExceeded(LloomError):
 class Cancelled(LloomError):
     code = ErrorCode.CANCELLED
     status = 499
+
+
+class JobQueued(LloomError):
+    """No backend could serve the job now, so it waits in the durable queue (not an error
+    of the job: `LloomClient.result(err.job_id)` awaits its result, `fetch` looks)."""
+
+    code = ErrorCode.QUEUED
+    status = 202
+
+
+class ResultPending(LloomError):
+    """A queued job's result is not there (yet) within the time given."""
+
+    code = ErrorCode.RESULT_PENDING
+    status = 504
 
 
 class ResponseTooLarge(LloomError):

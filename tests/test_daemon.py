@@ -655,3 +655,65 @@ async def test_receipts_survive_jetstream_down_and_executor_sigkill_then_publish
         sums = json.loads(report.stdout)
         assert sums["executor"]["durable-exec"]["jobs"] == 7
         assert sums["executor"]["durable-exec"]["completion_tokens"] == sum(r.usage.completion_tokens for r in replies)
+
+
+# -- queued jobs survive a killed executor and a restarted NATS ------------------------
+
+
+async def test_queued_jobs_survive_executor_sigkill_and_nats_restart_each_run_and_billed_once(
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
+) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)
+    cfg.write_text(
+        cfg.read_text() + f'id = "queue-exec"\nidentity_file = "{tmp_path / "id.nk"}"\n\n'
+        f'[receipts]\noutbox_dir = "{tmp_path / "outbox"}"\nsync_interval_secs = 0.05\n\n'
+        "[executors.queue]\nconsume_all = true\nack_wait_secs = 2\n"
+    )
+    store = str(tmp_path / "js")
+    double.faults.append(Fault.stall())  # the first job to reach the backend hangs there
+
+    async with EmbeddedNats(port=port, jetstream=True, store_dir=store) as server:
+        executor = await start_executor("--config", str(cfg), "--nats", server.url)
+        await executor.started()
+        async with await LloomClient.connect(server.url, timeout=WAIT_S) as client:
+            ids = [await client.submit(ask(text=f"queued job {i}")) for i in range(6)]
+            # Five finish; one hangs in the backend when the executor is killed.
+            results = [asyncio.create_task(client.result(i, timeout=WAIT_S)) for i in ids]
+            async with asyncio.timeout(WAIT_S):
+                while sum(t.done() for t in results) < 5:
+                    await asyncio.wait([t for t in results if not t.done()], return_when=asyncio.FIRST_COMPLETED)
+            assert double.in_flight == 1
+            executor.proc.kill()
+            await executor.exit_code()
+            for t in results:
+                t.cancel()
+            await asyncio.gather(*results, return_exceptions=True)
+
+    # NATS restarts from its store; so does the executor (same id, key and outbox).
+    async with EmbeddedNats(port=port, jetstream=True, store_dir=store) as server:
+        executor = await start_executor("--config", str(cfg), "--nats", server.url)
+        await executor.started()
+        async with await LloomClient.connect(server.url, timeout=WAIT_S) as client:
+            replies = [await client.result(i, timeout=WAIT_S) for i in ids]
+            assert [r.job_id for r in replies] == ids
+            assert double.completed == 6  # the hung job ran again; none of the others did
+            # Billed once each: one receipt per job in the stream, chain intact.
+            async with asyncio.timeout(WAIT_S):
+                while True:
+                    report = await run(LLOOM, "--nats", server.url, "receipts", "report", "--stream", "--json", env=env)
+                    sums = json.loads(report.stdout or "{}")
+                    if sums.get("executor", {}).get("queue-exec", {}).get("jobs") == 6:
+                        break
+                    await asyncio.sleep(0.1)
+            verified = await run(LLOOM, "--nats", server.url, "receipts", "verify", "--stream", env=env)
+            assert "6 receipts: 6 valid, 0 invalid; chain problems: 0" in verified.stdout, verified.stdout
+            assert sorted(r.receipt.receipt.job_id for r in replies if r.receipt) == sorted(ids)
+        fetched = await run(LLOOM, "--nats", server.url, "result", ids[0], "--no-wait", "--json", env=env)
+        assert fetched.returncode == 0 and json.loads(fetched.stdout)["job_id"] == ids[0], fetched.stderr
+        missing = await run(LLOOM, "--nats", server.url, "result", "no-such-job", "--no-wait", env=env)
+        assert missing.returncode == 3 and "no result yet" in missing.stderr
+        queued = await run(LLOOM, "--nats", server.url, "complete", "--model", MODEL, "--queue", "hello", env=env)
+        assert queued.returncode == 0, queued.stderr
+        waited = await run(LLOOM, "--nats", server.url, "result", queued.stdout.strip(), "--timeout", "10", env=env)
+        assert waited.returncode == 0 and "tok0" in waited.stdout, waited.stderr

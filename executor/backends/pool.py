@@ -17,7 +17,9 @@ least_connections, weighted), and tries them:
 
 When nothing can serve, the model's fallback decides: `secondary` (members
 kept in reserve for it), `degrade` (another model and/or fewer max_tokens, said
-in the result), or `reject` (the typed error at once).
+in the result), `queue` (the typed error at once, which the node turns into a
+place in the durable job queue: executor/job_queue.py), or `reject` (the typed
+error at once).
 """
 
 from __future__ import annotations
@@ -241,7 +243,8 @@ class BackendPool:
                     return result, member, None
             if fb is not None and fb.strategy == "degrade":
                 return await self._degrade(request, fb, run)
-            if (fb is not None and fb.strategy == "reject") or attempt == retries:
+            if (fb is not None and fb.strategy in ("reject", "queue")) or attempt == retries:
+                # queue: the job does not wait here; the node puts it in the durable queue
                 break
             await self._sleep(self._backoff(attempt, last))
         if last is None:

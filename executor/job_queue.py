@@ -1,0 +1,245 @@
+"""The executor's side of the durable job queue (protocol/durable.py).
+
+- `enqueue`: a unary job no backend could serve, for a model whose fallback is
+  `queue`, goes into `LLOOM_JOBS` (the caller is told `queued` with its job id).
+- Workers, one per model this queue serves here, pull from that model's shared
+  durable consumer only while the node has room and a backend for the model is
+  available, so jobs wait in JetStream, not in a process that cannot run them.
+- Each delivered job is skipped (and acknowledged) when its result is already in
+  `LLOOM_RESULTS`: a redelivery never runs or bills a job twice. Otherwise it
+  runs through the node like any other job (capacity, cancel, drain, receipts,
+  cache), tells JetStream it is still at work every third of `ack_wait` while
+  it runs, and its result goes into the bucket before the message is
+  acknowledged. A run that fails because no backend could serve it (or the node
+  shut down under it) is handed back with a backoff delay, up to `max_deliver`
+  deliveries; any other outcome, an answer or a typed error, is its result.
+
+The one window left: a process killed after a job's receipt is written and
+before its result is stored runs the job again on redelivery (two receipts for
+one job id, which `lloom receipts verify` names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.kv import KeyValue
+
+from executor.config import QueueConfig, RetryConfig
+from executor.node import ExecutorNode
+from protocol import subjects as subj
+from protocol.durable import JOBS_STREAM, consumer_name, ensure_jobs_stream, jobs_subject, results_bucket
+from protocol.errors import ErrorCode, InternalError, InvalidRequest
+from protocol.messages import ErrorReply, encoder, error_to_wire, request_decoder, unary_reply_decoder
+
+log = structlog.get_logger(logger_name=__name__)
+
+# Outcomes that say nothing about the job, only that it could not run here now.
+_HAND_BACK = frozenset({
+    ErrorCode.BACKEND_ERROR, ErrorCode.BACKEND_UNAVAILABLE, ErrorCode.RATE_LIMITED, ErrorCode.BACKEND_TIMEOUT,
+    ErrorCode.BACKEND_PROTOCOL, ErrorCode.SHUTTING_DOWN, ErrorCode.BUSY, ErrorCode.QUEUED,
+})  # fmt: skip
+
+
+class JobQueue:
+    def __init__(
+        self,
+        nc: NATS,
+        node: ExecutorNode,
+        config: QueueConfig | None = None,
+        *,
+        fallback_models: set[str] | frozenset[str] = frozenset(),
+        retry: RetryConfig | None = None,
+        idle_poll_s: float = 0.2,
+        fetch_wait_s: float = 1.0,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.node = node
+        self.config = config or QueueConfig()
+        self.fallback_models = frozenset(fallback_models)
+        self.retry = retry or RetryConfig()
+        self.idle_poll_s = idle_poll_s
+        self.fetch_wait_s = fetch_wait_s
+        self._kv: KeyValue | None = None
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.stats = {"queued": 0, "ran": 0, "skipped": 0, "handed_back": 0, "failed": 0}
+
+    def is_fallback_for(self, model: str) -> bool:
+        return model in self.fallback_models
+
+    async def start(self) -> None:
+        await ensure_jobs_stream(self._js)
+        self._kv = await results_bucket(self._js, ttl_s=self.config.result_ttl_secs)
+        self.node.on_models_changed.append(self.sync_models)
+        self.sync_models()
+
+    def sync_models(self) -> None:
+        """Pull for exactly the models this queue serves here (they change with the backend's list)."""
+        served = self.node.models if self.config.consume_all else self.node.models & self.fallback_models
+        for model in served - self._workers.keys():
+            self._workers[model] = asyncio.create_task(self._worker(model), name=f"queue-{model}")
+        for model in self._workers.keys() - served:
+            self._workers.pop(model).cancel()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop pulling; wait (bounded) for runs in progress to store their results and ack."""
+        workers = list(self._workers.values())
+        self._workers.clear()
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=timeout)
+
+    def status(self) -> dict[str, object]:
+        return {"models": sorted(self._workers), **self.stats}
+
+    async def enqueue(self, job_id: str, model: str, payload: bytes, client: str | None) -> None:
+        """Store a job in LLOOM_JOBS (once per job id); raises if JetStream does not take it."""
+        headers = {"Nats-Msg-Id": job_id, subj.HDR_JOB_ID: job_id}
+        if client:
+            headers[subj.HDR_CLIENT] = client
+        await self._js.publish(jobs_subject(model), payload, headers=headers, timeout=5.0)
+        self.stats["queued"] += 1
+
+    # -- pulling --
+
+    async def _worker(self, model: str) -> None:
+        backoff = 0.1
+        psub = None
+        while True:
+            try:
+                if psub is None:
+                    psub = await self._js.pull_subscribe(
+                        jobs_subject(model),
+                        durable=consumer_name(model),
+                        stream=JOBS_STREAM,
+                        config=ConsumerConfig(
+                            ack_policy=AckPolicy.EXPLICIT,
+                            ack_wait=self.config.ack_wait_secs,
+                            max_deliver=self.config.max_deliver,
+                        ),
+                    )
+                if not (self.node.has_room() and self.node.model_available(model)):
+                    await asyncio.sleep(self.idle_poll_s)
+                    continue
+                try:
+                    msgs = await psub.fetch(1, timeout=self.fetch_wait_s)
+                except nats.errors.TimeoutError:
+                    continue
+                backoff = 0.1
+                for msg in msgs:
+                    task = asyncio.create_task(self._handle(msg))
+                    self._handlers.add(task)
+                    task.add_done_callback(self._handlers.discard)
+            except asyncio.CancelledError:
+                raise
+            except (nats.errors.Error, OSError) as e:  # NATS or JetStream away: try again, slower each time
+                log.warning("job queue unreachable; retrying", model=model, error=str(e) or type(e).__name__,
+                            retry_in_s=backoff)  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    # -- one delivered job --
+
+    async def _handle(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        job_id = headers.get(subj.HDR_JOB_ID, "")
+        try:
+            subj.check_id("job id", job_id)
+            request = request_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
+            # Bad input never comes back: its result says why (when it has an id to file it under).
+            self.stats["failed"] += 1
+            log.warning("unreadable queued job dropped", job_id=job_id or None, error=str(e))
+            if job_id and not isinstance(e, subj.SubjectError):
+                await self._store(job_id, encoder.encode(error_to_wire(InvalidRequest(f"invalid request: {e}"),
+                                                                       job_id=job_id, executor_id=self.node.id)))  # fmt: skip
+            await _quietly(msg.term())
+            return
+        if not self.node.has_room():  # filled (or draining) since the fetch: give it straight back
+            await _quietly(msg.nak())
+            return
+        if await self._has_result(job_id):
+            self.stats["skipped"] += 1  # ran before; its ack was lost: acknowledge, do not run again
+            await _quietly(msg.ack_sync())
+            return
+        results: list[bytes] = []
+
+        async def sink(data: bytes) -> None:
+            results.append(data)
+
+        task = self.node.run_queued(job_id, request, msg.data, client=headers.get(subj.HDR_CLIENT),
+                                    timeout_s=self.config.job_timeout_secs, sink=sink)  # fmt: skip
+        if task is None:
+            return  # this very job runs here already (redelivered while running): that run acks it
+        alive = asyncio.create_task(self._keep_alive(msg))
+        try:
+            await asyncio.shield(task)
+        finally:
+            alive.cancel()
+        outcome = unary_reply_decoder.decode(results[-1]) if results else None
+        deliveries = msg.metadata.num_delivered or 1
+        if (outcome is None or (isinstance(outcome, ErrorReply) and outcome.code in _HAND_BACK)) and (
+            deliveries < self.config.max_deliver
+        ):
+            self.stats["handed_back"] += 1
+            delay = self._delay(deliveries)
+            log.info("queued job handed back", job_id=job_id, delivery=deliveries, retry_in_s=round(delay, 2),
+                     reason=getattr(outcome, "message", None))  # fmt: skip
+            await _quietly(msg.nak(delay=delay))
+            return
+        if not results:  # nothing to file: its last delivery ended without an answer
+            results.append(encoder.encode(error_to_wire(InternalError("the job ended without a result"), job_id=job_id)))
+        self.stats["ran" if type(outcome) is not ErrorReply else "failed"] += 1
+        await self._store(job_id, results[-1], keep_alive=msg)
+        await _quietly(msg.ack_sync())
+
+    async def _has_result(self, job_id: str) -> bool:
+        assert self._kv is not None
+        try:
+            await self._kv.get(job_id)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return True
+
+    async def _store(self, job_id: str, data: bytes, keep_alive: Msg | None = None) -> None:
+        """Put the result; through a NATS outage too (keeping the job ours), since the job has run."""
+        assert self._kv is not None
+        backoff = 0.1
+        while True:
+            try:
+                await self._kv.put(job_id, data)
+                return
+            except (nats.errors.Error, OSError) as e:
+                log.warning("cannot store a queued job's result yet", job_id=job_id, error=str(e) or type(e).__name__)
+                if keep_alive is not None:
+                    await _quietly(keep_alive.in_progress())
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.ack_wait_secs / 3)
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.config.ack_wait_secs / 3)
+            await _quietly(msg.in_progress())
+
+    def _delay(self, deliveries: int) -> float:
+        r = self.retry
+        return min(r.max_delay_ms, r.initial_delay_ms * r.exponential_base ** (deliveries - 1)) / 1000
+
+
+async def _quietly(aw: object) -> None:
+    """Acks are best effort: one lost to an outage means a redelivery, which the results bucket absorbs."""
+    try:
+        await aw  # type: ignore[misc]
+    except (nats.errors.Error, OSError) as e:
+        log.warning("queue ack not delivered", error=str(e) or type(e).__name__)

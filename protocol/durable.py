@@ -1,0 +1,62 @@
+"""The durable job queue every peer shares: where queued jobs wait and where their results land.
+
+Jobs wait in the JetStream stream `LLOOM_JOBS` (work-queue retention, file
+storage), one subject per model (`lloom.v1.jobs.<model token>`), de-duplicated
+by job id (`Nats-Msg-Id`), so submitting the same job twice stores it once.
+Executors take them through one shared durable pull consumer per model
+(explicit acks, redelivery after `ack_wait`, at most `max_deliver` times), and
+put each result, a `ChatResponse` or an `ErrorReply` exactly as a unary reply
+would carry it, in the key-value bucket `LLOOM_RESULTS` under the job id, where
+clients fetch or await it. A job whose result is there is never run again.
+"""
+
+from __future__ import annotations
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+
+from protocol import subjects as subj
+
+JOBS_STREAM = "LLOOM_JOBS"
+RESULTS_BUCKET = "LLOOM_RESULTS"
+JOBS_ALL = f"{subj.PREFIX}.jobs.>"
+DEFAULT_RESULT_TTL_S = 86400.0
+DEFAULT_DUPLICATE_WINDOW_S = 3600.0
+
+
+def jobs_subject(model: str) -> str:
+    return f"{subj.PREFIX}.jobs.{subj.model_token(model)}"
+
+
+def consumer_name(model: str) -> str:
+    """The durable consumer every executor serving `model` shares (one per model)."""
+    return "jobs-" + subj.model_token(model).replace("~", "_")
+
+
+async def ensure_jobs_stream(js: JetStreamContext, *, duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S) -> None:
+    config = StreamConfig(
+        name=JOBS_STREAM,
+        subjects=[JOBS_ALL],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=duplicate_window_s,
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        pass  # exists (perhaps with an operator's settings): use it as it is
+
+
+async def results_bucket(js: JetStreamContext, *, ttl_s: float = DEFAULT_RESULT_TTL_S) -> KeyValue:
+    try:
+        return await js.key_value(RESULTS_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=RESULTS_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE)
+        )
+    except nats.js.errors.BadRequestError:
+        return await js.key_value(RESULTS_BUCKET)  # made meanwhile by another peer

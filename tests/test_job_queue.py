@@ -1,0 +1,192 @@
+"""The durable job queue: `queue` fallbacks, submitted jobs, results, redelivery — on real JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from executor.backends.breaker import CircuitBreaker
+from executor.backends.openai_compat import OpenAICompatibleBackend
+from executor.backends.pool import BackendPool, Member
+from executor.config import FallbackConfig, LoadBalancingConfig, NodeConfig, QueueConfig, RetryConfig
+from executor.embedded_nats import EmbeddedNats
+from executor.job_queue import JobQueue
+from executor.node import ExecutorNode
+from protocol.client import LloomClient
+from protocol.durable import JOBS_STREAM, jobs_subject
+from protocol.errors import BackendError, InvalidRequest, JobQueued, ResultPending
+from protocol.messages import encoder
+from tests.doubles.openai_double import Fault, OpenAIDouble
+from tests.test_roundtrip import ask
+
+WAIT = 15.0
+FAST_RETRY = RetryConfig(max_retries=0, initial_delay_ms=20, max_delay_ms=100)
+
+
+@pytest.fixture
+async def js_server() -> AsyncIterator[EmbeddedNats]:
+    async with EmbeddedNats(jetstream=True) as server:
+        yield server
+
+
+@pytest.fixture
+async def js_nc(js_server: EmbeddedNats) -> AsyncIterator[NATS]:
+    nc = await nats.connect(js_server.url)
+    yield nc
+    await nc.close()
+
+
+@pytest.fixture
+async def js_client(js_server: EmbeddedNats) -> AsyncIterator[LloomClient]:
+    async with await LloomClient.connect(js_server.url, timeout=WAIT, client_id="acme") as c:
+        yield c
+
+
+async def _node_with_queue(
+    nc: NATS, backend: object, *, models: list[str] | None = None, fallback: set[str] = frozenset(),  # type: ignore[assignment]
+    config: QueueConfig | None = None, node_config: NodeConfig | None = None,
+) -> tuple[ExecutorNode, JobQueue]:  # fmt: skip
+    node = ExecutorNode(nc, backend, node_config or NodeConfig(), models=models)  # type: ignore[arg-type]
+    queue = JobQueue(nc, node, config or QueueConfig(), fallback_models=fallback, retry=FAST_RETRY, idle_poll_s=0.02,
+                     fetch_wait_s=0.2)  # fmt: skip
+    node.job_queue = queue
+    await node.start()
+    await queue.start()
+    return node, queue
+
+
+async def _stop(node: ExecutorNode, queue: JobQueue) -> None:
+    await node.stop(drain_timeout=1)
+    await queue.stop()
+    await node.backend.aclose()
+
+
+async def test_a_job_no_backend_can_serve_waits_in_the_queue_and_runs_when_one_returns(
+    js_nc: NATS, js_client: LloomClient
+) -> None:
+    async with OpenAIDouble(models=["m"]) as double:
+        breaker = CircuitBreaker(failure_threshold=1, cooldown_s=3600)  # only a health check closes it
+        pool = BackendPool(
+            [Member("only", OpenAICompatibleBackend(base_url=double.base_url, timeout_secs=5), ["m"], 1, breaker)],
+            balancing=LoadBalancingConfig(),
+            retry=FAST_RETRY,
+            fallbacks={"m": FallbackConfig(model="m", strategy="queue")},
+        )
+        node, queue = await _node_with_queue(js_nc, pool, fallback={"m"})
+        double.fault = Fault.status(503, "down for maintenance")
+
+        with pytest.raises(JobQueued) as queued:
+            await js_client.complete(ask(model="m", text="hello there"))
+        job_id = queued.value.job_id
+        assert job_id and "durable queue" in queued.value.message
+        assert await js_client.fetch(job_id) is None  # waiting: the breaker is open, nobody pulls it
+        with pytest.raises(ResultPending):
+            await js_client.result(job_id, timeout=0.3)
+        assert not node.model_available("m") and len(double.requests) == 1  # tried once, then parked
+
+        double.fault = None
+        assert await pool.health_check()  # the backend is back: the breaker closes, the worker pulls
+        reply = await js_client.result(job_id, timeout=WAIT)
+        assert reply.job_id == job_id and reply.content and reply.usage.prompt_tokens == 2
+        assert len(double.requests) == 2
+        assert await js_client.fetch(job_id) == reply
+        assert queue.stats["queued"] == 1 and queue.stats["ran"] == 1
+        await _stop(node, queue)
+
+
+async def test_streams_are_not_queued_they_fail_with_the_backends_error(js_nc: NATS, js_client: LloomClient) -> None:
+    async with OpenAIDouble(models=["m"]) as double:
+        pool = BackendPool(
+            [Member("only", OpenAICompatibleBackend(base_url=double.base_url), ["m"], 1, CircuitBreaker())],
+            balancing=LoadBalancingConfig(), retry=FAST_RETRY,
+            fallbacks={"m": FallbackConfig(model="m", strategy="queue")},
+        )  # fmt: skip
+        node, queue = await _node_with_queue(js_nc, pool, fallback={"m"})
+        double.fault = Fault.status(503)
+        with pytest.raises(BackendError):
+            async with js_client.stream(ask(model="m")) as stream:
+                async for _ in stream:
+                    pass
+        assert queue.stats["queued"] == 0
+        await _stop(node, queue)
+
+
+async def test_submitted_jobs_each_run_once_and_their_results_can_be_fetched(
+    js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
+) -> None:
+    backend = OpenAICompatibleBackend(base_url=double.base_url)
+    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"], config=QueueConfig(consume_all=True))
+    ids = [await js_client.submit(ask(text=f"job number {i}")) for i in range(12)]
+    replies = await asyncio.gather(*(js_client.result(i, timeout=WAIT) for i in ids))
+    assert [r.job_id for r in replies] == ids
+    assert double.completed == 12
+
+    # The same job submitted again is stored once (Nats-Msg-Id) and not run again.
+    assert await js_client.submit(ask(text="job number 0"), job_id=ids[0]) == ids[0]
+    # A redelivered job whose result exists (here: published again under another message id) is
+    # acknowledged without running: not run twice, not billed twice.
+    await js_nc.jetstream().publish(
+        jobs_subject("double-model"), encoder.encode(ask()), headers={"Nats-Msg-Id": "other", "Lloom-Job-Id": ids[1]}
+    )
+    js = js_nc.jetstream()
+    async with asyncio.timeout(WAIT):
+        while (await js.stream_info(JOBS_STREAM)).state.messages:  # work queue: acked jobs leave the stream
+            await asyncio.sleep(0.02)
+    assert queue.stats["skipped"] == 1
+    assert double.completed == 12
+    assert await js_client.fetch(ids[1]) == replies[1]
+    await _stop(node, queue)
+
+
+async def test_bad_queued_jobs_get_a_typed_error_result_and_the_node_keeps_serving(
+    js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
+) -> None:
+    backend = OpenAICompatibleBackend(base_url=double.base_url)
+    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"], config=QueueConfig(consume_all=True),
+                                         node_config=NodeConfig(max_tokens_cap=100))  # fmt: skip
+    too_long = await js_client.submit(ask(max_tokens=1000))
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        await js_client.result(too_long, timeout=WAIT)
+    await js_nc.jetstream().publish(
+        jobs_subject("double-model"), b"{not json", headers={"Nats-Msg-Id": "garbage", "Lloom-Job-Id": "garbage-1"}
+    )
+    with pytest.raises(InvalidRequest, match="invalid request"):
+        await js_client.result("garbage-1", timeout=WAIT)
+    ok = await js_client.submit(ask())
+    assert (await js_client.result(ok, timeout=WAIT)).content
+    assert queue.stats["failed"] == 2
+    await _stop(node, queue)
+
+
+async def test_a_job_that_keeps_failing_is_redelivered_up_to_max_deliver_then_gets_the_error(
+    js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
+) -> None:
+    backend = OpenAICompatibleBackend(base_url=double.base_url)
+    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"],
+                                         config=QueueConfig(consume_all=True, max_deliver=3))  # fmt: skip
+    double.fault = Fault.status(502, "bad gateway")
+    job = await js_client.submit(ask())
+    with pytest.raises(BackendError, match="bad gateway"):
+        await js_client.result(job, timeout=WAIT)
+    assert len(double.requests) == 3  # one run per delivery
+    assert queue.stats["handed_back"] == 2 and queue.stats["failed"] == 1
+    await _stop(node, queue)
+
+
+async def test_queued_jobs_wait_while_the_node_is_full_and_run_when_it_has_room(
+    js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
+) -> None:
+    backend = OpenAICompatibleBackend(base_url=double.base_url)
+    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"], config=QueueConfig(consume_all=True),
+                                         node_config=NodeConfig(max_concurrent_jobs=2))  # fmt: skip
+    double.fault = Fault.slow(0.01)
+    ids = [await js_client.submit(ask()) for _ in range(6)]
+    replies = await asyncio.gather(*(js_client.result(i, timeout=WAIT) for i in ids))
+    assert all(r.content for r in replies)
+    assert double.completed == 6 and queue.stats["ran"] == 6
+    assert node.stats.busy == 0  # the worker never took more than the node had room for
+    await _stop(node, queue)
