@@ -216,6 +216,17 @@ class ExecutorsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
                 raise ValueError(f"no backend is named {ref!r} (backends: {', '.join(names) or 'none'})")
 
 
+class BatchingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Embedding jobs for the same model share backend calls (executor/batcher.py)."""
+
+    enabled: bool = True
+    # 0: a batch leaves at the end of the event-loop turn it opened in (no added wait); more
+    # than 0 waits that long for company. Either way it grows while max_calls calls run.
+    window_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
+    max_inputs: Annotated[int, Meta(ge=1, le=2048)] = 256
+    max_calls: Annotated[int, Meta(ge=1, le=1_000)] = 2
+
+
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The response cache: identical requests at temperature 0 (or with cache=true) answered at once."""
 
@@ -223,6 +234,10 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_entries: Annotated[int, Meta(ge=1, le=10_000_000)] = 1000
     max_mb: Annotated[float, Meta(gt=0, le=100_000)] = 64.0
     ttl_secs: Annotated[float, Meta(gt=0, le=30 * 86_400)] = 300.0
+    # Also share answers with other executors through the NATS KV bucket LLOOM_CACHE
+    # (JetStream); only among executors that serve a model name from the same source.
+    shared: bool = False
+    shared_max_mb: Annotated[float, Meta(gt=0, le=1_000_000)] = 256.0
 
 
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -233,6 +248,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     receipts: ReceiptsConfig = ReceiptsConfig()
     executors: ExecutorsConfig = ExecutorsConfig()
     cache: CacheConfig = CacheConfig()
+    batching: BatchingConfig = BatchingConfig()
     tokens: TokensConfig = TokensConfig()
 
 
@@ -441,6 +457,14 @@ enabled = true
 max_entries = 1000
 max_mb = 64
 ttl_secs = 300
+shared = false          # true: also share answers with other executors (NATS KV bucket LLOOM_CACHE)
+
+[batching]
+# Concurrent embedding jobs for one model share a backend call (inputs arrays).
+enabled = true
+window_ms = 0           # 0: no added wait; batches grow while max_calls calls run
+max_inputs = 256
+max_calls = 2
 
 [logging]
 level = "info"          # debug | info | warning | error

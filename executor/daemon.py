@@ -22,6 +22,8 @@ from nats.aio.client import Client as NATS
 
 from executor.announcer import Announcer
 from executor.backends.autodetect import AutoDetectBackend
+from executor.backends.base import EmbeddingBackend
+from executor.batcher import EmbeddingBatcher
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
@@ -31,6 +33,7 @@ from executor.node import ExecutorNode
 from executor.outbox import Outbox
 from executor.receipt_publisher import ReceiptPublisher
 from executor.receipts import ReceiptIssuer
+from executor.shared_cache import SharedCache
 from executor.tokens import TokenCounter
 from protocol.announcements import Pricing
 from protocol.connection import close_nats, connect_nats
@@ -82,7 +85,9 @@ async def serve(
         async with AsyncExitStack() as stack:
             url = config.node.nats_url
             if not url:
-                server = await start_embedded_nats(config, jetstream=config.receipts.enabled or uses_queue(config))
+                server = await start_embedded_nats(
+                    config, jetstream=config.receipts.enabled or uses_queue(config) or config.cache.shared
+                )
                 stack.push_async_callback(server.stop)
                 url = server.url
                 log.info("embedded NATS server listening", url=url, clients=f"lloom --nats {url} complete ...")
@@ -101,6 +106,15 @@ async def serve(
             if config.cache.enabled:
                 c = config.cache
                 node.cache = ResponseCache(max_entries=c.max_entries, max_bytes=int(c.max_mb * 2**20), ttl_s=c.ttl_secs)
+                if c.shared:
+                    node.shared_cache = await SharedCache.open(nc.jetstream(), ttl_s=c.ttl_secs,
+                                                               max_bytes=int(c.shared_max_mb * 2**20))  # fmt: skip
+                    stack.push_async_callback(node.shared_cache.aclose)
+            if config.batching.enabled and isinstance(backend, EmbeddingBackend):
+                b = config.batching
+                node.batcher = EmbeddingBatcher(backend, window_s=b.window_ms / 1000, max_inputs=b.max_inputs,
+                                                max_calls=b.max_calls)  # fmt: skip
+                stack.push_async_callback(node.batcher.aclose)
             identity = load_identity(config, node.id)
             if config.receipts.enabled:
                 publisher = await start_receipts(config, nc, node, identity)

@@ -213,21 +213,29 @@ class Job:
             cached=cached,
         )
 
-    def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
-        cache = self._node.cache
+    async def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
+        node = self._node
+        cache = node.cache
         if cache is None or not cacheable(self.request):
             return None, None
         key = cache_key(self.request)
-        return key, cache.get(key)
+        hit = cache.get(key)
+        if hit is None and node.shared_cache is not None:
+            hit = await node.shared_cache.get(key)
+            if hit is not None:
+                cache.put(key, hit)
+        return key, hit
 
     def _cache_store(self, key: bytes | None, result: Completion) -> None:
         # Only whole, as-asked answers: never a degraded or cut-short one.
         if key is not None and self._node.cache is not None and not result.degraded:
             if result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                 self._node.cache.put(key, result)
+                if self._node.shared_cache is not None:
+                    self._node.shared_cache.put(key, result)
 
     async def _run_unary(self, backend: Backend, nc: NATS) -> None:
-        key, hit = self._cache_lookup()
+        key, hit = await self._cache_lookup()
         result = hit or await backend.complete(self.request)
         if hit is None:
             self._cache_store(key, result)
@@ -261,7 +269,7 @@ class Job:
     async def _run_stream(self, backend: Backend, nc: NATS) -> None:
         seq = 0
         finish: Finish | None = None
-        key, hit = self._cache_lookup()
+        key, hit = await self._cache_lookup()
         events = _replay(hit) if hit is not None else backend.stream(self.request)
         try:
             async for event in events:

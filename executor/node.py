@@ -35,16 +35,19 @@ from nats.nuid import NUID
 
 from executor.backends.base import Backend, ModelInfo
 from executor.config import NodeConfig
+from executor.embed_job import EmbedJob
 from executor.job import Job, send_error
 from executor.cache import ResponseCache
 from executor.perf import PerfTracker
 from executor.receipts import ReceiptIssuer
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
-from protocol.messages import ChatRequest, request_decoder
+from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder
 
 if TYPE_CHECKING:
+    from executor.batcher import EmbeddingBatcher
     from executor.job_queue import JobQueue
+    from executor.shared_cache import SharedCache
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -111,11 +114,14 @@ class ExecutorNode:
         # Set by whoever wires receipts (the daemon); without it jobs carry none.
         self.receipts: ReceiptIssuer | None = None
         self.cache: ResponseCache | None = None  # likewise for the response cache
+        self.shared_cache: SharedCache | None = None  # and its level shared in NATS KV (needs `cache`)
         self.job_queue: JobQueue | None = None  # and for the durable queue (`queue` fallbacks)
+        self.batcher: EmbeddingBatcher | None = None  # embeddings go straight to the backend without one
         self.stats = NodeStats()
         self._refresh_error: str | None = None
         self.state = State.NEW
         self._model_subs: dict[str, Subscription] = {}
+        self._embed_subs: dict[str, Subscription] = {}
         self._direct_sub: Subscription | None = None
         self._cancel_sub: Subscription | None = None
         self._status_subs: list[Subscription] = []
@@ -198,8 +204,12 @@ class ExecutorNode:
                 self._log.warning("model name cannot be served", model=model, error=str(e))
                 continue
             self._model_subs[model] = await self.nc.subscribe(subject, queue=subj.QUEUE_GROUP, cb=self._on_job)
+            self._embed_subs[model] = await self.nc.subscribe(
+                subj.embed_subject(model), queue=subj.QUEUE_GROUP, cb=self._on_embed
+            )
         for model in self._model_subs.keys() - wanted:
             await self._model_subs.pop(model).unsubscribe()
+            await self._embed_subs.pop(model).unsubscribe()
         if wanted != self.models:
             self.models = frozenset(self._model_subs)
             await self.nc.flush()
@@ -219,8 +229,9 @@ class ExecutorNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        job_subs = [*self._model_subs.values(), self._direct_sub]
+        job_subs = [*self._model_subs.values(), *self._embed_subs.values(), self._direct_sub]
         self._model_subs.clear()
+        self._embed_subs.clear()
         if not self.nc.is_closed:
             # drain() unsubscribes and still hands us what was already delivered,
             # so a job in the pipe is accepted (or refused as busy), not dropped.
@@ -278,6 +289,35 @@ class ExecutorNode:
         )
         self._launch(job)
 
+    async def _on_embed(self, msg: Msg) -> None:
+        self.stats.received += 1
+        reply = msg.reply
+        if not reply:
+            self.stats.bad_requests += 1
+            return
+        headers = msg.headers or {}
+        job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
+        try:
+            subj.check_id("job id", job_id)
+            request = embedding_request_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
+            self.stats.bad_requests += 1
+            await send_error(self, reply, InvalidRequest(f"invalid embeddings request: {e}"), job_id=None, stream=False)
+            return
+        if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
+            self.stats.busy += 1
+            busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit")
+            await send_error(self, reply, busy, job_id=job_id, stream=False)
+            return
+        if self.state is not State.RUNNING and self.state is not State.DRAINING:
+            await send_error(self, reply, ShuttingDown("executor stopped"), job_id=job_id, stream=False)
+            return
+        deadline = asyncio.get_running_loop().time() + _timeout_s(
+            headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
+        )
+        self._launch(EmbedJob(self, job_id, request, reply, deadline, payload=msg.data,  # type: ignore[arg-type]
+                              client=headers.get(subj.HDR_CLIENT)))  # fmt: skip
+
     def _launch(self, job: Job) -> asyncio.Task[None]:
         self._jobs[job.id] = job
         self._idle.clear()
@@ -325,8 +365,11 @@ class ExecutorNode:
             "stats": self.stats.as_dict(),
             "pool": pool_status() if callable(pool_status) else None,
             "queue": None if self.job_queue is None else self.job_queue.status(),
+            "batching": None if self.batcher is None else self.batcher.status(),
             "cache": None if self.cache is None else {"entries": len(self.cache), "hits": self.cache.hits,
-                                                      "misses": self.cache.misses},  # fmt: skip
+                                                      "misses": self.cache.misses,
+                                                      "shared": None if self.shared_cache is None
+                                                      else self.shared_cache.status()},  # fmt: skip
             "receipts": None if self.receipts is None else {
                 "issued": self.receipts.outbox.last_seq, "unpublished": len(self.receipts.outbox.pending),
                 "mismatches": self.receipts.mismatches},  # fmt: skip

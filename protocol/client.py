@@ -58,7 +58,17 @@ from protocol.errors import (
     ResultPending,
 )
 from protocol.estimate import estimate_tokens
-from protocol.messages import ChatRequest, ChatResponse, ErrorReply, encoder, error_from_wire, unary_reply_decoder
+from protocol.messages import (
+    ChatRequest,
+    ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorReply,
+    embedding_reply_decoder,
+    encoder,
+    error_from_wire,
+    unary_reply_decoder,
+)
 from protocol.replies import Target, Waiter, decode_reply, fail, fails_over, no_responders
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
@@ -267,6 +277,37 @@ class LloomClient:
             request = msgspec.structs.replace(request, stream=True)
         return ChatStream(self, request, timeout or self.timeout, executor, route, constraints)
 
+    async def embed(
+        self, model: str, inputs: list[str], *, dimensions: int | None = None, timeout: float | None = None
+    ) -> EmbeddingResponse:
+        """Vectors for `inputs` (one per input, in order) from any executor serving `model`.
+
+        Executors batch concurrent requests into shared backend calls, so many small
+        calls cost little more than one big one."""
+        request = EmbeddingRequest(model=model, input=list(inputs), dimensions=dimensions)
+        payload = encoder.encode(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.timeout)
+        target: Target = (model, None)
+        for attempt in range(self.busy_retries + 1):
+            job_id = self.new_job_id()
+            fut: asyncio.Future[bytes] = loop.create_future()
+            self._pending[job_id] = fut
+            try:
+                await self.publish_job(target, payload, job_id, deadline, subject=subj.embed_subject(model))
+                data = await self._wait(fut, deadline, job_id, target)
+            except NoExecutors:
+                raise no_responders(target) from None
+            finally:
+                self._pending.pop(job_id, None)
+            reply = decode_reply(embedding_reply_decoder, data)
+            if type(reply) is EmbeddingResponse:
+                return reply
+            err = error_from_wire(reply)
+            if not await self.may_retry_busy(err, attempt, self.busy_retries, deadline):
+                raise err
+        raise AssertionError("unreachable")
+
     async def cancel(self, job_id: str) -> None:
         """Tell whichever executor runs `job_id` to stop it (best effort, at most once)."""
         if not self._nc.is_closed:
@@ -353,7 +394,9 @@ class LloomClient:
 
     # -- wire plumbing shared with ChatStream --
 
-    async def publish_job(self, target: Target, payload: bytes, job_id: str, deadline: float) -> None:
+    async def publish_job(
+        self, target: Target, payload: bytes, job_id: str, deadline: float, *, subject: str | None = None
+    ) -> None:
         model, executor = target
         remaining_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
         if remaining_ms <= 0:
@@ -367,7 +410,8 @@ class LloomClient:
             raise PayloadTooLarge(
                 f"request is {size} bytes with headers; the NATS server accepts at most {self._nc.max_payload}"
             )
-        subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
+        if subject is None:
+            subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
         await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)
 
     def register(self, job_id: str, waiter: Waiter) -> None:

@@ -24,6 +24,8 @@ from protocol.receipts import SignedReceipt
 MAX_MODEL_NAME = 256
 # Far above any real model's output; a larger value is a bug or an attack.
 MAX_TOKENS_LIMIT = 1_000_000
+# OpenAI's own limit on inputs per embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class Role(enum.StrEnum):
@@ -121,11 +123,35 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, 
     receipt: SignedReceipt | None = None
 
 
+class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Vectors for one or more texts (OpenAI's /v1/embeddings). Executors coalesce
+    concurrent requests for the same model into one backend call (see executor/batcher.py)."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_NAME)]
+    input: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    dimensions: Annotated[int, Meta(ge=1, le=65_536)] | None = None
+
+
+class EmbeddingResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="embeddings",
+                        tag_field="type"):  # fmt: skip
+    job_id: str
+    executor_id: str
+    model: str
+    embeddings: list[list[float]]  # one per input, in order
+    usage: Usage  # prompt tokens only; this job's share when its backend call was shared
+    receipt: SignedReceipt | None = None
+    # How many jobs shared the backend call that served this one (1: it went alone).
+    batched_with: int = 1
+
+
 UnaryReply = ChatResponse | ErrorReply
+EmbeddingReply = EmbeddingResponse | ErrorReply
 StreamReply = StreamChunk | StreamEnd | ErrorReply
 
 request_decoder = msgspec.json.Decoder(ChatRequest)
 unary_reply_decoder = msgspec.json.Decoder(UnaryReply)
+embedding_request_decoder = msgspec.json.Decoder(EmbeddingRequest)
+embedding_reply_decoder = msgspec.json.Decoder(EmbeddingReply)
 stream_reply_decoder = msgspec.json.Decoder(StreamReply)
 encoder = msgspec.json.Encoder()
 

@@ -95,6 +95,11 @@ def complete_subject(model: str) -> str:
     return f"{PREFIX}.complete.{model_token(model)}"
 
 
+def embed_subject(model: str) -> str:
+    """Embedding jobs for `model`, load-balanced like completions (same queue group)."""
+    return f"{PREFIX}.embed.{model_token(model)}"
+
+
 def direct_subject(executor_id: str) -> str:
     """Jobs for one executor, whatever model they name."""
     return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.complete"

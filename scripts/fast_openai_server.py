@@ -2,11 +2,15 @@
 
     python scripts/fast_openai_server.py --port 8001 --cpu 1 [--chunks 16] [--chunk-interval-ms 0]
 
-Serves `GET /v1/models` and `POST /v1/chat/completions` over HTTP/1.1 keep-alive:
+Serves `GET /v1/models`, `POST /v1/embeddings` and `POST /v1/chat/completions` over HTTP/1.1 keep-alive:
 a constant small completion, or with `"stream": true` an SSE stream of N chunks
 (N = the request's `max_tokens` when given, else `--chunks`), optionally spaced
 by `--chunk-interval-ms`, then a usage chunk when `stream_options.include_usage`,
 then `data: [DONE]`. It prints `READY <port>` on stdout once it listens.
+
+Embeddings stand for one accelerator: calls run one at a time, each taking
+`--embed-call-ms` plus `--embed-input-ms` per input (a forward pass costs about
+the same for one input as for a few), and return `--embed-dims` floats per input.
 
 It is a raw asyncio protocol on uvloop with pre-encoded responses, so that what
 the benchmark measures is the relay in front of it and not this server: it
@@ -111,6 +115,14 @@ def _usage_chunk(n: int) -> bytes:
     })  # fmt: skip
 
 
+class Device:
+    lock: asyncio.Lock
+    call_s = 0.004
+    input_s = 0.0001
+    vector = "[]"
+    calls = 0
+
+
 class Http(asyncio.Protocol):
     """One keep-alive connection; requests are handled in order as they complete in the buffer."""
 
@@ -150,6 +162,16 @@ class Http(asyncio.Protocol):
 
     def _handle(self, line: bytes, body: bytes) -> bool:
         """Answer one request; True when the answer is paced and continues asynchronously."""
+        if line.startswith(b"POST ") and b"/embeddings" in line:
+            try:
+                inputs = json.loads(body)["input"]
+                n = 1 if isinstance(inputs, str) else len(inputs)
+            except Exception:
+                self.t.write(BAD_REQUEST)
+                return False
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._embed(n))
+            return True
         if line.startswith(b"POST ") and b"/chat/completions" in line:
             try:
                 stream, max_tokens, usage = parse_body(body)
@@ -174,6 +196,21 @@ class Http(asyncio.Protocol):
             self.t.write(NOT_FOUND)
         return False
 
+    async def _embed(self, n: int) -> None:
+        try:
+            async with Device.lock:  # one forward pass at a time, as on one GPU
+                await asyncio.sleep(Device.call_s + n * Device.input_s)
+                Device.calls += 1
+            if not self.t.is_closing():
+                data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{Device.vector}}}' for i in range(n))
+                body = (f'{{"object":"list","model":"{MODEL}","data":[{data}],'
+                        f'"usage":{{"prompt_tokens":{8 * n},"total_tokens":{8 * n}}}}}').encode()  # fmt: skip
+                self.t.write(_response("200 OK", body))
+        finally:
+            self.busy = False
+        if self.buf and not self.t.is_closing():
+            self._drain()
+
     async def _paced(self, n: int, usage: bool) -> None:
         try:
             self.t.write(STREAM_HEAD + FIRST)
@@ -192,6 +229,10 @@ class Http(asyncio.Protocol):
 async def main_async(args: argparse.Namespace) -> None:
     Http.chunks = args.chunks
     Http.interval = args.chunk_interval_ms / 1000.0
+    Device.lock = asyncio.Lock()
+    Device.call_s = args.embed_call_ms / 1000.0
+    Device.input_s = args.embed_input_ms / 1000.0
+    Device.vector = json.dumps([round((i % 17) / 17, 4) for i in range(args.embed_dims)], separators=(",", ":"))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Http, args.host, args.port, backlog=1024)
     port = server.sockets[0].getsockname()[1]
@@ -209,6 +250,9 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed as READY <port>)")
     p.add_argument("--chunks", type=int, default=16, help="stream length when the request has no max_tokens")
     p.add_argument("--chunk-interval-ms", type=float, default=0.0, help="pause between stream chunks (0: no pause)")
+    p.add_argument("--embed-call-ms", type=float, default=4.0, help="time of one embeddings call (a forward pass)")
+    p.add_argument("--embed-input-ms", type=float, default=0.1, help="added time per input in that call")
+    p.add_argument("--embed-dims", type=int, default=384, help="floats per embedding")
     p.add_argument("--cpu", type=int, action="append", help="pin to this CPU (repeatable)")
     args = p.parse_args()
     if args.cpu and hasattr(os, "sched_setaffinity"):

@@ -13,10 +13,19 @@ from pathlib import Path
 import msgspec
 
 from protocol.announcements import Announcement, Heartbeat
-from protocol.messages import ChatRequest, ChatResponse, ErrorReply, StreamChunk, StreamEnd
+from protocol.messages import (
+    ChatRequest,
+    ChatResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorReply,
+    StreamChunk,
+    StreamEnd,
+)
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "wire-schema.json"
-MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, Announcement, Heartbeat)
+MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, EmbeddingRequest, EmbeddingResponse,
+            Announcement, Heartbeat)
 
 
 def render() -> bytes:

@@ -56,3 +56,21 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
         assert heading in text
     # Every goal line is judged (LiteLLM's are n/a without it).
     assert "PASS" in proc.stdout or "MISS" in proc.stdout
+
+
+@pytest.mark.slow  # about 6 s: nats-server, the benchmark backend and two executor processes
+def test_batching_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None:
+    out = tmp_path / "batching.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_batching.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["concurrency"]) == {"1", "8"}
+    for row in res["concurrency"].values():
+        for path in ("batched", "unbatched"):
+            assert row[path]["jobs"] > 0 and 0 < row[path]["p50_ms"] <= row[path]["p99_ms"], (path, row)
+            assert row[path]["jobs_per_call"] >= 1
+        assert row["ratio"]["throughput"] > 0
+    assert "| concurrency |" in proc.stdout

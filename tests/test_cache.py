@@ -98,3 +98,61 @@ async def test_a_cache_hit_is_replayed_as_a_stream_and_its_receipt_says_cached(
     assert stream.end.receipt.receipt.cost == Decimal(0)  # no prices configured
     assert len(double.requests) == 1
     cached_node.receipts.outbox.close()
+
+
+# -- the shared level: a NATS KV bucket --------------------------------------------------
+
+
+async def test_an_answer_cached_by_one_executor_serves_another_through_the_shared_bucket(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import nats
+
+    from executor.backends.openai_compat import OpenAICompatibleBackend
+    from executor.embedded_nats import EmbeddedNats
+    from executor.shared_cache import SharedCache
+
+    async with EmbeddedNats(jetstream=True) as server, OpenAIDouble() as backend_a, OpenAIDouble() as backend_b:
+        nc = await nats.connect(server.url)
+        nodes = []
+        for double in (backend_a, backend_b):
+            node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), models=["double-model"])
+            node.cache = ResponseCache()
+            node.shared_cache = await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20)
+            await node.start()
+            nodes.append(node)
+        async with await LloomClient.connect(server.url) as client:
+            first = await client.complete(ask(temperature=0), executor=nodes[0].id)
+            assert not first.cached and backend_a.completed == 1
+            async with asyncio.timeout(5):
+                while nodes[0].shared_cache._writes:  # type: ignore[union-attr]  # the background put
+                    await asyncio.sleep(0.01)
+            second = await client.complete(ask(temperature=0), executor=nodes[1].id)
+            assert second.cached and second.content == first.content and second.executor_id == nodes[1].id
+            assert backend_b.completed == 0  # answered from the bucket
+            assert nodes[1].shared_cache.hits == 1  # type: ignore[union-attr]
+            third = await client.complete(ask(temperature=0), executor=nodes[1].id)
+            assert third.cached and nodes[1].shared_cache.hits == 1  # type: ignore[union-attr]  # now from its own LRU
+            other = await client.complete(ask(text="something else", temperature=0), executor=nodes[1].id)
+            assert not other.cached and backend_b.completed == 1
+        for node in nodes:
+            await node.stop(drain_timeout=1)
+            await node.backend.aclose()
+        await nc.close()
+
+
+async def test_a_shared_bucket_that_is_away_is_a_miss_not_a_failure(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import nats
+
+    from executor.embedded_nats import EmbeddedNats
+    from executor.shared_cache import SharedCache
+
+    async with EmbeddedNats(jetstream=True) as server:
+        nc = await nats.connect(server.url)
+        shared = await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20)
+        await nc.jetstream().delete_key_value("LLOOM_CACHE")  # gone under it
+        assert await shared.get(b"k" * 32) is None
+        shared.put(b"k" * 32, completion("x"))
+        await shared.aclose()
+        assert shared.errors >= 1
+        await nc.close()

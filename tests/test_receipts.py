@@ -180,6 +180,16 @@ async def test_receipts_travel_in_batches_one_stream_message_for_many_jobs(rig: 
     assert int(last.headers["Lloom-Receipts"]) == len(receipt_lines(last.data))
 
 
+async def test_embedding_jobs_are_billed_by_receipt_too(rig: Rig, js_client: LloomClient) -> None:
+    reply = await js_client.embed(MODEL, ["three word input", "two words"])
+    assert reply.receipt is not None
+    verify_receipt(reply.receipt, trusted_keys=[rig.identity.public_key])
+    r = reply.receipt.receipt
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.counted_by) == (5, 0, "backend")
+    assert r.cost == PRICE.cost(5, 0) and r.job_id == reply.job_id
+    assert r.response_sha256 == hashlib.sha256(msgspec.json.encode(reply.embeddings)).hexdigest()
+
+
 async def _issue(issuer: ReceiptIssuer, n: int) -> None:
     from executor.receipts import ReceiptUsage
 

@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from executor.backends import local
-from executor.backends.base import Backend, Completion, ModelInfo, StreamEvent
+from executor.backends.base import Backend, Completion, EmbeddingBackend, Embeddings, ModelInfo, StreamEvent
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS, Preset
 from executor.config import LlmClientConfig
-from protocol.errors import BackendUnavailable, LloomError
+from protocol.errors import BackendUnavailable, InvalidRequest, LloomError
 from protocol.messages import ChatRequest
 
 PROBE_TIMEOUT_S = 0.5
@@ -120,6 +120,14 @@ class AutoDetectBackend:
         if inner is None:
             raise self._nothing_found()
         return await inner.complete(request)
+
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
+        inner = await self._resolve()
+        if inner is None:
+            raise self._nothing_found()
+        if not isinstance(inner, EmbeddingBackend):
+            raise InvalidRequest(f"{inner.name} does not compute embeddings")
+        return await inner.embed(model, inputs, dimensions)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         inner = await self._resolve()

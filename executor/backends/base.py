@@ -52,6 +52,13 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 StreamEvent = Delta | Finish
 
 
+class Embeddings(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    vectors: list[list[float]]  # one per input, in input order
+    prompt_tokens: int
+    estimated: bool = False  # the backend reported no usage
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the node needs from a backend."""
@@ -72,3 +79,13 @@ class Backend(Protocol):
     async def health_check(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """Optional: a backend that also computes embeddings (OpenAI's /v1/embeddings).
+
+    `inputs` may hold the texts of several jobs at once (the node's batcher
+    coalesces them), so one call serves many."""
+
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings: ...

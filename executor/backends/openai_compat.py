@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 import msgspec
 
-from executor.backends.base import Completion, Delta, Finish, ModelInfo, StreamEvent
+from executor.backends.base import Completion, Delta, Embeddings, Finish, ModelInfo, StreamEvent
 from executor.backends.http1 import (
     ConnectFailed,
     ConnectionDropped,
@@ -110,6 +110,27 @@ class _Chunk(msgspec.Struct):
     error: _ErrorBody | None = None
 
 
+class _EmbeddingItem(msgspec.Struct):
+    embedding: list[float]
+    index: int = 0
+
+
+class _EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+
+
+class _EmbeddingList(msgspec.Struct):
+    data: list[_EmbeddingItem]
+    model: str = ""
+    usage: _EmbeddingUsage | None = None
+
+
+class _EmbeddingBody(msgspec.Struct, omit_defaults=True):
+    model: str
+    input: list[str]
+    dimensions: int | None = None
+
+
 class _ModelEntry(msgspec.Struct):
     id: str
     context_length: int | None = None  # LM Studio, OpenRouter
@@ -125,6 +146,7 @@ _encode = msgspec.json.Encoder().encode
 _decode_response = msgspec.json.Decoder(_Response).decode
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_models = msgspec.json.Decoder(_ModelList).decode
+_decode_embeddings = msgspec.json.Decoder(_EmbeddingList).decode
 _decode_any = msgspec.json.Decoder().decode
 
 _FINISH = {
@@ -179,6 +201,7 @@ class OpenAICompatibleBackend:
         self._chat_head = self._http.encode_head("POST", "/chat/completions", headers)
         self._stream_head = self._http.encode_head("POST", "/chat/completions", {**headers, "Accept": "text/event-stream"})
         self._models_head = self._http.encode_head("GET", "/models", headers)
+        self._embed_head = self._http.encode_head("POST", "/embeddings", headers)
         self._probe_timeout = min(timeout_secs, 5.0)
 
     @property
@@ -205,6 +228,23 @@ class OpenAICompatibleBackend:
             finish_reason=_finish(choice.finish_reason),
             usage=_usage(parsed.usage, request, content),
         )
+
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
+        raw = await self._fetch(self._embed_head, _encode(_EmbeddingBody(model, inputs, dimensions)), self.timeout_secs,
+                                model)  # fmt: skip
+        try:
+            parsed = _decode_embeddings(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise BackendProtocolError(f"{self.name} sent malformed embeddings ({e}): {_excerpt(raw)}") from e
+        if sorted(item.index for item in parsed.data) != list(range(len(inputs))):
+            raise BackendProtocolError(
+                f"{self.name} sent {len(parsed.data)} embeddings for {len(inputs)} inputs: {_excerpt(raw)}"
+            )
+        vectors = [item.embedding for item in sorted(parsed.data, key=lambda item: item.index)]
+        if parsed.usage is None or not parsed.usage.prompt_tokens:
+            tokens = estimate_usage(inputs, "").prompt_tokens
+            return Embeddings(model=parsed.model or model, vectors=vectors, prompt_tokens=tokens, estimated=True)
+        return Embeddings(model=parsed.model or model, vectors=vectors, prompt_tokens=parsed.usage.prompt_tokens)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         body = _encode(

@@ -31,11 +31,11 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import structlog
 
-from executor.backends.base import Backend, Completion, Finish, ModelInfo, StreamEvent
+from executor.backends.base import Backend, Completion, EmbeddingBackend, Embeddings, Finish, ModelInfo, StreamEvent
 from executor.backends.breaker import BreakerState, CircuitBreaker
 from executor.config import FallbackConfig, LoadBalancingConfig, RetryConfig
 from protocol.errors import BackendError, BackendUnavailable, LloomError, ModelNotFound, RateLimited
-from protocol.messages import ChatRequest
+from protocol.messages import ChatRequest, EmbeddingRequest
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -120,6 +120,22 @@ class BackendPool:
         result, member, note = await self._serve(request, run)
         self._settle(member, ok=True)
         return msgspec.structs.replace(result, degraded=note) if note else result
+
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
+        """Embeddings from the first healthy member that serves `model` and computes them.
+
+        Members fail over as for completions; retries with backoff and fallbacks are for
+        completions only (an embedding has nothing to degrade to)."""
+
+        async def run(member: Member, req: EmbeddingRequest) -> Embeddings:
+            if not isinstance(member.backend, EmbeddingBackend):
+                raise ModelNotFound(f"{member.name} does not compute embeddings")
+            return await member.backend.embed(req.model, req.input, req.dimensions)
+
+        request = EmbeddingRequest(model=model, input=inputs, dimensions=dimensions)
+        result, member, _ = await self._serve(request, run, fallback=False)  # type: ignore[arg-type]
+        self._settle(member, ok=True)
+        return result
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         # Opened up to its first event inside the retry loop; from then on the stream is final.

@@ -1,6 +1,7 @@
 """A test double of an OpenAI-compatible chat server (the `/v1` dialect spoken by
 LM Studio, vLLM, llama.cpp and Ollama), for fast protocol tests that must not
-depend on a real model. It serves `GET /v1/models`, `GET /health` and
+depend on a real model. It serves `GET /v1/models`, `GET /health`,
+`POST /v1/embeddings` (deterministic vectors, inputs arrays, usage) and
 `POST /v1/chat/completions` (plain JSON and SSE streaming) with the real wire
 format, produces deterministic content (`tok0 tok1 ...`) with exact usage
 arithmetic, records what it was sent, and can inject faults (HTTP errors,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import socket
 import struct
@@ -98,6 +100,12 @@ class Fault:
         return cls("no_usage")
 
 
+def embedding_of(text: str, dims: int) -> list[float]:
+    """A deterministic unit-ish vector for `text` (so tests can check which vector is whose)."""
+    digest = hashlib.sha256(text.encode()).digest() * (dims // 32 + 1)
+    return [round(b / 255, 3) for b in digest[:dims]]
+
+
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -160,6 +168,11 @@ class OpenAIDouble:
         self.disconnected = asyncio.Event()
         self.disconnects = 0
         self.completed = 0
+        # Inputs per /v1/embeddings call, in call order; `embed_delay_s` stands for the
+        # forward pass (one per call, whatever its size: that is why batching pays).
+        self.embedding_calls: list[int] = []
+        self.embed_delay_s = 0.0
+        self.embed_dimensions = 8
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -180,6 +193,7 @@ class OpenAIDouble:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/health", self._health)
         # handler_cancellation turns a client disconnect into a CancelledError
         # inside the handler, which is how stalls and slow streams notice it.
@@ -231,6 +245,45 @@ class OpenAIDouble:
                 for m in self.models]
         return web.Response(body=msgspec.json.encode({"object": "list", "data": data}),
                             content_type="application/json")
+
+    # -- embeddings --------------------------------------------------------
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        ex = _Exchange()
+        try:
+            body: Any = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError:
+            body = None
+        fault = self.faults.pop(0) if self.faults else self.fault
+        if fault is not None and fault.kind == "status":
+            return await self._finish(request, ex, _error(fault.code, fault.message, fault.error_code,
+                                                          headers=dict(fault.headers)))
+        if (denied := self._unauthorized(request)) is not None:
+            return await self._finish(request, ex, denied)
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) and t for t in inputs):
+            return await self._finish(request, ex, _error(400, "'input' must be a non-empty string or array of them."))
+        if any(t.startswith("REJECT") for t in inputs):  # an input the model refuses, for fault tests
+            return await self._finish(request, ex, _error(400, "This input is not allowed."))
+        model = body.get("model")
+        if model not in self.models:
+            return await self._finish(request, ex, _error(404, f"The model '{model}' does not exist", "model_not_found"))
+        self.embedding_calls.append(len(inputs))
+        if self.embed_delay_s:
+            await asyncio.sleep(self.embed_delay_s)
+        dims = body.get("dimensions") or self.embed_dimensions
+        data = [{"object": "embedding", "index": i, "embedding": embedding_of(text, dims)}
+                for i, text in enumerate(inputs)]
+        tokens = sum(_words(t) for t in inputs)
+        usage = None if fault is not None and fault.kind == "no_usage" else {
+            "prompt_tokens": tokens, "total_tokens": tokens}
+        payload: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if usage is not None:
+            payload["usage"] = usage
+        return await self._finish(request, ex, web.Response(body=msgspec.json.encode(payload),
+                                                            content_type="application/json"))
 
     # -- chat completions --------------------------------------------------
 
