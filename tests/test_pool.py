@@ -350,3 +350,40 @@ async def test_lloom_executor_status_shows_each_backends_breaker(
     out, _ = await proc.communicate()
     status = json.loads(out)
     assert status["stats"]["completed"] == 4 and status["models"] == {"m": True}
+
+
+async def test_a_backend_killed_mid_load_fails_no_request_and_takes_traffic_again_once_back(
+    make_rig: MakeRig, client: LloomClient
+) -> None:
+    """The issue's scenario: steady concurrent load, one backend process dies, comes back."""
+    rig = await make_rig("a", "b", "c")
+    victim = rig.doubles["b"]
+    port = victim.port
+    results: list[object] = []
+    killed = asyncio.Event()
+
+    async def caller(n: int) -> None:
+        for i in range(n):
+            if i == n // 3 and not killed.is_set():
+                killed.set()
+                await victim.stop()  # its port now refuses connections; pooled ones are reset
+            try:
+                results.append((await client.complete(ask(model="m"))).content)
+            except Exception as e:  # noqa: BLE001 - counted: there must be none
+                results.append(e)
+
+    await asyncio.gather(*(caller(30) for _ in range(8)))
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert failures == [] and len(results) == 240
+    member_b = rig.pool.members[1]
+    assert member_b.breaker.state is BreakerState.OPEN  # within the failure threshold (2 here)
+
+    # It comes back on the same port; the health check closes its breaker; traffic returns.
+    victim.port = port
+    await victim.start()
+    assert await rig.pool.health_check()
+    assert member_b.breaker.state is BreakerState.CLOSED
+    before = victim.completed
+    for _ in range(30):
+        await client.complete(ask(model="m"))
+    assert victim.completed - before == 10  # round robin: its third again
