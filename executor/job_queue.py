@@ -14,6 +14,11 @@
   shut down under it) is handed back with a backoff delay, up to `max_deliver`
   deliveries; any other outcome, an answer or a typed error, is its result.
 
+A job whose last allowed delivery ends without an answer (its executor died)
+is not redelivered by JetStream; the server's max-deliveries advisory reaches
+one executor (queue group), which files a typed error as its result and removes
+it from the queue, so a caller awaiting it is told rather than left waiting.
+
 The one window left: a process killed after a job's receipt is written and
 before its result is stored runs the job again on redelivery (two receipts for
 one job id, which `lloom receipts verify` names).
@@ -29,6 +34,7 @@ import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.kv import KeyValue
 
@@ -36,10 +42,17 @@ from executor.config import QueueConfig, RetryConfig
 from executor.node import ExecutorNode
 from protocol import subjects as subj
 from protocol.durable import JOBS_STREAM, consumer_name, ensure_jobs_stream, jobs_subject, results_bucket
-from protocol.errors import ErrorCode, InternalError, InvalidRequest
+from protocol.errors import BackendUnavailable, ErrorCode, InternalError, InvalidRequest
 from protocol.messages import ErrorReply, encoder, error_to_wire, request_decoder, unary_reply_decoder
 
 log = structlog.get_logger(logger_name=__name__)
+
+class _MaxDeliveries(msgspec.Struct):
+    stream_seq: int
+    deliveries: int = 0
+
+
+_decode_advisory = msgspec.json.Decoder(_MaxDeliveries).decode
 
 # Outcomes that say nothing about the job, only that it could not run here now.
 _HAND_BACK = frozenset({
@@ -69,6 +82,7 @@ class JobQueue:
         self.idle_poll_s = idle_poll_s
         self.fetch_wait_s = fetch_wait_s
         self._kv: KeyValue | None = None
+        self._advisories: Subscription | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self.stats = {"queued": 0, "ran": 0, "skipped": 0, "handed_back": 0, "failed": 0}
@@ -79,6 +93,10 @@ class JobQueue:
     async def start(self) -> None:
         await ensure_jobs_stream(self._js)
         self._kv = await results_bucket(self._js, ttl_s=self.config.result_ttl_secs)
+        self._advisories = await self._nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*", queue="lloom-queue-advisories",
+            cb=self._on_max_deliveries,
+        )  # fmt: skip
         self.node.on_models_changed.append(self.sync_models)
         self.sync_models()
 
@@ -92,6 +110,9 @@ class JobQueue:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop pulling; wait (bounded) for runs in progress to store their results and ack."""
+        if self._advisories is not None and not self._nc.is_closed:
+            await self._advisories.unsubscribe()
+            self._advisories = None
         workers = list(self._workers.values())
         self._workers.clear()
         for task in workers:
@@ -203,6 +224,25 @@ class JobQueue:
         self.stats["ran" if type(outcome) is not ErrorReply else "failed"] += 1
         await self._store(job_id, results[-1], keep_alive=msg)
         await _quietly(msg.ack_sync())
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """A job JetStream gave up on: file why as its result (unless it has one) and drop it."""
+        try:
+            advisory = _decode_advisory(msg.data)
+            stored = await self._js.get_msg(JOBS_STREAM, advisory.stream_seq)
+            job_id = (stored.headers or {}).get(subj.HDR_JOB_ID, "")
+            subj.check_id("job id", job_id)
+            if not await self._has_result(job_id):
+                err = BackendUnavailable(
+                    f"job {job_id} was given up after {advisory.deliveries} deliveries: the executors running it"
+                    " stopped answering (raise [executors.queue] max_deliver or ack_wait_secs if jobs run long)"
+                )
+                await self._store(job_id, encoder.encode(error_to_wire(err, job_id=job_id)))
+                self.stats["failed"] += 1
+                log.warning("queued job given up", job_id=job_id, deliveries=advisory.deliveries)
+            await self._js.delete_msg(JOBS_STREAM, advisory.stream_seq)
+        except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError, nats.errors.Error, OSError) as e:
+            log.warning("max-deliveries advisory not handled", error=str(e) or type(e).__name__)
 
     async def _has_result(self, job_id: str) -> bool:
         assert self._kv is not None

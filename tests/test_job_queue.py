@@ -190,3 +190,31 @@ async def test_queued_jobs_wait_while_the_node_is_full_and_run_when_it_has_room(
     assert double.completed == 6 and queue.stats["ran"] == 6
     assert node.stats.busy == 0  # the worker never took more than the node had room for
     await _stop(node, queue)
+
+
+async def test_a_job_whose_last_delivery_dies_gets_an_error_result_and_leaves_the_queue(
+    js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
+) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from protocol.durable import consumer_name
+
+    # This node pulls nothing (no queue fallback, no consume_all) but hears the server's advisories.
+    backend = OpenAICompatibleBackend(base_url=double.base_url)
+    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"])
+    # An executor that takes the job on its only allowed delivery, then dies (never acks).
+    js = js_nc.jetstream()
+    doomed = await js.pull_subscribe(
+        jobs_subject("double-model"), durable=consumer_name("double-model"), stream=JOBS_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=1),
+    )  # fmt: skip
+    job = await js_client.submit(ask())
+    [taken] = await doomed.fetch(1, timeout=WAIT)
+    assert taken.headers and taken.headers["Lloom-Job-Id"] == job
+    with pytest.raises(BackendError, match="given up after 1 deliveries"):
+        await js_client.result(job, timeout=WAIT)
+    async with asyncio.timeout(WAIT):
+        while (await js.stream_info(JOBS_STREAM)).state.messages:
+            await asyncio.sleep(0.02)
+    assert len(double.requests) == 0
+    await _stop(node, queue)

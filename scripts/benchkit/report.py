@@ -325,8 +325,8 @@ def render_profile(prof: dict | None, exec_us: float | None) -> list[str]:
 # current truth, so re-check these after the hot path changes.
 SUGGESTIONS = [
     "## Hot path: what is left and what to change", "",
-    "Written against the executor with receipts batched (after d941655); re-check against the tables above "
-    "after the hot path changes.", "",
+    "Written against the executor with receipts published in batches (one JetStream message per up to 64 "
+    "receipts); re-check against the tables above after the hot path changes.", "",
     "- **Already done, and measured by this harness before it landed:** replacing aiohttp by a keep-alive HTTP/1.1 "
     "client for `/chat/completions` took the executor from about 115 µs to about 45 µs of CPU per request at "
     "concurrency 32; yielding once after publishing a stream's first chunk took the added TTFT of 256-chunk "
@@ -345,17 +345,16 @@ SUGGESTIONS = [
     "`transport.write` system call). Python 3.12's "
     "eager task factory would start the job without a loop round trip; a deadline checked by one periodic sweep "
     "instead of a timer per job would drop the timeout handle.",
-    "- **Receipts are now the largest single cost** (about 60 µs of executor CPU per job, and about 120 µs of "
-    "nats-server CPU to store each one with `sync_interval: always`). The publishing bookkeeping the first "
-    "receipts run measured (an O(pending) `min()` and an `acked` file rewrite per ack, fsync per wake, "
-    "`js.publish` awaiting each ack) is gone since d941655/the batching commit: receipts go out in batches of "
-    "64 or every 10 ms with one wildcard ack inbox, and the outbox writes once per loop turn. What remains "
-    "per job: building and canonically encoding the receipt (sorted-key JSON), three SHA-256 digests, the "
-    "Merkle path and a share of one Ed25519 signature per loop turn, the receipt inside the reply (about 1 kB "
-    "more to encode, send and decode), and one JetStream message with its ack. Under 5% (about 2.5 µs) is out "
-    "of reach with one signed receipt per job published as its own message; the next steps are one JetStream "
-    "message per signed batch (its receipts share a root and a signature already) and moving receipt encoding "
-    "out of the reply for clients that do not ask for it.",
+    "- **Receipts are the largest single cost** (about 40-50 µs of executor CPU per job at saturation in the "
+    "A/B above, down from 61-73 µs, and about 15 µs of nats-server CPU, down from about 150 µs, since receipts go "
+    "to JetStream in batches of up to 64 per message instead of one message each). What remains per job: an "
+    "Ed25519 signature per loop turn (about 20 µs, shared by the receipts of that turn: one per job at "
+    "concurrency 1, about 10 per signature at 32), building and canonically encoding the receipt, three SHA-256 "
+    "digests and the Merkle path, the outbox line, one more event-loop step while the job waits for the batch "
+    "signature, and about 1 kB more in the reply. Under 5% of the job (about 2.5 µs) is out of reach while "
+    "every job gets its own signed, durable receipt before its reply; the remaining levers are fewer, larger "
+    "signature batches (which would delay replies) and leaving the receipt out of replies for clients that do "
+    "not ask for it.",
     "- **Concurrency 1 is wake-ups, not work**: the executor spends several times more CPU per request at c=1 "
     "than at saturation (each message wakes the loop on its own), and the added p50 is about four extra process "
     "hops. With the relay on its own core, cross-vCPU wake-ups on this VM dominate p99 (see the two c=1 tables).",
