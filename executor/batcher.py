@@ -8,8 +8,9 @@ jobs for the same model and dimensions that arrive together share a call:
   turn (or `window_s` later, when configured), taking every job that arrived
   meanwhile, up to `max_inputs` inputs;
 - while `max_calls` calls for that model are already running, the batch keeps
-  filling and leaves as soon as one of them returns: at low load a job waits
-  for nothing, under load batches grow by themselves;
+  filling and leaves as soon as one of them returns (or once it is full: a full
+  batch gains nothing by waiting): at low load a job waits for nothing, under
+  load batches grow by themselves;
 - each job gets its own vectors and a share of the call's prompt tokens in
   proportion to the length of its inputs (exact when it went alone);
 - a call that fails because of its input (not the backend) is split up, each
