@@ -3,8 +3,8 @@
 Owns every process it starts and the one temporary directory they share: an
 N-node `nats-server` cluster on 127.0.0.1 (routes between every pair, JetStream
 with its own store dir and `server_name` per node, so the nodes form one
-JetStream meta group), the `LLOOM_RECEIPTS` stream replicated on up to three of
-them, M `lloom-executor` processes each joined to a different node with its own
+JetStream meta group), the `LLOOM_RECEIPTS` stream and the durable job queue
+(`LLOOM_JOBS`, `LLOOM_RESULTS`) replicated on up to three of them, M `lloom-executor` processes each joined to a different node with its own
 config, outbox and identity key, and, with `--double`, the repo's OpenAI test
 double as their backend. Every child is tied to this process with
 PR_SET_PDEATHSIG, so nothing outlives it; Ctrl-C or SIGTERM drains the
@@ -34,6 +34,7 @@ from executor.config import ReceiptsConfig
 from executor.embedded_nats import EmbeddedNats, find_nats_server, free_port
 from executor.receipt_publisher import STREAM
 from protocol import subjects as subj
+from protocol.durable import ensure_jobs_stream, results_bucket
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -71,7 +72,9 @@ class NatsCluster:
 
     async def start(self) -> None:
         await asyncio.gather(*(node.start() for node in self.nodes))
-        await create_receipts_stream(self.urls[0], replicas=min(3, len(self.nodes)))
+        replicas = min(3, len(self.nodes))
+        await create_receipts_stream(self.urls[0], replicas=replicas)
+        await create_queue(self.urls[0], replicas=replicas)
 
     async def stop(self) -> None:
         await asyncio.gather(*(node.stop() for node in self.nodes))
@@ -103,6 +106,17 @@ async def create_receipts_stream(url: str, *, replicas: int) -> None:
         await nc.close()
 
 
+async def create_queue(url: str, *, replicas: int) -> None:
+    """The durable job queue and its results bucket, replicated like the receipts (after the meta group formed)."""
+    nc = await nats.connect(url, name="lloom-cluster")
+    try:
+        js = nc.jetstream(timeout=5.0)
+        await ensure_jobs_stream(js, replicas=replicas)
+        await results_bucket(js, replicas=replicas)
+    finally:
+        await nc.close()
+
+
 class ExecutorProcess:
     """One `lloom-executor` joined to one cluster node; its JSON log goes to `<directory>/executor.log`."""
 
@@ -120,7 +134,8 @@ class ExecutorProcess:
         config.write_text(
             f'[llm_client]\nbackend = "openai_compatible"\nbase_url = {json.dumps(backend_url)}\n\n'
             f'[node]\nid = "{self.name}"\nidentity_file = {json.dumps(str(self.directory / "identity.nk"))}\n\n'
-            f"[receipts]\noutbox_dir = {json.dumps(str(self.directory / 'outbox'))}\n"
+            f"[receipts]\noutbox_dir = {json.dumps(str(self.directory / 'outbox'))}\n\n"
+            "[executors.queue]\nconsume_all = true\nack_wait_secs = 5\n"
         )
         self.proc = await spawn_tied(str(BIN / "lloom-executor"), "--config", str(config), "--nats", self.nats_url)
         self._pump = asyncio.create_task(self._copy_log(), name=f"{self.name}-log")

@@ -30,6 +30,7 @@ is unknown may have run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from types import TracebackType
@@ -55,6 +56,7 @@ from protocol.errors import (
     LloomError,
     NoExecutors,
     PayloadTooLarge,
+    QueueUnavailable,
     ResultPending,
 )
 from protocol.estimate import estimate_tokens
@@ -176,13 +178,16 @@ class LloomClient:
             request = msgspec.structs.replace(request, stream=False)
         job_id = subj.check_id("job id", job_id or self.new_job_id())
         js = self._nc.jetstream()
-        if not self._jobs_stream_ready:
-            await ensure_jobs_stream(js)
-            self._jobs_stream_ready = True
         headers = {"Nats-Msg-Id": job_id, subj.HDR_JOB_ID: job_id}
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
-        await js.publish(jobs_subject(request.model), encoder.encode(request), headers=headers, timeout=self.timeout)
+        try:
+            if not self._jobs_stream_ready:
+                await ensure_jobs_stream(js)
+                self._jobs_stream_ready = True
+            await js.publish(jobs_subject(request.model), encoder.encode(request), headers=headers, timeout=self.timeout)
+        except (nats.errors.Error, TimeoutError) as e:
+            raise QueueUnavailable(f"the durable queue did not take job {job_id}: {_why(e)}", job_id=job_id) from e
         return job_id
 
     async def fetch(self, job_id: str) -> ChatResponse | None:
@@ -192,32 +197,54 @@ class LloomClient:
             entry = await kv.get(subj.check_id("job id", job_id))
         except nats.js.errors.KeyNotFoundError:
             return None
+        except (nats.errors.Error, TimeoutError) as e:
+            raise QueueUnavailable(f"cannot read the result of job {job_id}: {_why(e)}", job_id=job_id) from e
         return _queued_result(entry.value or b"")
 
     async def result(self, job_id: str, *, timeout: float | None = None) -> ChatResponse:
-        """Await a queued job's result; `ResultPending` if it is not there within `timeout`."""
-        kv = await self._results_bucket()
+        """Await a queued job's result; `ResultPending` if it is not there within `timeout`.
+
+        A JetStream blip (a cluster electing a new leader) is waited out within `timeout`;
+        `QueueUnavailable` if the bucket could not be reached at all by then."""
+        subj.check_id("job id", job_id)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.timeout)
-        watcher = await kv.watch(subj.check_id("job id", job_id))
-        try:
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise ResultPending(f"job {job_id} has no result yet (waited {timeout or self.timeout:g}s)",
-                                        job_id=job_id)  # fmt: skip
-                try:
-                    entry = await watcher.updates(timeout=remaining)
-                except nats.errors.TimeoutError:
-                    continue
-                if entry is not None and entry.value:  # None marks the end of what was there already
-                    return _queued_result(entry.value)
-        finally:
-            await watcher.stop()
+        budget = timeout or self.timeout
+        deadline = loop.time() + budget
+        backoff = 0.1
+        unreachable: BaseException | None = None
+        while loop.time() < deadline:
+            try:
+                kv = await self._results_bucket()
+                watcher = await kv.watch(job_id)
+            except (QueueUnavailable, nats.errors.Error, TimeoutError) as e:
+                unreachable = e
+                await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+                backoff = min(backoff * 2, 1.0)
+                continue
+            unreachable = None
+            try:
+                while (remaining := deadline - loop.time()) > 0:
+                    try:
+                        entry = await watcher.updates(timeout=remaining)
+                    except nats.errors.TimeoutError:
+                        continue
+                    if entry is not None and entry.value:  # None marks the end of what was there already
+                        return _queued_result(entry.value)
+            except nats.errors.Error as e:  # the watch broke: watch again
+                unreachable = e
+            finally:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await watcher.stop()
+        if unreachable is not None:
+            raise QueueUnavailable(f"cannot watch for the result of job {job_id}: {_why(unreachable)}", job_id=job_id)
+        raise ResultPending(f"job {job_id} has no result yet (waited {budget:g}s)", job_id=job_id)
 
     async def _results_bucket(self) -> KeyValue:
         if self._results is None:
-            self._results = await results_bucket(self._nc.jetstream())
+            try:
+                self._results = await results_bucket(self._nc.jetstream())
+            except (nats.errors.Error, TimeoutError) as e:
+                raise QueueUnavailable(f"the results bucket is not reachable: {_why(e)}") from e
         return self._results
 
     async def candidates(
@@ -461,6 +488,10 @@ class LloomClient:
             waiter.put_nowait(msg.data)
         elif not waiter.done():
             waiter.set_result(msg.data)
+
+
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__
 
 
 def _queued_result(data: bytes) -> ChatResponse:

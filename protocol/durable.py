@@ -35,13 +35,17 @@ def consumer_name(model: str) -> str:
     return "jobs-" + subj.model_token(model).replace("~", "_")
 
 
-async def ensure_jobs_stream(js: JetStreamContext, *, duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S) -> None:
+async def ensure_jobs_stream(
+    js: JetStreamContext, *, duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S, replicas: int = 1
+) -> None:
+    """Create `LLOOM_JOBS` unless it exists (on a cluster, create it first with `replicas=3`)."""
     config = StreamConfig(
         name=JOBS_STREAM,
         subjects=[JOBS_ALL],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         duplicate_window=duplicate_window_s,
+        num_replicas=replicas,
     )
     try:
         await js.add_stream(config)
@@ -49,14 +53,15 @@ async def ensure_jobs_stream(js: JetStreamContext, *, duplicate_window_s: float 
         pass  # exists (perhaps with an operator's settings): use it as it is
 
 
-async def results_bucket(js: JetStreamContext, *, ttl_s: float = DEFAULT_RESULT_TTL_S) -> KeyValue:
+async def results_bucket(js: JetStreamContext, *, ttl_s: float = DEFAULT_RESULT_TTL_S, replicas: int = 1) -> KeyValue:
+    """`LLOOM_RESULTS`, created unless it exists (on a cluster, create it first with `replicas=3`)."""
     try:
         return await js.key_value(RESULTS_BUCKET)
     except nats.js.errors.BucketNotFoundError:
         pass
     try:
         return await js.create_key_value(
-            KeyValueConfig(bucket=RESULTS_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE)
+            KeyValueConfig(bucket=RESULTS_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE, replicas=replicas)
         )
     except nats.js.errors.BadRequestError:
         return await js.key_value(RESULTS_BUCKET)  # made meanwhile by another peer

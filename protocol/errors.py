@@ -50,6 +50,7 @@ class ErrorCode(enum.StrEnum):
     STREAM_INTERRUPTED = "stream_interrupted"
     QUEUED = "queued"
     RESULT_PENDING = "result_pending"
+    QUEUE_UNAVAILABLE = "queue_unavailable"
     INTERNAL = "internal"
 
 
@@ -138,6 +139,14 @@ class ResultPending(LloomError):
 
     code = ErrorCode.RESULT_PENDING
     status = 504
+
+
+class QueueUnavailable(LloomError):
+    """The durable queue (JetStream) did not answer: nothing was stored, or nothing could be read."""
+
+    code = ErrorCode.QUEUE_UNAVAILABLE
+    status = 503
+    retryable = True
 
 
 class ResponseTooLarge(LloomError):

@@ -83,8 +83,11 @@ async def test_a_client_on_node_3_is_served_across_the_cluster_and_keeps_being_s
         # One queue group spans the cluster: jobs published on nats-3 reach both nodes.
         served = Counter([(await client.complete(ask())).executor_id for _ in range(JOBS)])
         assert set(served) == {"exec-1", "exec-2"}, served
+        # Durable jobs go into the replicated work queue (R3) through nats-3.
+        queued = [await client.submit(ask()) for _ in range(10)]
 
-        nats1.kill()  # exec-1's server
+        nats1.kill()  # exec-1's server, and perhaps the queue's stream leader
+        queued += [await retry(lambda: client.submit(ask()), "a queued job accepted after nats-1 died") for _ in range(10)]
 
         reply: ChatResponse = await retry(lambda: client.complete(ask(), timeout=2.0), "an answer after nats-1 died")
         assert reply.content
@@ -95,3 +98,6 @@ async def test_a_client_on_node_3_is_served_across_the_cluster_and_keeps_being_s
         assert reply.executor_id == "exec-1"
         await catalogue_lists(client, {"exec-1", "exec-2"})
         assert exec1.proc is not None and exec1.proc.returncode is None
+        # Every queued job, from before and after the loss, has run and has its result.
+        results = [await client.result(job, timeout=3 * SETTLE_S) for job in queued]
+        assert [r.job_id for r in results] == queued and all(r.content for r in results)

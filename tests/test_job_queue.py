@@ -218,3 +218,14 @@ async def test_a_job_whose_last_delivery_dies_gets_an_error_result_and_leaves_th
             await asyncio.sleep(0.02)
     assert len(double.requests) == 0
     await _stop(node, queue)
+
+
+async def test_without_jetstream_queue_calls_fail_with_a_typed_error(client: LloomClient) -> None:
+    from protocol.errors import QueueUnavailable
+
+    with pytest.raises(QueueUnavailable, match="did not take job"):
+        await client.submit(ask())
+    with pytest.raises(QueueUnavailable):
+        await client.fetch("some-job")
+    with pytest.raises(QueueUnavailable, match="cannot watch"):
+        await client.result("some-job", timeout=0.5)
