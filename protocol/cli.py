@@ -8,6 +8,7 @@
     lloom receipts verify --stream        lloom receipts report --stream
     lloom complete --model qwen2.5:7b --queue "hi"     # durable: prints the job id
     lloom result <job id> [--timeout 600 | --no-wait]
+    lloom embed --model nomic-embed-text "first text" "second text"   # one JSON line per input
 
 The text goes to stdout; a summary line (model, finish reason, token usage, the
 executor that served it) to stderr, so the text can be piped. Errors print
@@ -66,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--min-context", type=int, help="minimum context length")
     r.add_argument("--feature", action="append", default=[], help="a required feature (repeatable)")
     r.add_argument("--hedge-after", type=float, help="seconds before also asking a second executor")
+    e = sub.add_parser("embed", help="embeddings for one or more texts")
+    e.add_argument("texts", nargs="+", help="the texts; - reads one per line from stdin")
+    e.add_argument("--model", "-m", required=True)
+    e.add_argument("--dimensions", type=int)
+    e.add_argument("--timeout", type=float, default=120.0)
     res = sub.add_parser("result", help="the result of a queued job")
     res.add_argument("job_id")
     res.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for it (default 120)")
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_receipts(args))
     if args.command == "result":
         return asyncio.run(_result(args))
+    if args.command == "embed":
+        return asyncio.run(_embed(args))
     if args.route is None and args.model is None:
         print("lloom: complete needs --model, or --route to let the network choose one", file=sys.stderr)
         return 2
@@ -132,6 +140,25 @@ async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
         return 2
     async with client:
         return await _run_job(args, request, client)
+
+
+async def _embed(args: argparse.Namespace) -> int:
+    texts = [line for line in sys.stdin.read().splitlines() if line] if args.texts == ["-"] else args.texts
+    client = await _connect(args.nats)
+    if client is None:
+        return 2
+    async with client:
+        try:
+            reply = await client.embed(args.model, texts, dimensions=args.dimensions, timeout=args.timeout)
+        except LloomError as err:
+            print(f"lloom: {err.code.value}: {err.message}", file=sys.stderr)
+            return 1
+    # One JSON object per line, then the summary on stderr, as for completions.
+    for text, vector in zip(texts, reply.embeddings, strict=True):
+        sys.stdout.write(msgspec.json.encode({"input": text, "embedding": vector}).decode() + "\n")
+    print(f"[{reply.model} via {reply.executor_id}: {len(reply.embeddings)} embeddings, "
+          f"{reply.usage.prompt_tokens} prompt tokens, batched with {reply.batched_with}]", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 async def _result(args: argparse.Namespace) -> int:

@@ -295,6 +295,23 @@ async def test_stream_and_json_modes_print_the_same_answer(
     assert reply["usage"] == {"prompt_tokens": 1, "completion_tokens": 8, "total_tokens": 9}
 
 
+async def test_lloom_embed_prints_one_vector_per_input_and_bad_input_is_a_typed_error(
+    start_executor: StartExecutor, config: Path, env: dict[str, str]
+) -> None:
+    from tests.doubles.openai_double import embedding_of
+
+    executor = await start_executor("--config", str(config))
+    url = await executor.started()
+    result = await run(LLOOM, "--nats", url, "embed", "--model", MODEL, "first text", "second", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines == [{"input": "first text", "embedding": embedding_of("first text", 8)},
+                     {"input": "second", "embedding": embedding_of("second", 8)}]  # fmt: skip
+    assert "2 embeddings, 3 prompt tokens" in result.stderr
+    refused = await run(LLOOM, "--nats", url, "embed", "--model", MODEL, "REJECT this", env=env)
+    assert refused.returncode == 1 and "lloom: bad_request:" in refused.stderr and "not allowed" in refused.stderr
+
+
 async def test_busy_embedded_port_is_replaced_by_a_free_one(
     start_executor: StartExecutor, tmp_path: Path, double: OpenAIDouble, env: dict[str, str]
 ) -> None:
