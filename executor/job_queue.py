@@ -41,7 +41,14 @@ from nats.js.kv import KeyValue
 from executor.config import QueueConfig, RetryConfig
 from executor.node import ExecutorNode
 from protocol import subjects as subj
-from protocol.durable import JOBS_STREAM, consumer_name, ensure_jobs_stream, jobs_subject, results_bucket
+from protocol.durable import (
+    JOBS_STREAM,
+    consumer_name,
+    ensure_jobs_stream,
+    jobs_subject,
+    result_subject,
+    results_bucket,
+)
 from protocol.errors import BackendUnavailable, ErrorCode, InternalError, InvalidRequest
 from protocol.messages import ErrorReply, encoder, error_to_wire, request_decoder, unary_reply_decoder
 
@@ -72,6 +79,7 @@ class JobQueue:
         retry: RetryConfig | None = None,
         idle_poll_s: float = 0.2,
         fetch_wait_s: float = 1.0,
+        max_fetch: int = 32,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
@@ -81,6 +89,7 @@ class JobQueue:
         self.retry = retry or RetryConfig()
         self.idle_poll_s = idle_poll_s
         self.fetch_wait_s = fetch_wait_s
+        self.max_fetch = max_fetch
         self._kv: KeyValue | None = None
         self._advisories: Subscription | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -153,8 +162,11 @@ class JobQueue:
                 if not (self.node.has_room() and self.node.model_available(model)):
                     await asyncio.sleep(self.idle_poll_s)
                     continue
+                room = self.node.config.max_concurrent_jobs - self.node.in_flight
                 try:
-                    msgs = await psub.fetch(1, timeout=self.fetch_wait_s)
+                    # As many as the node has room for, in one request: one at a time, the
+                    # round trip per fetch would bound the queue's throughput.
+                    msgs = await psub.fetch(max(1, min(room, self.max_fetch)), timeout=self.fetch_wait_s)
                 except nats.errors.TimeoutError:
                     continue
                 backoff = 0.1
@@ -259,6 +271,7 @@ class JobQueue:
         while True:
             try:
                 await self._kv.put(job_id, data)
+                await self._nc.publish(result_subject(job_id), data)  # wakes a waiting client at once
                 return
             except (nats.errors.Error, OSError) as e:
                 log.warning("cannot store a queued job's result yet", job_id=job_id, error=str(e) or type(e).__name__)

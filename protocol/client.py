@@ -48,7 +48,7 @@ from nats.nuid import NUID
 from protocol import subjects as subj
 from protocol.catalog import Catalog
 from protocol.connection import close_nats, connect_nats
-from protocol.durable import ensure_jobs_stream, jobs_subject, results_bucket
+from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -76,6 +76,8 @@ from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, 
 from protocol.stream import ChatStream
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+# How often `result()` reads the bucket again while it waits for the announcement.
+RESULT_RECHECK_S = 2.0
 DEFAULT_TIMEOUT_S = 120.0
 # Completion tokens assumed for a job's expected cost when it sets no max_tokens.
 DEFAULT_COMPLETION_ESTIMATE = 256
@@ -204,39 +206,38 @@ class LloomClient:
     async def result(self, job_id: str, *, timeout: float | None = None) -> ChatResponse:
         """Await a queued job's result; `ResultPending` if it is not there within `timeout`.
 
-        A JetStream blip (a cluster electing a new leader) is waited out within `timeout`;
-        `QueueUnavailable` if the bucket could not be reached at all by then."""
+        Listens for the executor's announcement of the result and reads the bucket (now,
+        and every few seconds in case an announcement was missed, e.g. across a reconnect),
+        so a JetStream blip within `timeout` is waited out; `QueueUnavailable` if the
+        bucket could not be read at all by then."""
         subj.check_id("job id", job_id)
         loop = asyncio.get_running_loop()
         budget = timeout or self.timeout
         deadline = loop.time() + budget
-        backoff = 0.1
+        sub = await self._nc.subscribe(result_subject(job_id), max_msgs=1)
         unreachable: BaseException | None = None
-        while loop.time() < deadline:
-            try:
-                kv = await self._results_bucket()
-                watcher = await kv.watch(job_id)
-            except (QueueUnavailable, nats.errors.Error, TimeoutError) as e:
-                unreachable = e
-                await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
-                backoff = min(backoff * 2, 1.0)
-                continue
-            unreachable = None
-            try:
-                while (remaining := deadline - loop.time()) > 0:
-                    try:
-                        entry = await watcher.updates(timeout=remaining)
-                    except nats.errors.TimeoutError:
-                        continue
-                    if entry is not None and entry.value:  # None marks the end of what was there already
-                        return _queued_result(entry.value)
-            except nats.errors.Error as e:  # the watch broke: watch again
-                unreachable = e
-            finally:
-                with contextlib.suppress(nats.errors.Error, TimeoutError):
-                    await watcher.stop()
+        try:
+            while True:
+                try:
+                    found = await self.fetch(job_id)
+                    unreachable = None
+                    if found is not None:
+                        return found
+                except QueueUnavailable as e:
+                    unreachable = e
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    msg = await sub.next_msg(timeout=min(remaining, RESULT_RECHECK_S))
+                except nats.errors.TimeoutError:
+                    continue
+                return _queued_result(msg.data)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
         if unreachable is not None:
-            raise QueueUnavailable(f"cannot watch for the result of job {job_id}: {_why(unreachable)}", job_id=job_id)
+            raise QueueUnavailable(f"cannot read the result of job {job_id}: {_why(unreachable)}", job_id=job_id)
         raise ResultPending(f"job {job_id} has no result yet (waited {budget:g}s)", job_id=job_id)
 
     async def _results_bucket(self) -> KeyValue:

@@ -7,7 +7,10 @@ Executors take them through one shared durable pull consumer per model
 (explicit acks, redelivery after `ack_wait`, at most `max_deliver` times), and
 put each result, a `ChatResponse` or an `ErrorReply` exactly as a unary reply
 would carry it, in the key-value bucket `LLOOM_RESULTS` under the job id, where
-clients fetch or await it. A job whose result is there is never run again.
+clients fetch or await it, and then also publish it on the core subject
+`lloom.v1.results.<job id>`, so a waiting client hears it at once without a
+watch (a consumer) per job; the bucket stays the record. A job whose result is
+there is never run again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ DEFAULT_DUPLICATE_WINDOW_S = 3600.0
 
 def jobs_subject(model: str) -> str:
     return f"{subj.PREFIX}.jobs.{subj.model_token(model)}"
+
+
+def result_subject(job_id: str) -> str:
+    """Where an executor announces a stored result (core NATS: a hint; the bucket is the record)."""
+    return f"{subj.PREFIX}.results.{subj.check_id('job id', job_id)}"
 
 
 def consumer_name(model: str) -> str:

@@ -74,3 +74,17 @@ def test_batching_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None
             assert row[path]["jobs_per_call"] >= 1
         assert row["ratio"]["throughput"] > 0
     assert "| concurrency |" in proc.stdout
+
+
+@pytest.mark.slow  # about 5 s: nats-server with JetStream, the benchmark backend, one executor
+def test_queue_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None:
+    out = tmp_path / "queue.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_queue.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for row in res["concurrency"].values():
+        for path in ("complete", "submit+result"):
+            assert row[path]["jobs"] > 0 and 0 < row[path]["p50_ms"] <= row[path]["p99_ms"], (path, row)

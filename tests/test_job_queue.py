@@ -227,5 +227,5 @@ async def test_without_jetstream_queue_calls_fail_with_a_typed_error(client: Llo
         await client.submit(ask())
     with pytest.raises(QueueUnavailable):
         await client.fetch("some-job")
-    with pytest.raises(QueueUnavailable, match="cannot watch"):
+    with pytest.raises(QueueUnavailable, match="cannot read the result"):
         await client.result("some-job", timeout=0.5)
