@@ -59,7 +59,8 @@ class Outbox:
         self.last_seq = 0
         self.last_leaf = ""
         self._load()
-        self._file: BinaryIO | None = None  # opened on the first append
+        self._file: BinaryIO | None = None  # opened (unbuffered) on the first write
+        self._turn: list[bytes] = []  # lines appended in this event-loop turn, written at its end
         self._dirty = False
         self._dirty_turn = False
 
@@ -107,10 +108,8 @@ class Outbox:
         the turn: before any reply of that turn leaves (replies go out from nats.py's
         flusher, which runs later), with one write() for the lot.
         """
-        if self._file is None:
-            self._file = open(self._path, "ab")  # noqa: SIM115 - owned until close()
         line = _encode(signed)
-        self._file.write(line + b"\n")
+        self._turn.append(line)
         if not self._dirty_turn:
             self._dirty_turn = True
             try:
@@ -124,9 +123,17 @@ class Outbox:
         self.pending[seq] = Pending(signed.receipt.executor_id, line, leaf)
 
     def _flush_turn(self) -> None:
+        """The turn's lines into the kernel with one write(): a killed process loses nothing."""
         self._dirty_turn = False
-        if self._file is not None:
-            self._file.flush()  # into the kernel now: a killed process loses nothing
+        if not self._turn:
+            return
+        if self._file is None:
+            self._file = open(self._path, "ab", buffering=0)  # noqa: SIM115 - owned until close()
+        lines, self._turn = self._turn, []
+        data = b"\n".join(lines) + b"\n"
+        view = memoryview(data)
+        while view:  # a regular file takes it all at once; a full disk raises
+            view = view[self._file.write(view) or 0 :]
 
     def acked(self, seq: int) -> None:
         self.pending.pop(seq, None)
@@ -157,7 +164,7 @@ class Outbox:
     def sync(self) -> None:
         """fsync what was written (power-loss durability) and persist the acked mark; call it now and then."""
         if self._dirty and self._file is not None:
-            self._file.flush()
+            self._flush_turn()
             os.fsync(self._file.fileno())
             self._dirty = False
         # The mark only moves over a contiguous prefix: a hole must be republished.

@@ -117,10 +117,12 @@ def merkle(leaves: list[bytes]) -> tuple[bytes, list[list[str]]]:
         nxt, nxt_members = [], []
         for i in range(0, len(level) - 1, 2):
             left, right = level[i], level[i + 1]
+            step = "R" + right.hex()  # once per node, not once per leaf under it
             for leaf in members[i]:
-                paths[leaf].append("R" + right.hex())
+                paths[leaf].append(step)
+            step = "L" + left.hex()
             for leaf in members[i + 1]:
-                paths[leaf].append("L" + left.hex())
+                paths[leaf].append(step)
             nxt.append(_node(left, right))
             nxt_members.append(members[i] + members[i + 1])
         if len(level) % 2:
