@@ -230,7 +230,17 @@ async def _status(url: str, executor_id: str | None, as_json: bool) -> int:
         stats = status["stats"]
         print("  jobs: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
         if status["cache"]:
-            print(f"  cache: {status['cache']['entries']} entries, {status['cache']['hits']} hits")
+            c = status["cache"]
+            shared = c.get("shared")
+            print(f"  cache: {c['entries']} entries, {c['hits']} hits"
+                  + (f"; shared bucket {shared['hits']} hits, {shared['errors']} errors" if shared else ""))  # fmt: skip
+        if status.get("queue"):
+            q = status["queue"]
+            print(f"  queue: pulling for {', '.join(q['models']) or 'no model'}; queued {q['queued']}, ran {q['ran']},"
+                  f" skipped {q['skipped']} (result already stored), handed back {q['handed_back']}, failed {q['failed']}")  # fmt: skip
+        if status.get("batching"):
+            b = status["batching"]
+            print(f"  batching: {b['jobs']} embedding jobs in {b['calls']} backend calls")
         if status["receipts"]:
             r = status["receipts"]
             print(f"  receipts: {r['issued']} issued, {r['unpublished']} not yet in JetStream, {r['mismatches']} mismatches")

@@ -734,3 +734,6 @@ async def test_queued_jobs_survive_executor_sigkill_and_nats_restart_each_run_an
         assert queued.returncode == 0, queued.stderr
         waited = await run(LLOOM, "--nats", server.url, "result", queued.stdout.strip(), "--timeout", "10", env=env)
         assert waited.returncode == 0 and "tok0" in waited.stdout, waited.stderr
+        status = await run(EXECUTOR, "--nats", server.url, "status", env=env)
+        # Since its restart: the job that hung, and the one queued from the CLI.
+        assert f"queue: pulling for {MODEL}, " in status.stdout and "; queued 0, ran 2, skipped 0" in status.stdout
