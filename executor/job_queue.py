@@ -92,6 +92,8 @@ class JobQueue:
         self.max_fetch = max_fetch
         self._kv: KeyValue | None = None
         self._advisories: Subscription | None = None
+        self._ready = asyncio.Event()  # the stream and the bucket exist
+        self._preparing: asyncio.Task[None] | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self.stats = {"queued": 0, "ran": 0, "skipped": 0, "handed_back": 0, "failed": 0}
@@ -100,14 +102,35 @@ class JobQueue:
         return model in self.fallback_models
 
     async def start(self) -> None:
-        await ensure_jobs_stream(self._js)
-        self._kv = await results_bucket(self._js, ttl_s=self.config.result_ttl_secs)
+        """Start pulling; the stream and bucket are made ready in the background (JetStream may be
+        away, or a cluster still electing): a node does not fail to start for its queue."""
         self._advisories = await self._nc.subscribe(
             f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*", queue="lloom-queue-advisories",
             cb=self._on_max_deliveries,
         )  # fmt: skip
+        try:  # usually JetStream answers at once, and jobs can be queued as soon as we return
+            await self._prepare_once()
+        except (nats.errors.Error, OSError):
+            self._preparing = asyncio.create_task(self._prepare(), name="queue-prepare")
         self.node.on_models_changed.append(self.sync_models)
         self.sync_models()
+
+    async def _prepare_once(self) -> None:
+        await ensure_jobs_stream(self._js)
+        self._kv = await results_bucket(self._js, ttl_s=self.config.result_ttl_secs)
+        self._ready.set()
+
+    async def _prepare(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._prepare_once()
+                return
+            except (nats.errors.Error, OSError) as e:
+                log.warning("durable queue not ready (is JetStream enabled?); retrying",
+                            error=str(e) or type(e).__name__, retry_in_s=backoff)  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     def sync_models(self) -> None:
         """Pull for exactly the models this queue serves here (they change with the backend's list)."""
@@ -124,6 +147,8 @@ class JobQueue:
             self._advisories = None
         workers = list(self._workers.values())
         self._workers.clear()
+        if self._preparing is not None:
+            workers.append(self._preparing)
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
@@ -144,6 +169,7 @@ class JobQueue:
     # -- pulling --
 
     async def _worker(self, model: str) -> None:
+        await self._ready.wait()
         backoff = 0.1
         psub = None
         while True:
@@ -239,6 +265,8 @@ class JobQueue:
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         """A job JetStream gave up on: file why as its result (unless it has one) and drop it."""
+        if not self._ready.is_set():
+            return  # another executor's queue files it
         try:
             advisory = _decode_advisory(msg.data)
             stored = await self._js.get_msg(JOBS_STREAM, advisory.stream_seq)

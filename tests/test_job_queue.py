@@ -229,3 +229,21 @@ async def test_without_jetstream_queue_calls_fail_with_a_typed_error(client: Llo
         await client.fetch("some-job")
     with pytest.raises(QueueUnavailable, match="cannot read the result"):
         await client.result("some-job", timeout=0.5)
+
+
+async def test_a_node_whose_queue_has_no_jetstream_starts_serves_and_answers_with_the_backends_error(
+    nc: NATS, client: LloomClient
+) -> None:
+    async with OpenAIDouble(models=["m"]) as double:
+        pool = BackendPool(
+            [Member("only", OpenAICompatibleBackend(base_url=double.base_url), ["m"], 1, CircuitBreaker())],
+            balancing=LoadBalancingConfig(), retry=FAST_RETRY,
+            fallbacks={"m": FallbackConfig(model="m", strategy="queue")},
+        )  # fmt: skip
+        node, queue = await _node_with_queue(nc, pool, fallback={"m"})  # no JetStream on this server
+        assert (await client.complete(ask(model="m"))).content  # serving as usual
+        double.fault = Fault.status(503, "down")
+        with pytest.raises(BackendError, match="down"):  # could not be queued: the backend's own error
+            await client.complete(ask(model="m"))
+        assert queue.stats["queued"] == 0
+        await _stop(node, queue)
