@@ -66,7 +66,9 @@ async def start_llama_embeddings(procs: Procs) -> str:
         raise SystemExit(f"--real needs llama-server and the bundled model ({e}): .venv/bin/lloom-executor setup-local") from e
     port = free_port()
     argv = [str(server), "-m", str(model), "--embeddings", "--pooling", "mean", "--host", "127.0.0.1",
-            "--port", str(port), "-np", "8", "-c", "4096", "-b", "2048", "-ub", "2048"]  # fmt: skip
+            "--port", str(port), "-np", "1", "-c", "4096", "-b", "2048", "-ub", "2048"]  # fmt: skip
+    # One slot: with more, this llama.cpp build returns wrong vectors for inputs sent together
+    # (llama.cpp issue #26282), and a batching benchmark of wrong answers would mean nothing.
     procs.start("llama-server", argv)
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http:

@@ -288,3 +288,74 @@ async def test_local_backend_without_a_built_server_says_what_to_run(
     assert llama_build.SETUP_COMMAND in str(caught.value)
     assert str(tmp_path) in str(caught.value)
 
+
+
+# -- embeddings, batched, on a real model -------------------------------------------
+
+
+@pytest.fixture
+async def embedding_server(local_setup: None, http: aiohttp.ClientSession, tmp_path: Path) -> AsyncIterator[str]:
+    """llama-server in embeddings mode (mean pooling) on the bundled model; yields its /v1 URL.
+
+    One slot (`-np 1`): with more, this llama.cpp build returns different vectors for inputs
+    sent together than for the same inputs alone (llama.cpp issue #26282; docs/batching.md)."""
+    from executor.child_process import spawn_tied, terminate
+
+    port = free_port()
+    log = (tmp_path / "llama-embed.log").open("wb")
+    proc = await spawn_tied(
+        str(llama_build.find_llama_server()), "-m", str(llama_build.default_model_path()), "--embeddings",
+        "--pooling", "mean", "--host", "127.0.0.1", "--port", str(port), "-np", "1", "-c", "2048", "-t", "1",
+        stderr=log,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(START_S):
+            while True:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert proc.returncode is None, (tmp_path / "llama-embed.log").read_text(errors="replace")[-2000:]
+                await asyncio.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await terminate(proc, 5.0)
+        log.close()
+
+
+async def test_real_embeddings_batched_equal_embeddings_alone(nats_server: EmbeddedNats, embedding_server: str) -> None:
+    import math
+
+    from executor.backends.openai_compat import OpenAICompatibleBackend
+    from executor.batcher import EmbeddingBatcher
+
+    conn = await nats.connect(nats_server.url)
+    backend = OpenAICompatibleBackend(base_url=embedding_server, timeout_secs=60)
+    node = ExecutorNode(conn, backend, NodeConfig(), models=["gemma-embed"])
+    node.batcher = EmbeddingBatcher(backend, max_calls=1)  # while one call runs, the others pile up
+    await node.start()
+    texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue grew by eight percent.",
+             "The stock market fell sharply today.", "Water boils at one hundred degrees."]  # fmt: skip
+    async with await LloomClient.connect(nats_server.url, timeout=60) as client:
+        alone = [await client.embed("gemma-embed", [t]) for t in texts]
+        together = await asyncio.gather(*(client.embed("gemma-embed", [t]) for t in texts))
+    await node.stop(drain_timeout=1)
+    await backend.aclose()
+    await conn.close()
+
+    assert all(r.batched_with == 1 for r in alone) and max(r.batched_with for r in together) > 1
+    for a, b in zip(alone, together, strict=True):
+        [va], [vb] = a.embeddings, b.embeddings
+        assert len(va) == 640  # Gemma 3 270M's hidden size
+        assert abs(math.sqrt(sum(x * x for x in va)) - 1.0) < 1e-3  # llama-server normalizes (L2)
+        assert max(abs(x - y) for x, y in zip(va, vb, strict=True)) < 1e-4  # sharing a call changes nothing
+    # The backend's token total is split among the jobs that shared a call, to the token.
+    assert sum(r.usage.prompt_tokens for r in together) == sum(r.usage.prompt_tokens for r in alone)
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    cat, paraphrase, revenue = (alone[i].embeddings[0] for i in range(3))
+    assert cos(cat, paraphrase) > cos(cat, revenue)  # real vectors: a paraphrase is nearer than a non-sequitur
