@@ -1,78 +1,87 @@
-"""Coalescing concurrent embedding jobs into one backend call (the seed's "Request Batching").
+"""Coalescing concurrent jobs into one backend call (the seed's "Request Batching").
 
-Embedding endpoints take an array of inputs, and a server computes a batch for
-little more than one input costs it (one forward pass, one HTTP exchange). So
-jobs for the same model and dimensions that arrive together share a call:
+Two OpenAI endpoints take arrays: `/v1/embeddings` (`input`) and the legacy
+`/v1/completions` (`prompt`). A server computes such an array for little more
+than one item costs it (one forward pass, one HTTP exchange), so jobs that
+arrive together and can share a call (same model, and for completions the same
+sampling parameters) do:
 
 - a batch opens with its first job and leaves at the end of that event-loop
   turn (or `window_s` later, when configured), taking every job that arrived
   meanwhile, up to `max_inputs` inputs;
-- while `max_calls` calls for that model are already running, the batch keeps
+- while `max_calls` calls for that key are already running, the batch keeps
   filling and leaves as soon as one of them returns (or once it is full: a full
   batch gains nothing by waiting): at low load a job waits for nothing, under
   load batches grow by themselves;
-- each job gets its own vectors and a share of the call's prompt tokens in
-  proportion to the length of its inputs (exact when it went alone);
+- each job gets its own results and a share of the call's tokens in
+  proportion to the length of its inputs (and, for completions, of its
+  outputs): exact when it went alone, summing exactly to what was reported;
 - a call that fails because of its input (not the backend) is split up, each
   job alone, so one bad job cannot fail its neighbours; a job that is
   cancelled leaves the call running for the others.
+
+`Coalescer` is the mechanism; `Batcher` is what the node uses.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
 
 import msgspec
 
-from executor.backends.base import EmbeddingBackend, Embeddings
-from protocol.errors import BackendError, LloomError
+from executor.backends.base import EmbeddingBackend, Embeddings, TextBackend, TextCompletions, TextParams
+from protocol.errors import BackendError, InvalidRequest, LloomError
 
-_Key = tuple[str, int | None]  # model, dimensions
-
-
-class Share(msgspec.Struct, frozen=True):
-    embeddings: Embeddings  # this job's vectors and prompt tokens
-    batched_with: int  # jobs that shared the backend call (1: alone)
-    apportioned: bool  # prompt tokens are a share of the call's, not counted for this job alone
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")  # what one backend call returns
+P = TypeVar("P")  # one job's part of it
 
 
-class _Job:
+class _Job(Generic[P]):
     __slots__ = ("future", "inputs")
 
-    def __init__(self, inputs: list[str], future: asyncio.Future[Share]) -> None:
+    def __init__(self, inputs: list[str], future: asyncio.Future[tuple[P, int]]) -> None:
         self.inputs = inputs
         self.future = future
 
 
-class _Batch:
+class _Batch(Generic[P]):
     __slots__ = ("due", "jobs", "size")
 
     def __init__(self) -> None:
-        self.jobs: list[_Job] = []
+        self.jobs: list[_Job[P]] = []
         self.size = 0
         self.due = False  # its window has passed: it leaves when a call slot is free
 
 
-class EmbeddingBatcher:
+class Coalescer(Generic[K, R, P]):
+    """Jobs (lists of inputs) under the same key share `call(key, inputs)`; `split` gives each its part."""
+
     def __init__(
-        self, backend: EmbeddingBackend, *, window_s: float = 0.0, max_inputs: int = 256, max_calls: int = 2
+        self,
+        call: Callable[[K, list[str]], Awaitable[R]],
+        split: Callable[[R, list[list[str]]], list[P]],
+        *,
+        window_s: float = 0.0,
+        max_inputs: int = 256,
+        max_calls: int = 2,
     ) -> None:
-        self.backend = backend
+        self._call_backend = call
+        self._split = split
         self.window_s = window_s
         self.max_inputs = max_inputs
         self.max_calls = max_calls
-        self._open: dict[_Key, _Batch] = {}
-        self._running: dict[_Key, int] = {}
+        self._open: dict[K, _Batch[P]] = {}
+        self._running: dict[K, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0
         self.jobs = 0
 
-    def status(self) -> dict[str, object]:
-        return {"calls": self.calls, "jobs": self.jobs, "jobs_per_call": round(self.jobs / self.calls, 2) if self.calls else None}
-
-    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Share:
+    async def submit(self, key: K, inputs: list[str]) -> tuple[P, int]:
+        """This job's part of a shared call, and how many jobs shared it."""
         loop = asyncio.get_running_loop()
-        key = (model, dimensions)
         batch = self._open.get(key)
         if batch is not None and batch.size + len(inputs) > self.max_inputs:
             self._send(key)  # full: it goes now, whatever the window, and this job opens the next
@@ -83,47 +92,46 @@ class EmbeddingBatcher:
                 loop.call_later(self.window_s, self._due, key, batch)
             else:
                 loop.call_soon(self._due, key, batch)
-        job = _Job(inputs, loop.create_future())
+        job: _Job[P] = _Job(inputs, loop.create_future())
         batch.jobs.append(job)
         batch.size += len(inputs)
         if batch.size >= self.max_inputs:
             self._send(key)
         return await job.future
 
-    def _due(self, key: _Key, batch: _Batch) -> None:
+    def _due(self, key: K, batch: _Batch[P]) -> None:
         if self._open.get(key) is not batch:
             return  # already sent (it filled up)
         batch.due = True
         if self._running.get(key, 0) < self.max_calls:
             self._send(key)
 
-    def _send(self, key: _Key) -> None:
+    def _send(self, key: K) -> None:
         batch = self._open.pop(key)
         self._running[key] = self._running.get(key, 0) + 1
         task = asyncio.get_running_loop().create_task(self._call(key, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call(self, key: _Key, batch: _Batch) -> None:
-        model, dimensions = key
+    async def _call(self, key: K, batch: _Batch[P]) -> None:
         try:
-            await self._serve(model, dimensions, batch.jobs)
+            await self._serve(key, batch.jobs)
         finally:
             self._running[key] -= 1
             waiting = self._open.get(key)
             if waiting is not None and waiting.due:
                 self._send(key)  # what piled up while the call ran
 
-    async def _serve(self, model: str, dimensions: int | None, jobs: list[_Job]) -> None:
-        inputs = [text for job in jobs for text in job.inputs]
+    async def _serve(self, key: K, jobs: list[_Job[P]]) -> None:
         self.calls += 1
         self.jobs += len(jobs)
         try:
-            result = await self.backend.embed(model, inputs, dimensions)
+            result = await self._call_backend(key, [text for job in jobs for text in job.inputs])
+            parts = self._split(result, [job.inputs for job in jobs])
         except LloomError as e:
             if len(jobs) > 1 and not isinstance(e, BackendError):
                 # The input was refused, not the backend: find whose, each job alone.
-                await asyncio.gather(*(self._serve(model, dimensions, [job]) for job in jobs))
+                await asyncio.gather(*(self._serve(key, [job]) for job in jobs))
                 return
             for job in jobs:
                 if not job.future.done():
@@ -133,15 +141,9 @@ class EmbeddingBatcher:
             for job in jobs:
                 job.future.cancel()
             raise
-        shares = _apportion(result.prompt_tokens, [sum(len(t) for t in job.inputs) for job in jobs])
-        start = 0
-        for job, tokens in zip(jobs, shares, strict=True):
-            end = start + len(job.inputs)
-            if not job.future.done():  # a cancelled job's vectors are dropped; the others' stand
-                part = Embeddings(model=result.model, vectors=result.vectors[start:end], prompt_tokens=tokens,
-                                  estimated=result.estimated)  # fmt: skip
-                job.future.set_result(Share(part, len(jobs), len(jobs) > 1))
-            start = end
+        for job, part in zip(jobs, parts, strict=True):
+            if not job.future.done():  # a cancelled job's part is dropped; the others' stand
+                job.future.set_result((part, len(jobs)))
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -149,7 +151,84 @@ class EmbeddingBatcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _apportion(total: int, weights: list[int]) -> list[int]:
+# -- what the node batches -------------------------------------------------------------
+
+
+class Share(msgspec.Struct, frozen=True):
+    embeddings: Embeddings  # this job's vectors and prompt tokens
+    batched_with: int  # jobs that shared the backend call (1: alone)
+    apportioned: bool  # tokens are a share of the call's, not counted for this job alone
+
+
+class TextShare(msgspec.Struct, frozen=True):
+    completions: TextCompletions  # this job's one choice and its tokens
+    batched_with: int
+    apportioned: bool
+
+
+class Batcher:
+    """The node's batching: embeddings by (model, dimensions), text completions by (model, parameters)."""
+
+    def __init__(self, backend: object, *, window_s: float = 0.0, max_inputs: int = 256, max_calls: int = 2) -> None:
+        self.backend = backend
+        opts = {"window_s": window_s, "max_inputs": max_inputs, "max_calls": max_calls}
+        self._embeddings: Coalescer[tuple[str, int | None], Embeddings, Embeddings] = Coalescer(
+            self._embed_call, _split_embeddings, **opts
+        )
+        self._texts: Coalescer[tuple[str, TextParams], TextCompletions, TextCompletions] = Coalescer(
+            self._text_call, _split_texts, **opts
+        )
+
+    def status(self) -> dict[str, object]:
+        calls = self._embeddings.calls + self._texts.calls
+        jobs = self._embeddings.jobs + self._texts.jobs
+        return {"calls": calls, "jobs": jobs, "jobs_per_call": round(jobs / calls, 2) if calls else None}
+
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Share:
+        part, n = await self._embeddings.submit((model, dimensions), inputs)
+        return Share(part, n, n > 1)
+
+    async def complete_text(self, model: str, prompt: str, params: TextParams) -> TextShare:
+        part, n = await self._texts.submit((model, params), [prompt])
+        return TextShare(part, n, n > 1)
+
+    async def aclose(self) -> None:
+        await self._embeddings.aclose()
+        await self._texts.aclose()
+
+    async def _embed_call(self, key: tuple[str, int | None], inputs: list[str]) -> Embeddings:
+        if not isinstance(self.backend, EmbeddingBackend):
+            raise InvalidRequest(f"{getattr(self.backend, 'name', 'the backend')} does not compute embeddings")
+        return await self.backend.embed(key[0], inputs, key[1])
+
+    async def _text_call(self, key: tuple[str, TextParams], prompts: list[str]) -> TextCompletions:
+        if not isinstance(self.backend, TextBackend):
+            raise InvalidRequest(f"{getattr(self.backend, 'name', 'the backend')} does not serve text completions")
+        return await self.backend.complete_texts(key[0], prompts, key[1])
+
+
+def _split_embeddings(result: Embeddings, jobs: list[list[str]]) -> list[Embeddings]:
+    shares = apportion(result.prompt_tokens, [sum(len(t) for t in inputs) for inputs in jobs])
+    parts, start = [], 0
+    for inputs, tokens in zip(jobs, shares, strict=True):
+        end = start + len(inputs)
+        parts.append(Embeddings(model=result.model, vectors=result.vectors[start:end], prompt_tokens=tokens,
+                                estimated=result.estimated))  # fmt: skip
+        start = end
+    return parts
+
+
+def _split_texts(result: TextCompletions, jobs: list[list[str]]) -> list[TextCompletions]:
+    prompt = apportion(result.prompt_tokens, [len(inputs[0]) for inputs in jobs])
+    completion = apportion(result.completion_tokens, [len(choice.text) for choice in result.choices])
+    return [
+        TextCompletions(model=result.model, choices=[choice], prompt_tokens=p, completion_tokens=c,
+                        estimated=result.estimated)  # fmt: skip
+        for choice, p, c in zip(result.choices, prompt, completion, strict=True)
+    ]
+
+
+def apportion(total: int, weights: list[int]) -> list[int]:
     """`total` split in proportion to `weights`, in whole tokens that add up to it (largest remainder)."""
     weight = sum(weights)
     if weight == 0:

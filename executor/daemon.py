@@ -22,8 +22,8 @@ from nats.aio.client import Client as NATS
 
 from executor.announcer import Announcer
 from executor.backends.autodetect import AutoDetectBackend
-from executor.backends.base import EmbeddingBackend
-from executor.batcher import EmbeddingBatcher
+from executor.backends.base import EmbeddingBackend, TextBackend
+from executor.batcher import Batcher
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ExecutorConfig
 from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
@@ -110,10 +110,10 @@ async def serve(
                     node.shared_cache = await SharedCache.open(nc.jetstream(), ttl_s=c.ttl_secs,
                                                                max_bytes=int(c.shared_max_mb * 2**20))  # fmt: skip
                     stack.push_async_callback(node.shared_cache.aclose)
-            if config.batching.enabled and isinstance(backend, EmbeddingBackend):
+            if config.batching.enabled and isinstance(backend, (EmbeddingBackend, TextBackend)):
                 b = config.batching
-                node.batcher = EmbeddingBatcher(backend, window_s=b.window_ms / 1000, max_inputs=b.max_inputs,
-                                                max_calls=b.max_calls)  # fmt: skip
+                node.batcher = Batcher(backend, window_s=b.window_ms / 1000, max_inputs=b.max_inputs,
+                                       max_calls=b.max_calls)  # fmt: skip
                 stack.push_async_callback(node.batcher.aclose)
             identity = load_identity(config, node.id)
             if config.receipts.enabled:

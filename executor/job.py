@@ -54,11 +54,40 @@ log = structlog.get_logger(logger_name=__name__)
 _SENTINEL = b""
 
 
-class Job:
-    __slots__ = (
-        "id", "request", "reply", "deadline", "started", "liveness", "missed_pings", "cancel_reason",
-        "task", "_node", "_ttft", "_completion_tokens", "_payload", "_client", "_started_ms", "_parts", "sink",
-    )  # fmt: skip
+class JobBase:
+    """What the node keeps of every job, whatever its kind: who asked, until when, and how to
+    stop it (cancel subject, departed caller, drain); `run()` then tells the caller why."""
+
+    __slots__ = ("_client", "_node", "_payload", "_started_ms", "cancel_reason", "deadline", "id", "liveness",
+                 "reply", "request", "started", "task")  # fmt: skip
+
+    def __init__(self, node: ExecutorNode, job_id: str, request: object, reply: str, deadline: float, *,
+                 liveness: bool, payload: bytes, client: str | None) -> None:  # fmt: skip
+        self._node = node
+        self.id = job_id
+        self.request = request
+        self.reply = reply
+        self.deadline = deadline
+        self.started = asyncio.get_running_loop().time()
+        self._started_ms = time.time_ns() // 1_000_000
+        self._payload = payload  # exactly as received: the receipt hashes it
+        self._client = client
+        self.liveness = liveness
+        self.cancel_reason: LloomError | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def cancel(self, reason: LloomError) -> None:
+        """Stop the job (and its backend call); the caller is told `reason`."""
+        if self.task is not None and not self.task.done() and self.cancel_reason is None:
+            self.cancel_reason = reason
+            self.task.cancel()
+
+
+class Job(JobBase):
+    """A chat completion, unary or streamed."""
+
+    __slots__ = ("_completion_tokens", "_parts", "_ttft", "missed_pings", "sink")
+    request: ChatRequest
 
     def __init__(
         self,
@@ -73,30 +102,13 @@ class Job:
         client: str | None = None,
         sink: Callable[[bytes], Awaitable[None]] | None = None,
     ) -> None:
-        self._node = node
+        super().__init__(node, job_id, request, reply, deadline, liveness=liveness, payload=payload, client=client)
         # Where the reply goes instead of `reply` (a queued job's result goes to the results bucket).
         self.sink = sink
-        self.id = job_id
-        self.request = request
-        self.reply = reply
-        self.deadline = deadline
-        self.started = asyncio.get_running_loop().time()
-        self._started_ms = time.time_ns() // 1_000_000
-        self._payload = payload  # exactly as received: the receipt hashes it
-        self._client = client
         self._parts: list[str] = []  # a stream's text so far, for its receipt
-        self.liveness = liveness
         self.missed_pings = 0
-        self.cancel_reason: LloomError | None = None
-        self.task: asyncio.Task[None] | None = None
         self._ttft: float | None = None
         self._completion_tokens = 0
-
-    def cancel(self, reason: LloomError) -> None:
-        """Stop the job (and its backend call); the caller is told `reason`."""
-        if self.task is not None and not self.task.done() and self.cancel_reason is None:
-            self.cancel_reason = reason
-            self.task.cancel()
 
     async def run(self) -> None:
         node = self._node

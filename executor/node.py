@@ -35,17 +35,17 @@ from nats.nuid import NUID
 
 from executor.backends.base import Backend, ModelInfo
 from executor.config import NodeConfig
-from executor.embed_job import EmbedJob
+from executor.batch_job import BatchedJob, EmbedJob, TextJob
 from executor.job import Job, send_error
 from executor.cache import ResponseCache
 from executor.perf import PerfTracker
 from executor.receipts import ReceiptIssuer
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
-from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder
+from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder, text_request_decoder
 
 if TYPE_CHECKING:
-    from executor.batcher import EmbeddingBatcher
+    from executor.batcher import Batcher
     from executor.job_queue import JobQueue
     from executor.shared_cache import SharedCache
 
@@ -116,12 +116,12 @@ class ExecutorNode:
         self.cache: ResponseCache | None = None  # likewise for the response cache
         self.shared_cache: SharedCache | None = None  # and its level shared in NATS KV (needs `cache`)
         self.job_queue: JobQueue | None = None  # and for the durable queue (`queue` fallbacks)
-        self.batcher: EmbeddingBatcher | None = None  # embeddings go straight to the backend without one
+        self.batcher: Batcher | None = None  # batchable jobs go straight to the backend without one
         self.stats = NodeStats()
         self._refresh_error: str | None = None
         self.state = State.NEW
         self._model_subs: dict[str, Subscription] = {}
-        self._embed_subs: dict[str, Subscription] = {}
+        self._batched_subs: dict[str, list[Subscription]] = {}  # embeddings and text completions
         self._direct_sub: Subscription | None = None
         self._cancel_sub: Subscription | None = None
         self._status_subs: list[Subscription] = []
@@ -204,12 +204,14 @@ class ExecutorNode:
                 self._log.warning("model name cannot be served", model=model, error=str(e))
                 continue
             self._model_subs[model] = await self.nc.subscribe(subject, queue=subj.QUEUE_GROUP, cb=self._on_job)
-            self._embed_subs[model] = await self.nc.subscribe(
-                subj.embed_subject(model), queue=subj.QUEUE_GROUP, cb=self._on_embed
-            )
+            self._batched_subs[model] = [
+                await self.nc.subscribe(subj.embed_subject(model), queue=subj.QUEUE_GROUP, cb=self._on_embed),
+                await self.nc.subscribe(subj.text_subject(model), queue=subj.QUEUE_GROUP, cb=self._on_text),
+            ]
         for model in self._model_subs.keys() - wanted:
             await self._model_subs.pop(model).unsubscribe()
-            await self._embed_subs.pop(model).unsubscribe()
+            for sub in self._batched_subs.pop(model):
+                await sub.unsubscribe()
         if wanted != self.models:
             self.models = frozenset(self._model_subs)
             await self.nc.flush()
@@ -229,9 +231,10 @@ class ExecutorNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        job_subs = [*self._model_subs.values(), *self._embed_subs.values(), self._direct_sub]
+        job_subs = [*self._model_subs.values(), *(s for subs in self._batched_subs.values() for s in subs),
+                    self._direct_sub]  # fmt: skip
         self._model_subs.clear()
-        self._embed_subs.clear()
+        self._batched_subs.clear()
         if not self.nc.is_closed:
             # drain() unsubscribes and still hands us what was already delivered,
             # so a job in the pipe is accepted (or refused as busy), not dropped.
@@ -290,6 +293,13 @@ class ExecutorNode:
         self._launch(job)
 
     async def _on_embed(self, msg: Msg) -> None:
+        await self._on_batched(msg, embedding_request_decoder, EmbedJob, "embeddings")
+
+    async def _on_text(self, msg: Msg) -> None:
+        await self._on_batched(msg, text_request_decoder, TextJob, "text completion")
+
+    async def _on_batched(self, msg: Msg, decoder: msgspec.json.Decoder, job_type: type[BatchedJob], what: str) -> None:
+        """A job for a batchable endpoint: checked like a chat job, then run as `job_type`."""
         self.stats.received += 1
         reply = msg.reply
         if not reply:
@@ -299,10 +309,10 @@ class ExecutorNode:
         job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
         try:
             subj.check_id("job id", job_id)
-            request = embedding_request_decoder.decode(msg.data)
+            request = decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
             self.stats.bad_requests += 1
-            await send_error(self, reply, InvalidRequest(f"invalid embeddings request: {e}"), job_id=None, stream=False)
+            await send_error(self, reply, InvalidRequest(f"invalid {what} request: {e}"), job_id=None, stream=False)
             return
         if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
             self.stats.busy += 1
@@ -315,7 +325,7 @@ class ExecutorNode:
         deadline = asyncio.get_running_loop().time() + _timeout_s(
             headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
         )
-        self._launch(EmbedJob(self, job_id, request, reply, deadline, payload=msg.data,  # type: ignore[arg-type]
+        self._launch(job_type(self, job_id, request, reply, deadline, payload=msg.data,  # type: ignore[arg-type]
                               client=headers.get(subj.HDR_CLIENT)))  # fmt: skip
 
     def _launch(self, job: Job) -> asyncio.Task[None]:

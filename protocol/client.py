@@ -34,7 +34,7 @@ import contextlib
 import logging
 import random
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import msgspec
 import nats.aio.subscription
@@ -66,14 +66,19 @@ from protocol.messages import (
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorReply,
+    TextRequest,
+    TextResponse,
     embedding_reply_decoder,
     encoder,
     error_from_wire,
+    text_reply_decoder,
     unary_reply_decoder,
 )
 from protocol.replies import Target, Waiter, decode_reply, fail, fails_over, no_responders
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
+
+T = TypeVar("T")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 # How often `result()` reads the bucket again while it waits for the announcement.
@@ -313,7 +318,30 @@ class LloomClient:
         Executors batch concurrent requests into shared backend calls, so many small
         calls cost little more than one big one."""
         request = EmbeddingRequest(model=model, input=list(inputs), dimensions=dimensions)
-        payload = encoder.encode(request)
+        return await self._batchable(subj.embed_subject(model), model, encoder.encode(request),
+                                     embedding_reply_decoder, EmbeddingResponse, timeout)  # fmt: skip
+
+    async def complete_text(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: list[str] | None = None,
+        timeout: float | None = None,
+    ) -> TextResponse:
+        """A legacy text completion of `prompt` (no chat template), from any executor serving `model`.
+
+        Concurrent requests with the same model and parameters share backend calls."""
+        request = TextRequest(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                              top_p=top_p, stop=stop)  # fmt: skip
+        return await self._batchable(subj.text_subject(model), model, encoder.encode(request), text_reply_decoder,
+                                     TextResponse, timeout)  # fmt: skip
+
+    async def _batchable(self, subject: str, model: str, payload: bytes, decoder: msgspec.json.Decoder,
+                         expected: type[T], timeout: float | None) -> T:  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.timeout)
         target: Target = (model, None)
@@ -322,14 +350,14 @@ class LloomClient:
             fut: asyncio.Future[bytes] = loop.create_future()
             self._pending[job_id] = fut
             try:
-                await self.publish_job(target, payload, job_id, deadline, subject=subj.embed_subject(model))
+                await self.publish_job(target, payload, job_id, deadline, subject=subject)
                 data = await self._wait(fut, deadline, job_id, target)
             except NoExecutors:
                 raise no_responders(target) from None
             finally:
                 self._pending.pop(job_id, None)
-            reply = decode_reply(embedding_reply_decoder, data)
-            if type(reply) is EmbeddingResponse:
+            reply = decode_reply(decoder, data)
+            if type(reply) is expected:
                 return reply
             err = error_from_wire(reply)
             if not await self.may_retry_busy(err, attempt, self.busy_retries, deadline):

@@ -144,14 +144,41 @@ class EmbeddingResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
     batched_with: int = 1
 
 
+class TextRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A legacy text completion (OpenAI's /v1/completions): one prompt, no chat template.
+    Executors coalesce concurrent requests with the same model and parameters into one
+    backend call with a prompt array (see executor/batcher.py)."""
+
+    model: Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_NAME)]
+    prompt: Annotated[str, Meta(min_length=1)]
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    stop: Annotated[list[str], Meta(max_length=4)] | None = None
+
+
+class TextResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="text", tag_field="type"):
+    job_id: str
+    executor_id: str
+    model: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage  # this job's share when its backend call was shared
+    receipt: SignedReceipt | None = None
+    batched_with: int = 1
+
+
 UnaryReply = ChatResponse | ErrorReply
 EmbeddingReply = EmbeddingResponse | ErrorReply
+TextReply = TextResponse | ErrorReply
 StreamReply = StreamChunk | StreamEnd | ErrorReply
 
 request_decoder = msgspec.json.Decoder(ChatRequest)
 unary_reply_decoder = msgspec.json.Decoder(UnaryReply)
 embedding_request_decoder = msgspec.json.Decoder(EmbeddingRequest)
 embedding_reply_decoder = msgspec.json.Decoder(EmbeddingReply)
+text_request_decoder = msgspec.json.Decoder(TextRequest)
+text_reply_decoder = msgspec.json.Decoder(TextReply)
 stream_reply_decoder = msgspec.json.Decoder(StreamReply)
 encoder = msgspec.json.Encoder()
 

@@ -100,6 +100,11 @@ def embed_subject(model: str) -> str:
     return f"{PREFIX}.embed.{model_token(model)}"
 
 
+def text_subject(model: str) -> str:
+    """Legacy text-completion jobs for `model` (same queue group)."""
+    return f"{PREFIX}.text.{model_token(model)}"
+
+
 def direct_subject(executor_id: str) -> str:
     """Jobs for one executor, whatever model they name."""
     return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.complete"

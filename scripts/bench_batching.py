@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_batching.py            # simulated accelerator (~1 min)
     .venv/bin/python scripts/bench_batching.py --real     # llama-server --embeddings, Gemma 3 270M on the CPU
     .venv/bin/python scripts/bench_batching.py --quick    # seconds; checks the harness
+    .venv/bin/python scripts/bench_batching.py --endpoint text   # legacy completions (prompt arrays)
 
 Two `lloom-executor` processes share one backend, one with batching on (the
 default) and one with `[batching] enabled = false`; each serves its own model
@@ -107,7 +108,8 @@ async def backend_calls(client: LloomClient, path: str) -> tuple[int, int]:
     return done, done  # without a batcher every job is one call
 
 
-async def closed_loop(client: LloomClient, model: str, concurrency: int, seconds: float, text: str) -> list[float]:
+async def closed_loop(client: LloomClient, model: str, concurrency: int, seconds: float, text: str,
+                      endpoint: str = "embeddings") -> list[float]:  # fmt: skip
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
 
@@ -115,7 +117,10 @@ async def closed_loop(client: LloomClient, model: str, concurrency: int, seconds
         i = 0
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
-            await client.embed(model, [f"{text} {w}-{i}"])
+            if endpoint == "text":
+                await client.complete_text(model, f"{text} {w}-{i}", max_tokens=8)
+            else:
+                await client.embed(model, [f"{text} {w}-{i}"])
             latencies.append(time.perf_counter() - t0)
             i += 1
 
@@ -148,7 +153,8 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict:
 
 async def measure(client: LloomClient, args: argparse.Namespace) -> dict:
     text = "The quick brown fox jumps over the lazy dog while the weather stays fine"
-    out: dict = {"mode": "real" if args.real else "simulated", "machine": env.machine(), "concurrency": {}}
+    out: dict = {"mode": "real" if args.real else "simulated", "endpoint": args.endpoint, "machine": env.machine(),
+                 "concurrency": {}}  # fmt: skip
     if not args.real:
         out["backend"] = {"call_ms": args.call_ms, "input_ms": args.input_ms}
     for c in args.concurrency:
@@ -158,7 +164,7 @@ async def measure(client: LloomClient, args: argparse.Namespace) -> dict:
             for path in order[rnd % 2:] + order[: rnd % 2]:
                 calls0, jobs0 = await backend_calls(client, path)
                 t0 = time.perf_counter()
-                lat = await closed_loop(client, PATHS[path], c, args.seconds, text)
+                lat = await closed_loop(client, PATHS[path], c, args.seconds, text, args.endpoint)
                 acc[path]["seconds"] += time.perf_counter() - t0
                 calls1, jobs1 = await backend_calls(client, path)
                 acc[path]["lat"] += lat
@@ -184,7 +190,10 @@ async def measure(client: LloomClient, args: argparse.Namespace) -> dict:
 
 
 def render(res: dict) -> str:
-    L = [f"### {'llama-server --embeddings (Gemma 3 270M, CPU)' if res['mode'] == 'real' else 'Simulated accelerator'}", ""]
+    title = "llama-server --embeddings (Gemma 3 270M, CPU)" if res["mode"] == "real" else "Simulated accelerator"
+    if res.get("endpoint") == "text":
+        title += ", legacy text completions"
+    L = [f"### {title}", ""]
     if res["mode"] == "simulated":
         be = res["backend"]
         L += [f"Backend: one call at a time, {be['call_ms']} ms per call + {be['input_ms']} ms per input.", ""]
@@ -203,10 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real", action="store_true", help="llama-server --embeddings instead of the simulated backend")
     ap.add_argument("--quick", action="store_true", help="seconds: checks the harness")
+    ap.add_argument("--endpoint", choices=["embeddings", "text"], default="embeddings",
+                    help="embeddings (inputs arrays) or legacy text completions (prompt arrays)")  # fmt: skip
     ap.add_argument("--call-ms", type=float, default=4.0, help="simulated backend: ms per call")
     ap.add_argument("--input-ms", type=float, default=0.1, help="simulated backend: ms per input")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
+    if args.real and args.endpoint == "text":
+        ap.error("--real runs llama-server in embeddings mode; text completions are measured on the simulated backend")
     args.rounds = 1 if args.quick else 2
     args.seconds = 0.5 if args.quick else (5.0 if args.real else 3.0)
     args.concurrency = [1, 8] if args.quick else ([1, 4, 16] if args.real else [1, 8, 32, 128])

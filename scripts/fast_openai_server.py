@@ -8,9 +8,10 @@ a constant small completion, or with `"stream": true` an SSE stream of N chunks
 by `--chunk-interval-ms`, then a usage chunk when `stream_options.include_usage`,
 then `data: [DONE]`. It prints `READY <port>` on stdout once it listens.
 
-Embeddings stand for one accelerator: calls run one at a time, each taking
+Embeddings and legacy completions (`POST /v1/completions`, prompt arrays)
+stand for one accelerator: calls run one at a time, each taking
 `--embed-call-ms` plus `--embed-input-ms` per input (a forward pass costs about
-the same for one input as for a few), and return `--embed-dims` floats per input.
+the same for one input as for a few); embeddings have `--embed-dims` floats.
 
 It is a raw asyncio protocol on uvloop with pre-encoded responses, so that what
 the benchmark measures is the relay in front of it and not this server: it
@@ -27,6 +28,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 try:
     import msgspec
@@ -115,6 +117,18 @@ def _usage_chunk(n: int) -> bytes:
     })  # fmt: skip
 
 
+def _embeddings_body(n: int) -> bytes:
+    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{Device.vector}}}' for i in range(n))
+    return (f'{{"object":"list","model":"{MODEL}","data":[{data}],'
+            f'"usage":{{"prompt_tokens":{8 * n},"total_tokens":{8 * n}}}}}').encode()  # fmt: skip
+
+
+def _texts_body(n: int) -> bytes:
+    choices = ",".join(f'{{"index":{i},"text":"{CONTENT}","finish_reason":"stop"}}' for i in range(n))
+    return (f'{{"object":"text_completion","model":"{MODEL}","choices":[{choices}],'
+            f'"usage":{{"prompt_tokens":{8 * n},"completion_tokens":{8 * n},"total_tokens":{16 * n}}}}}').encode()  # fmt: skip
+
+
 class Device:
     lock: asyncio.Lock
     call_s = 0.004
@@ -162,16 +176,17 @@ class Http(asyncio.Protocol):
 
     def _handle(self, line: bytes, body: bytes) -> bool:
         """Answer one request; True when the answer is paced and continues asynchronously."""
-        if line.startswith(b"POST ") and b"/embeddings" in line:
-            try:
-                inputs = json.loads(body)["input"]
-                n = 1 if isinstance(inputs, str) else len(inputs)
-            except Exception:
-                self.t.write(BAD_REQUEST)
-                return False
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._embed(n))
-            return True
+        for path, field, answer in ((b"/embeddings", "input", _embeddings_body), (b"/v1/completions", "prompt", _texts_body)):
+            if line.startswith(b"POST ") and path in line:
+                try:
+                    items = json.loads(body)[field]
+                    n = 1 if isinstance(items, str) else len(items)
+                except Exception:
+                    self.t.write(BAD_REQUEST)
+                    return False
+                self.busy = True
+                asyncio.get_running_loop().create_task(self._device(n, answer))
+                return True
         if line.startswith(b"POST ") and b"/chat/completions" in line:
             try:
                 stream, max_tokens, usage = parse_body(body)
@@ -196,16 +211,13 @@ class Http(asyncio.Protocol):
             self.t.write(NOT_FOUND)
         return False
 
-    async def _embed(self, n: int) -> None:
+    async def _device(self, n: int, body: Callable[[int], bytes]) -> None:
         try:
             async with Device.lock:  # one forward pass at a time, as on one GPU
                 await asyncio.sleep(Device.call_s + n * Device.input_s)
                 Device.calls += 1
             if not self.t.is_closing():
-                data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{Device.vector}}}' for i in range(n))
-                body = (f'{{"object":"list","model":"{MODEL}","data":[{data}],'
-                        f'"usage":{{"prompt_tokens":{8 * n},"total_tokens":{8 * n}}}}}').encode()  # fmt: skip
-                self.t.write(_response("200 OK", body))
+                self.t.write(_response("200 OK", body(n)))
         finally:
             self.busy = False
         if self.buf and not self.t.is_closing():

@@ -21,11 +21,13 @@ from protocol.messages import (
     ErrorReply,
     StreamChunk,
     StreamEnd,
+    TextRequest,
+    TextResponse,
 )
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "wire-schema.json"
 MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, EmbeddingRequest, EmbeddingResponse,
-            Announcement, Heartbeat)
+            TextRequest, TextResponse, Announcement, Heartbeat)
 
 
 def render() -> bytes:

@@ -329,12 +329,12 @@ async def test_real_embeddings_batched_equal_embeddings_alone(nats_server: Embed
     import math
 
     from executor.backends.openai_compat import OpenAICompatibleBackend
-    from executor.batcher import EmbeddingBatcher
+    from executor.batcher import Batcher
 
     conn = await nats.connect(nats_server.url)
     backend = OpenAICompatibleBackend(base_url=embedding_server, timeout_secs=60)
     node = ExecutorNode(conn, backend, NodeConfig(), models=["gemma-embed"])
-    node.batcher = EmbeddingBatcher(backend, max_calls=1)  # while one call runs, the others pile up
+    node.batcher = Batcher(backend, max_calls=1)  # while one call runs, the others pile up
     await node.start()
     texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue grew by eight percent.",
              "The stock market fell sharply today.", "Water boils at one hundred degrees."]  # fmt: skip

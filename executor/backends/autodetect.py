@@ -19,7 +19,17 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from executor.backends import local
-from executor.backends.base import Backend, Completion, EmbeddingBackend, Embeddings, ModelInfo, StreamEvent
+from executor.backends.base import (
+    Backend,
+    Completion,
+    EmbeddingBackend,
+    Embeddings,
+    ModelInfo,
+    StreamEvent,
+    TextBackend,
+    TextCompletions,
+    TextParams,
+)
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS, Preset
 from executor.config import LlmClientConfig
@@ -128,6 +138,14 @@ class AutoDetectBackend:
         if not isinstance(inner, EmbeddingBackend):
             raise InvalidRequest(f"{inner.name} does not compute embeddings")
         return await inner.embed(model, inputs, dimensions)
+
+    async def complete_texts(self, model: str, prompts: list[str], params: TextParams) -> TextCompletions:
+        inner = await self._resolve()
+        if inner is None:
+            raise self._nothing_found()
+        if not isinstance(inner, TextBackend):
+            raise InvalidRequest(f"{inner.name} does not serve text completions")
+        return await inner.complete_texts(model, prompts, params)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         inner = await self._resolve()

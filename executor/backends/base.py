@@ -81,6 +81,35 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class TextParams(msgspec.Struct, frozen=True):
+    """Sampling parameters of a legacy text completion; jobs share a call only if these match."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] | None = None
+
+
+class TextChoice(msgspec.Struct, frozen=True):
+    text: str
+    finish_reason: FinishReason
+
+
+class TextCompletions(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    choices: list[TextChoice]  # one per prompt, in prompt order
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False  # the backend reported no usage
+
+
+@runtime_checkable
+class TextBackend(Protocol):
+    """Optional: legacy text completions (OpenAI's /v1/completions), one choice per prompt."""
+
+    async def complete_texts(self, model: str, prompts: list[str], params: TextParams) -> TextCompletions: ...
+
+
 @runtime_checkable
 class EmbeddingBackend(Protocol):
     """Optional: a backend that also computes embeddings (OpenAI's /v1/embeddings).

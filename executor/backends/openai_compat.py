@@ -21,7 +21,17 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 import msgspec
 
-from executor.backends.base import Completion, Delta, Embeddings, Finish, ModelInfo, StreamEvent
+from executor.backends.base import (
+    Completion,
+    Delta,
+    Embeddings,
+    Finish,
+    ModelInfo,
+    StreamEvent,
+    TextChoice,
+    TextCompletions,
+    TextParams,
+)
 from executor.backends.http1 import (
     ConnectFailed,
     ConnectionDropped,
@@ -131,6 +141,27 @@ class _EmbeddingBody(msgspec.Struct, omit_defaults=True):
     dimensions: int | None = None
 
 
+class _TextChoice(msgspec.Struct):
+    text: str = ""
+    index: int = 0
+    finish_reason: str | None = None
+
+
+class _TextList(msgspec.Struct):
+    choices: list[_TextChoice]
+    model: str = ""
+    usage: _Usage | None = None
+
+
+class _TextBody(msgspec.Struct, omit_defaults=True):
+    model: str
+    prompt: list[str]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] | None = None
+
+
 class _ModelEntry(msgspec.Struct):
     id: str
     context_length: int | None = None  # LM Studio, OpenRouter
@@ -147,6 +178,7 @@ _decode_response = msgspec.json.Decoder(_Response).decode
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_models = msgspec.json.Decoder(_ModelList).decode
 _decode_embeddings = msgspec.json.Decoder(_EmbeddingList).decode
+_decode_texts = msgspec.json.Decoder(_TextList).decode
 _decode_any = msgspec.json.Decoder().decode
 
 _FINISH = {
@@ -202,6 +234,7 @@ class OpenAICompatibleBackend:
         self._stream_head = self._http.encode_head("POST", "/chat/completions", {**headers, "Accept": "text/event-stream"})
         self._models_head = self._http.encode_head("GET", "/models", headers)
         self._embed_head = self._http.encode_head("POST", "/embeddings", headers)
+        self._text_head = self._http.encode_head("POST", "/completions", headers)
         self._probe_timeout = min(timeout_secs, 5.0)
 
     @property
@@ -245,6 +278,25 @@ class OpenAICompatibleBackend:
             tokens = estimate_usage(inputs, "").prompt_tokens
             return Embeddings(model=parsed.model or model, vectors=vectors, prompt_tokens=tokens, estimated=True)
         return Embeddings(model=parsed.model or model, vectors=vectors, prompt_tokens=parsed.usage.prompt_tokens)
+
+    async def complete_texts(self, model: str, prompts: list[str], params: TextParams) -> TextCompletions:
+        body = _TextBody(model, prompts, params.max_tokens, params.temperature, params.top_p, params.stop)
+        raw = await self._fetch(self._text_head, _encode(body), self.timeout_secs, model)
+        try:
+            parsed = _decode_texts(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise BackendProtocolError(f"{self.name} sent a malformed text completion ({e}): {_excerpt(raw)}") from e
+        if sorted(c.index for c in parsed.choices) != list(range(len(prompts))):
+            raise BackendProtocolError(
+                f"{self.name} sent {len(parsed.choices)} choices for {len(prompts)} prompts: {_excerpt(raw)}"
+            )
+        choices = [TextChoice(c.text, _finish(c.finish_reason)) for c in sorted(parsed.choices, key=lambda c: c.index)]
+        if parsed.usage is None:
+            usage = estimate_usage(prompts, "".join(c.text for c in choices))
+            return TextCompletions(model=parsed.model or model, choices=choices, prompt_tokens=usage.prompt_tokens,
+                                   completion_tokens=usage.completion_tokens, estimated=True)  # fmt: skip
+        return TextCompletions(model=parsed.model or model, choices=choices, prompt_tokens=parsed.usage.prompt_tokens,
+                               completion_tokens=parsed.usage.completion_tokens)  # fmt: skip
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         body = _encode(

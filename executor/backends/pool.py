@@ -31,7 +31,18 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import structlog
 
-from executor.backends.base import Backend, Completion, EmbeddingBackend, Embeddings, Finish, ModelInfo, StreamEvent
+from executor.backends.base import (
+    Backend,
+    Completion,
+    EmbeddingBackend,
+    Embeddings,
+    Finish,
+    ModelInfo,
+    StreamEvent,
+    TextBackend,
+    TextCompletions,
+    TextParams,
+)
 from executor.backends.breaker import BreakerState, CircuitBreaker
 from executor.config import FallbackConfig, LoadBalancingConfig, RetryConfig
 from protocol.errors import BackendError, BackendUnavailable, LloomError, ModelNotFound, RateLimited
@@ -134,6 +145,18 @@ class BackendPool:
 
         request = EmbeddingRequest(model=model, input=inputs, dimensions=dimensions)
         result, member, _ = await self._serve(request, run, fallback=False)  # type: ignore[arg-type]
+        self._settle(member, ok=True)
+        return result
+
+    async def complete_texts(self, model: str, prompts: list[str], params: TextParams) -> TextCompletions:
+        """Legacy text completions from the first healthy member that serves `model` (failover as for embed)."""
+
+        async def run(member: Member, req: EmbeddingRequest) -> TextCompletions:
+            if not isinstance(member.backend, TextBackend):
+                raise ModelNotFound(f"{member.name} does not serve text completions")
+            return await member.backend.complete_texts(model, prompts, params)
+
+        result, member, _ = await self._serve(EmbeddingRequest(model=model, input=prompts), run, fallback=False)  # type: ignore[arg-type]
         self._settle(member, ok=True)
         return result
 

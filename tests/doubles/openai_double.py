@@ -1,7 +1,8 @@
 """A test double of an OpenAI-compatible chat server (the `/v1` dialect spoken by
 LM Studio, vLLM, llama.cpp and Ollama), for fast protocol tests that must not
 depend on a real model. It serves `GET /v1/models`, `GET /health`,
-`POST /v1/embeddings` (deterministic vectors, inputs arrays, usage) and
+`POST /v1/embeddings` (deterministic vectors, inputs arrays, usage), the legacy
+`POST /v1/completions` (prompt arrays, one choice per prompt, usage) and
 `POST /v1/chat/completions` (plain JSON and SSE streaming) with the real wire
 format, produces deterministic content (`tok0 tok1 ...`) with exact usage
 arithmetic, records what it was sent, and can inject faults (HTTP errors,
@@ -171,6 +172,8 @@ class OpenAIDouble:
         # Inputs per /v1/embeddings call, in call order; `embed_delay_s` stands for the
         # forward pass (one per call, whatever its size: that is why batching pays).
         self.embedding_calls: list[int] = []
+        self.text_calls: list[int] = []  # prompts per /v1/completions call
+        self.text_call_temperatures: list[Any] = []  # and the temperature it asked for
         self.embed_delay_s = 0.0
         self.embed_dimensions = 8
         self._ids = itertools.count(1)
@@ -194,6 +197,7 @@ class OpenAIDouble:
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions", self._text_completions)
         app.router.add_get("/health", self._health)
         # handler_cancellation turns a client disconnect into a CancelledError
         # inside the handler, which is how stalls and slow streams notice it.
@@ -248,8 +252,10 @@ class OpenAIDouble:
 
     # -- embeddings --------------------------------------------------------
 
-    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
-        ex = _Exchange()
+    async def _array_request(self, request: web.Request, ex: _Exchange, field: str,
+                             ) -> tuple[Any, list[str], Fault | None] | web.StreamResponse:
+        """What the array endpoints share: faults, auth, a non-empty `field` of strings
+        (items starting with REJECT are refused, for fault tests), a known model."""
         try:
             body: Any = msgspec.json.decode(await request.read())
         except msgspec.DecodeError:
@@ -260,28 +266,56 @@ class OpenAIDouble:
                                                           headers=dict(fault.headers)))
         if (denied := self._unauthorized(request)) is not None:
             return await self._finish(request, ex, denied)
-        inputs = body.get("input") if isinstance(body, dict) else None
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) and t for t in inputs):
-            return await self._finish(request, ex, _error(400, "'input' must be a non-empty string or array of them."))
-        if any(t.startswith("REJECT") for t in inputs):  # an input the model refuses, for fault tests
-            return await self._finish(request, ex, _error(400, "This input is not allowed."))
+        items = body.get(field) if isinstance(body, dict) else None
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list) or not items or not all(isinstance(t, str) and t for t in items):
+            return await self._finish(request, ex, _error(400, f"'{field}' must be a non-empty string or array of them."))
+        if any(t.startswith("REJECT") for t in items):
+            return await self._finish(request, ex, _error(400, f"This {field} is not allowed."))
         model = body.get("model")
         if model not in self.models:
             return await self._finish(request, ex, _error(404, f"The model '{model}' does not exist", "model_not_found"))
-        self.embedding_calls.append(len(inputs))
         if self.embed_delay_s:
             await asyncio.sleep(self.embed_delay_s)
+        return body, items, fault
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        ex = _Exchange()
+        checked = await self._array_request(request, ex, "input")
+        if isinstance(checked, web.StreamResponse):
+            return checked
+        body, inputs, fault = checked
+        self.embedding_calls.append(len(inputs))
         dims = body.get("dimensions") or self.embed_dimensions
         data = [{"object": "embedding", "index": i, "embedding": embedding_of(text, dims)}
                 for i, text in enumerate(inputs)]
         tokens = sum(_words(t) for t in inputs)
-        usage = None if fault is not None and fault.kind == "no_usage" else {
-            "prompt_tokens": tokens, "total_tokens": tokens}
-        payload: dict[str, Any] = {"object": "list", "data": data, "model": model}
-        if usage is not None:
-            payload["usage"] = usage
+        payload: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
+        if fault is None or fault.kind != "no_usage":
+            payload["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return await self._finish(request, ex, web.Response(body=msgspec.json.encode(payload),
+                                                            content_type="application/json"))
+
+    async def _text_completions(self, request: web.Request) -> web.StreamResponse:
+        """Legacy completions: each prompt's answer is `echo:<its first word>` then `tok1 ...`."""
+        ex = _Exchange()
+        checked = await self._array_request(request, ex, "prompt")
+        if isinstance(checked, web.StreamResponse):
+            return checked
+        body, prompts, _ = checked
+        self.text_calls.append(len(prompts))
+        self.text_call_temperatures.append(body.get("temperature"))
+        max_tokens = body.get("max_tokens")
+        n = self.completion_tokens if max_tokens is None else min(self.completion_tokens, max_tokens)
+        finish = "length" if max_tokens is not None and max_tokens < self.completion_tokens else "stop"
+        choices = [{"index": i, "text": " ".join([f"echo:{p.split()[0]}"] + [f"tok{k}" for k in range(1, n)]),
+                    "finish_reason": finish, "logprobs": None} for i, p in enumerate(prompts)]
+        prompt_tokens = sum(_words(p) for p in prompts)
+        payload = {"id": f"cmpl-double-{next(self._ids)}", "object": "text_completion", "created": int(time.time()),
+                   "model": body["model"], "choices": choices,
+                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n * len(prompts),
+                             "total_tokens": prompt_tokens + n * len(prompts)}}
         return await self._finish(request, ex, web.Response(body=msgspec.json.encode(payload),
                                                             content_type="application/json"))
 

@@ -1,4 +1,5 @@
-"""Embeddings over the network, and the batcher that makes concurrent jobs share backend calls."""
+"""Embeddings and legacy text completions over the network, and the batcher that makes
+concurrent jobs share backend calls."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
-from executor.batcher import EmbeddingBatcher, _apportion
+from executor.batcher import Batcher, apportion
 from executor.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendError, InvalidRequest, NoExecutors
@@ -23,7 +24,7 @@ from tests.doubles.openai_double import Fault, OpenAIDouble, embedding_of
 async def embed_node(nc: NATS, double: OpenAIDouble) -> AsyncIterator[ExecutorNode]:
     backend = OpenAICompatibleBackend(base_url=double.base_url)
     node = ExecutorNode(nc, backend, models=[MODEL])
-    node.batcher = EmbeddingBatcher(backend, max_inputs=64, max_calls=1)
+    node.batcher = Batcher(backend, max_inputs=64, max_calls=1)
     await node.start()
     yield node
     await node.stop(drain_timeout=1)
@@ -107,12 +108,55 @@ async def test_without_a_batcher_each_job_is_its_own_call(nc: NATS, double: Open
 
 
 def test_shares_add_up_to_the_total_and_follow_the_weights() -> None:
-    assert _apportion(10, [1, 1]) == [5, 5]
-    assert sum(_apportion(7, [3, 1, 1])) == 7
-    assert _apportion(7, [3, 1, 1])[0] >= 4
-    assert _apportion(0, [5, 5]) == [0, 0]
-    assert _apportion(3, [0, 0, 0]) == [1, 1, 1]
+    assert apportion(10, [1, 1]) == [5, 5]
+    assert sum(apportion(7, [3, 1, 1])) == 7
+    assert apportion(7, [3, 1, 1])[0] >= 4
+    assert apportion(0, [5, 5]) == [0, 0]
+    assert apportion(3, [0, 0, 0]) == [1, 1, 1]
 
 
 def test_the_wire_request_is_the_openai_shape() -> None:
     assert encoder.encode(EmbeddingRequest(model="m", input=["a"])) == b'{"model":"m","input":["a"]}'
+
+
+# -- legacy text completions: prompt arrays ----------------------------------------------
+
+
+async def test_a_text_completion_answers_its_own_prompt(embed_node: ExecutorNode, client: LloomClient,
+                                                        double: OpenAIDouble) -> None:  # fmt: skip
+    reply = await client.complete_text(MODEL, "Once upon a time", max_tokens=4)
+    assert reply.text == "echo:Once tok1 tok2 tok3" and reply.finish_reason.value == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.batched_with) == (4, 4, 1)
+    assert double.text_calls == [1]
+
+
+async def test_concurrent_text_completions_with_the_same_parameters_share_calls(
+    embed_node: ExecutorNode, client: LloomClient, double: OpenAIDouble
+) -> None:
+    double.embed_delay_s = 0.02
+    prompts = [f"prompt{i} " + "word " * i for i in range(24)]
+    same = [client.complete_text(MODEL, p, max_tokens=3) for p in prompts]
+    other = [client.complete_text(MODEL, p, max_tokens=3, temperature=0.5) for p in prompts[:4]]
+    replies = await asyncio.gather(*same, *other)
+    for prompt, reply in zip(prompts + prompts[:4], replies, strict=True):
+        assert reply.text.startswith(f"echo:{prompt.split()[0]} ")  # each job its own choice
+    assert sum(double.text_calls) == 28 and len(double.text_calls) < 28 / 3
+    # Jobs with other parameters never share a call: the 0.5 calls hold exactly the four 0.5 jobs.
+    by_temperature: dict[object, int] = {}
+    for n, t in zip(double.text_calls, double.text_call_temperatures, strict=True):
+        by_temperature[t] = by_temperature.get(t, 0) + n
+    assert by_temperature == {None: 24, 0.5: 4}
+    assert sum(r.usage.prompt_tokens for r in replies) == sum(1 + i for i in range(24)) + sum(1 + i for i in range(4))
+    assert sum(r.usage.completion_tokens for r in replies) == 3 * 28
+
+
+async def test_a_bad_prompt_fails_only_its_own_text_job(embed_node: ExecutorNode, client: LloomClient,
+                                                        double: OpenAIDouble) -> None:  # fmt: skip
+    double.embed_delay_s = 0.02
+    await client.complete_text(MODEL, "warm up")
+    jobs = [client.complete_text(MODEL, f"good {i}") for i in range(4)] + [client.complete_text(MODEL, "REJECT me")]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    assert all(r.text.startswith("echo:good") for r in results[:4])  # type: ignore[union-attr]
+    assert isinstance(results[4], InvalidRequest) and "not allowed" in results[4].message
+    with pytest.raises(InvalidRequest, match="prompt"):
+        await client.complete_text(MODEL, "")
