@@ -318,8 +318,9 @@ class LloomClient:
         Executors batch concurrent requests into shared backend calls, so many small
         calls cost little more than one big one."""
         request = EmbeddingRequest(model=model, input=list(inputs), dimensions=dimensions)
-        return await self._batchable(subj.embed_subject(model), model, encoder.encode(request),
-                                     embedding_reply_decoder, EmbeddingResponse, timeout)  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + (timeout or self.timeout)
+        return await self._request((model, None), encoder.encode(request), embedding_reply_decoder, EmbeddingResponse,
+                                   deadline, self.busy_retries, subject=subj.embed_subject(model))  # fmt: skip
 
     async def complete_text(
         self,
@@ -337,15 +338,36 @@ class LloomClient:
         Concurrent requests with the same model and parameters share backend calls."""
         request = TextRequest(model=model, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                               top_p=top_p, stop=stop)  # fmt: skip
-        return await self._batchable(subj.text_subject(model), model, encoder.encode(request), text_reply_decoder,
-                                     TextResponse, timeout)  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + (timeout or self.timeout)
+        return await self._request((model, None), encoder.encode(request), text_reply_decoder, TextResponse,
+                                   deadline, self.busy_retries, subject=subj.text_subject(model))  # fmt: skip
 
-    async def _batchable(self, subject: str, model: str, payload: bytes, decoder: msgspec.json.Decoder,
-                         expected: type[T], timeout: float | None) -> T:  # fmt: skip
+    async def cancel(self, job_id: str) -> None:
+        """Tell whichever executor runs `job_id` to stop it (best effort, at most once)."""
+        if not self._nc.is_closed:
+            await self._nc.publish(subj.cancel_subject(job_id))
+
+    # -- one job on one target, and failover over many --
+
+    async def _complete_on(self, target: Target, request: ChatRequest, deadline: float, retries: int) -> ChatResponse:
+        return await self._request(target, encoder.encode(request), unary_reply_decoder, ChatResponse, deadline, retries)
+
+    async def _request(
+        self,
+        target: Target,
+        payload: bytes,
+        decoder: msgspec.json.Decoder,
+        expected: type[T],
+        deadline: float,
+        retries: int,
+        *,
+        subject: str | None = None,
+    ) -> T:
+        """One request/reply job on `target` (its model's queue group, or one executor), retried when busy."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.timeout)
-        target: Target = (model, None)
-        for attempt in range(self.busy_retries + 1):
+        for attempt in range(retries + 1):
+            # A busy executor never ran the job, so a retry is a new job: replies
+            # still in flight for the old id can then not be mistaken for its own.
             job_id = self.new_job_id()
             fut: asyncio.Future[bytes] = loop.create_future()
             self._pending[job_id] = fut
@@ -358,37 +380,6 @@ class LloomClient:
                 self._pending.pop(job_id, None)
             reply = decode_reply(decoder, data)
             if type(reply) is expected:
-                return reply
-            err = error_from_wire(reply)
-            if not await self.may_retry_busy(err, attempt, self.busy_retries, deadline):
-                raise err
-        raise AssertionError("unreachable")
-
-    async def cancel(self, job_id: str) -> None:
-        """Tell whichever executor runs `job_id` to stop it (best effort, at most once)."""
-        if not self._nc.is_closed:
-            await self._nc.publish(subj.cancel_subject(job_id))
-
-    # -- one job on one target, and failover over many --
-
-    async def _complete_on(self, target: Target, request: ChatRequest, deadline: float, retries: int) -> ChatResponse:
-        loop = asyncio.get_running_loop()
-        payload = encoder.encode(request)
-        for attempt in range(retries + 1):
-            # A busy executor never ran the job, so a retry is a new job: replies
-            # still in flight for the old id can then not be mistaken for its own.
-            job_id = self.new_job_id()
-            fut: asyncio.Future[bytes] = loop.create_future()
-            self._pending[job_id] = fut
-            try:
-                await self.publish_job(target, payload, job_id, deadline)
-                data = await self._wait(fut, deadline, job_id, target)
-            except NoExecutors:
-                raise no_responders(target) from None
-            finally:
-                self._pending.pop(job_id, None)
-            reply = decode_reply(unary_reply_decoder, data)
-            if type(reply) is ChatResponse:
                 return reply
             assert isinstance(reply, ErrorReply)
             err = error_from_wire(reply)

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import env, phases, report  # noqa: E402
+from benchkit.harness import Progress, cpu_plan, start_fast_backend  # noqa: E402
 from benchkit.procs import Procs, pin, run_all_stopped  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,36 +49,6 @@ MODES = {
                   stream_c=4, stream_s=0.3, ttft_s=0.2, stream_rounds=1, scaling=[1, 2], scale_s=0.3,
                   profile_s=0.0, warmup=20),
 }  # fmt: skip
-
-
-class Progress:
-    def __init__(self, quiet: bool) -> None:
-        self.t0 = time.monotonic()
-        self.quiet = quiet
-
-    def __call__(self, text: str) -> None:
-        if not self.quiet:
-            print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
-
-
-def cpu_plan() -> tuple[set[int] | None, set[int] | None]:
-    """Relay under test alone on one core; harness, backend and broker on the other."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < 2:
-        return None, None
-    return {cpus[0]}, {cpus[1]}
-
-
-async def start_backend(procs: Procs, cpus: set[int] | None) -> tuple[str, int]:
-    argv = [sys.executable, str(ROOT / "scripts" / "fast_openai_server.py"), "--port", "0"]
-    for c in sorted(cpus or []):
-        argv += ["--cpu", str(c)]
-    proc = procs.start("backend", argv, stdout_pipe=True)
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
-    if not line.startswith(b"READY "):
-        raise RuntimeError(f"backend did not start: {line!r}\n{procs.log_tail('backend')}")
-    return f"http://127.0.0.1:{int(line.split()[1])}/v1", proc.pid
 
 
 async def start_nats(procs: Procs, cpus: set[int] | None, tmp: Path) -> tuple[str, int]:
@@ -217,7 +188,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     relay_cpus, gen_cpus = cpu_plan()
     res: dict = {"mode": args.mode, "machine": env.machine(), "params": p, "litellm_status": "measured"}
     res["pinning"] = {"relay": sorted(relay_cpus or []), "harness": sorted(gen_cpus or [])}
-    backend_url, backend_pid = await start_backend(procs, gen_cpus)
+    backend_url, backend_pid = await start_fast_backend(procs, gen_cpus)
     nats_url, nats_pid = await start_nats(procs, gen_cpus, tmp)
     log(f"backend at {backend_url}, nats-server at {nats_url}")
     pids = {"backend": backend_pid, "nats-server": nats_pid}

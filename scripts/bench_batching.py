@@ -28,14 +28,15 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import env  # noqa: E402
-from benchkit.procs import Procs, run_all_stopped  # noqa: E402
+from benchkit.harness import start_fast_backend  # noqa: E402
+from benchkit.phases import pct  # noqa: E402
+from benchkit.procs import Procs, run_in_tempdir  # noqa: E402
 
 from executor.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 from protocol import subjects as subj  # noqa: E402
@@ -43,17 +44,6 @@ from protocol.client import LloomClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = {"batched": "emb-batched", "unbatched": "emb-unbatched"}
-
-
-async def start_fast_backend(procs: Procs, args: argparse.Namespace) -> str:
-    argv = [sys.executable, str(ROOT / "scripts" / "fast_openai_server.py"), "--port", "0",
-            "--embed-call-ms", str(args.call_ms), "--embed-input-ms", str(args.input_ms)]  # fmt: skip
-    proc = procs.start("backend", argv, stdout_pipe=True)
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
-    if not line.startswith(b"READY "):
-        raise RuntimeError(f"backend did not start: {line!r}\n{procs.log_tail('backend')}")
-    return f"http://127.0.0.1:{int(line.split()[1])}/v1"
 
 
 async def start_llama_embeddings(procs: Procs) -> str:
@@ -128,14 +118,13 @@ async def closed_loop(client: LloomClient, model: str, concurrency: int, seconds
     return latencies
 
 
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
-
-
 async def amain(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict:
     async with EmbeddedNats() as nats:
-        backend = await (start_llama_embeddings(procs) if args.real else start_fast_backend(procs, args))
+        if args.real:
+            backend = await start_llama_embeddings(procs)
+        else:
+            backend, _ = await start_fast_backend(procs, None, "--embed-call-ms", str(args.call_ms),
+                                                  "--embed-input-ms", str(args.input_ms))  # fmt: skip
         for path in PATHS:
             start_executor(procs, tmp, path, backend, nats.url)
         async with await LloomClient.connect(nats.url, timeout=60) as client:
@@ -223,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = 1 if args.quick else 2
     args.seconds = 0.5 if args.quick else (5.0 if args.real else 3.0)
     args.concurrency = [1, 8] if args.quick else ([1, 4, 16] if args.real else [1, 8, 32, 128])
-    with tempfile.TemporaryDirectory(prefix="lloom-bench-batching-") as tmp_s:
-        procs = Procs(Path(tmp_s))
-        res = run_all_stopped(amain(args, procs, Path(tmp_s)), procs, uvloop_loop=True)
+    res = run_in_tempdir("lloom-bench-batching-", lambda procs, tmp: amain(args, procs, tmp))
     print(render(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

@@ -53,27 +53,10 @@ from benchkit.discovery_common import (  # noqa: E402
 )
 from benchkit.discovery_report import goal_lines, write  # noqa: E402
 from benchkit.discovery_workers import worker_client, worker_simulate  # noqa: E402
+from benchkit.harness import Progress, cpu_plan, start_fast_backend  # noqa: E402
 from benchkit.procs import Procs, cpu_seconds, pin, run_all_stopped, tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-class Progress:
-    def __init__(self, quiet: bool) -> None:
-        self.t0 = time.monotonic()
-        self.quiet = quiet
-
-    def __call__(self, text: str) -> None:
-        if not self.quiet:
-            print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", flush=True)
-
-
-def cpu_plan() -> tuple[set[int] | None, set[int] | None]:
-    """The measuring client alone on one core; broker, backend, executors and the simulator on the other."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < 2:
-        return None, None
-    return {cpus[0]}, {cpus[1]}
-
 
 def foreign_load(exclude: set[int], seconds: float = 1.0) -> dict:
     """Load average and the busiest processes this run did not start, sampled over `seconds`."""
@@ -118,18 +101,6 @@ def varz(mport: int) -> dict:
 
 
 # ---------------------------------------------------------------- children
-
-
-async def start_backend(procs: Procs, cpus: set[int] | None) -> str:
-    argv = [sys.executable, str(ROOT / "scripts" / "fast_openai_server.py"), "--port", "0"]
-    for c in sorted(cpus or []):
-        argv += ["--cpu", str(c)]
-    proc = procs.start("backend", argv, stdout_pipe=True)
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
-    if not line.startswith(b"READY "):
-        raise RuntimeError(f"backend did not start: {line!r}\n{procs.log_tail('backend')}")
-    return f"http://127.0.0.1:{int(line.split()[1])}/v1"
 
 
 async def start_nats(procs: Procs, cpus: set[int] | None) -> tuple[str, int, int]:
@@ -478,7 +449,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
                  "sources": source_digests()}  # fmt: skip
     res["conditions_before"] = await asyncio.to_thread(foreign_load, {os.getpid()})
     log(f"load before: {res['conditions_before']}")
-    backend_url = await start_backend(procs, other_cpus)
+    backend_url, _ = await start_fast_backend(procs, other_cpus)
     nats_url, mport, nats_pid = await start_nats(procs, other_cpus)
     if client_cpus:
         pin(os.getpid(), client_cpus)

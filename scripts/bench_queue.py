@@ -19,15 +19,15 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_batching import pct, start_fast_backend  # noqa: E402
 from benchkit import env  # noqa: E402
-from benchkit.procs import Procs, run_all_stopped  # noqa: E402
+from benchkit.harness import start_fast_backend  # noqa: E402
+from benchkit.phases import pct  # noqa: E402
+from benchkit.procs import Procs, run_in_tempdir  # noqa: E402
 
 from executor.embedded_nats import EmbeddedNats  # noqa: E402
 from protocol.client import LloomClient  # noqa: E402
@@ -79,7 +79,7 @@ async def closed_loop(client: LloomClient, path: str, concurrency: int, seconds:
 
 async def amain(args: argparse.Namespace, procs: Procs, tmp: Path) -> dict:
     async with EmbeddedNats(jetstream=True, store_dir=str(tmp / "js")) as nats:
-        start_executor(procs, tmp, await start_fast_backend(procs, args), nats.url)
+        start_executor(procs, tmp, (await start_fast_backend(procs))[0], nats.url)
         async with await LloomClient.connect(nats.url, timeout=60) as client:
             for _ in range(300):
                 try:
@@ -119,13 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="seconds: checks the harness")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args(argv)
-    args.call_ms, args.input_ms = 4.0, 0.1  # the backend's embeddings model (unused here)
     args.rounds = 1 if args.quick else 2
     args.seconds = 0.5 if args.quick else 5.0
     args.concurrency = [1, 8] if args.quick else [1, 32]
-    with tempfile.TemporaryDirectory(prefix="lloom-bench-queue-") as tmp_s:
-        procs = Procs(Path(tmp_s))
-        res = run_all_stopped(amain(args, procs, Path(tmp_s)), procs, uvloop_loop=True)
+    res = run_in_tempdir("lloom-bench-queue-", lambda procs, tmp: amain(args, procs, tmp))
     print(render(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

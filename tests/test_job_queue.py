@@ -59,6 +59,20 @@ async def _node_with_queue(
     return node, queue
 
 
+async def _consuming_node(nc: NATS, double: OpenAIDouble, *, node_config: NodeConfig | None = None,
+                          **queue: object) -> tuple[ExecutorNode, JobQueue]:  # fmt: skip
+    """A node on the double that takes every queued job for its models (`consume_all`)."""
+    return await _node_with_queue(nc, OpenAICompatibleBackend(base_url=double.base_url), models=["double-model"],
+                                  config=QueueConfig(consume_all=True, **queue), node_config=node_config)  # type: ignore[arg-type]  # fmt: skip
+
+
+def _queue_pool(double: OpenAIDouble, breaker: CircuitBreaker | None = None) -> BackendPool:
+    """A pool of one backend serving "m", whose fallback is the durable queue."""
+    backend = OpenAICompatibleBackend(base_url=double.base_url, timeout_secs=5)
+    return BackendPool([Member("only", backend, ["m"], 1, breaker or CircuitBreaker())], balancing=LoadBalancingConfig(),
+                       retry=FAST_RETRY, fallbacks={"m": FallbackConfig(model="m", strategy="queue")})  # fmt: skip
+
+
 async def _stop(node: ExecutorNode, queue: JobQueue) -> None:
     await node.stop(drain_timeout=1)
     await queue.stop()
@@ -69,13 +83,7 @@ async def test_a_job_no_backend_can_serve_waits_in_the_queue_and_runs_when_one_r
     js_nc: NATS, js_client: LloomClient
 ) -> None:
     async with OpenAIDouble(models=["m"]) as double:
-        breaker = CircuitBreaker(failure_threshold=1, cooldown_s=3600)  # only a health check closes it
-        pool = BackendPool(
-            [Member("only", OpenAICompatibleBackend(base_url=double.base_url, timeout_secs=5), ["m"], 1, breaker)],
-            balancing=LoadBalancingConfig(),
-            retry=FAST_RETRY,
-            fallbacks={"m": FallbackConfig(model="m", strategy="queue")},
-        )
+        pool = _queue_pool(double, CircuitBreaker(failure_threshold=1, cooldown_s=3600))  # only a health check closes it
         node, queue = await _node_with_queue(js_nc, pool, fallback={"m"})
         double.fault = Fault.status(503, "down for maintenance")
 
@@ -100,11 +108,7 @@ async def test_a_job_no_backend_can_serve_waits_in_the_queue_and_runs_when_one_r
 
 async def test_streams_are_not_queued_they_fail_with_the_backends_error(js_nc: NATS, js_client: LloomClient) -> None:
     async with OpenAIDouble(models=["m"]) as double:
-        pool = BackendPool(
-            [Member("only", OpenAICompatibleBackend(base_url=double.base_url), ["m"], 1, CircuitBreaker())],
-            balancing=LoadBalancingConfig(), retry=FAST_RETRY,
-            fallbacks={"m": FallbackConfig(model="m", strategy="queue")},
-        )  # fmt: skip
+        pool = _queue_pool(double)
         node, queue = await _node_with_queue(js_nc, pool, fallback={"m"})
         double.fault = Fault.status(503)
         with pytest.raises(BackendError):
@@ -118,8 +122,7 @@ async def test_streams_are_not_queued_they_fail_with_the_backends_error(js_nc: N
 async def test_submitted_jobs_each_run_once_and_their_results_can_be_fetched(
     js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
 ) -> None:
-    backend = OpenAICompatibleBackend(base_url=double.base_url)
-    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"], config=QueueConfig(consume_all=True))
+    node, queue = await _consuming_node(js_nc, double)
     ids = [await js_client.submit(ask(text=f"job number {i}")) for i in range(12)]
     replies = await asyncio.gather(*(js_client.result(i, timeout=WAIT) for i in ids))
     assert [r.job_id for r in replies] == ids
@@ -145,9 +148,7 @@ async def test_submitted_jobs_each_run_once_and_their_results_can_be_fetched(
 async def test_bad_queued_jobs_get_a_typed_error_result_and_the_node_keeps_serving(
     js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
 ) -> None:
-    backend = OpenAICompatibleBackend(base_url=double.base_url)
-    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"], config=QueueConfig(consume_all=True),
-                                         node_config=NodeConfig(max_tokens_cap=100))  # fmt: skip
+    node, queue = await _consuming_node(js_nc, double, node_config=NodeConfig(max_tokens_cap=100))
     too_long = await js_client.submit(ask(max_tokens=1000))
     with pytest.raises(InvalidRequest, match="max_tokens"):
         await js_client.result(too_long, timeout=WAIT)
@@ -165,9 +166,7 @@ async def test_bad_queued_jobs_get_a_typed_error_result_and_the_node_keeps_servi
 async def test_a_job_that_keeps_failing_is_redelivered_up_to_max_deliver_then_gets_the_error(
     js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
 ) -> None:
-    backend = OpenAICompatibleBackend(base_url=double.base_url)
-    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"],
-                                         config=QueueConfig(consume_all=True, max_deliver=3))  # fmt: skip
+    node, queue = await _consuming_node(js_nc, double, max_deliver=3)
     double.fault = Fault.status(502, "bad gateway")
     job = await js_client.submit(ask())
     with pytest.raises(BackendError, match="bad gateway"):
@@ -180,9 +179,7 @@ async def test_a_job_that_keeps_failing_is_redelivered_up_to_max_deliver_then_ge
 async def test_queued_jobs_wait_while_the_node_is_full_and_run_when_it_has_room(
     js_nc: NATS, js_client: LloomClient, double: OpenAIDouble
 ) -> None:
-    backend = OpenAICompatibleBackend(base_url=double.base_url)
-    node, queue = await _node_with_queue(js_nc, backend, models=["double-model"], config=QueueConfig(consume_all=True),
-                                         node_config=NodeConfig(max_concurrent_jobs=2))  # fmt: skip
+    node, queue = await _consuming_node(js_nc, double, node_config=NodeConfig(max_concurrent_jobs=2))
     double.fault = Fault.slow(0.01)
     ids = [await js_client.submit(ask()) for _ in range(6)]
     replies = await asyncio.gather(*(js_client.result(i, timeout=WAIT) for i in ids))
@@ -235,11 +232,7 @@ async def test_a_node_whose_queue_has_no_jetstream_starts_serves_and_answers_wit
     nc: NATS, client: LloomClient
 ) -> None:
     async with OpenAIDouble(models=["m"]) as double:
-        pool = BackendPool(
-            [Member("only", OpenAICompatibleBackend(base_url=double.base_url), ["m"], 1, CircuitBreaker())],
-            balancing=LoadBalancingConfig(), retry=FAST_RETRY,
-            fallbacks={"m": FallbackConfig(model="m", strategy="queue")},
-        )  # fmt: skip
+        pool = _queue_pool(double)
         node, queue = await _node_with_queue(nc, pool, fallback={"m"})  # no JetStream on this server
         assert (await client.complete(ask(model="m"))).content  # serving as usual
         double.fault = Fault.status(503, "down")

@@ -13,8 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -171,3 +172,10 @@ def run_all_stopped(main: Coroutine[Any, Any, T], procs: Procs, *, uvloop_loop: 
         raise
     finally:
         procs.stop_all()
+
+
+def run_in_tempdir(prefix: str, main: Callable[[Procs, Path], Coroutine[Any, Any, T]]) -> T:
+    """`main(procs, tmp)` on uvloop in a fresh temporary directory; its processes always stopped."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_s:
+        procs = Procs(Path(tmp_s))
+        return run_all_stopped(main(procs, Path(tmp_s)), procs, uvloop_loop=True)
