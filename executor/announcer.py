@@ -70,6 +70,7 @@ class Announcer:
         ]
         self._node.on_models_changed.append(self._models_changed)
         await self._publish_full()
+        await self._nc.flush()  # the server knows the subscriptions when start() returns: queries are answered
         self._task = asyncio.create_task(self._beat(), name="heartbeat")
 
     async def stop(self) -> None:
