@@ -7,6 +7,8 @@ fails when the file is stale. Usage: python scripts/wire_schema.py [--check]
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +32,26 @@ MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, Embed
             TextRequest, TextResponse, Announcement, Heartbeat)
 
 
+def normalized(node: object) -> object:
+    """The schema with every docstring-derived text cleaned the same way, whatever msgspec did.
+
+    msgspec 0.23 started dedenting docstring continuation lines itself; older releases kept
+    them. Cleaning here (inspect.cleandoc is idempotent) makes the file the same under both.
+    Releases also list the members of an `anyOf` (a set, in JSON Schema) in different orders.
+    """
+    if isinstance(node, dict):
+        out = {
+            k: inspect.cleandoc(v) if k in ("description", "title") and isinstance(v, str) else normalized(v)
+            for k, v in node.items()
+        }
+        if isinstance(out.get("anyOf"), list):
+            out["anyOf"] = sorted(out["anyOf"], key=lambda member: json.dumps(member, sort_keys=True))
+        return out
+    if isinstance(node, list):
+        return [normalized(v) for v in node]
+    return node
+
+
 def render() -> bytes:
     (schemas, components) = msgspec.json.schema_components(MESSAGES, ref_template="#/$defs/{name}")
     doc = {
@@ -39,7 +61,10 @@ def render() -> bytes:
         "oneOf": list(schemas),
         "$defs": components,
     }
-    return msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n"
+    # Rendered by the standard library, not a library's formatter, so a dependency release
+    # cannot change the bytes of the checked-in file.
+    text = json.dumps(normalized(msgspec.to_builtins(doc)), indent=2, sort_keys=True, ensure_ascii=False)
+    return text.encode() + b"\n"
 
 
 def main(argv: list[str]) -> int:
