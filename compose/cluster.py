@@ -29,10 +29,10 @@ import nats
 import nats.errors
 from nats.js.api import StorageType, StreamConfig
 
-from executor.child_process import spawn_tied, terminate
+from executor.process.child import spawn_tied, terminate
 from executor.config import ReceiptsConfig
-from executor.embedded_nats import EmbeddedNats, find_nats_server, free_port
-from executor.receipt_publisher import STREAM
+from executor.process.embedded_nats import EmbeddedNats, find_nats_server, free_port
+from executor.receipts.publisher import STREAM
 from protocol import subjects as subj
 from protocol.durable import ensure_jobs_stream, results_bucket
 

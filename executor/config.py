@@ -217,7 +217,7 @@ class ExecutorsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class BatchingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Embedding jobs for the same model share backend calls (executor/batcher.py)."""
+    """Embedding jobs for the same model share backend calls (executor/batching/coalescer.py)."""
 
     enabled: bool = True
     # 0: a batch leaves at the end of the event-loop turn it opened in (no added wait); more

@@ -125,7 +125,7 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, 
 
 class EmbeddingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """Vectors for one or more texts (OpenAI's /v1/embeddings). Executors coalesce
-    concurrent requests for the same model into one backend call (see executor/batcher.py)."""
+    concurrent requests for the same model into one backend call (see executor/batching/coalescer.py)."""
 
     model: Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_NAME)]
     input: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
@@ -147,7 +147,7 @@ class EmbeddingResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults
 class TextRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """A legacy text completion (OpenAI's /v1/completions): one prompt, no chat template.
     Executors coalesce concurrent requests with the same model and parameters into one
-    backend call with a prompt array (see executor/batcher.py)."""
+    backend call with a prompt array (see executor/batching/coalescer.py)."""
 
     model: Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_NAME)]
     prompt: Annotated[str, Meta(min_length=1)]

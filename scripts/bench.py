@@ -54,7 +54,7 @@ MODES = {
 async def start_nats(procs: Procs, cpus: set[int] | None, tmp: Path) -> tuple[str, int]:
     """nats-server with JetStream (executors publish every receipt to it), as the embedded one runs it:
     file store in the run's temp dir, `sync_interval: always` (a PubAck means the receipt is on disk)."""
-    from executor.embedded_nats import find_nats_server, free_port
+    from executor.process.embedded_nats import find_nats_server, free_port
 
     port = free_port()
     store = tmp / "jetstream"
@@ -90,7 +90,7 @@ def start_executor(
         '[logging]\nformat = "json"\n'
     )
     exe = Path(sys.executable).parent / "lloom-executor"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.runtime.cli"]
     name = "executor-noreceipts" if not receipts else f"executor-{idx}"
     return procs.start(name, [*argv, "--config", str(cfg), "--nats", nats_url], cpus=cpus).pid
 
@@ -165,7 +165,7 @@ async def start_litellm(procs: Procs, tmp: Path, backend_url: str, cpus: set[int
     exe = env.bench_tool("litellm")
     if exe is None:
         raise RuntimeError("litellm is not installed in the bench venv")
-    from executor.embedded_nats import free_port
+    from executor.process.embedded_nats import free_port
 
     cfg = tmp / "litellm.yaml"
     env.litellm_config(cfg, backend_url)
@@ -288,7 +288,7 @@ async def receipts_stream_check(nats_url: str, tmp: Path, n_executors: int) -> d
 def versions(res: dict) -> dict[str, str]:
     import importlib.metadata as md
 
-    from executor.embedded_nats import find_nats_server
+    from executor.process.embedded_nats import find_nats_server
 
     out = {"python": sys.version.split()[0]}
     try:  # read-only: which code was measured

@@ -38,7 +38,7 @@ from benchkit.harness import start_fast_backend  # noqa: E402
 from benchkit.phases import pct  # noqa: E402
 from benchkit.procs import Procs, run_in_tempdir  # noqa: E402
 
-from executor.embedded_nats import EmbeddedNats, free_port  # noqa: E402
+from executor.process.embedded_nats import EmbeddedNats, free_port  # noqa: E402
 from protocol import subjects as subj  # noqa: E402
 from protocol.client import LloomClient  # noqa: E402
 
@@ -83,7 +83,7 @@ def start_executor(procs: Procs, tmp: Path, path: str, backend_url: str, nats_ur
         '[logging]\nformat = "json"\n'
     )
     exe = Path(sys.executable).parent / "lloom-executor"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.runtime.cli"]
     procs.start(path, [*argv, "--config", str(cfg), "--nats", nats_url])
 
 

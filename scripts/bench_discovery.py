@@ -104,7 +104,7 @@ def varz(mport: int) -> dict:
 
 
 async def start_nats(procs: Procs, cpus: set[int] | None) -> tuple[str, int, int]:
-    from executor.embedded_nats import find_nats_server, free_port
+    from executor.process.embedded_nats import find_nats_server, free_port
 
     port, mport = free_port(), free_port()
     argv = [find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-m", str(mport)]
@@ -131,7 +131,7 @@ def executor_argv(tmp: Path, name: str, nats_url: str, backend_url: str) -> list
         '[logging]\nformat = "json"\n'
     )
     exe = Path(sys.executable).parent / "lloom-executor"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.runtime.cli"]
     return [*argv, "--config", str(cfg), "--nats", nats_url]
 
 
@@ -230,10 +230,10 @@ class Tap:
 async def phase_inprocess(nats_url: str, backend_url: str, catalog, n: int, log: Progress) -> dict:  # type: ignore[no-untyped-def]
     import nats
 
-    from executor.announcer import Announcer
+    from executor.catalog.announcer import Announcer
     from executor.backends.openai_compat import OpenAICompatibleBackend
     from executor.config import NodeConfig
-    from executor.node import ExecutorNode
+    from executor.jobs.node import ExecutorNode
     from protocol.identity import Identity
 
     after_start, after_node, goodbye, failures = [], [], [], 0
@@ -486,14 +486,14 @@ def source_digests() -> dict[str, str]:
     """Which discovery code was measured (the working tree may differ from any commit)."""
     import hashlib
 
-    files = ["protocol/catalog.py", "protocol/announcements.py", "protocol/identity.py", "executor/announcer.py"]
+    files = ["protocol/catalog.py", "protocol/announcements.py", "protocol/identity.py", "executor/catalog/announcer.py"]
     return {f: hashlib.sha256((ROOT / f).read_bytes()).hexdigest()[:12] for f in files if (ROOT / f).exists()}
 
 
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    from executor.embedded_nats import find_nats_server
+    from executor.process.embedded_nats import find_nats_server
 
     out = {"python": sys.version.split()[0]}
     try:  # read-only: which code was measured

@@ -36,10 +36,10 @@ from benchkit import env  # noqa: E402
 from benchkit.procs import cpu_seconds, self_cpu_seconds  # noqa: E402
 
 from executor.config import TokensConfig  # noqa: E402
-from executor.embedded_nats import EmbeddedNats  # noqa: E402
-from executor.outbox import Outbox  # noqa: E402
-from executor.receipt_publisher import STREAM, ReceiptPublisher  # noqa: E402
-from executor.receipts import ReceiptIssuer  # noqa: E402
+from executor.process.embedded_nats import EmbeddedNats  # noqa: E402
+from executor.receipts.outbox import Outbox  # noqa: E402
+from executor.receipts.publisher import STREAM, ReceiptPublisher  # noqa: E402
+from executor.receipts.issuer import ReceiptIssuer  # noqa: E402
 from executor.tokens import TokenCounter  # noqa: E402
 from protocol.announcements import Pricing  # noqa: E402
 from protocol.identity import Identity  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from executor.embedded_nats import free_port
+from executor.process.embedded_nats import free_port
 from protocol.client import LloomClient
 from protocol.messages import ChatRequest, Message, Role
 

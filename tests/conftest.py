@@ -18,8 +18,8 @@ from nats.aio.client import Client as NATS
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import NodeConfig
-from executor.embedded_nats import EmbeddedNats
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import EmbeddedNats
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from tests.doubles.openai_double import OpenAIDouble
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from executor.embedded_nats import free_port
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import free_port
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import (
     BackendAuthFailed,

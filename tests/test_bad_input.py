@@ -9,8 +9,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from executor.embedded_nats import EmbeddedNats
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import EmbeddedNats
+from executor.jobs.node import ExecutorNode
 from protocol import subjects as subj
 from protocol.client import LloomClient
 from protocol.errors import InvalidRequest, ModelNotFound, NoExecutors, PayloadTooLarge, ResponseTooLarge

@@ -10,8 +10,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
-from executor.batcher import Batcher, apportion
-from executor.node import ExecutorNode
+from executor.batching.coalescer import Batcher, apportion
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendError, InvalidRequest, NoExecutors
 from protocol.subjects import embed_subject

@@ -7,8 +7,8 @@ from decimal import Decimal
 import pytest
 
 from executor.backends.base import Completion
-from executor.cache import ResponseCache, cache_key, cacheable
-from executor.node import ExecutorNode
+from executor.cache.memory import ResponseCache, cache_key, cacheable
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.messages import FinishReason, Usage
 from protocol.receipts import verify_receipt
@@ -83,8 +83,8 @@ async def test_an_identical_request_is_answered_from_the_cache_and_marked(
 async def test_a_cache_hit_is_replayed_as_a_stream_and_its_receipt_says_cached(
     cached_node: ExecutorNode, client: LloomClient, double: OpenAIDouble, tmp_path
 ) -> None:
-    from executor.outbox import Outbox
-    from executor.receipts import ReceiptIssuer
+    from executor.receipts.outbox import Outbox
+    from executor.receipts.issuer import ReceiptIssuer
     from protocol.identity import Identity
 
     cached_node.receipts = ReceiptIssuer(Identity.generate(), cached_node.id, Outbox(tmp_path))
@@ -109,8 +109,8 @@ async def test_an_answer_cached_by_one_executor_serves_another_through_the_share
     import nats
 
     from executor.backends.openai_compat import OpenAICompatibleBackend
-    from executor.embedded_nats import EmbeddedNats
-    from executor.shared_cache import SharedCache
+    from executor.process.embedded_nats import EmbeddedNats
+    from executor.cache.shared import SharedCache
 
     async with EmbeddedNats(jetstream=True) as server, OpenAIDouble() as backend_a, OpenAIDouble() as backend_b:
         nc = await nats.connect(server.url)
@@ -144,8 +144,8 @@ async def test_an_answer_cached_by_one_executor_serves_another_through_the_share
 async def test_a_shared_bucket_that_is_away_is_a_miss_not_a_failure(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import nats
 
-    from executor.embedded_nats import EmbeddedNats
-    from executor.shared_cache import SharedCache
+    from executor.process.embedded_nats import EmbeddedNats
+    from executor.cache.shared import SharedCache
 
     async with EmbeddedNats(jetstream=True) as server:
         nc = await nats.connect(server.url)

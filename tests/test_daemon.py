@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.presets import PRESETS, Preset
 from executor.config import DEFAULT_CONFIG_TOML, LlmClientConfig
-from executor.embedded_nats import EmbeddedNats, free_port
+from executor.process.embedded_nats import EmbeddedNats, free_port
 from protocol.catalog import Catalog
 from protocol.client import LloomClient
 from protocol.errors import BackendUnavailable

@@ -13,11 +13,11 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from executor.announcer import Announcer
+from executor.catalog.announcer import Announcer
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import ModelConfig, NodeConfig
-from executor.embedded_nats import EmbeddedNats, free_port
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import EmbeddedNats, free_port
+from executor.jobs.node import ExecutorNode
 from protocol import subjects as subj
 from protocol.announcements import HDR_SIGNATURE, Announcement, Load, ModelCategory, catalog_decoder
 from protocol.catalog import Catalog

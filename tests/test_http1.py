@@ -19,7 +19,7 @@ from executor.backends.http1 import (
     MalformedResponse,
     iter_lines,
 )
-from executor.embedded_nats import free_port
+from executor.process.embedded_nats import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

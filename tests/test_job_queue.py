@@ -13,9 +13,9 @@ from executor.backends.breaker import CircuitBreaker
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.pool import BackendPool, Member
 from executor.config import FallbackConfig, LoadBalancingConfig, NodeConfig, QueueConfig, RetryConfig
-from executor.embedded_nats import EmbeddedNats
-from executor.job_queue import JobQueue
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import EmbeddedNats
+from executor.queue.consumer import JobQueue
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.durable import JOBS_STREAM, jobs_subject
 from protocol.errors import BackendError, InvalidRequest, JobQueued, ResultPending

@@ -8,8 +8,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from executor.embedded_nats import EmbeddedNats
-from executor.node import ExecutorNode, State
+from executor.process.embedded_nats import EmbeddedNats
+from executor.jobs.node import ExecutorNode, State
 from protocol import subjects as subj
 from protocol.client import LloomClient
 from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, NoExecutors, ShuttingDown

@@ -26,8 +26,8 @@ from executor.backends.local import LocalBackend, check_local
 from executor.backends.local import from_config as local_backend
 from executor.backends.presets import Preset
 from executor.config import ConfigError, LlmClientConfig, NodeConfig
-from executor.embedded_nats import EmbeddedNats, free_port
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import EmbeddedNats, free_port
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendUnavailable, InvalidRequest, StreamInterrupted
 from protocol.messages import ChatRequest, FinishReason, Message, Role
@@ -299,7 +299,7 @@ async def embedding_server(local_setup: None, http: aiohttp.ClientSession, tmp_p
 
     One slot (`-np 1`): with more, this llama.cpp build returns different vectors for inputs
     sent together than for the same inputs alone (llama.cpp issue #26282; docs/batching.md)."""
-    from executor.child_process import spawn_tied, terminate
+    from executor.process.child import spawn_tied, terminate
 
     port = free_port()
     log = (tmp_path / "llama-embed.log").open("wb")
@@ -329,7 +329,7 @@ async def test_real_embeddings_batched_equal_embeddings_alone(nats_server: Embed
     import math
 
     from executor.backends.openai_compat import OpenAICompatibleBackend
-    from executor.batcher import Batcher
+    from executor.batching.coalescer import Batcher
 
     conn = await nats.connect(nats_server.url)
     backend = OpenAICompatibleBackend(base_url=embedding_server, timeout_secs=60)

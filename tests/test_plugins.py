@@ -11,8 +11,8 @@ import pytest
 from executor.backends.base import Backend
 from executor.backends.registry import available_backends, create_backend
 from executor.config import ConfigError, LlmClientConfig
-from executor.embedded_nats import EmbeddedNats
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import EmbeddedNats
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.messages import ChatRequest, Message, Role
 

@@ -13,8 +13,8 @@ from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.pool import BackendPool, Member
 from executor.backends.registry import create_pool
 from executor.config import FallbackConfig, LoadBalancingConfig, NodeConfig, RetryConfig, parse_config
-from executor.embedded_nats import EmbeddedNats
-from executor.node import ExecutorNode
+from executor.process.embedded_nats import EmbeddedNats
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendError, DeadlineExceeded, InvalidRequest, RateLimited, StreamInterrupted
 from tests.doubles.openai_double import Fault, OpenAIDouble
@@ -334,7 +334,7 @@ async def test_lloom_executor_status_shows_each_backends_breaker(
         await client.complete(ask(model="m"))
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "executor.cli", "--nats", nats_server.url, "status",
+        sys.executable, "-m", "executor.runtime.cli", "--nats", nats_server.url, "status",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     out, err = await proc.communicate()
@@ -344,7 +344,7 @@ async def test_lloom_executor_status_shows_each_backends_breaker(
     assert "backend bad: breaker open, 2 failures in a row" in text
     assert "backend good: breaker closed" in text
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "executor.cli", "--nats", nats_server.url, "status", "--id", rig.node.id, "--json",
+        sys.executable, "-m", "executor.runtime.cli", "--nats", nats_server.url, "status", "--id", rig.node.id, "--json",
         stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     out, _ = await proc.communicate()

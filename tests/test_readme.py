@@ -50,7 +50,7 @@ async def test_readme_python_example_runs_as_written(nats_server, http) -> None:
 
     from executor.backends.openai_compat import OpenAICompatibleBackend
     from executor.config import NodeConfig
-    from executor.node import ExecutorNode
+    from executor.jobs.node import ExecutorNode
     from tests.doubles.openai_double import OpenAIDouble
 
     example = readme_python_example()

@@ -15,11 +15,11 @@ import pytest
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import NodeConfig
-from executor.embedded_nats import EmbeddedNats
-from executor.node import ExecutorNode
-from executor.outbox import Outbox
-from executor.receipt_publisher import STREAM, ReceiptPublisher
-from executor.receipts import ReceiptIssuer
+from executor.process.embedded_nats import EmbeddedNats
+from executor.jobs.node import ExecutorNode
+from executor.receipts.outbox import Outbox
+from executor.receipts.publisher import STREAM, ReceiptPublisher
+from executor.receipts.issuer import ReceiptIssuer
 from protocol.announcements import Pricing
 from protocol.client import LloomClient
 from protocol.errors import StreamInterrupted
@@ -191,7 +191,7 @@ async def test_embedding_jobs_are_billed_by_receipt_too(rig: Rig, js_client: Llo
 
 
 async def _issue(issuer: ReceiptIssuer, n: int) -> None:
-    from executor.receipts import ReceiptUsage
+    from executor.receipts.issuer import ReceiptUsage
 
     for _ in range(n):
         await issuer.issue(
@@ -273,7 +273,7 @@ async def test_changed_receipts_fail_with_a_precise_reason(genuine: list[SignedR
 
 
 async def test_foreign_signed_and_resigned_receipts_are_caught(genuine: list[SignedReceipt], rig: Rig) -> None:
-    from executor.receipts import BatchSigner
+    from executor.receipts.issuer import BatchSigner
     from protocol.receipts import leaf_hash
 
     mallory = Identity.generate()
@@ -336,7 +336,7 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
             await node.backend.aclose()
             await nc.close()
 
-    from executor.embedded_nats import free_port
+    from executor.process.embedded_nats import free_port
 
     port = free_port()
     await run_jobs(server_js=True, count=3, port=port)  # published (mostly) while JetStream is up
@@ -368,7 +368,7 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     identity = Identity.generate()
     outbox = Outbox(tmp_path, compact_bytes=1)
     issuer = ReceiptIssuer(identity, "exe", outbox)
-    from executor.receipts import ReceiptUsage
+    from executor.receipts.issuer import ReceiptUsage
 
     async def issue() -> SignedReceipt:
         return await issuer.issue(

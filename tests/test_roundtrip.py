@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from executor.node import ExecutorNode
+from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.messages import ChatRequest, FinishReason, Message, Role
 from tests.conftest import MODEL, NodeFactory

@@ -30,9 +30,9 @@ from executor.backends import llama_build
 from executor.backends.base import Completion, ModelInfo, StreamEvent
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS
-from executor.child_process import ChildProcess
+from executor.process.child import ChildProcess
 from executor.config import ConfigError, LlmClientConfig
-from executor.embedded_nats import free_port
+from executor.process.embedded_nats import free_port
 from protocol.errors import BackendUnavailable
 from protocol.messages import ChatRequest
 

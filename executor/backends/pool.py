@@ -18,7 +18,7 @@ least_connections, weighted), and tries them:
 When nothing can serve, the model's fallback decides: `secondary` (members
 kept in reserve for it), `degrade` (another model and/or fewer max_tokens, said
 in the result), `queue` (the typed error at once, which the node turns into a
-place in the durable job queue: executor/job_queue.py), or `reject` (the typed
+place in the durable job queue: executor/queue/consumer.py), or `reject` (the typed
 error at once).
 """
 

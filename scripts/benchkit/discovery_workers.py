@@ -25,7 +25,7 @@ class StubNode:
 
     def __init__(self, executor_id: str, models: list[str]) -> None:
         from executor.config import NodeConfig
-        from executor.perf import PerfTracker
+        from executor.catalog.perf import PerfTracker
 
         self.id = executor_id
         self.models = frozenset(models)
@@ -48,7 +48,7 @@ async def worker_simulate(a: argparse.Namespace) -> None:
 
     import nats
 
-    from executor.announcer import Announcer
+    from executor.catalog.announcer import Announcer
     from executor.config import ModelConfig
     from protocol.identity import Identity
 

@@ -19,7 +19,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from executor.backends.base import Backend, Completion, Delta, Finish, StreamEvent
-from executor.cache import cache_key, cacheable
+from executor.cache.memory import cache_key, cacheable
 from protocol import subjects as subj
 from protocol.errors import (
     BackendError,
@@ -47,7 +47,7 @@ from protocol.messages import (
 from protocol.receipts import Outcome, SignedReceipt
 
 if TYPE_CHECKING:
-    from executor.node import ExecutorNode
+    from executor.jobs.node import ExecutorNode
 
 log = structlog.get_logger(logger_name=__name__)
 

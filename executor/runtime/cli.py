@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: ExecutorConfig) -> int:
-    from executor.daemon import serve
-    from executor.logs import configure_logging
+    from executor.runtime.daemon import serve
+    from executor.process.logs import configure_logging
 
     configure_logging(config.logging)
 
@@ -151,7 +151,7 @@ def _setup_tokenizers(config: ExecutorConfig, *, directory: Path | None, wheel: 
 async def _check(config: ExecutorConfig) -> int:
     from executor.backends.autodetect import AutoDetectBackend
     from executor.backends.registry import create_backend
-    from executor.daemon import http_session
+    from executor.runtime.daemon import http_session
 
     print("config: ok")
     async with http_session(config) as session:

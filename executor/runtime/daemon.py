@@ -20,20 +20,20 @@ import aiohttp
 import structlog
 from nats.aio.client import Client as NATS
 
-from executor.announcer import Announcer
+from executor.catalog.announcer import Announcer
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.base import EmbeddingBackend, TextBackend
-from executor.batcher import Batcher
+from executor.batching.coalescer import Batcher
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ExecutorConfig
-from executor.embedded_nats import EmbeddedNats, free_port, port_is_free
-from executor.cache import ResponseCache
-from executor.job_queue import JobQueue
-from executor.node import ExecutorNode
-from executor.outbox import Outbox
-from executor.receipt_publisher import ReceiptPublisher
-from executor.receipts import ReceiptIssuer
-from executor.shared_cache import SharedCache
+from executor.process.embedded_nats import EmbeddedNats, free_port, port_is_free
+from executor.cache.memory import ResponseCache
+from executor.queue.consumer import JobQueue
+from executor.jobs.node import ExecutorNode
+from executor.receipts.outbox import Outbox
+from executor.receipts.publisher import ReceiptPublisher
+from executor.receipts.issuer import ReceiptIssuer
+from executor.cache.shared import SharedCache
 from executor.tokens import TokenCounter
 from protocol.announcements import Pricing
 from protocol.connection import close_nats, connect_nats

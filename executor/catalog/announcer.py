@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from executor.config import ModelConfig
-from executor.node import ExecutorNode
+from executor.jobs.node import ExecutorNode
 from protocol import subjects as subj
 from protocol.announcements import HDR_SIGNATURE, Announcement, Heartbeat, Load, ModelOffer, Performance, Pricing
 from protocol.identity import Identity

@@ -16,8 +16,8 @@ import msgspec
 import structlog
 
 from executor.backends.base import EmbeddingBackend, TextBackend, TextParams
-from executor.batcher import Share, TextShare
-from executor.job import JobBase, send_error
+from executor.batching.coalescer import Share, TextShare
+from executor.jobs.chat import JobBase, send_error
 from protocol.errors import (
     DeadlineExceeded,
     InternalError,
@@ -37,7 +37,7 @@ from protocol.messages import (
 from protocol.receipts import ReceiptUsage, SignedReceipt
 
 if TYPE_CHECKING:
-    from executor.node import ExecutorNode
+    from executor.jobs.node import ExecutorNode
 
 log = structlog.get_logger(logger_name=__name__)
 # Room for everything in a reply besides its content (ids, usage, a receipt).

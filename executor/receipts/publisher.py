@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import StorageType, StreamConfig
 
-from executor.outbox import Outbox
+from executor.receipts.outbox import Outbox
 from protocol import subjects as subj
 
 log = structlog.get_logger(logger_name=__name__)

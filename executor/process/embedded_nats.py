@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from executor.child_process import ChildProcess
+from executor.process.child import ChildProcess
 
 READY_LINE = b"Server is ready"
 STOP_TIMEOUT_S = 5.0  # SIGTERM, then SIGKILL

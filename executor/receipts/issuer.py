@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import structlog
 
-from executor.outbox import Outbox
+from executor.receipts.outbox import Outbox
 from executor.tokens import TokenCounter, mismatch
 from protocol.announcements import Pricing
 from protocol.estimate import estimate_tokens

@@ -39,7 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.kv import KeyValue
 
 from executor.config import QueueConfig, RetryConfig
-from executor.node import ExecutorNode
+from executor.jobs.node import ExecutorNode
 from protocol import subjects as subj
 from protocol.durable import (
     JOBS_STREAM,

@@ -35,19 +35,19 @@ from nats.nuid import NUID
 
 from executor.backends.base import Backend, ModelInfo
 from executor.config import NodeConfig
-from executor.batch_job import BatchedJob, EmbedJob, TextJob
-from executor.job import Job, send_error
-from executor.cache import ResponseCache
-from executor.perf import PerfTracker
-from executor.receipts import ReceiptIssuer
+from executor.jobs.batched import BatchedJob, EmbedJob, TextJob
+from executor.jobs.chat import Job, send_error
+from executor.cache.memory import ResponseCache
+from executor.catalog.perf import PerfTracker
+from executor.receipts.issuer import ReceiptIssuer
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder, text_request_decoder
 
 if TYPE_CHECKING:
-    from executor.batcher import Batcher
-    from executor.job_queue import JobQueue
-    from executor.shared_cache import SharedCache
+    from executor.batching.coalescer import Batcher
+    from executor.queue.consumer import JobQueue
+    from executor.cache.shared import SharedCache
 
 log = structlog.get_logger(logger_name=__name__)
 
