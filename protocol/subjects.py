@@ -40,6 +40,8 @@ HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 HDR_EXECUTOR = "Lloom-Executor"
 # Status header the server sets on its "no responders" reply.
 HDR_STATUS = "Status"
+# JetStream de-duplicates a publish by this header within the stream's duplicate window.
+HDR_MSG_ID = "Nats-Msg-Id"
 STATUS_NO_RESPONDERS = "503"
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]+")

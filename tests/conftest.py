@@ -61,11 +61,13 @@ async def make_node(
     made: list[tuple[ExecutorNode, NATS]] = []
 
     async def factory(
-        *, base_url: str | None = None, timeout_secs: float = 10.0, models: list[str] | None = None, **node_config
+        *, base_url: str | None = None, timeout_secs: float = 10.0, models: list[str] | None = None,
+        parts: dict[str, object] | None = None, **node_config: object,
     ) -> ExecutorNode:
+        """`parts`: the node's collaborators by keyword (receipts, cache, batcher, ...); the rest is NodeConfig."""
         conn = await nats.connect(nats_server.url)
         backend = OpenAICompatibleBackend(http, base_url=base_url or double.base_url, timeout_secs=timeout_secs)
-        node = ExecutorNode(conn, backend, NodeConfig(**node_config), models=models)
+        node = ExecutorNode(conn, backend, NodeConfig(**node_config), models=models, **(parts or {}))  # type: ignore[arg-type]
         await node.start()
         made.append((node, conn))
         return node

@@ -23,12 +23,12 @@ from tests.doubles.openai_double import Fault, OpenAIDouble, embedding_of
 @pytest.fixture
 async def embed_node(nc: NATS, double: OpenAIDouble) -> AsyncIterator[ExecutorNode]:
     backend = OpenAICompatibleBackend(base_url=double.base_url)
-    node = ExecutorNode(nc, backend, models=[MODEL])
-    node.batcher = Batcher(backend, max_inputs=64, max_calls=1)
+    batcher = Batcher(backend, max_inputs=64, max_calls=1)
+    node = ExecutorNode(nc, backend, models=[MODEL], batcher=batcher)
     await node.start()
     yield node
     await node.stop(drain_timeout=1)
-    await node.batcher.aclose()
+    await batcher.aclose()
     await backend.aclose()
 
 

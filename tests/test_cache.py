@@ -63,9 +63,7 @@ def test_lru_ttl_and_size_limits() -> None:
 
 @pytest.fixture
 async def cached_node(make_node: NodeFactory) -> ExecutorNode:
-    node = await make_node()
-    node.cache = ResponseCache()
-    return node
+    return await make_node(parts={"cache": ResponseCache()})
 
 
 async def test_an_identical_request_is_answered_from_the_cache_and_marked(
@@ -81,13 +79,14 @@ async def test_an_identical_request_is_answered_from_the_cache_and_marked(
 
 
 async def test_a_cache_hit_is_replayed_as_a_stream_and_its_receipt_says_cached(
-    cached_node: ExecutorNode, client: LloomClient, double: OpenAIDouble, tmp_path
+    make_node: NodeFactory, client: LloomClient, double: OpenAIDouble, tmp_path
 ) -> None:
     from executor.receipts.outbox import Outbox
     from executor.receipts.issuer import ReceiptIssuer
     from protocol.identity import Identity
 
-    cached_node.receipts = ReceiptIssuer(Identity.generate(), cached_node.id, Outbox(tmp_path))
+    receipts = ReceiptIssuer(Identity.generate(), "cached-exe", Outbox(tmp_path))
+    cached_node = await make_node(id="cached-exe", parts={"cache": ResponseCache(), "receipts": receipts})
     unary = await client.complete(ask(temperature=0))
     async with client.stream(ask(temperature=0)) as stream:
         text = "".join([c.delta async for c in stream])
@@ -116,9 +115,9 @@ async def test_an_answer_cached_by_one_executor_serves_another_through_the_share
         nc = await nats.connect(server.url)
         nodes = []
         for double in (backend_a, backend_b):
-            node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), models=["double-model"])
-            node.cache = ResponseCache()
-            node.shared_cache = await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20)
+            node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), models=["double-model"],
+                                cache=ResponseCache(),
+                                shared_cache=await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20))  # fmt: skip
             await node.start()
             nodes.append(node)
         async with await LloomClient.connect(server.url) as client:

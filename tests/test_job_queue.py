@@ -15,6 +15,7 @@ from executor.backends.pool import BackendPool, Member
 from executor.config import FallbackConfig, LoadBalancingConfig, NodeConfig, QueueConfig, RetryConfig
 from executor.process.embedded_nats import EmbeddedNats
 from executor.queue.consumer import JobQueue
+from executor.queue.producer import JobEnqueuer
 from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.durable import JOBS_STREAM, jobs_subject
@@ -50,10 +51,10 @@ async def _node_with_queue(
     nc: NATS, backend: object, *, models: list[str] | None = None, fallback: set[str] = frozenset(),  # type: ignore[assignment]
     config: QueueConfig | None = None, node_config: NodeConfig | None = None,
 ) -> tuple[ExecutorNode, JobQueue]:  # fmt: skip
-    node = ExecutorNode(nc, backend, node_config or NodeConfig(), models=models)  # type: ignore[arg-type]
-    queue = JobQueue(nc, node, config or QueueConfig(), fallback_models=fallback, retry=FAST_RETRY, idle_poll_s=0.02,
-                     fetch_wait_s=0.2)  # fmt: skip
-    node.job_queue = queue
+    config = config or QueueConfig()
+    enqueuer = JobEnqueuer(nc.jetstream(), fallback_models=fallback, consume_all=config.consume_all)
+    node = ExecutorNode(nc, backend, node_config or NodeConfig(), models=models, queue=enqueuer)  # type: ignore[arg-type]
+    queue = JobQueue(nc, node, enqueuer, config, retry=FAST_RETRY, idle_poll_s=0.02, fetch_wait_s=0.2)
     await node.start()
     await queue.start()
     return node, queue
@@ -102,7 +103,7 @@ async def test_a_job_no_backend_can_serve_waits_in_the_queue_and_runs_when_one_r
         assert reply.job_id == job_id and reply.content and reply.usage.prompt_tokens == 2
         assert len(double.requests) == 2
         assert await js_client.fetch(job_id) == reply
-        assert queue.stats["queued"] == 1 and queue.stats["ran"] == 1
+        assert queue.stats.queued == 1 and queue.stats.ran == 1
         await _stop(node, queue)
 
 
@@ -115,7 +116,7 @@ async def test_streams_are_not_queued_they_fail_with_the_backends_error(js_nc: N
             async with js_client.stream(ask(model="m")) as stream:
                 async for _ in stream:
                     pass
-        assert queue.stats["queued"] == 0
+        assert queue.stats.queued == 0
         await _stop(node, queue)
 
 
@@ -139,7 +140,7 @@ async def test_submitted_jobs_each_run_once_and_their_results_can_be_fetched(
     async with asyncio.timeout(WAIT):
         while (await js.stream_info(JOBS_STREAM)).state.messages:  # work queue: acked jobs leave the stream
             await asyncio.sleep(0.02)
-    assert queue.stats["skipped"] == 1
+    assert queue.stats.skipped == 1
     assert double.completed == 12
     assert await js_client.fetch(ids[1]) == replies[1]
     await _stop(node, queue)
@@ -159,7 +160,7 @@ async def test_bad_queued_jobs_get_a_typed_error_result_and_the_node_keeps_servi
         await js_client.result("garbage-1", timeout=WAIT)
     ok = await js_client.submit(ask())
     assert (await js_client.result(ok, timeout=WAIT)).content
-    assert queue.stats["failed"] == 2
+    assert queue.stats.failed == 2
     await _stop(node, queue)
 
 
@@ -172,7 +173,7 @@ async def test_a_job_that_keeps_failing_is_redelivered_up_to_max_deliver_then_ge
     with pytest.raises(BackendError, match="bad gateway"):
         await js_client.result(job, timeout=WAIT)
     assert len(double.requests) == 3  # one run per delivery
-    assert queue.stats["handed_back"] == 2 and queue.stats["failed"] == 1
+    assert queue.stats.handed_back == 2 and queue.stats.failed == 1
     await _stop(node, queue)
 
 
@@ -184,7 +185,7 @@ async def test_queued_jobs_wait_while_the_node_is_full_and_run_when_it_has_room(
     ids = [await js_client.submit(ask()) for _ in range(6)]
     replies = await asyncio.gather(*(js_client.result(i, timeout=WAIT) for i in ids))
     assert all(r.content for r in replies)
-    assert double.completed == 6 and queue.stats["ran"] == 6
+    assert double.completed == 6 and queue.stats.ran == 6
     assert node.stats.busy == 0  # the worker never took more than the node had room for
     await _stop(node, queue)
 
@@ -238,5 +239,5 @@ async def test_a_node_whose_queue_has_no_jetstream_starts_serves_and_answers_wit
         double.fault = Fault.status(503, "down")
         with pytest.raises(BackendError, match="down"):  # could not be queued: the backend's own error
             await client.complete(ask(model="m"))
-        assert queue.stats["queued"] == 0
+        assert queue.stats.queued == 0
         await _stop(node, queue)

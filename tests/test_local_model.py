@@ -333,8 +333,8 @@ async def test_real_embeddings_batched_equal_embeddings_alone(nats_server: Embed
 
     conn = await nats.connect(nats_server.url)
     backend = OpenAICompatibleBackend(base_url=embedding_server, timeout_secs=60)
-    node = ExecutorNode(conn, backend, NodeConfig(), models=["gemma-embed"])
-    node.batcher = Batcher(backend, max_calls=1)  # while one call runs, the others pile up
+    # With max_calls=1, while one call runs, the others pile up.
+    node = ExecutorNode(conn, backend, NodeConfig(), models=["gemma-embed"], batcher=Batcher(backend, max_calls=1))
     await node.start()
     texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue grew by eight percent.",
              "The stock market fell sharply today.", "Water boils at one hundred degrees."]  # fmt: skip

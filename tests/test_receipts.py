@@ -74,9 +74,9 @@ async def rig(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path) -> 
     identity = Identity.generate()
     outbox = Outbox(tmp_path / "outbox")
     publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.05)
-    node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig())
-    issuer = ReceiptIssuer(identity, node.id, outbox, pricing=lambda _m: PRICE, on_issue=publisher.notify)
-    node.receipts = issuer
+    issuer = ReceiptIssuer(identity, "exe-1", outbox, pricing=lambda _m: PRICE, on_issue=publisher.notify)
+    node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig(), executor_id="exe-1",
+                        receipts=issuer)  # fmt: skip
     await publisher.start()
     await node.start()
     yield Rig(node, issuer, publisher, identity)
@@ -323,8 +323,9 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
             nc = await nats.connect(server.url)
             outbox = Outbox(tmp_path / "outbox")
             publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.05, retry_max_s=0.2)
-            node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig(), executor_id="exe")
-            node.receipts = ReceiptIssuer(identity, node.id, outbox, on_issue=publisher.notify)
+            issuer = ReceiptIssuer(identity, "exe", outbox, on_issue=publisher.notify)
+            node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig(), executor_id="exe",
+                                receipts=issuer)  # fmt: skip
             await publisher.start()
             async with node, await LloomClient.connect(server.url) as client:
                 for _ in range(count):

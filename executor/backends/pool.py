@@ -47,6 +47,7 @@ from executor.backends.breaker import BreakerState, CircuitBreaker
 from executor.config import FallbackConfig, LoadBalancingConfig, RetryConfig
 from protocol.errors import BackendError, BackendUnavailable, LloomError, ModelNotFound, RateLimited
 from protocol.messages import ChatRequest, EmbeddingRequest
+from protocol.status import PoolMemberStatus
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -229,10 +230,10 @@ class BackendPool:
         if self._health_task is None:
             self._health_task = asyncio.create_task(self._health_loop(), name="pool-health")
 
-    def status(self) -> list[dict[str, object]]:
+    def status(self) -> list[PoolMemberStatus]:
         return [
-            {"name": m.name, "backend": m.backend.name, "state": m.breaker.state.value, "failures": m.breaker.failures,
-             "in_flight": m.in_flight, "served": m.served}
+            PoolMemberStatus(name=m.name, backend=m.backend.name, state=m.breaker.state.value,
+                             failures=m.breaker.failures, in_flight=m.in_flight, served=m.served)
             for m in self.members
         ]  # fmt: skip
 

@@ -33,6 +33,7 @@ import msgspec
 
 from executor.backends.base import EmbeddingBackend, Embeddings, TextBackend, TextCompletions, TextParams
 from protocol.errors import BackendError, InvalidRequest, LloomError
+from protocol.status import BatchingStatus
 
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")  # what one backend call returns
@@ -179,10 +180,10 @@ class Batcher:
             self._text_call, _split_texts, **opts
         )
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> BatchingStatus:
         calls = self._embeddings.calls + self._texts.calls
         jobs = self._embeddings.jobs + self._texts.jobs
-        return {"calls": calls, "jobs": jobs, "jobs_per_call": round(jobs / calls, 2) if calls else None}
+        return BatchingStatus(calls=calls, jobs=jobs, jobs_per_call=round(jobs / calls, 2) if calls else None)
 
     async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Share:
         part, n = await self._embeddings.submit((model, dimensions), inputs)

@@ -25,6 +25,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from executor.backends.base import Completion
+from protocol.status import SharedCacheStatus
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -55,8 +56,8 @@ class SharedCache:
                 kv = await js.key_value(BUCKET)  # made meanwhile by another executor
         return cls(kv)
 
-    def status(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "errors": self.errors}
+    def status(self) -> SharedCacheStatus:
+        return SharedCacheStatus(hits=self.hits, misses=self.misses, errors=self.errors)
 
     async def get(self, key: bytes) -> Completion | None:
         try:

@@ -9,23 +9,13 @@ errors, the size check before anything is billed, the receipt) is shared here.
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING
-
 import msgspec
 import structlog
 
 from executor.backends.base import EmbeddingBackend, TextBackend, TextParams
 from executor.batching.coalescer import Share, TextShare
-from executor.jobs.chat import JobBase, send_error
-from protocol.errors import (
-    DeadlineExceeded,
-    InternalError,
-    InvalidRequest,
-    LloomError,
-    ModelNotFound,
-    ResponseTooLarge,
-)
+from executor.jobs.base import JobBase
+from protocol.errors import InvalidRequest, ResponseTooLarge
 from protocol.messages import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -35,9 +25,6 @@ from protocol.messages import (
     encoder,
 )
 from protocol.receipts import ReceiptUsage, SignedReceipt
-
-if TYPE_CHECKING:
-    from executor.jobs.node import ExecutorNode
 
 log = structlog.get_logger(logger_name=__name__)
 # Room for everything in a reply besides its content (ids, usage, a receipt).
@@ -58,52 +45,24 @@ class _Done(msgspec.Struct, frozen=True, kw_only=True):
 class BatchedJob(JobBase):
     __slots__ = ()
 
-    def __init__(self, node: ExecutorNode, job_id: str, request: msgspec.Struct, reply: str, deadline: float, *,
-                 payload: bytes, client: str | None) -> None:  # fmt: skip
-        super().__init__(node, job_id, request, reply, deadline, liveness=False, payload=payload, client=client)
-
-    async def run(self) -> None:
-        node = self._node
-        try:
-            try:
-                async with asyncio.timeout_at(self.deadline):
-                    model = self.request.model  # type: ignore[attr-defined]
-                    if model not in node.models:
-                        raise ModelNotFound(f"executor {node.id} does not serve model {model!r}",
-                                            available_models=sorted(node.models))  # fmt: skip
-                    done = await self._work()
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"the job did not finish within the caller's deadline ({self.deadline - self.started:.3g}s)"
-                ) from None
-            except asyncio.CancelledError:
-                if self.cancel_reason is None:
-                    raise
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                raise self.cancel_reason from None
-            if len(done.content) + _ENVELOPE > node.nc.max_payload:  # before the receipt: nothing is billed
-                raise ResponseTooLarge(
-                    f"the result is {len(done.content)} bytes, over the NATS max_payload of {node.nc.max_payload};"
-                    " send less per request"
-                )
-            await node.nc.publish(self.reply, encoder.encode(self._response(done, await self._receipt(done))))
-            node.stats.completed += 1
-        except LloomError as err:
-            node.stats.count_error(err)
-            await send_error(node, self.reply, err, job_id=self.id, stream=False)
-        except Exception:
-            log.exception("job failed", job_id=self.id)
-            err = InternalError(f"internal error in executor {node.id}; job {self.id} is in its log")
-            node.stats.count_error(err)
-            await send_error(node, self.reply, err, job_id=self.id, stream=False)
+    async def _work(self) -> None:
+        ctx = self.ctx
+        ctx.check(self.model, getattr(self.request, "max_tokens", None))
+        done = await self._result()
+        if len(done.content) + _ENVELOPE > ctx.limits.max_payload:  # before the receipt: nothing is billed
+            raise ResponseTooLarge(
+                f"the result is {len(done.content)} bytes, over the NATS max_payload of {ctx.limits.max_payload};"
+                " send less per request"
+            )
+        await self.channel.send(encoder.encode(self._response(done, await self._receipt(done))))
 
     async def _receipt(self, done: _Done) -> SignedReceipt | None:
-        node = self._node
-        if node.receipts is None:
+        receipts = self.ctx.receipts
+        if receipts is None:
             return None
         total = done.prompt_tokens + done.completion_tokens
-        return await node.receipts.issue(
-            job_id=self.id, client=self._client, model=done.model, backend=node.backend_kind, outcome="completed",
+        return await receipts.issue(
+            job_id=self.id, client=self._client, model=done.model, backend=self.ctx.backend_kind, outcome="completed",
             finish_reason=done.finish_reason,
             usage=ReceiptUsage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                                total_tokens=total, counted_by=done.counted_by),
@@ -111,7 +70,7 @@ class BatchedJob(JobBase):
             response_text=done.content.decode(),
         )  # fmt: skip
 
-    async def _work(self) -> _Done:
+    async def _result(self) -> _Done:
         raise NotImplementedError
 
     def _response(self, done: _Done, receipt: SignedReceipt | None) -> msgspec.Struct:
@@ -126,15 +85,15 @@ class EmbedJob(BatchedJob):
     __slots__ = ("_share",)
     _share: Share
 
-    async def _work(self) -> _Done:
-        node, request = self._node, self.request
+    async def _result(self) -> _Done:
+        ctx, request = self.ctx, self.request
         assert isinstance(request, EmbeddingRequest)
-        if node.batcher is not None:
-            share = await node.batcher.embed(request.model, request.input, request.dimensions)
-        elif isinstance(node.backend, EmbeddingBackend):
-            share = Share(await node.backend.embed(request.model, request.input, request.dimensions), 1, False)
+        if ctx.batcher is not None:
+            share = await ctx.batcher.embed(request.model, request.input, request.dimensions)
+        elif isinstance(ctx.backend, EmbeddingBackend):
+            share = Share(await ctx.backend.embed(request.model, request.input, request.dimensions), 1, False)
         else:
-            raise InvalidRequest(f"{node.backend.name} does not compute embeddings")
+            raise InvalidRequest(f"{ctx.backend.name} does not compute embeddings")
         self._share = share
         e = share.embeddings
         return _Done(model=e.model, prompt_tokens=e.prompt_tokens, completion_tokens=0, finish_reason=None,
@@ -143,7 +102,7 @@ class EmbedJob(BatchedJob):
     def _response(self, done: _Done, receipt: SignedReceipt | None) -> EmbeddingResponse:
         e = self._share.embeddings
         return EmbeddingResponse(
-            job_id=self.id, executor_id=self._node.id, model=done.model, embeddings=e.vectors,
+            job_id=self.id, executor_id=self.ctx.executor_id, model=done.model, embeddings=e.vectors,
             usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=0, total_tokens=done.prompt_tokens,
                         estimated=e.estimated),
             receipt=receipt, batched_with=self._share.batched_with,
@@ -154,21 +113,17 @@ class TextJob(BatchedJob):
     __slots__ = ("_share",)
     _share: TextShare
 
-    async def _work(self) -> _Done:
-        node, request = self._node, self.request
+    async def _result(self) -> _Done:
+        ctx, request = self.ctx, self.request
         assert isinstance(request, TextRequest)
-        if request.max_tokens is not None and request.max_tokens > node.config.max_tokens_cap:
-            raise InvalidRequest(
-                f"max_tokens={request.max_tokens} is over this executor's limit of {node.config.max_tokens_cap}"
-            )
         params = TextParams(request.max_tokens, request.temperature, request.top_p,
                             tuple(request.stop) if request.stop else None)  # fmt: skip
-        if node.batcher is not None:
-            share = await node.batcher.complete_text(request.model, request.prompt, params)
-        elif isinstance(node.backend, TextBackend):
-            share = TextShare(await node.backend.complete_texts(request.model, [request.prompt], params), 1, False)
+        if ctx.batcher is not None:
+            share = await ctx.batcher.complete_text(request.model, request.prompt, params)
+        elif isinstance(ctx.backend, TextBackend):
+            share = TextShare(await ctx.backend.complete_texts(request.model, [request.prompt], params), 1, False)
         else:
-            raise InvalidRequest(f"{node.backend.name} does not serve text completions")
+            raise InvalidRequest(f"{ctx.backend.name} does not serve text completions")
         self._share = share
         c = share.completions
         [choice] = c.choices
@@ -179,7 +134,7 @@ class TextJob(BatchedJob):
     def _response(self, done: _Done, receipt: SignedReceipt | None) -> TextResponse:
         c = self._share.completions
         return TextResponse(
-            job_id=self.id, executor_id=self._node.id, model=done.model, text=c.choices[0].text,
+            job_id=self.id, executor_id=self.ctx.executor_id, model=done.model, text=c.choices[0].text,
             finish_reason=c.choices[0].finish_reason,
             usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
                         total_tokens=done.prompt_tokens + done.completion_tokens, estimated=c.estimated),

@@ -22,7 +22,8 @@ import asyncio
 import enum
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -34,20 +35,27 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
 from executor.backends.base import Backend, ModelInfo
-from executor.config import NodeConfig
-from executor.jobs.batched import BatchedJob, EmbedJob, TextJob
-from executor.jobs.chat import Job, send_error
-from executor.cache.memory import ResponseCache
 from executor.catalog.perf import PerfTracker
-from executor.receipts.issuer import ReceiptIssuer
+from executor.config import NodeConfig
+from executor.jobs.base import JobBase, send_error
+from executor.jobs.batched import EmbedJob, TextJob
+from executor.jobs.chat import Job
+from executor.jobs.context import Collected, Enqueuer, JobContext, Limits, NatsReply, ServedModels, backend_kind
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder, text_request_decoder
+from protocol.status import (
+    CacheStatus,
+    ExecutorStatus,
+    JobStats,
+    ReceiptsStatus,
+)
 
 if TYPE_CHECKING:
     from executor.batching.coalescer import Batcher
-    from executor.queue.consumer import JobQueue
+    from executor.cache.memory import ResponseCache
     from executor.cache.shared import SharedCache
+    from executor.receipts.issuer import ReceiptIssuer
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -62,27 +70,19 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-class NodeStats:
-    """Counters a node keeps about itself (exported as metrics by a later layer)."""
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """How one kind of job is admitted: its decoder, its job type, its name in errors."""
 
-    __slots__ = ("received", "completed", "failed", "busy", "cancelled", "bad_requests")
+    decoder: msgspec.json.Decoder
+    job: type[JobBase]
+    what: str
+    liveness: bool  # long jobs (chat) answer liveness pings; batched ones are short
 
-    def __init__(self) -> None:
-        self.received = 0
-        self.completed = 0
-        self.failed = 0
-        self.busy = 0
-        self.cancelled = 0
-        self.bad_requests = 0
 
-    def count_error(self, err: LloomError) -> None:
-        if isinstance(err, Cancelled):
-            self.cancelled += 1
-        else:
-            self.failed += 1
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+_CHAT = _Kind(request_decoder, Job, "request", liveness=True)
+_EMBED = _Kind(embedding_request_decoder, EmbedJob, "embeddings request", liveness=False)
+_TEXT = _Kind(text_request_decoder, TextJob, "text completion request", liveness=False)
 
 
 def default_executor_id() -> str:
@@ -99,6 +99,11 @@ class ExecutorNode:
         *,
         executor_id: str | None = None,
         models: list[str] | None = None,
+        receipts: ReceiptIssuer | None = None,
+        cache: ResponseCache | None = None,
+        shared_cache: SharedCache | None = None,
+        batcher: Batcher | None = None,
+        queue: Enqueuer | None = None,
     ) -> None:
         self.nc = nc
         self.backend = backend
@@ -106,18 +111,24 @@ class ExecutorNode:
         self.id = subj.check_id("executor id", executor_id or self.config.id or default_executor_id())
         # Serve exactly these when given; otherwise what the backend lists.
         self._configured_models = list(models) if models else None
-        self.models: frozenset[str] = frozenset()
+        self._served = ServedModels()
         self.model_info: dict[str, ModelInfo] = {}
         self.perf = PerfTracker()
-        # Called (synchronously) whenever `models` changes; the announcer listens here.
+        # Called (synchronously) whenever `models` changes; the announcer and the queue listen here.
         self.on_models_changed: list[Callable[[], None]] = []
-        # Set by whoever wires receipts (the daemon); without it jobs carry none.
-        self.receipts: ReceiptIssuer | None = None
-        self.cache: ResponseCache | None = None  # likewise for the response cache
-        self.shared_cache: SharedCache | None = None  # and its level shared in NATS KV (needs `cache`)
-        self.job_queue: JobQueue | None = None  # and for the durable queue (`queue` fallbacks)
-        self.batcher: Batcher | None = None  # batchable jobs go straight to the backend without one
-        self.stats = NodeStats()
+        self.receipts = receipts
+        self.cache = cache
+        self.shared_cache = shared_cache
+        self.batcher = batcher
+        self.queue = queue
+        self.stats = JobStats()
+        # Everything a job may use, fixed for the node's life (the served set changes inside).
+        self.context = JobContext(
+            executor_id=self.id, backend=backend, served=self._served,
+            limits=Limits(max_tokens_cap=self.config.max_tokens_cap, max_payload=nc.max_payload or 1 << 20),
+            stats=self.stats, perf=self.perf, receipts=receipts, cache=cache, shared_cache=shared_cache,
+            batcher=batcher, queue=queue,
+        )  # fmt: skip
         self._refresh_error: str | None = None
         self.state = State.NEW
         self._model_subs: dict[str, Subscription] = {}
@@ -125,12 +136,16 @@ class ExecutorNode:
         self._direct_sub: Subscription | None = None
         self._cancel_sub: Subscription | None = None
         self._status_subs: list[Subscription] = []
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, JobBase] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._nuid = NUID()
         self._log = log.bind(executor_id=self.id)
+
+    @property
+    def models(self) -> frozenset[str]:
+        return self._served.names
 
     @property
     def in_flight(self) -> int:
@@ -148,8 +163,7 @@ class ExecutorNode:
 
     @property
     def backend_kind(self) -> str:
-        # Backend names read "<kind> at <url>" (or "auto (...)"): the kind is the first word.
-        return self.backend.name.split(" ", 1)[0]
+        return backend_kind(self.backend)
 
     async def wait_idle(self) -> None:
         """Return once no job is running (at once if none is)."""
@@ -213,7 +227,7 @@ class ExecutorNode:
             for sub in self._batched_subs.pop(model):
                 await sub.unsubscribe()
         if wanted != self.models:
-            self.models = frozenset(self._model_subs)
+            self._served.names = frozenset(self._model_subs)
             await self.nc.flush()
             self._log.info("serving models", models=sorted(self.models))
             for listener in self.on_models_changed:
@@ -252,83 +266,52 @@ class ExecutorNode:
                 await sub.unsubscribe()
             await self.nc.flush()
         self.state = State.STOPPED
-        self._log.info("executor node stopped", **self.stats.as_dict())
+        self._log.info("executor node stopped", **msgspec.structs.asdict(self.stats))
 
     # -- message handlers (called one at a time per subscription: keep them short) --
 
     async def _on_job(self, msg: Msg) -> None:
-        self.stats.received += 1
-        reply = msg.reply
-        if not reply:
-            self.stats.bad_requests += 1
-            return  # a job without a reply subject has nobody to answer
-        headers = msg.headers or {}
-        job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
-        try:
-            subj.check_id("job id", job_id)
-            request: ChatRequest = request_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
-            self.stats.bad_requests += 1
-            await send_error(self, reply, InvalidRequest(f"invalid request: {e}"), job_id=None, stream=False)
-            return
-        if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
-            self.stats.busy += 1
-            busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit")
-            await send_error(self, reply, busy, job_id=job_id, stream=request.stream)
-            return
-        if self.state is not State.RUNNING and self.state is not State.DRAINING:
-            await send_error(self, reply, ShuttingDown("executor stopped"), job_id=job_id, stream=request.stream)
-            return
-        loop = asyncio.get_running_loop()
-        job = Job(
-            self,
-            job_id,
-            request,
-            reply,
-            loop.time() + _timeout_s(headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs),
-            liveness=subj.HDR_LIVENESS in headers,
-            payload=msg.data,
-            client=headers.get(subj.HDR_CLIENT),
-        )
-        self._launch(job)
+        await self._admit(msg, _CHAT)
 
     async def _on_embed(self, msg: Msg) -> None:
-        await self._on_batched(msg, embedding_request_decoder, EmbedJob, "embeddings")
+        await self._admit(msg, _EMBED)
 
     async def _on_text(self, msg: Msg) -> None:
-        await self._on_batched(msg, text_request_decoder, TextJob, "text completion")
+        await self._admit(msg, _TEXT)
 
-    async def _on_batched(self, msg: Msg, decoder: msgspec.json.Decoder, job_type: type[BatchedJob], what: str) -> None:
-        """A job for a batchable endpoint: checked like a chat job, then run as `job_type`."""
+    async def _admit(self, msg: Msg, kind: _Kind) -> None:
+        """Decode, validate, check capacity and the job id, then start the job in its own task."""
         self.stats.received += 1
-        reply = msg.reply
-        if not reply:
+        if not msg.reply:
             self.stats.bad_requests += 1
-            return
+            return  # a job without a reply subject has nobody to answer
+        channel = NatsReply(self.nc, msg.reply)
         headers = msg.headers or {}
         job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
         try:
             subj.check_id("job id", job_id)
-            request = decoder.decode(msg.data)
+            request = kind.decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
             self.stats.bad_requests += 1
-            await send_error(self, reply, InvalidRequest(f"invalid {what} request: {e}"), job_id=None, stream=False)
+            await send_error(self.context, channel, InvalidRequest(f"invalid {kind.what}: {e}"), job_id=None, stream=False)
             return
+        stream = getattr(request, "stream", False)
         if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
             self.stats.busy += 1
             busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit")
-            await send_error(self, reply, busy, job_id=job_id, stream=False)
+            await send_error(self.context, channel, busy, job_id=job_id, stream=stream)
             return
         if self.state is not State.RUNNING and self.state is not State.DRAINING:
-            await send_error(self, reply, ShuttingDown("executor stopped"), job_id=job_id, stream=False)
+            await send_error(self.context, channel, ShuttingDown("executor stopped"), job_id=job_id, stream=stream)
             return
         deadline = asyncio.get_running_loop().time() + _timeout_s(
             headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
         )
-        self._launch(job_type(self, job_id, request, reply, deadline, payload=msg.data,  # type: ignore[arg-type]
+        self._launch(kind.job(self.context, job_id, request, channel, deadline,
+                              liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=msg.data,
                               client=headers.get(subj.HDR_CLIENT)))  # fmt: skip
 
-    def _launch(self, job: Job) -> asyncio.Task[None]:
+    def _launch(self, job: JobBase) -> asyncio.Task[None]:
         self._jobs[job.id] = job
         self._idle.clear()
         job.task = asyncio.get_running_loop().create_task(job.run())
@@ -339,55 +322,51 @@ class ExecutorNode:
         return self.state is State.RUNNING and len(self._jobs) < self.config.max_concurrent_jobs
 
     def run_queued(
-        self,
-        job_id: str,
-        request: ChatRequest,
-        payload: bytes,
-        *,
-        client: str | None,
-        timeout_s: float,
-        sink: Callable[[bytes], Awaitable[None]],
-    ) -> asyncio.Task[None] | None:
+        self, job_id: str, request: ChatRequest, payload: bytes, *, client: str | None, timeout_s: float
+    ) -> tuple[asyncio.Task[None], Collected] | None:
         """Run a job taken from the durable queue like any other (capacity, cancel, drain,
-        receipts), its reply going to `sink`; None if a job with that id already runs here."""
+        receipts); its messages are collected for the results bucket. None if a job with that id
+        already runs here."""
         if job_id in self._jobs:
             return None
         deadline = asyncio.get_running_loop().time() + timeout_s
-        return self._launch(Job(self, job_id, request, "", deadline, liveness=False, payload=payload, client=client,
-                                sink=sink))  # fmt: skip
+        collected = Collected()
+        task = self._launch(Job(self.context, job_id, request, collected, deadline, payload=payload, client=client))
+        return task, collected
 
     def _job_done(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
         if not self._jobs:
             self._idle.set()
 
-    def status(self) -> dict[str, object]:
-        """What `lloom-executor status` shows: state, load, counters, backends, cache, receipts."""
+    def status(self) -> ExecutorStatus:
+        """What `lloom-executor status` shows, from each part's own report."""
         pool_status = getattr(self.backend, "status", None)
-        return {
-            "executor_id": self.id,
-            "state": self.state.value,
-            "backend": self.backend.name,
-            "backend_healthy": self.backend_healthy,
-            "models": {m: self.model_available(m) for m in sorted(self.models)},
-            "in_flight": self.in_flight,
-            "capacity": self.config.max_concurrent_jobs,
-            "stats": self.stats.as_dict(),
-            "pool": pool_status() if callable(pool_status) else None,
-            "queue": None if self.job_queue is None else self.job_queue.status(),
-            "batching": None if self.batcher is None else self.batcher.status(),
-            "cache": None if self.cache is None else {"entries": len(self.cache), "hits": self.cache.hits,
-                                                      "misses": self.cache.misses,
-                                                      "shared": None if self.shared_cache is None
-                                                      else self.shared_cache.status()},  # fmt: skip
-            "receipts": None if self.receipts is None else {
-                "issued": self.receipts.outbox.last_seq, "unpublished": len(self.receipts.outbox.pending),
-                "mismatches": self.receipts.mismatches},  # fmt: skip
-        }
+        cache = self.cache
+        receipts = self.receipts
+        return ExecutorStatus(
+            executor_id=self.id,
+            state=self.state.value,
+            backend=self.backend.name,
+            backend_healthy=self.backend_healthy,
+            models={m: self.model_available(m) for m in sorted(self.models)},
+            in_flight=self.in_flight,
+            capacity=self.config.max_concurrent_jobs,
+            stats=self.stats,
+            pool=pool_status() if callable(pool_status) else None,
+            queue=None if self.queue is None else self.queue.status(self.models),
+            batching=None if self.batcher is None else self.batcher.status(),
+            cache=None if cache is None else CacheStatus(
+                entries=len(cache), hits=cache.hits, misses=cache.misses,
+                shared=None if self.shared_cache is None else self.shared_cache.status()),
+            receipts=None if receipts is None else ReceiptsStatus(
+                issued=receipts.outbox.last_seq, unpublished=len(receipts.outbox.pending),
+                mismatches=receipts.mismatches),
+        )  # fmt: skip
 
     async def _on_status(self, msg: Msg) -> None:
         if msg.reply:
-            await self.nc.publish(msg.reply, msgspec.json.encode(self.status()))
+            await self.nc.publish(msg.reply, _encode_status(self.status()))
 
     async def _on_cancel(self, msg: Msg) -> None:
         job = self._jobs.get(msg.subject.rpartition(".")[2])
@@ -404,9 +383,12 @@ class ExecutorNode:
         if stale:
             await asyncio.gather(*(self._ping(j, interval) for j in stale))
 
-    async def _ping(self, job: Job, timeout: float) -> None:
+    async def _ping(self, job: JobBase, timeout: float) -> None:
+        subject = job.channel.subject
+        if subject is None:
+            return
         try:
-            answer = await self.nc.request(job.reply, b"", timeout=timeout, headers={subj.HDR_PING: job.id})
+            answer = await self.nc.request(subject, b"", timeout=timeout, headers={subj.HDR_PING: job.id})
         except nats.errors.NoRespondersError:
             job.cancel(Cancelled("the caller went away"))
             return
@@ -429,6 +411,9 @@ class ExecutorNode:
                 await action()  # type: ignore[operator]
             except Exception:
                 self._log.exception("periodic task failed", task=getattr(action, "__name__", str(action)))
+
+
+_encode_status = msgspec.json.Encoder().encode
 
 
 def _timeout_s(header: str | None, default: float) -> float:

@@ -1,7 +1,8 @@
 """The executor's side of the durable job queue (protocol/durable.py).
 
-- `enqueue`: a unary job no backend could serve, for a model whose fallback is
-  `queue`, goes into `LLOOM_JOBS` (the caller is told `queued` with its job id).
+- A unary job no backend could serve, for a model whose fallback is `queue`, goes
+  into `LLOOM_JOBS` through `JobEnqueuer` (executor/queue/producer.py; the caller is
+  told `queued` with its job id).
 - Workers, one per model this queue serves here, pull from that model's shared
   durable consumer only while the node has room and a backend for the model is
   available, so jobs wait in JetStream, not in a process that cannot run them.
@@ -40,6 +41,7 @@ from nats.js.kv import KeyValue
 
 from executor.config import QueueConfig, RetryConfig
 from executor.jobs.node import ExecutorNode
+from executor.queue.producer import JobEnqueuer
 from protocol import subjects as subj
 from protocol.durable import (
     JOBS_STREAM,
@@ -73,9 +75,9 @@ class JobQueue:
         self,
         nc: NATS,
         node: ExecutorNode,
+        enqueuer: JobEnqueuer,
         config: QueueConfig | None = None,
         *,
-        fallback_models: set[str] | frozenset[str] = frozenset(),
         retry: RetryConfig | None = None,
         idle_poll_s: float = 0.2,
         fetch_wait_s: float = 1.0,
@@ -85,7 +87,8 @@ class JobQueue:
         self._js = nc.jetstream()
         self.node = node
         self.config = config or QueueConfig()
-        self.fallback_models = frozenset(fallback_models)
+        self.enqueuer = enqueuer
+        self.stats = enqueuer.counters  # one set of counters for both sides of the queue
         self.retry = retry or RetryConfig()
         self.idle_poll_s = idle_poll_s
         self.fetch_wait_s = fetch_wait_s
@@ -96,10 +99,6 @@ class JobQueue:
         self._preparing: asyncio.Task[None] | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
-        self.stats = {"queued": 0, "ran": 0, "skipped": 0, "handed_back": 0, "failed": 0}
-
-    def is_fallback_for(self, model: str) -> bool:
-        return model in self.fallback_models
 
     async def start(self) -> None:
         """Start pulling; the stream and bucket are made ready in the background (JetStream may be
@@ -134,7 +133,7 @@ class JobQueue:
 
     def sync_models(self) -> None:
         """Pull for exactly the models this queue serves here (they change with the backend's list)."""
-        served = self.node.models if self.config.consume_all else self.node.models & self.fallback_models
+        served = self.enqueuer.pulls_for(self.node.models)
         for model in served - self._workers.keys():
             self._workers[model] = asyncio.create_task(self._worker(model), name=f"queue-{model}")
         for model in self._workers.keys() - served:
@@ -154,17 +153,6 @@ class JobQueue:
         await asyncio.gather(*workers, return_exceptions=True)
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=timeout)
-
-    def status(self) -> dict[str, object]:
-        return {"models": sorted(self._workers), **self.stats}
-
-    async def enqueue(self, job_id: str, model: str, payload: bytes, client: str | None) -> None:
-        """Store a job in LLOOM_JOBS (once per job id); raises if JetStream does not take it."""
-        headers = {"Nats-Msg-Id": job_id, subj.HDR_JOB_ID: job_id}
-        if client:
-            headers[subj.HDR_CLIENT] = client
-        await self._js.publish(jobs_subject(model), payload, headers=headers, timeout=5.0)
-        self.stats["queued"] += 1
 
     # -- pulling --
 
@@ -218,7 +206,7 @@ class JobQueue:
             request = request_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
             # Bad input never comes back: its result says why (when it has an id to file it under).
-            self.stats["failed"] += 1
+            self.stats.failed += 1
             log.warning("unreadable queued job dropped", job_id=job_id or None, error=str(e))
             if job_id and not isinstance(e, subj.SubjectError):
                 await self._store(job_id, encoder.encode(error_to_wire(InvalidRequest(f"invalid request: {e}"),
@@ -229,38 +217,38 @@ class JobQueue:
             await _quietly(msg.nak())
             return
         if await self._has_result(job_id):
-            self.stats["skipped"] += 1  # ran before; its ack was lost: acknowledge, do not run again
+            self.stats.skipped += 1  # ran before; its ack was lost: acknowledge, do not run again
             await _quietly(msg.ack_sync())
             return
-        results: list[bytes] = []
-
-        async def sink(data: bytes) -> None:
-            results.append(data)
-
-        task = self.node.run_queued(job_id, request, msg.data, client=headers.get(subj.HDR_CLIENT),
-                                    timeout_s=self.config.job_timeout_secs, sink=sink)  # fmt: skip
-        if task is None:
+        running = self.node.run_queued(job_id, request, msg.data, client=headers.get(subj.HDR_CLIENT),
+                                       timeout_s=self.config.job_timeout_secs)  # fmt: skip
+        if running is None:
             return  # this very job runs here already (redelivered while running): that run acks it
+        task, collected = running
         alive = asyncio.create_task(self._keep_alive(msg))
         try:
             await asyncio.shield(task)
         finally:
             alive.cancel()
-        outcome = unary_reply_decoder.decode(results[-1]) if results else None
+        result = collected.last
+        outcome = unary_reply_decoder.decode(result) if result is not None else None
         deliveries = msg.metadata.num_delivered or 1
         if (outcome is None or (isinstance(outcome, ErrorReply) and outcome.code in _HAND_BACK)) and (
             deliveries < self.config.max_deliver
         ):
-            self.stats["handed_back"] += 1
+            self.stats.handed_back += 1
             delay = self._delay(deliveries)
             log.info("queued job handed back", job_id=job_id, delivery=deliveries, retry_in_s=round(delay, 2),
                      reason=getattr(outcome, "message", None))  # fmt: skip
             await _quietly(msg.nak(delay=delay))
             return
-        if not results:  # nothing to file: its last delivery ended without an answer
-            results.append(encoder.encode(error_to_wire(InternalError("the job ended without a result"), job_id=job_id)))
-        self.stats["ran" if type(outcome) is not ErrorReply else "failed"] += 1
-        await self._store(job_id, results[-1], keep_alive=msg)
+        if result is None:  # nothing to file: its last delivery ended without an answer
+            result = encoder.encode(error_to_wire(InternalError("the job ended without a result"), job_id=job_id))
+        if type(outcome) is ErrorReply:
+            self.stats.failed += 1
+        else:
+            self.stats.ran += 1
+        await self._store(job_id, result, keep_alive=msg)
         await _quietly(msg.ack_sync())
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
@@ -278,7 +266,7 @@ class JobQueue:
                     " stopped answering (raise [executors.queue] max_deliver or ack_wait_secs if jobs run long)"
                 )
                 await self._store(job_id, encoder.encode(error_to_wire(err, job_id=job_id)))
-                self.stats["failed"] += 1
+                self.stats.failed += 1
                 log.warning("queued job given up", job_id=job_id, deliveries=advisory.deliveries)
             await self._js.delete_msg(JOBS_STREAM, advisory.stream_seq)
         except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError, nats.errors.Error, OSError) as e:

@@ -17,6 +17,7 @@ import msgspec
 from executor.config import DEFAULT_CONFIG_TOML, ConfigError, ExecutorConfig, default_config_path, load_config
 from protocol.errors import LloomError
 from protocol.identity import IdentityError
+from protocol.status import ExecutorStatus, status_decoder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -185,7 +186,6 @@ async def _check(config: ExecutorConfig) -> int:
 
 
 async def _status(url: str, executor_id: str | None, as_json: bool) -> int:
-    import msgspec
     import nats.errors
 
     from protocol import subjects as subj
@@ -198,7 +198,7 @@ async def _status(url: str, executor_id: str | None, as_json: bool) -> int:
         return 2
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
-    found: list[dict] = []
+    found: list[ExecutorStatus] = []
     try:
         await nc.publish(subj.status_subject(executor_id) if executor_id else subj.STATUS_ALL, b"", reply=inbox)
         wait = 2.0
@@ -209,42 +209,43 @@ async def _status(url: str, executor_id: str | None, as_json: bool) -> int:
                 break
             if msg.headers and msg.headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
                 break
-            found.append(msgspec.json.decode(msg.data))
+            try:
+                found.append(status_decoder.decode(msg.data))
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                print(f"lloom-executor: ignoring an unreadable status answer: {e}", file=sys.stderr)
             wait = 0.1  # the others answer close behind the first
     finally:
         await close_nats(nc)
     if not found:
         print(f"lloom-executor: no executor answered at {url}", file=sys.stderr)
         return 1
-    for status in sorted(found, key=lambda s: s["executor_id"]):
-        if as_json:
-            print(msgspec.json.encode(status).decode())
-            continue
-        print(f"{status['executor_id']}: {status['state']}, {status['in_flight']}/{status['capacity']} jobs,"
-              f" backend {status['backend']} ({'healthy' if status['backend_healthy'] else 'UNHEALTHY'})")  # fmt: skip
-        for model, ok in status["models"].items():
-            print(f"  model {model}: {'available' if ok else 'UNAVAILABLE'}")
-        for member in status["pool"] or []:
-            print(f"  backend {member['name']}: breaker {member['state']}, {member['failures']} failures in a row,"
-                  f" {member['in_flight']} in flight, {member['served']} served")  # fmt: skip
-        stats = status["stats"]
-        print("  jobs: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-        if status["cache"]:
-            c = status["cache"]
-            shared = c.get("shared")
-            print(f"  cache: {c['entries']} entries, {c['hits']} hits"
-                  + (f"; shared bucket {shared['hits']} hits, {shared['errors']} errors" if shared else ""))  # fmt: skip
-        if status.get("queue"):
-            q = status["queue"]
-            print(f"  queue: pulling for {', '.join(q['models']) or 'no model'}; queued {q['queued']}, ran {q['ran']},"
-                  f" skipped {q['skipped']} (result already stored), handed back {q['handed_back']}, failed {q['failed']}")  # fmt: skip
-        if status.get("batching"):
-            b = status["batching"]
-            print(f"  batching: {b['jobs']} embedding jobs in {b['calls']} backend calls")
-        if status["receipts"]:
-            r = status["receipts"]
-            print(f"  receipts: {r['issued']} issued, {r['unpublished']} not yet in JetStream, {r['mismatches']} mismatches")
+    for status in sorted(found, key=lambda s: s.executor_id):
+        print(msgspec.json.encode(status).decode() if as_json else render_status(status))
     return 0
+
+
+def render_status(s: ExecutorStatus) -> str:
+    """The human-readable form of one executor's status."""
+    lines = [f"{s.executor_id}: {s.state}, {s.in_flight}/{s.capacity} jobs,"
+             f" backend {s.backend} ({'healthy' if s.backend_healthy else 'UNHEALTHY'})"]  # fmt: skip
+    lines += [f"  model {model}: {'available' if ok else 'UNAVAILABLE'}" for model, ok in s.models.items()]
+    lines += [f"  backend {m.name}: breaker {m.state}, {m.failures} failures in a row,"
+              f" {m.in_flight} in flight, {m.served} served" for m in s.pool or []]  # fmt: skip
+    lines.append("  jobs: " + ", ".join(f"{k} {v}" for k, v in msgspec.structs.asdict(s.stats).items()))
+    if s.cache is not None:
+        shared = s.cache.shared
+        lines.append(f"  cache: {s.cache.entries} entries, {s.cache.hits} hits"
+                     + (f"; shared bucket {shared.hits} hits, {shared.errors} errors" if shared else ""))  # fmt: skip
+    if s.queue is not None:
+        q = s.queue
+        lines.append(f"  queue: pulling for {', '.join(q.models) or 'no model'}; queued {q.queued}, ran {q.ran},"
+                     f" skipped {q.skipped} (result already stored), handed back {q.handed_back}, failed {q.failed}")  # fmt: skip
+    if s.batching is not None:
+        lines.append(f"  batching: {s.batching.jobs} jobs in {s.batching.calls} backend calls")
+    if s.receipts is not None:
+        r = s.receipts
+        lines.append(f"  receipts: {r.issued} issued, {r.unpublished} not yet in JetStream, {r.mismatches} mismatches")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

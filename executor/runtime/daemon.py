@@ -2,45 +2,30 @@
 
 Owns, in order of creation and reverse order of shutdown: the embedded NATS
 server (when no URL is configured), the NATS connection, the process's one
-aiohttp session (for plugin backends), the backend, the node and its
-announcer. SIGTERM and SIGINT set the stop
-event; the node then drains and the process exits 0.
+aiohttp session (for plugin backends), the backend, and the node with its
+collaborators (made by executor/runtime/builder.py). SIGTERM and SIGINT set the
+stop event; the node then drains and the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import aiohttp
 import structlog
-from nats.aio.client import Client as NATS
 
-from executor.catalog.announcer import Announcer
 from executor.backends.autodetect import AutoDetectBackend
-from executor.backends.base import EmbeddingBackend, TextBackend
-from executor.batching.coalescer import Batcher
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ExecutorConfig
-from executor.process.embedded_nats import EmbeddedNats, free_port, port_is_free
-from executor.cache.memory import ResponseCache
-from executor.queue.consumer import JobQueue
 from executor.jobs.node import ExecutorNode
-from executor.receipts.outbox import Outbox
-from executor.receipts.publisher import ReceiptPublisher
-from executor.receipts.issuer import ReceiptIssuer
-from executor.cache.shared import SharedCache
-from executor.tokens import TokenCounter
-from protocol.announcements import Pricing
+from executor.process.embedded_nats import EmbeddedNats, free_port, port_is_free
+from executor.runtime.builder import assemble, data_home, uses_queue
 from protocol.connection import close_nats, connect_nats
-from protocol.identity import Identity
 
 log = structlog.get_logger(logger_name=__name__)
-FREE = Pricing()
 
 
 def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
@@ -101,42 +86,8 @@ async def serve(
             else:
                 backend = create_backend(config.llm_client, session)
             stack.push_async_callback(backend.aclose)
-            models = None if config.executors.backends else config.llm_client.models
-            node = ExecutorNode(nc, backend, config.node, models=models)
-            if config.cache.enabled:
-                c = config.cache
-                node.cache = ResponseCache(max_entries=c.max_entries, max_bytes=int(c.max_mb * 2**20), ttl_s=c.ttl_secs)
-                if c.shared:
-                    node.shared_cache = await SharedCache.open(nc.jetstream(), ttl_s=c.ttl_secs,
-                                                               max_bytes=int(c.shared_max_mb * 2**20))  # fmt: skip
-                    stack.push_async_callback(node.shared_cache.aclose)
-            if config.batching.enabled and isinstance(backend, (EmbeddingBackend, TextBackend)):
-                b = config.batching
-                node.batcher = Batcher(backend, window_s=b.window_ms / 1000, max_inputs=b.max_inputs,
-                                       max_calls=b.max_calls)  # fmt: skip
-                stack.push_async_callback(node.batcher.aclose)
-            identity = load_identity(config, node.id)
-            if config.receipts.enabled:
-                publisher = await start_receipts(config, nc, node, identity)
-                stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
-            queue = _job_queue(config, nc, node)
-            if queue is not None:
-                stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
-            await node.start()
-            stack.push_async_callback(node.stop)
-            if queue is not None:
-                await queue.start()
-            announcer = Announcer(
-                nc,
-                node,
-                identity,
-                models=config.models,
-                heartbeat_interval=config.node.heartbeat_interval_secs,
-            )
-            await announcer.start()
-            # Runs before node.stop (the stack unwinds in reverse): clients stop choosing
-            # this executor at once, then in-flight jobs drain.
-            stack.push_async_callback(announcer.stop)
+            running = await assemble(config, nc, backend, stack)
+            node = running.node
             _report_backend(node)
             if on_ready is not None:
                 on_ready(node, url)
@@ -145,69 +96,6 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-def data_home() -> Path:
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lloom"
-
-
-async def start_receipts(config: ExecutorConfig, nc: NATS, node: ExecutorNode, identity: Identity) -> ReceiptPublisher:
-    """Give the node a receipt issuer whose outbox a background publisher drains into JetStream."""
-    rc = config.receipts
-    directory = Path(rc.outbox_dir).expanduser() if rc.outbox_dir else data_home() / "receipts" / node.id
-    outbox = Outbox(directory)
-    publisher = ReceiptPublisher(
-        nc, outbox, duplicate_window_s=rc.duplicate_window_secs, sync_interval_s=rc.sync_interval_secs
-    )
-    prices = {m.name: Pricing(input=m.input_price, output=m.output_price) for m in config.models}
-    counter = TokenCounter(config.tokens)
-
-    def warm_tokenizers() -> None:
-        # Building an encoding takes up to ~0.4 s: pay it when a model appears, not in its first job.
-        for model in node.models:
-            counter.method_for(model)
-
-    node.on_models_changed.append(warm_tokenizers)
-    node.receipts = ReceiptIssuer(
-        identity,
-        node.id,
-        outbox,
-        pricing=lambda model: prices.get(model, FREE),
-        on_issue=publisher.notify,
-        counter=counter,
-        mismatch_tolerance=config.tokens.mismatch_tolerance,
-    )
-    await publisher.start()
-    if outbox.pending:
-        log.info("publishing receipts left by an earlier run", pending=len(outbox.pending), outbox=str(directory))
-    return publisher
-
-
-def uses_queue(config: ExecutorConfig) -> bool:
-    ex = config.executors
-    return ex.queue.consume_all or any(f.strategy == "queue" for f in ex.fallbacks)
-
-
-def _job_queue(config: ExecutorConfig, nc: NATS, node: ExecutorNode) -> JobQueue | None:
-    if not uses_queue(config):
-        return None
-    ex = config.executors
-    fallback = {f.model for f in ex.fallbacks if f.strategy == "queue"}
-    node.job_queue = JobQueue(nc, node, ex.queue, fallback_models=fallback, retry=ex.retry)
-    return node.job_queue
-
-
-def load_identity(config: ExecutorConfig, executor_id: str) -> Identity:
-    """The configured key file, a per-id file when the id is stable, else a key for this run only."""
-    if config.node.identity_file:
-        path = Path(config.node.identity_file).expanduser()
-    elif config.node.id:
-        path = data_home() / f"{executor_id}.nk"
-    else:
-        return Identity.generate()
-    identity = Identity.load_or_create(path)
-    log.info("executor identity", key=identity.public_key, file=str(path))
-    return identity
 
 
 def _report_backend(node: ExecutorNode) -> None:

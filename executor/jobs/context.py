@@ -1,0 +1,154 @@
+"""What a job may use, and where its answer goes: the frozen `JobContext` and the reply channels.
+
+A job never sees the node. The node builds one `JobContext` (its id, backend, limits,
+counters and the optional collaborators: receipts, caches, batcher, queue) and hands it
+to every job it starts; the durable queue runs jobs through the same node, so the same
+context. Where a job's answer goes is a `ReplyChannel`: the caller's NATS reply subject,
+or, for a job taken from the durable queue, a collector whose last message becomes the
+stored result. The checks every kind of job makes (model served, max_tokens cap) are here
+once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from nats.aio.client import Client as NATS
+
+from executor.backends.base import Backend
+from executor.catalog.perf import PerfTracker
+from protocol import subjects as subj
+from protocol.errors import InvalidRequest, ModelNotFound
+from protocol.status import JobStats, QueueStatus
+
+if TYPE_CHECKING:  # types only: none of these import the jobs package
+    from executor.batching.coalescer import Batcher
+    from executor.cache.memory import ResponseCache
+    from executor.cache.shared import SharedCache
+    from executor.receipts.issuer import ReceiptIssuer
+
+_SENTINEL = b""  # ADR-47: an empty message ends a multi-message reply
+
+
+class Enqueuer(Protocol):
+    """The durable queue's producer side, as a job sees it (executor/queue/producer.py)."""
+
+    def is_fallback_for(self, model: str) -> bool: ...
+
+    async def enqueue(self, job_id: str, model: str, payload: bytes, client: str | None) -> None: ...
+
+    def status(self, served: frozenset[str]) -> QueueStatus: ...
+
+
+class ServedModels:
+    """The models the node serves now; the node replaces `names` when the backend's list changes."""
+
+    __slots__ = ("names",)
+
+    def __init__(self) -> None:
+        self.names: frozenset[str] = frozenset()
+
+    def __contains__(self, model: object) -> bool:
+        return model in self.names
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_tokens_cap: int
+    max_payload: int  # the NATS server's, headers included
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    executor_id: str
+    backend: Backend
+    served: ServedModels
+    limits: Limits
+    stats: JobStats
+    perf: PerfTracker
+    receipts: ReceiptIssuer | None = None
+    cache: ResponseCache | None = None
+    shared_cache: SharedCache | None = None
+    batcher: Batcher | None = None
+    queue: Enqueuer | None = None
+
+    @property
+    def backend_kind(self) -> str:
+        return backend_kind(self.backend)
+
+    def check(self, model: str, max_tokens: int | None = None) -> None:
+        """Refuse, typed, what no backend call should be made for."""
+        if model not in self.served:
+            raise ModelNotFound(
+                f"executor {self.executor_id} does not serve model {model!r}", available_models=sorted(self.served.names)
+            )
+        if max_tokens is not None and max_tokens > self.limits.max_tokens_cap:
+            raise InvalidRequest(
+                f"max_tokens={max_tokens} is over this executor's limit of {self.limits.max_tokens_cap}"
+            )
+
+
+def backend_kind(backend: Backend) -> str:
+    """What receipts and the catalogue call the backend: the kind actually serving, not `auto`."""
+    # Backend names read "<kind> at <url>" (an auto backend: "auto (<resolved name>)" once it resolved).
+    name = backend.name
+    if name.startswith("auto (") and name.endswith(")"):
+        name = name[len("auto (") : -1]
+    return name.split(" ", 1)[0]
+
+
+class ReplyChannel(Protocol):
+    """Where a job's messages go: `send` each, then `end` once for a stream."""
+
+    @property
+    def subject(self) -> str | None: ...  # a NATS reply subject the caller listens on, if any
+
+    async def send(self, payload: bytes, headers: dict[str, str] | None = None) -> None: ...
+
+    async def end(self) -> None: ...
+
+
+class NatsReply:
+    """The caller's reply subject (an inbox)."""
+
+    __slots__ = ("_nc", "subject")
+
+    def __init__(self, nc: NATS, subject: str) -> None:
+        self._nc = nc
+        self.subject = subject
+
+    async def send(self, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        await self._nc.publish(self.subject, payload, headers=headers)
+
+    async def end(self) -> None:
+        await self._nc.publish(self.subject, _SENTINEL)
+
+
+class Collected:
+    """Keeps what a job sent; the last message is its result (the durable queue stores it)."""
+
+    __slots__ = ("messages",)
+    subject = None
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    async def send(self, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        self.messages.append(payload)
+
+    async def end(self) -> None:
+        return None
+
+    @property
+    def last(self) -> bytes | None:
+        return self.messages[-1] if self.messages else None
+
+
+def error_headers(message: str, status: int) -> dict[str, str]:
+    """The micro-style error headers, so the payload stays data."""
+    return {
+        subj.HDR_SERVICE_ERROR: message[:200].replace("\r", " ").replace("\n", " "),
+        subj.HDR_SERVICE_ERROR_CODE: str(status),
+    }
+

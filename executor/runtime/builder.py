@@ -1,0 +1,165 @@
+"""One way to make a running node from a config: the daemon uses it, and so do tests.
+
+`assemble()` builds every collaborator the config asks for (response cache and its
+shared level, batcher, receipt issuer with its outbox and publisher, the durable
+queue's producer and consumer, the announcer), hands them to the node through its
+constructor, starts them in order, and registers their shutdown on the caller's
+`AsyncExitStack` in the reverse order that keeps guarantees: the announcer leaves first
+(clients stop choosing this executor), then jobs drain, then queued runs store their
+results, then the last receipts are published.
+
+    async with AsyncExitStack() as stack:
+        running = await assemble(config, nc, backend, stack)
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from executor.backends.base import Backend, EmbeddingBackend, TextBackend
+from executor.batching.coalescer import Batcher
+from executor.cache.memory import ResponseCache
+from executor.cache.shared import SharedCache
+from executor.catalog.announcer import Announcer
+from executor.config import ExecutorConfig
+from executor.jobs.node import ExecutorNode, default_executor_id
+from executor.queue.consumer import JobQueue
+from executor.queue.producer import JobEnqueuer
+from executor.receipts.issuer import ReceiptIssuer
+from executor.receipts.outbox import Outbox
+from executor.receipts.publisher import ReceiptPublisher
+from executor.tokens import TokenCounter
+from protocol import subjects as subj
+from protocol.announcements import Pricing
+from protocol.identity import Identity
+
+log = structlog.get_logger(logger_name=__name__)
+FREE = Pricing()
+
+
+@dataclass(frozen=True, slots=True)
+class RunningNode:
+    node: ExecutorNode
+    identity: Identity
+    announcer: Announcer
+    publisher: ReceiptPublisher | None
+    queue: JobQueue | None
+
+
+def data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lloom"
+
+
+async def assemble(
+    config: ExecutorConfig,
+    nc: NATS,
+    backend: Backend,
+    stack: AsyncExitStack,
+    *,
+    identity: Identity | None = None,
+) -> RunningNode:
+    """Build, start and register for shutdown a node and everything the config gives it."""
+    executor_id = subj.check_id("executor id", config.node.id or default_executor_id())
+    cache = shared_cache = batcher = None
+    if config.cache.enabled:
+        c = config.cache
+        cache = ResponseCache(max_entries=c.max_entries, max_bytes=int(c.max_mb * 2**20), ttl_s=c.ttl_secs)
+        if c.shared:
+            shared_cache = await SharedCache.open(nc.jetstream(), ttl_s=c.ttl_secs,
+                                                  max_bytes=int(c.shared_max_mb * 2**20))  # fmt: skip
+            stack.push_async_callback(shared_cache.aclose)
+    if config.batching.enabled and isinstance(backend, (EmbeddingBackend, TextBackend)):
+        b = config.batching
+        batcher = Batcher(backend, window_s=b.window_ms / 1000, max_inputs=b.max_inputs, max_calls=b.max_calls)
+        stack.push_async_callback(batcher.aclose)
+    identity = identity or load_identity(config, executor_id)
+    receipts = publisher = None
+    counter = TokenCounter(config.tokens)
+    if config.receipts.enabled:
+        receipts, publisher = receipt_issuer(config, nc, executor_id, identity, counter)
+        stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
+    enqueuer = None
+    if uses_queue(config):
+        ex = config.executors
+        enqueuer = JobEnqueuer(nc.jetstream(), fallback_models={f.model for f in ex.fallbacks if f.strategy == "queue"},
+                               consume_all=ex.queue.consume_all)  # fmt: skip
+    node = ExecutorNode(
+        nc, backend, config.node, executor_id=executor_id,
+        models=None if config.executors.backends else config.llm_client.models,
+        receipts=receipts, cache=cache, shared_cache=shared_cache, batcher=batcher, queue=enqueuer,
+    )  # fmt: skip
+    if receipts is not None:
+
+        def warm_tokenizers() -> None:
+            # Building an encoding takes up to ~0.4 s: pay it when a model appears, not in its first job.
+            for model in node.models:
+                counter.method_for(model)
+
+        node.on_models_changed.append(warm_tokenizers)
+    if publisher is not None:
+        await publisher.start()
+        if publisher.outbox.pending:
+            log.info("publishing receipts left by an earlier run", pending=len(publisher.outbox.pending),
+                     outbox=str(publisher.outbox.directory))  # fmt: skip
+    queue = None
+    if enqueuer is not None:
+        queue = JobQueue(nc, node, enqueuer, config.executors.queue, retry=config.executors.retry)
+        stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
+    await node.start()
+    stack.push_async_callback(node.stop)
+    if queue is not None:
+        await queue.start()
+    announcer = Announcer(nc, node, identity, models=config.models,
+                          heartbeat_interval=config.node.heartbeat_interval_secs)  # fmt: skip
+    await announcer.start()
+    # Runs before node.stop (the stack unwinds in reverse): clients stop choosing
+    # this executor at once, then in-flight jobs drain.
+    stack.push_async_callback(announcer.stop)
+    return RunningNode(node=node, identity=identity, announcer=announcer, publisher=publisher, queue=queue)
+
+
+def receipt_issuer(
+    config: ExecutorConfig, nc: NATS, executor_id: str, identity: Identity, counter: TokenCounter
+) -> tuple[ReceiptIssuer, ReceiptPublisher]:
+    """A receipt issuer whose outbox a background publisher drains into JetStream."""
+    rc = config.receipts
+    directory = Path(rc.outbox_dir).expanduser() if rc.outbox_dir else data_home() / "receipts" / executor_id
+    outbox = Outbox(directory)
+    publisher = ReceiptPublisher(
+        nc, outbox, duplicate_window_s=rc.duplicate_window_secs, sync_interval_s=rc.sync_interval_secs
+    )
+    prices = {m.name: Pricing(input=m.input_price, output=m.output_price) for m in config.models}
+    issuer = ReceiptIssuer(
+        identity,
+        executor_id,
+        outbox,
+        pricing=lambda model: prices.get(model, FREE),
+        on_issue=publisher.notify,
+        counter=counter,
+        mismatch_tolerance=config.tokens.mismatch_tolerance,
+    )
+    return issuer, publisher
+
+
+def uses_queue(config: ExecutorConfig) -> bool:
+    ex = config.executors
+    return ex.queue.consume_all or any(f.strategy == "queue" for f in ex.fallbacks)
+
+
+def load_identity(config: ExecutorConfig, executor_id: str) -> Identity:
+    """The configured key file, a per-id file when the id is stable, else a key for this run only."""
+    if config.node.identity_file:
+        path = Path(config.node.identity_file).expanduser()
+    elif config.node.id:
+        path = data_home() / f"{executor_id}.nk"
+    else:
+        return Identity.generate()
+    identity = Identity.load_or_create(path)
+    log.info("executor identity", key=identity.public_key, file=str(path))
+    return identity
