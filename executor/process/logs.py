@@ -18,7 +18,8 @@ import structlog
 from executor.config import LoggingConfig
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_SECRET_KEYS = re.compile(r"(api_?key|authorization|token|secret|password)", re.I)
+# Whole names or their last `_` part: `api_key`, `nats_token`, `Authorization`; not `prompt_tokens`.
+_SECRET_KEYS = re.compile(r"(?:^|_)(?:api_?key|authorization|token|secret|password|passwd|credentials?|seed)$", re.I)
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
 _SK = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
 
