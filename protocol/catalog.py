@@ -140,6 +140,10 @@ class Catalog:
         self._key_of.pop(entry.executor_id, None)
         return True
 
+    def model_names(self) -> list[str]:
+        """The names of the models live executors serve, each once, sorted."""
+        return sorted({offer.name for entry in self.entries() for offer in entry.models})
+
     def offers(self, model: str | None = None) -> Iterator[tuple[ExecutorEntry, ModelOffer]]:
         for entry in self.entries():
             for offer in entry.models:

@@ -2,7 +2,7 @@
 
     lloom complete --model qwen2.5:7b "Why is the sky blue?"
     lloom complete --model qwen2.5:7b --stream --max-tokens 64 - < prompt.txt
-    lloom --nats nats://10.0.0.5:4222 complete --model gpt-4o --json "hi"
+    lloom complete --model gpt-4o --json --nats nats://10.0.0.5:4222 "hi"
     lloom complete --route cheapest --min-context 8192 "hi"
     lloom models [--json] [--watch]
     lloom receipts verify --stream        lloom receipts report --stream
@@ -10,11 +10,14 @@
     lloom result <job id> [--timeout 600 | --no-wait]
     lloom embed --model nomic-embed-text "first text" "second text"   # one JSON line per input
 
-The text goes to stdout; a summary line (model, finish reason, token usage, the
-executor that served it) to stderr, so the text can be piped. Errors print
-their wire code and message; exit codes: 0 ok, 1 the job failed, 2 bad usage
-or no connection, 3 the job waits in the durable queue (its id on stdout) or
-its result is not there yet.
+The global options `--nats`, `--timeout` and `--json` (where a command has a use
+for them) go before or after the subcommand (`protocol/cli_common.py`). The text
+goes to stdout; a summary line (model, finish reason, token usage, the executor
+that served it) to stderr, so the text can be piped. Errors print their wire code
+and message (a model nobody serves: the models served and the closest name);
+exit codes: 0 ok, 1 the job failed, 2 bad usage or no connection, 3 the job waits
+in the durable queue (its id on stdout) or its result is not there yet, 130
+cancelled with Ctrl-C (the job is cancelled at its executor too).
 """
 
 from __future__ import annotations
@@ -30,22 +33,30 @@ import msgspec
 from protocol import receipts_cli
 from protocol.announcements import ModelCategory
 from protocol.catalog import ExecutorEntry
-from protocol.client import DEFAULT_URL, LloomClient
-from protocol.errors import JobQueued, LloomError, ResultPending
+from protocol.cli_common import GlobalOption, GlobalOptions, run
+from protocol.client import DEFAULT_TIMEOUT_S, DEFAULT_URL, LloomClient
+from protocol.errors import JobQueued, LloomError, NoExecutors, ResultPending
 from protocol.messages import ChatRequest, ChatResponse, Message, Role, StreamEnd, Usage
 from protocol.routing import Category, Cheapest, Constraints, Fastest, ModelRequest, Specific, category_of
 
 
-def _parser() -> argparse.ArgumentParser:
+def _options() -> GlobalOptions:
+    """The options `lloom` takes before or after its subcommand."""
+    return GlobalOptions(
+        GlobalOption("--nats", os.environ.get("LLOOM_NATS_URL", DEFAULT_URL),
+                     {"metavar": "URL", "help": f"NATS server (default: $LLOOM_NATS_URL or {DEFAULT_URL})"}),
+        GlobalOption("--timeout", DEFAULT_TIMEOUT_S, {"type": float, "metavar": "S",
+                     "help": f"seconds to wait for the whole answer (default {DEFAULT_TIMEOUT_S:g})"}),
+        GlobalOption("--json", False, {"action": "store_true", "help": "print JSON instead of text"}),
+    )  # fmt: skip
+
+
+def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lloom", description="Client of the Lloom executor network.")
-    p.add_argument(
-        "--nats",
-        metavar="URL",
-        default=os.environ.get("LLOOM_NATS_URL", DEFAULT_URL),
-        help=f"NATS server (default: $LLOOM_NATS_URL or {DEFAULT_URL})",
-    )
+    opts.add_to(p)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("complete", help="run a chat completion on the network")
+    c = sub.add_parser("complete", help="run a chat completion on the network",
+                       parents=[opts.parent("nats", "timeout", "json")])  # fmt: skip
     c.add_argument("prompt", help="the user message; - reads it from stdin")
     c.add_argument("--model", "-m", help="the model (optional with --route)")
     c.add_argument("--system", help="a system message to put first")
@@ -53,9 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int)
     c.add_argument("--temperature", type=float)
     c.add_argument("--top-p", type=float)
-    c.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the whole answer (default 120)")
     c.add_argument("--executor", help="send to this executor id instead of any executor serving the model")
-    c.add_argument("--json", action="store_true", help="print the normalized response as JSON")
     c.add_argument("--queue", action="store_true",
                    help="put the job in the durable queue and print its id (then: lloom result ID)")  # fmt: skip
     r = c.add_argument_group("routing (picks an executor from the live catalogue)")
@@ -67,19 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--min-context", type=int, help="minimum context length")
     r.add_argument("--feature", action="append", default=[], help="a required feature (repeatable)")
     r.add_argument("--hedge-after", type=float, help="seconds before also asking a second executor")
-    e = sub.add_parser("embed", help="embeddings for one or more texts")
+    e = sub.add_parser("embed", help="embeddings for one or more texts", parents=[opts.parent("nats", "timeout")])
     e.add_argument("texts", nargs="+", help="the texts; - reads one per line from stdin")
     e.add_argument("--model", "-m", required=True)
     e.add_argument("--dimensions", type=int)
-    e.add_argument("--timeout", type=float, default=120.0)
-    res = sub.add_parser("result", help="the result of a queued job")
+    res = sub.add_parser("result", help="the result of a queued job", parents=[opts.parent("nats", "timeout", "json")])
     res.add_argument("job_id")
-    res.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for it (default 120)")
     res.add_argument("--no-wait", action="store_true", help="only look: exit 3 if it is not there yet")
-    res.add_argument("--json", action="store_true", help="print the normalized response as JSON")
-    receipts_cli.add_parser(sub)
-    m = sub.add_parser("models", help="list the models the network serves, live")
-    m.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+    receipts_cli.add_parser(sub, opts)
+    m = sub.add_parser("models", help="list the models the network serves, live", parents=[opts.parent("nats", "json")])
     m.add_argument("--watch", action="store_true", help="print it again on every change")
     return p
 
@@ -89,12 +94,15 @@ EXIT_PENDING = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    opts = _options()
+    parser = _parser(opts)
+    args = opts.resolve(parser, parser.parse_args(argv))
     if args.command == "models":
-        try:
-            return asyncio.run(_models(args))
-        except KeyboardInterrupt:
-            return 0
+        return asyncio.run(_models(args))
     if args.command == "receipts":
         return asyncio.run(_receipts(args))
     if args.command == "result":
@@ -151,7 +159,7 @@ async def _embed(args: argparse.Namespace) -> int:
         try:
             reply = await client.embed(args.model, texts, dimensions=args.dimensions, timeout=args.timeout)
         except LloomError as err:
-            print(f"lloom: {err.code.value}: {err.message}", file=sys.stderr)
+            _print_error(err)
             return 1
     # One JSON object per line, then the summary on stderr, as for completions.
     for text, vector in zip(texts, reply.embeddings, strict=True):
@@ -175,7 +183,7 @@ async def _result(args: argparse.Namespace) -> int:
             else:
                 reply = await client.result(args.job_id, timeout=args.timeout)
         except LloomError as e:
-            print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
+            _print_error(e)
             return EXIT_PENDING if isinstance(e, ResultPending) else 1
     if not args.json:
         sys.stdout.write(reply.content)
@@ -297,17 +305,29 @@ async def _run_job(args: argparse.Namespace, request: ChatRequest, client: Lloom
             if not args.json:
                 sys.stdout.write(reply.content)
             _finish(args, reply, reply.content)
-    except LloomError as e:
+    except (LloomError, asyncio.CancelledError) as e:
         if request.stream and not args.json:
-            sys.stdout.write("\n")
-        print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
-        if e.available_models:
-            print(f"lloom: available models: {', '.join(e.available_models)}", file=sys.stderr)
+            sys.stdout.write("\n")  # end the partial line, so the message starts on its own
+        if not isinstance(e, LloomError):
+            raise  # Ctrl-C: the stream has cancelled the job; `run` reports it
+        _print_error(e)
         if isinstance(e, JobQueued):
             print(e.job_id)  # stdout: what `lloom result` takes
             return EXIT_PENDING
         return 1
     return 0
+
+
+def _print_error(e: LloomError) -> None:
+    """`lloom: <code>: <message>`, and what the error knows about the models served."""
+    if isinstance(e, NoExecutors) and e.available_models is not None:
+        # The message already names the models served and the closest one.
+        end = "" if e.message.endswith("?") else "."
+        print(f"lloom: {e.code.value}: {e.message}{end} See `lloom models`.", file=sys.stderr)
+        return
+    print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
+    if e.available_models:
+        print(f"lloom: available models: {', '.join(e.available_models)}", file=sys.stderr)
 
 
 def _finish(args: argparse.Namespace, result: ChatResponse | StreamEnd, content: str) -> None:

@@ -22,7 +22,9 @@ request. The same dispatcher answers executors' liveness pings, so a job whose
 caller has gone (cancelled, crashed, disconnected) is stopped at the executor.
 
 Errors are the `protocol.errors` types the executor raised. `NoExecutors` comes
-at once from the server's "no responders" status. Without a route, only `busy`
+at once from the server's "no responders" status; for a model, after one short
+catalogue query (on that error path only), it names the models served and the
+one closest to the name asked for. Without a route, only `busy`
 is retried (the queue group usually picks another member): a job whose outcome
 is unknown may have run.
 """
@@ -86,6 +88,9 @@ RESULT_RECHECK_S = 2.0
 DEFAULT_TIMEOUT_S = 120.0
 # Completion tokens assumed for a job's expected cost when it sets no max_tokens.
 DEFAULT_COMPLETION_ESTIMATE = 256
+# How long the error for a model nobody serves may wait for the catalogue's model names
+# (asked only on that error path; executors answer the query within milliseconds).
+SERVED_QUERY_S = 0.5
 
 
 def _headers_size(headers: dict[str, str]) -> int:
@@ -171,6 +176,23 @@ class LloomClient:
             self._catalog = Catalog(self._nc)
             await self._catalog.start()
         return self._catalog
+
+    async def served_models(self, *, timeout: float = SERVED_QUERY_S) -> list[str] | None:
+        """The names of the models live executors serve now, sorted; None if the catalogue could not be asked.
+
+        The running catalogue's, if routing started one; else one query that waits at most `timeout`."""
+        if self._catalog is not None:
+            return self._catalog.model_names()
+        once = Catalog(self._nc, query_timeout=timeout)
+        try:
+            await once.refresh()
+        except (nats.errors.Error, OSError):
+            return None
+        return once.model_names()
+
+    async def no_responders_error(self, target: Target) -> NoExecutors:
+        """The error for a job nobody took; for a model, it names the models served and the closest one."""
+        return no_responders(target, None if target[1] else await self.served_models())
 
     # -- the durable queue (protocol/durable.py) --
 
@@ -267,6 +289,9 @@ class LloomClient:
             observed=self.latencies,
         )
         if not found:
+            served = catalog.model_names()
+            if isinstance(route, Specific) and constraints is None and route.model not in served:
+                raise no_responders((route.model, None), served)  # a typo, most likely: name the served ones
             within = " within the constraints" if constraints else ""
             raise NoExecutors(f"no executor on the network offers {_describe(route)}{within}")
         return found
@@ -375,7 +400,7 @@ class LloomClient:
                 await self.publish_job(target, payload, job_id, deadline, subject=subject)
                 data = await self._wait(fut, deadline, job_id, target)
             except NoExecutors:
-                raise no_responders(target) from None
+                raise await self.no_responders_error(target) from None
             finally:
                 self._pending.pop(job_id, None)
             reply = decode_reply(decoder, data)

@@ -70,6 +70,7 @@ class LloomError(Exception):
         *,
         retry_after_s: float | None = None,
         available_models: list[str] | None = None,
+        suggestion: str | None = None,
         job_id: str | None = None,
         executor_id: str | None = None,
     ) -> None:
@@ -77,6 +78,8 @@ class LloomError(Exception):
         self.message = message
         self.retry_after_s = retry_after_s
         self.available_models = available_models
+        # For a model nobody serves: the served name closest to the one asked for.
+        self.suggestion = suggestion
         # Where it happened, when it happened on an executor.
         self.job_id = job_id
         self.executor_id = executor_id
@@ -100,6 +103,9 @@ class ModelNotFound(InvalidRequest):
 
 
 class NoExecutors(LloomError):
+    """Nobody listens for the model (or executor). For a model, raised by the client, the error
+    names the models served then (`available_models`) and the closest one (`suggestion`)."""
+
     code = ErrorCode.NO_EXECUTORS
     status = 503
 

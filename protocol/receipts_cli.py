@@ -25,6 +25,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from protocol import subjects as subj
+from protocol.cli_common import GlobalOptions
 from protocol.receipts import (
     ReceiptInvalid,
     SignedReceipt,
@@ -38,17 +39,15 @@ STREAM = subj.RECEIPTS_STREAM
 SUBJECT = subj.RECEIPTS_ALL
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    r = sub.add_parser("receipts", help="verify or sum usage receipts")
+def add_parser(sub: argparse._SubParsersAction, opts: GlobalOptions) -> None:  # type: ignore[type-arg]
+    r = sub.add_parser("receipts", help="verify or sum usage receipts", parents=[opts.parent("nats")])
     rsub = r.add_subparsers(dest="receipts_command", required=True)
-    for name, help_text in (("verify", "check signatures, hashes and chains"), ("report", "sum usage and cost")):
-        p = rsub.add_parser(name, help=help_text)
+    verify = rsub.add_parser("verify", help="check signatures, hashes and chains", parents=[opts.parent("nats")])
+    verify.add_argument("--key", action="append", help="accept only receipts signed by this executor key")
+    report = rsub.add_parser("report", help="sum usage and cost", parents=[opts.parent("nats", "json")])
+    for p in (verify, report):
         p.add_argument("file", nargs="?", type=Path, help="a file of receipts, one JSON object per line")
         p.add_argument("--stream", action="store_true", help=f"read the JetStream stream {STREAM}")
-        if name == "verify":
-            p.add_argument("--key", action="append", help="accept only receipts signed by this executor key")
-        else:
-            p.add_argument("--json", action="store_true", help="print the sums as JSON")
 
 
 async def run(args: argparse.Namespace, nc: NATS | None) -> int:

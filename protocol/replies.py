@@ -1,4 +1,5 @@
-"""What a caller makes of replies: decoding, and which failures another executor might not have.
+"""What a caller makes of replies: decoding, which failures another executor might not have,
+and the error for a job nobody took (with the models served and the closest name).
 
 Shared by the unary path (`client.py`) and streams (`stream.py`).
 """
@@ -6,6 +7,7 @@ Shared by the unary path (`client.py`) and streams (`stream.py`).
 from __future__ import annotations
 
 import asyncio
+import difflib
 
 import msgspec
 
@@ -20,11 +22,33 @@ def fails_over(err: LloomError) -> bool:
     return err.retryable or isinstance(err, (NoExecutors, ExecutorBusy, ModelNotFound, DeadlineExceeded))
 
 
-def no_responders(target: Target) -> NoExecutors:
+def no_responders(target: Target, served: list[str] | None = None) -> NoExecutors:
+    """The error for a job nobody took; with `served` (the catalogue's model names), it names them and the
+    one closest to the model asked for."""
     model, executor = target
     if executor:
         return NoExecutors(f"executor {executor!r} is not on the network")
-    return NoExecutors(f"no executor on the network serves model {model!r}")
+    message = f"no executor serves model {model!r}"
+    if served is None:
+        return NoExecutors(message)
+    if not served:
+        return NoExecutors(f"{message} (no executor on the network serves any model)", available_models=[])
+    suggestion = closest_model(model, served)
+    message += f" (served: {', '.join(served)})" + (f"; did you mean {suggestion}?" if suggestion else "")
+    return NoExecutors(message, available_models=served, suggestion=suggestion)
+
+
+def closest_model(model: str, served: list[str]) -> str | None:
+    """The served name `model` most likely meant: itself in another case, else difflib's closest, if any is close."""
+    by_folded: dict[str, str] = {}
+    for name in served:
+        by_folded.setdefault(name.casefold(), name)
+    folded = model.casefold()
+    if folded in by_folded:
+        # The same name is no suggestion (served, but not for what was asked, e.g. embeddings).
+        return by_folded[folded] if by_folded[folded] != model else None
+    close = difflib.get_close_matches(folded, list(by_folded), n=1)
+    return by_folded[close[0]] if close else None
 
 
 def decode_reply(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore[no-untyped-def]

@@ -27,7 +27,7 @@ from protocol.messages import (
     error_from_wire,
     stream_reply_decoder,
 )
-from protocol.replies import Target, decode_reply, fails_over, no_responders
+from protocol.replies import Target, decode_reply, fails_over
 from protocol.routing import Constraints, ModelRequest, Specific
 
 if TYPE_CHECKING:
@@ -107,7 +107,8 @@ class ChatStream:
                 while True:
                     item = await self._next(deadline)
                     if isinstance(item, LloomError):
-                        err: LloomError = no_responders(target) if isinstance(item, NoExecutors) else item
+                        err: LloomError = (await client.no_responders_error(target)
+                                           if isinstance(item, NoExecutors) else item)  # fmt: skip
                     elif not item:
                         raise StreamInterrupted("stream ended without a final message", job_id=self.job_id)
                     else:

