@@ -16,10 +16,11 @@ responders, busy, a timeout of the attempt or a retryable error it fails over to
 the next, within the caller's overall deadline, one executor at a time unless
 `hedge_after` asks for a second one when the first is slow.
 
-All replies arrive on one wildcard inbox subscription (`<inbox>.*`), routed to
-the waiting call by the last token, which is the job id: no subscription per
-request. The same dispatcher answers executors' liveness pings, so a job whose
-caller has gone (cancelled, crashed, disconnected) is stopped at the executor.
+All replies arrive on one wildcard inbox subscription (`<inbox>.*`, owned by
+protocol/pending.py), routed to the waiting call by the last token, which is the
+job id: no subscription per request. The same dispatcher answers executors'
+liveness pings, so a job whose caller has gone (cancelled, crashed,
+disconnected) is stopped at the executor.
 
 Errors are the `protocol.errors` types the executor raised. `NoExecutors` comes
 at once from the server's "no responders" status; for a model, after one short
@@ -34,30 +35,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from types import TracebackType
 from typing import Self, TypeVar
 
 import msgspec
-import nats.aio.subscription
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
-from nats.nuid import NUID
 
 from protocol import subjects as subj
 from protocol.catalog import Catalog
 from protocol.connection import close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
-    Cancelled,
     DeadlineExceeded,
-    ExecutorBusy,
     LloomError,
     NoExecutors,
-    PayloadTooLarge,
     QueueUnavailable,
     ResultPending,
 )
@@ -76,7 +70,8 @@ from protocol.messages import (
     text_reply_decoder,
     unary_reply_decoder,
 )
-from protocol.replies import Target, Waiter, decode_reply, fail, fails_over, no_responders
+from protocol.pending import Pending, may_retry_busy
+from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
 
@@ -93,11 +88,6 @@ DEFAULT_COMPLETION_ESTIMATE = 256
 SERVED_QUERY_S = 0.5
 
 
-def _headers_size(headers: dict[str, str]) -> int:
-    # NATS/1.0\r\n, then "Key: Value\r\n" per header, then a blank line.
-    return 10 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
-
-
 class LloomClient:
     """Sends jobs over an existing NATS connection (which it does not own unless made by `connect`)."""
 
@@ -111,11 +101,7 @@ class LloomClient:
         self.busy_retries = busy_retries
         self.latencies = LatencyBook()
         self._owns_nc = False
-        self._prefix = nc.new_inbox()
-        self._prefix_len = len(self._prefix) + 1
-        self._pending: dict[str, Waiter] = {}
-        self._nuid = NUID()
-        self._sub: nats.aio.subscription.Subscription | None = None
+        self._pending = Pending(nc, client_id=client_id)
         self._catalog: Catalog | None = None
         self._results: KeyValue | None = None
         self._jobs_stream_ready = False
@@ -140,19 +126,12 @@ class LloomClient:
         return client
 
     async def start(self) -> None:
-        if self._sub is None:
-            self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._dispatch)
+        await self._pending.start()
 
     async def close(self) -> None:
         if self._catalog is not None:
             await self._catalog.stop()
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            if not self._nc.is_closed:
-                await sub.unsubscribe()
-        for waiter in self._pending.values():
-            fail(waiter, Cancelled("client closed"))
-        self._pending.clear()
+        await self._pending.stop()
         if self._owns_nc:
             await close_nats(self._nc)
 
@@ -168,7 +147,7 @@ class LloomClient:
         return self._nc
 
     def new_job_id(self) -> str:
-        return self._nuid.next().decode()
+        return self._pending.new_job_id()
 
     async def catalog(self) -> Catalog:
         """The live network catalogue, started (and filled by a query) on first use."""
@@ -207,7 +186,7 @@ class LloomClient:
             request = msgspec.structs.replace(request, stream=False)
         job_id = subj.check_id("job id", job_id or self.new_job_id())
         js = self._nc.jetstream()
-        headers = {"Nats-Msg-Id": job_id, subj.HDR_JOB_ID: job_id}
+        headers = {subj.HDR_MSG_ID: job_id, subj.HDR_JOB_ID: job_id}
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
         try:
@@ -333,7 +312,9 @@ class LloomClient:
         """
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
-        return ChatStream(self, request, timeout or self.timeout, executor, route, constraints)
+        return ChatStream(self._pending, request, timeout or self.timeout, executor, route, constraints,
+                          busy_retries=self.busy_retries, candidates=self.candidates,
+                          no_responders=self.no_responders_error)  # fmt: skip
 
     async def embed(
         self, model: str, inputs: list[str], *, dimensions: int | None = None, timeout: float | None = None
@@ -369,8 +350,7 @@ class LloomClient:
 
     async def cancel(self, job_id: str) -> None:
         """Tell whichever executor runs `job_id` to stop it (best effort, at most once)."""
-        if not self._nc.is_closed:
-            await self._nc.publish(subj.cancel_subject(job_id))
+        await self._pending.cancel(job_id)
 
     # -- one job on one target, and failover over many --
 
@@ -393,22 +373,22 @@ class LloomClient:
         for attempt in range(retries + 1):
             # A busy executor never ran the job, so a retry is a new job: replies
             # still in flight for the old id can then not be mistaken for its own.
-            job_id = self.new_job_id()
+            job_id = self._pending.new_job_id()
             fut: asyncio.Future[bytes] = loop.create_future()
-            self._pending[job_id] = fut
+            self._pending.register(job_id, fut)
             try:
-                await self.publish_job(target, payload, job_id, deadline, subject=subject)
-                data = await self._wait(fut, deadline, job_id, target)
+                await self._pending.send(target, payload, job_id, deadline, subject=subject)
+                data = await self._pending.wait(fut, deadline, job_id, target)
             except NoExecutors:
                 raise await self.no_responders_error(target) from None
             finally:
-                self._pending.pop(job_id, None)
+                self._pending.unregister(job_id)
             reply = decode_reply(decoder, data)
             if type(reply) is expected:
                 return reply
             assert isinstance(reply, ErrorReply)
             err = error_from_wire(reply)
-            if not await self.may_retry_busy(err, attempt, retries, deadline):
+            if not await may_retry_busy(err, attempt, retries, deadline):
                 raise err
         raise AssertionError("unreachable")
 
@@ -463,76 +443,6 @@ class LloomClient:
         if errors:
             raise errors[-1]
         raise DeadlineExceeded("the deadline passed before any executor could be tried")
-
-    # -- wire plumbing shared with ChatStream --
-
-    async def publish_job(
-        self, target: Target, payload: bytes, job_id: str, deadline: float, *, subject: str | None = None
-    ) -> None:
-        model, executor = target
-        remaining_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
-        if remaining_ms <= 0:
-            raise DeadlineExceeded("deadline passed before the job could be sent", job_id=job_id)
-        headers = {subj.HDR_JOB_ID: job_id, subj.HDR_TIMEOUT_MS: str(remaining_ms), subj.HDR_LIVENESS: "1"}
-        if self.client_id:
-            headers[subj.HDR_CLIENT] = self.client_id
-        size = len(payload) + _headers_size(headers)
-        if size > self._nc.max_payload:
-            # The server would close the whole connection for this; refuse it here instead.
-            raise PayloadTooLarge(
-                f"request is {size} bytes with headers; the NATS server accepts at most {self._nc.max_payload}"
-            )
-        if subject is None:
-            subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
-        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)
-
-    def register(self, job_id: str, waiter: Waiter) -> None:
-        self._pending[job_id] = waiter
-
-    def unregister(self, job_id: str) -> None:
-        self._pending.pop(job_id, None)
-
-    async def _wait(self, fut: asyncio.Future[bytes], deadline: float, job_id: str, target: Target) -> bytes:
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await fut
-        except TimeoutError:
-            await self.cancel(job_id)
-            where = f" on executor {target[1]}" if target[1] else ""
-            raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time", job_id=job_id) from None
-        except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(job_id))
-            raise
-
-    async def may_retry_busy(self, err: LloomError, attempt: int, retries: int, deadline: float) -> bool:
-        if not isinstance(err, ExecutorBusy) or attempt >= retries:
-            return False
-        # Jittered, short and capped: the queue group picks another member at random.
-        delay = min(0.25, random.uniform(0.005, 0.02) * (2**attempt))
-        if asyncio.get_running_loop().time() + delay >= deadline:
-            return False
-        await asyncio.sleep(delay)
-        return True
-
-    async def _dispatch(self, msg: Msg) -> None:
-        token = msg.subject[self._prefix_len :]
-        waiter = self._pending.get(token)
-        headers = msg.headers
-        if headers:
-            if subj.HDR_PING in headers:
-                if msg.reply:
-                    await self._nc.publish(msg.reply, subj.PING_ALIVE if waiter is not None else subj.PING_GONE)
-                return
-            if headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
-                if waiter is not None:
-                    fail(waiter, NoExecutors("no responders"))
-                return
-        if waiter is None:
-            return  # a late reply for a job its caller gave up on
-        if isinstance(waiter, asyncio.Queue):
-            waiter.put_nowait(msg.data)
-        elif not waiter.done():
-            waiter.set_result(msg.data)
 
 
 def _why(e: BaseException) -> str:

@@ -1,7 +1,8 @@
 """A streamed job as the caller sees it: chunks in order, then the final message.
 
-`ChatStream` is made by `LloomClient.stream`. It sends the job on first
-iteration, checks that chunk numbers have no gap (a gap means NATS dropped
+`ChatStream` is made by `LloomClient.stream`, which gives it the client's
+`Pending` inbox (protocol/pending.py) and its routing, not the client. It sends
+the job on first iteration, checks that chunk numbers have no gap (a gap means NATS dropped
 messages for a reader that fell behind), and ends at the `StreamEnd` or raises
 the typed error that ended the stream. Before the first chunk it may move the
 job elsewhere: to the next candidate of a route, or again after a `busy`.
@@ -13,7 +14,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from collections.abc import Awaitable, Callable
+from typing import Self
 
 import msgspec
 
@@ -27,11 +29,12 @@ from protocol.messages import (
     error_from_wire,
     stream_reply_decoder,
 )
+from protocol.pending import Pending, may_retry_busy
 from protocol.replies import Target, decode_reply, fails_over
-from protocol.routing import Constraints, ModelRequest, Specific
+from protocol.routing import Candidate, Constraints, ModelRequest, Specific
 
-if TYPE_CHECKING:
-    from protocol.client import LloomClient
+Candidates = Callable[[ChatRequest, ModelRequest, Constraints | None], Awaitable[list[Candidate]]]
+NoResponders = Callable[[Target], Awaitable[NoExecutors]]
 
 
 class ChatStream:
@@ -39,20 +42,27 @@ class ChatStream:
 
     def __init__(
         self,
-        client: LloomClient,
+        pending: Pending,
         request: ChatRequest,
         budget: float,
         executor: str | None,
         route: ModelRequest | None = None,
         constraints: Constraints | None = None,
+        *,
+        busy_retries: int,
+        candidates: Candidates,
+        no_responders: NoResponders,
     ) -> None:
-        self._client = client
+        self._pending = pending
+        self._busy_retries = busy_retries
+        self._candidates = candidates
+        self._no_responders = no_responders
         self._request = request
         self._budget = budget
         self._executor = executor
         self._route = route
         self._constraints = constraints
-        self.job_id = client.new_job_id()
+        self.job_id = pending.new_job_id()
         self.end: StreamEnd | None = None
         self._queue: asyncio.Queue[bytes | LloomError] = asyncio.Queue()
         self._started = False
@@ -67,8 +77,8 @@ class ChatStream:
     async def aclose(self) -> None:
         if self._started and not self._finished:
             self._finished = True
-            self._client.unregister(self.job_id)
-            await self._client.cancel(self.job_id)
+            self._pending.unregister(self.job_id)
+            await self._pending.cancel(self.job_id)
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._iterate()
@@ -77,27 +87,26 @@ class ChatStream:
         """Where to send the job, in order, each with whether a `busy` there means waiting and retrying."""
         if self._route is None and self._constraints is None:
             target = (self._request.model, self._executor)
-            return [(target, True)] * (self._client.busy_retries + 1)
+            return [(target, True)] * (self._busy_retries + 1)
         route = self._route or Specific(self._request.model)
-        found = await self._client.candidates(self._request, route, self._constraints)
+        found = await self._candidates(self._request, route, self._constraints)
         return [((c.model, c.executor_id), False) for c in found]
 
     async def _send_to(self, target: Target, deadline: float) -> None:
-        client = self._client
-        client.unregister(self.job_id)
-        self.job_id = client.new_job_id()  # a new attempt is a new job: stale replies cannot mix in
+        pending = self._pending
+        pending.unregister(self.job_id)
+        self.job_id = pending.new_job_id()  # a new attempt is a new job: stale replies cannot mix in
         self._queue = asyncio.Queue()
-        client.register(self.job_id, self._queue)
+        pending.register(self.job_id, self._queue)
         request = self._request
         if target[0] != request.model:
             request = msgspec.structs.replace(request, model=target[0])
-        await client.publish_job(target, encoder.encode(request), self.job_id, deadline)
+        await pending.send(target, encoder.encode(request), self.job_id, deadline)
 
     async def _iterate(self) -> AsyncIterator[StreamChunk]:
         if self._started:
             raise RuntimeError("a ChatStream can be iterated once")
         self._started = True
-        client = self._client
         deadline = asyncio.get_running_loop().time() + self._budget
         try:
             targets = await self._targets()
@@ -107,7 +116,7 @@ class ChatStream:
                 while True:
                     item = await self._next(deadline)
                     if isinstance(item, LloomError):
-                        err: LloomError = (await client.no_responders_error(target)
+                        err: LloomError = (await self._no_responders(target)
                                            if isinstance(item, NoExecutors) else item)  # fmt: skip
                     elif not item:
                         raise StreamInterrupted("stream ended without a final message", job_id=self.job_id)
@@ -135,7 +144,7 @@ class ChatStream:
                         self._finished = True
                         raise err
                     if wait_if_busy:
-                        if not await client.may_retry_busy(err, attempt, len(targets) - 1, deadline):
+                        if not await may_retry_busy(err, attempt, len(targets) - 1, deadline):
                             self._finished = True
                             raise err
                     elif not fails_over(err):
@@ -148,7 +157,7 @@ class ChatStream:
         finally:
             if not self._finished:
                 await self.aclose()
-            client.unregister(self.job_id)
+            self._pending.unregister(self.job_id)
 
     async def _next(self, deadline: float) -> bytes | LloomError:
         try:

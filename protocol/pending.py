@@ -1,0 +1,135 @@
+"""A client's jobs in flight: one reply inbox, the calls waiting on it, and how a job is sent.
+
+Every reply arrives on one wildcard subscription (`<inbox>.*`) and is routed to the
+waiting call by the subject's last token, the job id: no subscription per request. The
+same dispatcher answers executors' liveness pings (alive while a call waits, gone after),
+so a job whose caller has left is stopped at the executor. `LloomClient` and `ChatStream`
+both send jobs through this object; neither knows the other's internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import nats.aio.subscription
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.nuid import NUID
+
+from protocol import subjects as subj
+from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, LloomError, NoExecutors, PayloadTooLarge
+from protocol.replies import Target, Waiter, fail
+
+# A busy executor never ran the job: wait a little (jittered) and let the queue group pick again.
+BUSY_FIRST_DELAY_S = (0.005, 0.02)
+BUSY_MAX_DELAY_S = 0.25
+
+
+def headers_size(headers: dict[str, str]) -> int:
+    # NATS/1.0\r\n, then "Key: Value\r\n" per header, then a blank line.
+    return 10 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+
+
+class Pending:
+    def __init__(self, nc: NATS, *, client_id: str | None = None) -> None:
+        self._nc = nc
+        self.client_id = client_id  # recorded in executors' receipts, for usage per client
+        self._prefix = nc.new_inbox()
+        self._prefix_len = len(self._prefix) + 1
+        self._waiting: dict[str, Waiter] = {}
+        self._nuid = NUID()
+        self._sub: nats.aio.subscription.Subscription | None = None
+
+    async def start(self) -> None:
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._dispatch)
+
+    async def stop(self) -> None:
+        """Stop listening; every call still waiting fails with `Cancelled`."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            if not self._nc.is_closed:
+                await sub.unsubscribe()
+        for waiter in self._waiting.values():
+            fail(waiter, Cancelled("client closed"))
+        self._waiting.clear()
+
+    def new_job_id(self) -> str:
+        return self._nuid.next().decode()
+
+    def register(self, job_id: str, waiter: Waiter) -> None:
+        self._waiting[job_id] = waiter
+
+    def unregister(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
+
+    async def send(
+        self, target: Target, payload: bytes, job_id: str, deadline: float, *, subject: str | None = None
+    ) -> None:
+        """Publish a job to its model's queue group (or one executor), replies to this inbox."""
+        model, executor = target
+        remaining_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
+        if remaining_ms <= 0:
+            raise DeadlineExceeded("deadline passed before the job could be sent", job_id=job_id)
+        headers = {subj.HDR_JOB_ID: job_id, subj.HDR_TIMEOUT_MS: str(remaining_ms), subj.HDR_LIVENESS: "1"}
+        if self.client_id:
+            headers[subj.HDR_CLIENT] = self.client_id
+        size = len(payload) + headers_size(headers)
+        if size > self._nc.max_payload:
+            # The server would close the whole connection for this; refuse it here instead.
+            raise PayloadTooLarge(
+                f"request is {size} bytes with headers; the NATS server accepts at most {self._nc.max_payload}"
+            )
+        if subject is None:
+            subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
+        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)
+
+    async def cancel(self, job_id: str) -> None:
+        """Tell whichever executor runs `job_id` to stop it (best effort, at most once)."""
+        if not self._nc.is_closed:
+            await self._nc.publish(subj.cancel_subject(job_id))
+
+    async def wait(self, fut: asyncio.Future[bytes], deadline: float, job_id: str, target: Target) -> bytes:
+        """The reply to one job; at the deadline, or when the caller is cancelled, the job is cancelled."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await fut
+        except TimeoutError:
+            await self.cancel(job_id)
+            where = f" on executor {target[1]}" if target[1] else ""
+            raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time", job_id=job_id) from None
+        except asyncio.CancelledError:
+            await asyncio.shield(self.cancel(job_id))
+            raise
+
+    async def _dispatch(self, msg: Msg) -> None:
+        token = msg.subject[self._prefix_len :]
+        waiter = self._waiting.get(token)
+        headers = msg.headers
+        if headers:
+            if subj.HDR_PING in headers:
+                if msg.reply:
+                    await self._nc.publish(msg.reply, subj.PING_ALIVE if waiter is not None else subj.PING_GONE)
+                return
+            if headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
+                if waiter is not None:
+                    fail(waiter, NoExecutors("no responders"))
+                return
+        if waiter is None:
+            return  # a late reply for a job its caller gave up on
+        if isinstance(waiter, asyncio.Queue):
+            waiter.put_nowait(msg.data)
+        elif not waiter.done():
+            waiter.set_result(msg.data)
+
+
+async def may_retry_busy(err: LloomError, attempt: int, retries: int, deadline: float) -> bool:
+    """After a `busy`, wait (jittered, doubling, capped) and say yes, unless retries or time ran out."""
+    if not isinstance(err, ExecutorBusy) or attempt >= retries:
+        return False
+    delay = min(BUSY_MAX_DELAY_S, random.uniform(*BUSY_FIRST_DELAY_S) * (2**attempt))
+    if asyncio.get_running_loop().time() + delay >= deadline:
+        return False
+    await asyncio.sleep(delay)
+    return True
