@@ -23,6 +23,7 @@ import msgspec
 from msgspec import Meta
 
 from protocol.announcements import ModelCategory
+from protocol.backoff import Backoff
 
 
 class ConfigError(Exception):
@@ -165,6 +166,10 @@ class RetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     initial_delay_ms: Annotated[int, Meta(ge=0)] = 1000
     max_delay_ms: Annotated[int, Meta(ge=0)] = 30_000
     exponential_base: Annotated[float, Meta(ge=1.0, le=10.0)] = 2.0
+
+    def backoff(self, *, jitter: float = 0.0) -> Backoff:
+        return Backoff(initial_s=self.initial_delay_ms / 1000, max_s=self.max_delay_ms / 1000,
+                       factor=self.exponential_base, jitter=jitter)  # fmt: skip
 
 
 class FallbackConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -15,27 +15,22 @@ there is never run again.
 
 from __future__ import annotations
 
-import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from protocol import subjects as subj
+from protocol.jetstream import ensure_bucket, ensure_stream
 
 JOBS_STREAM = "LLOOM_JOBS"
 RESULTS_BUCKET = "LLOOM_RESULTS"
-JOBS_ALL = f"{subj.PREFIX}.jobs.>"
+JOBS_ALL = subj.JOBS_ALL
 DEFAULT_RESULT_TTL_S = 86400.0
 DEFAULT_DUPLICATE_WINDOW_S = 3600.0
 
 
-def jobs_subject(model: str) -> str:
-    return f"{subj.PREFIX}.jobs.{subj.model_token(model)}"
-
-
-def result_subject(job_id: str) -> str:
-    """Where an executor announces a stored result (core NATS: a hint; the bucket is the record)."""
-    return f"{subj.PREFIX}.results.{subj.check_id('job id', job_id)}"
+jobs_subject = subj.jobs_subject
+result_subject = subj.result_subject
 
 
 def consumer_name(model: str) -> str:
@@ -55,21 +50,11 @@ async def ensure_jobs_stream(
         duplicate_window=duplicate_window_s,
         num_replicas=replicas,
     )
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        pass  # exists (perhaps with an operator's settings): use it as it is
+    await ensure_stream(js, config)
 
 
 async def results_bucket(js: JetStreamContext, *, ttl_s: float = DEFAULT_RESULT_TTL_S, replicas: int = 1) -> KeyValue:
     """`LLOOM_RESULTS`, created unless it exists (on a cluster, create it first with `replicas=3`)."""
-    try:
-        return await js.key_value(RESULTS_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    try:
-        return await js.create_key_value(
-            KeyValueConfig(bucket=RESULTS_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE, replicas=replicas)
-        )
-    except nats.js.errors.BadRequestError:
-        return await js.key_value(RESULTS_BUCKET)  # made meanwhile by another peer
+    return await ensure_bucket(
+        js, KeyValueConfig(bucket=RESULTS_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE, replicas=replicas)
+    )

@@ -20,8 +20,7 @@ from msgspec import Meta
 
 from protocol.errors import ERROR_TYPES, ErrorCode, LloomError
 from protocol.receipts import SignedReceipt
-
-MAX_MODEL_NAME = 256
+from protocol.subjects import MAX_MODEL_NAME
 # Far above any real model's output; a larger value is a bug or an attack.
 MAX_TOKENS_LIMIT = 1_000_000
 # OpenAI's own limit on inputs per embeddings request.

@@ -10,20 +10,18 @@ both send jobs through this object; neither knows the other's internals.
 from __future__ import annotations
 
 import asyncio
-import random
-
 import nats.aio.subscription
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from protocol import subjects as subj
+from protocol.backoff import Backoff
 from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, LloomError, NoExecutors, PayloadTooLarge
 from protocol.replies import Target, Waiter, fail
 
 # A busy executor never ran the job: wait a little (jittered) and let the queue group pick again.
-BUSY_FIRST_DELAY_S = (0.005, 0.02)
-BUSY_MAX_DELAY_S = 0.25
+BUSY_BACKOFF = Backoff(initial_s=0.02, max_s=0.25, jitter=0.75)
 
 
 def headers_size(headers: dict[str, str]) -> int:
@@ -128,7 +126,7 @@ async def may_retry_busy(err: LloomError, attempt: int, retries: int, deadline: 
     """After a `busy`, wait (jittered, doubling, capped) and say yes, unless retries or time ran out."""
     if not isinstance(err, ExecutorBusy) or attempt >= retries:
         return False
-    delay = min(BUSY_MAX_DELAY_S, random.uniform(*BUSY_FIRST_DELAY_S) * (2**attempt))
+    delay = BUSY_BACKOFF.delay(attempt)
     if asyncio.get_running_loop().time() + delay >= deadline:
         return False
     await asyncio.sleep(delay)

@@ -145,6 +145,23 @@ RECEIPTS_STREAM = "LLOOM_RECEIPTS"
 # How many receipts a receipts message holds (readers may count without parsing).
 HDR_RECEIPTS = "Lloom-Receipts"
 
+# The durable queue (protocol/durable.py): jobs waiting per model, and results announced per job.
+JOBS_ALL = f"{PREFIX}.jobs.>"
+
+
+def jobs_subject(model: str) -> str:
+    return f"{PREFIX}.jobs.{model_token(model)}"
+
+
+def result_subject(job_id: str) -> str:
+    """Where an executor announces a stored result (core NATS: a hint; the bucket is the record)."""
+    return f"{PREFIX}.results.{check_id('job id', job_id)}"
+
+
+def max_deliveries_advisory(stream: str) -> str:
+    """JetStream's advisory for a message of `stream` that reached its consumer's max_deliver."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
+
 
 def receipts_subject(executor_id: str) -> str:
     return f"{PREFIX}.receipts.{check_id('executor id', executor_id)}"

@@ -25,7 +25,6 @@ error at once).
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
@@ -82,6 +81,8 @@ class BackendPool:
         self.members = members
         self.balancing = balancing
         self.retry = retry
+        # Jittered: retries from many jobs after one outage do not arrive together.
+        self._retry_backoff = retry.backoff(jitter=0.5)
         self.fallbacks = fallbacks or {}
         self._sleep = sleep
         self._listed: dict[str, set[str]] = {}
@@ -302,9 +303,7 @@ class BackendPool:
         return result, member, note
 
     def _backoff(self, attempt: int, last: LloomError | None) -> float:
-        r = self.retry
-        delay = min(r.max_delay_ms, r.initial_delay_ms * r.exponential_base**attempt) / 1000
-        delay *= random.uniform(0.5, 1.0)  # jitter: retries from many jobs do not arrive together
+        delay = self._retry_backoff.delay(attempt)
         if isinstance(last, RateLimited) and last.retry_after_s:
             delay = max(delay, last.retry_after_s)
         return delay

@@ -25,6 +25,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from executor.backends.base import Completion
+from protocol.jetstream import ensure_bucket
 from protocol.status import SharedCacheStatus
 
 log = structlog.get_logger(logger_name=__name__)
@@ -46,15 +47,8 @@ class SharedCache:
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, ttl_s: float, max_bytes: int) -> SharedCache:
-        try:
-            kv = await js.key_value(BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            try:
-                kv = await js.create_key_value(KeyValueConfig(
-                    bucket=BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE, max_bytes=max_bytes))  # fmt: skip
-            except nats.js.errors.BadRequestError:
-                kv = await js.key_value(BUCKET)  # made meanwhile by another executor
-        return cls(kv)
+        return cls(await ensure_bucket(js, KeyValueConfig(
+            bucket=BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE, max_bytes=max_bytes)))  # fmt: skip
 
     def status(self) -> SharedCacheStatus:
         return SharedCacheStatus(hits=self.hits, misses=self.misses, errors=self.errors)

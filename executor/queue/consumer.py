@@ -43,6 +43,7 @@ from executor.config import QueueConfig, RetryConfig
 from executor.jobs.node import ExecutorNode
 from executor.queue.producer import JobEnqueuer
 from protocol import subjects as subj
+from protocol.backoff import Backoff, Retry
 from protocol.durable import (
     JOBS_STREAM,
     consumer_name,
@@ -55,6 +56,10 @@ from protocol.errors import BackendUnavailable, ErrorCode, InternalError, Invali
 from protocol.messages import ErrorReply, encoder, error_to_wire, request_decoder, unary_reply_decoder
 
 log = structlog.get_logger(logger_name=__name__)
+
+# Waiting for JetStream to accept the queue's stream and bucket, and for a pull to work again.
+PREPARE_BACKOFF = Backoff(initial_s=0.1, max_s=10.0)
+PULL_BACKOFF = Backoff(initial_s=0.1, max_s=5.0)
 
 class _MaxDeliveries(msgspec.Struct):
     stream_seq: int
@@ -104,7 +109,7 @@ class JobQueue:
         """Start pulling; the stream and bucket are made ready in the background (JetStream may be
         away, or a cluster still electing): a node does not fail to start for its queue."""
         self._advisories = await self._nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*", queue="lloom-queue-advisories",
+            subj.max_deliveries_advisory(JOBS_STREAM), queue="lloom-queue-advisories",
             cb=self._on_max_deliveries,
         )  # fmt: skip
         try:  # usually JetStream answers at once, and jobs can be queued as soon as we return
@@ -120,16 +125,16 @@ class JobQueue:
         self._ready.set()
 
     async def _prepare(self) -> None:
-        backoff = 0.1
+        retry = Retry(PREPARE_BACKOFF)
         while True:
             try:
                 await self._prepare_once()
                 return
             except (nats.errors.Error, OSError) as e:
+                delay = retry.next_delay()
                 log.warning("durable queue not ready (is JetStream enabled?); retrying",
-                            error=str(e) or type(e).__name__, retry_in_s=backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                            error=str(e) or type(e).__name__, retry_in_s=round(delay, 2))  # fmt: skip
+                await asyncio.sleep(delay)
 
     def sync_models(self) -> None:
         """Pull for exactly the models this queue serves here (they change with the backend's list)."""
@@ -158,7 +163,7 @@ class JobQueue:
 
     async def _worker(self, model: str) -> None:
         await self._ready.wait()
-        backoff = 0.1
+        retry = Retry(PULL_BACKOFF)
         psub = None
         while True:
             try:
@@ -183,7 +188,7 @@ class JobQueue:
                     msgs = await psub.fetch(max(1, min(room, self.max_fetch)), timeout=self.fetch_wait_s)
                 except nats.errors.TimeoutError:
                     continue
-                backoff = 0.1
+                retry.reset()
                 for msg in msgs:
                     task = asyncio.create_task(self._handle(msg))
                     self._handlers.add(task)
@@ -191,10 +196,10 @@ class JobQueue:
             except asyncio.CancelledError:
                 raise
             except (nats.errors.Error, OSError) as e:  # NATS or JetStream away: try again, slower each time
+                delay = retry.next_delay()
                 log.warning("job queue unreachable; retrying", model=model, error=str(e) or type(e).__name__,
-                            retry_in_s=backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                            retry_in_s=round(delay, 2))  # fmt: skip
+                await asyncio.sleep(delay)
 
     # -- one delivered job --
 
@@ -283,7 +288,7 @@ class JobQueue:
     async def _store(self, job_id: str, data: bytes, keep_alive: Msg | None = None) -> None:
         """Put the result; through a NATS outage too (keeping the job ours), since the job has run."""
         assert self._kv is not None
-        backoff = 0.1
+        retry = Retry(Backoff(initial_s=0.1, max_s=self.config.ack_wait_secs / 3))
         while True:
             try:
                 await self._kv.put(job_id, data)
@@ -293,8 +298,7 @@ class JobQueue:
                 log.warning("cannot store a queued job's result yet", job_id=job_id, error=str(e) or type(e).__name__)
                 if keep_alive is not None:
                     await _quietly(keep_alive.in_progress())
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.config.ack_wait_secs / 3)
+                await asyncio.sleep(retry.next_delay())
 
     async def _keep_alive(self, msg: Msg) -> None:
         while True:
@@ -302,8 +306,7 @@ class JobQueue:
             await _quietly(msg.in_progress())
 
     def _delay(self, deliveries: int) -> float:
-        r = self.retry
-        return min(r.max_delay_ms, r.initial_delay_ms * r.exponential_base ** (deliveries - 1)) / 1000
+        return self.retry.backoff().delay(deliveries - 1)
 
 
 async def _quietly(aw: object) -> None:
