@@ -110,7 +110,9 @@ class AiohttpTransport:
                 waited_s=timeouts.acquire,
             ) from None
 
-    async def _send(self, endpoint: Endpoint, body: bytes, timeouts: Timeouts, *, streamed: bool) -> aiohttp.ClientResponse:
+    async def _send(
+        self, endpoint: Endpoint, body: bytes, timeouts: Timeouts, *, streamed: bool
+    ) -> aiohttp.ClientResponse:
         key = (timeouts, streamed)
         client_timeout = self._client_timeouts.get(key)
         if client_timeout is None:
