@@ -27,7 +27,8 @@ from executor.backends.transport.aiohttp import AiohttpTransport
 from executor.backends.transport.base import PoolTimeout, Timeouts, Transport
 from executor.backends.transport.choose import choose_transport
 from executor.backends.transport.http1 import Http1Transport
-from executor.config import ConfigError
+from executor.backends.registry import create_backend
+from executor.config import ConfigError, parse_config
 from protocol.errors import BackendTimeout, BackendUnavailable, ErrorCode, StreamInterrupted
 from tests.conftest import MODEL
 from tests.doubles.openai_double import Fault, OpenAIDouble
@@ -387,3 +388,26 @@ async def test_aiohttp_transport_accepts_gzip(http: aiohttp.ClientSession) -> No
             await backend.aclose()
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(("mode", "gzip_asked"), [("aiohttp", True), ("http1", False)])
+async def test_config_key_reaches_the_backend_factory(
+    double: OpenAIDouble, http: aiohttp.ClientSession, mode: str, gzip_asked: bool
+) -> None:
+    config = parse_config(
+        f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{double.base_url}"\ntransport = "{mode}"\n',
+        source="executor.toml", environ={},
+    )  # fmt: skip
+    backend = create_backend(config.llm_client, http)
+    assert isinstance(backend, OpenAICompatibleBackend)
+    try:
+        assert (await backend.complete(ask())).content == CONTENT
+        # aiohttp announces gzip; the lean pool sends no Accept-Encoding at all.
+        assert ("gzip" in double.request_headers[-1].get("Accept-Encoding", "")) is gzip_asked
+    finally:
+        await backend.aclose()
+
+
+def test_an_unknown_transport_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"llm_client\.transport"):
+        parse_config('[llm_client]\ntransport = "h2"\n', source="executor.toml", environ={})

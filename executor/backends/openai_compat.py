@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import msgspec
+import structlog
 
 from executor.backends.base import (
     Completion,
@@ -63,6 +64,8 @@ from protocol.errors import (
     StreamInterrupted,
 )
 from protocol.messages import ChatRequest, FinishReason, Message, Usage
+
+log = structlog.get_logger(logger_name=__name__)
 
 # -- the OpenAI wire format, as much of it as we read --------------------------
 
@@ -466,6 +469,8 @@ def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> Open
     transport = choose_transport(
         base_url, mode=config.transport, env=os.environ, session=session, max_connections=config.max_connections
     )
+    if not isinstance(transport, Http1Transport):
+        log.info("backend HTTP through aiohttp", base_url=base_url, transport=transport.name, mode=config.transport)
     return OpenAICompatibleBackend(
         session,
         base_url=base_url,

@@ -116,9 +116,11 @@ class AiohttpTransport:
         key = (timeouts, streamed)
         client_timeout = self._client_timeouts.get(key)
         if client_timeout is None:
-            # A whole response has a total deadline; a stream has a deadline per silence.
+            # A whole response has a total deadline; a stream has a deadline per silence. `connect`
+            # also bounds a wait for the shared session's own connector (its limit spans all backends).
             client_timeout = aiohttp.ClientTimeout(
                 total=None if streamed else timeouts.total,
+                connect=timeouts.acquire + timeouts.connect,
                 sock_connect=timeouts.connect,
                 sock_read=timeouts.idle_read if streamed else None,
             )
@@ -194,7 +196,10 @@ def _translate(e: BaseException, *, got_response: bool, timeouts: Timeouts, stre
     if isinstance(e, TransportError):
         return e
     if isinstance(e, aiohttp.ConnectionTimeoutError):
-        return ConnectFailed(f"connecting timed out after {timeouts.connect:g}s")
+        return ConnectFailed(
+            f"no connection within {timeouts.connect:g}s (or the session's connection pool stayed full for"
+            f" {timeouts.acquire:g}s)"
+        )
     if isinstance(e, aiohttp.ClientProxyConnectionError):
         return ConnectFailed(f"cannot reach the proxy: {e}")
     if isinstance(e, aiohttp.ClientHttpProxyError):
