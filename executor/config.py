@@ -42,6 +42,11 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     models: list[str] | None = None
     # Connections kept open to the backend (one pool per process).
     max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    # How HTTP reaches the backend (executor/backends/transport/): "http1", the lean
+    # keep-alive HTTP/1.1 pool (least CPU per request); "aiohttp", which can go through
+    # an HTTP proxy and accepts gzip; "auto" takes http1 unless HTTP_PROXY/HTTPS_PROXY/
+    # ALL_PROXY (any case) applies to base_url and NO_PROXY does not exclude it.
+    transport: Literal["auto", "http1", "aiohttp"] = "auto"
     # -- backend = "local" (see executor/backends/local.py) --
     # A GGUF file to serve; when absent, the bundled Gemma 3 270M of the `local` extra.
     model_path: str | None = None
@@ -142,6 +147,7 @@ class BackendEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     models: list[str] | None = None  # default: what it lists
     timeout_secs: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
     max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    transport: Literal["auto", "http1", "aiohttp"] = "auto"  # as in [llm_client]
 
 
 class WeightEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -367,6 +373,9 @@ timeout_secs = 300
 # Serve only these models (default: every model the backend lists).
 # models = ["llama-2-13b"]
 max_connections = 100
+# auto: the lean HTTP/1.1 pool, or aiohttp when HTTP_PROXY/HTTPS_PROXY/ALL_PROXY applies to
+# base_url (and NO_PROXY does not exclude it) | http1 | aiohttp (proxies, gzip)
+transport = "auto"
 # backend = "local": a GGUF file (default: the bundled Gemma 3 270M of the `local` extra),
 # the name it is served under (default: gemma3-270m, else the file's stem), a llama.cpp
 # built-in chat template (default: the file's own), context length (default: the model's

@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from executor.backends.http1 import (
+from executor.backends.transport.base import (
     ConnectFailed,
     ConnectionDropped,
-    Http1Pool,
     HttpTimeout,
     MalformedResponse,
-    iter_lines,
+    Timeouts,
 )
+from executor.backends.transport.http1 import Http1Transport
 from executor.process.embedded_nats import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -72,12 +72,16 @@ async def echo_forever(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None
         await w.drain()
 
 
-@pytest.fixture
-async def pool_for() -> AsyncIterator[Callable[[str], Http1Pool]]:
-    pools: list[Http1Pool] = []
+def within(seconds: float) -> Timeouts:
+    return Timeouts(connect=seconds, acquire=seconds, total=seconds, idle_read=seconds)
 
-    def make(url: str, **kw: object) -> Http1Pool:
-        pools.append(Http1Pool(url, **kw))  # type: ignore[arg-type]
+
+@pytest.fixture
+async def pool_for() -> AsyncIterator[Callable[[str], Http1Transport]]:
+    pools: list[Http1Transport] = []
+
+    def make(url: str, **kw: object) -> Http1Transport:
+        pools.append(Http1Transport(url, **kw))  # type: ignore[arg-type]
         return pools[-1]
 
     yield make
@@ -88,9 +92,9 @@ async def pool_for() -> AsyncIterator[Callable[[str], Http1Pool]]:
 async def test_requests_reuse_one_keep_alive_connection(pool_for) -> None:
     async with ScriptedServer(echo_forever) as server:
         pool = pool_for(server.url)
-        head = pool.encode_head("POST", "/chat/completions", {"Content-Type": "application/json"})
+        head = pool.endpoint("POST", "/chat/completions", {"Content-Type": "application/json"})
         for i in range(5):
-            resp = await pool.request(head, b'{"n": %d}' % i, timeout=5)
+            resp = await pool.request(head, b'{"n": %d}' % i, within(5))
             assert (resp.status, resp.body) == (200, b'{"n": %d}' % i)
         assert server.connections == 1
 
@@ -105,7 +109,7 @@ async def test_request_line_and_host_carry_the_base_path(pool_for) -> None:
 
     async with ScriptedServer(record) as server:
         pool = pool_for(server.url)
-        await pool.request(pool.encode_head("GET", "/models", {"Authorization": "Bearer k"}), timeout=5)
+        await pool.request(pool.endpoint("GET", "/models", {"Authorization": "Bearer k"}), b"", within(5))
         host = server.url.removeprefix("http://").removesuffix("/v1")
     first_line, *headers = seen[0].split(b"\r\n\r\n")[0].split(b"\r\n")
     assert first_line == b"GET /v1/models HTTP/1.1"
@@ -126,9 +130,9 @@ async def test_chunked_body_split_across_packets_arrives_as_lines(pool_for) -> N
 
     async with ScriptedServer(sse) as server:
         pool = pool_for(server.url)
-        head = pool.encode_head("POST", "/chat/completions", {})
-        async with pool.stream(head, b"{}", idle_timeout=5) as (resp, conn):
-            lines = [line async for line in iter_lines(conn) if line]
+        head = pool.endpoint("POST", "/chat/completions", {})
+        async with pool.stream(head, b"{}", within(5)) as resp:
+            lines = [line async for line in resp.lines() if line]
         assert resp.status == 200
         assert lines == [b"data: one", b"data: two", b"data: [DONE]"]
 
@@ -142,9 +146,9 @@ async def test_idle_connection_closed_by_the_server_is_retried_on_a_fresh_one(po
 
     async with ScriptedServer(one_answer_then_close) as server:
         pool = pool_for(server.url)
-        head = pool.encode_head("POST", "/x", {})
-        assert (await pool.request(head, b"1", timeout=5)).body == b"fine"
-        assert (await pool.request(head, b"2", timeout=5)).body == b"fine"
+        head = pool.endpoint("POST", "/x", {})
+        assert (await pool.request(head, b"1", within(5))).body == b"fine"
+        assert (await pool.request(head, b"2", within(5))).body == b"fine"
         assert server.connections == 2
 
 
@@ -161,7 +165,7 @@ async def test_reset_after_the_request_is_not_retried(pool_for) -> None:
     async with ScriptedServer(reset) as server:
         pool = pool_for(server.url)
         with pytest.raises(ConnectionDropped) as caught:
-            await pool.request(pool.encode_head("POST", "/x", {}), b"{}", timeout=5)
+            await pool.request(pool.endpoint("POST", "/x", {}), b"{}", within(5))
         assert not caught.value.safe_to_retry
         assert server.connections == 1
 
@@ -175,7 +179,7 @@ async def test_body_cut_short_is_a_drop_with_a_response(pool_for) -> None:
     async with ScriptedServer(truncated) as server:
         pool = pool_for(server.url)
         with pytest.raises(ConnectionDropped, match="mid-body") as caught:
-            await pool.request(pool.encode_head("GET", "/x", {}), timeout=5)
+            await pool.request(pool.endpoint("GET", "/x", {}), b"", within(5))
         assert caught.value.got_response
 
 
@@ -187,7 +191,7 @@ async def test_body_delimited_by_close_is_complete(pool_for) -> None:
 
     async with ScriptedServer(http10) as server:
         pool = pool_for(server.url)
-        resp = await pool.request(pool.encode_head("GET", "/x", {}), timeout=5)
+        resp = await pool.request(pool.endpoint("GET", "/x", {}), b"", within(5))
         assert resp.body == b"until the end"
 
 
@@ -201,7 +205,7 @@ async def test_garbage_is_a_malformed_response(pool_for) -> None:
     async with ScriptedServer(garbage) as server:
         pool = pool_for(server.url)
         with pytest.raises(MalformedResponse):
-            await pool.request(pool.encode_head("GET", "/x", {}), timeout=5)
+            await pool.request(pool.endpoint("GET", "/x", {}), b"", within(5))
 
 
 async def test_total_timeout_and_stream_idle_timeout(pool_for) -> None:
@@ -211,18 +215,18 @@ async def test_total_timeout_and_stream_idle_timeout(pool_for) -> None:
 
     async with ScriptedServer(silent) as server:
         pool = pool_for(server.url)
-        head = pool.encode_head("POST", "/x", {})
+        head = pool.endpoint("POST", "/x", {})
         with pytest.raises(HttpTimeout, match="0.1s"):
-            await pool.request(head, b"{}", timeout=0.1)
+            await pool.request(head, b"{}", within(0.1))
         with pytest.raises(HttpTimeout, match="no data for 0.1s"):
-            async with pool.stream(head, b"{}", idle_timeout=0.1):
+            async with pool.stream(head, b"{}", within(0.1)):
                 pytest.fail("no response head expected")
 
 
 async def test_refused_connection_is_connect_failed(pool_for) -> None:
     pool = pool_for(f"http://127.0.0.1:{free_port()}/v1")
     with pytest.raises(ConnectFailed, match="cannot connect to 127.0.0.1"):
-        await pool.request(pool.encode_head("GET", "/models", {}), timeout=5)
+        await pool.request(pool.endpoint("GET", "/models", {}), b"", within(5))
 
 
 async def test_pool_limit_makes_callers_wait_for_a_connection(pool_for) -> None:
@@ -240,8 +244,8 @@ async def test_pool_limit_makes_callers_wait_for_a_connection(pool_for) -> None:
 
     async with ScriptedServer(gated) as server:
         pool = pool_for(server.url, max_connections=2)
-        head = pool.encode_head("GET", "/x", {})
-        calls = [asyncio.create_task(pool.request(head, timeout=5)) for _ in range(5)]
+        head = pool.endpoint("GET", "/x", {})
+        calls = [asyncio.create_task(pool.request(head, b"", within(5))) for _ in range(5)]
         await asyncio.sleep(0.05)  # give every call the chance to (wrongly) open a connection
         assert server.connections == 2
         gate.set()
@@ -265,8 +269,8 @@ async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
 
     async with ScriptedServer(endless) as server:
         pool = pool_for(server.url)
-        async with pool.stream(pool.encode_head("POST", "/x", {}), b"{}", idle_timeout=5) as (_, conn):
-            async for _line in iter_lines(conn):
+        async with pool.stream(pool.endpoint("POST", "/x", {}), b"{}", within(5)) as resp:
+            async for _line in resp.lines():
                 break
         async with asyncio.timeout(5):
             await closed.wait()

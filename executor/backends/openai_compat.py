@@ -7,19 +7,23 @@ answer with typed decoders built once, and translates every failure into one of
 the typed errors of `protocol.errors` through `_status_error` and `_io_error`,
 with a message that says what to do about it.
 
-HTTP goes through `http1.Http1Pool`, one keep-alive pool per backend, owned by
-the backend and closed by `aclose()`: the chat call is the executor's hot path,
-and this client costs a fraction of aiohttp's per request (see docs/benchmarks.md).
+HTTP goes through the `Transport` the backend is given (`transport/`): by
+default the lean keep-alive HTTP/1.1 pool, which costs a fraction of aiohttp's
+CPU per request on the executor's hot path (see docs/benchmarks.md); aiohttp
+where a proxy is needed (`transport/choose.py` decides). The backend owns its
+transport and closes it in `aclose()`.
 """
 
 from __future__ import annotations
 
 import email.utils
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import msgspec
+import structlog
 
 from executor.backends.base import (
     Completion,
@@ -32,15 +36,18 @@ from executor.backends.base import (
     TextCompletions,
     TextParams,
 )
-from executor.backends.http1 import (
+from executor.backends.transport.base import (
     ConnectFailed,
     ConnectionDropped,
-    HttpError,
     HttpTimeout,
-    Http1Pool,
     MalformedResponse,
-    iter_lines,
+    PoolTimeout,
+    Timeouts,
+    Transport,
+    TransportError,
 )
+from executor.backends.transport.choose import choose_transport
+from executor.backends.transport.http1 import Http1Transport
 from executor.backends.presets import PRESETS, Preset
 from executor.config import ConfigError, LlmClientConfig
 from executor.tokens import estimate_usage
@@ -57,6 +64,8 @@ from protocol.errors import (
     StreamInterrupted,
 )
 from protocol.messages import ChatRequest, FinishReason, Message, Usage
+
+log = structlog.get_logger(logger_name=__name__)
 
 # -- the OpenAI wire format, as much of it as we read --------------------------
 
@@ -207,9 +216,9 @@ def _usage(u: _Usage | None, request: ChatRequest, content: str, chunks: int | N
 class OpenAICompatibleBackend:
     """`Backend` over an OpenAI-compatible HTTP server.
 
-    `session` is accepted for the factory signature shared with plugins; the
-    built-in backend speaks through its own keep-alive pool (`http1.Http1Pool`),
-    which it owns and closes in `aclose()`.
+    `session` is accepted for the factory signature shared with plugins. HTTP goes
+    through `transport` (by default a new `Http1Transport` to `base_url` with
+    `max_connections`), which the backend owns and closes in `aclose()`.
     """
 
     def __init__(
@@ -221,21 +230,27 @@ class OpenAICompatibleBackend:
         timeout_secs: float = 300.0,
         preset: Preset = PRESETS["openai_compatible"],
         max_connections: int = 100,
+        transport: Transport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.preset = preset
         self.timeout_secs = timeout_secs
-        self._http = Http1Pool(self.base_url, max_connections=max_connections, connect_timeout=min(timeout_secs, 10.0))
+        self.max_connections = max_connections
+        self._http = transport or Http1Transport(self.base_url, max_connections=max_connections)
+        # Waiting for a pooled connection is part of waiting for the backend: bounded by the same setting.
+        self._timeouts = Timeouts(
+            connect=min(timeout_secs, 10.0), acquire=timeout_secs, total=timeout_secs, idle_read=timeout_secs
+        )
+        self._probe_timeouts = msgspec.structs.replace(self._timeouts, total=min(timeout_secs, 5.0))
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         # Keyless local servers (LM Studio's "not-needed") must not get a bogus header.
         if api_key and api_key != "not-needed":
             headers["Authorization"] = f"Bearer {api_key}"
-        self._chat_head = self._http.encode_head("POST", "/chat/completions", headers)
-        self._stream_head = self._http.encode_head("POST", "/chat/completions", {**headers, "Accept": "text/event-stream"})
-        self._models_head = self._http.encode_head("GET", "/models", headers)
-        self._embed_head = self._http.encode_head("POST", "/embeddings", headers)
-        self._text_head = self._http.encode_head("POST", "/completions", headers)
-        self._probe_timeout = min(timeout_secs, 5.0)
+        self._chat = self._http.endpoint("POST", "/chat/completions", headers)
+        self._stream = self._http.endpoint("POST", "/chat/completions", {**headers, "Accept": "text/event-stream"})
+        self._models = self._http.endpoint("GET", "/models", headers)
+        self._embed = self._http.endpoint("POST", "/embeddings", headers)
+        self._text = self._http.endpoint("POST", "/completions", headers)
 
     @property
     def name(self) -> str:
@@ -246,7 +261,7 @@ class OpenAICompatibleBackend:
 
     async def complete(self, request: ChatRequest) -> Completion:
         body = _encode(msgspec.structs.replace(request, stream=False) if request.stream else request)
-        raw = await self._fetch(self._chat_head, body, self.timeout_secs, request.model)
+        raw = await self._fetch(self._chat, body, self._timeouts, request.model)
         try:
             parsed = _decode_response(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -263,8 +278,7 @@ class OpenAICompatibleBackend:
         )
 
     async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
-        raw = await self._fetch(self._embed_head, _encode(_EmbeddingBody(model, inputs, dimensions)), self.timeout_secs,
-                                model)  # fmt: skip
+        raw = await self._fetch(self._embed, _encode(_EmbeddingBody(model, inputs, dimensions)), self._timeouts, model)
         try:
             parsed = _decode_embeddings(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -281,7 +295,7 @@ class OpenAICompatibleBackend:
 
     async def complete_texts(self, model: str, prompts: list[str], params: TextParams) -> TextCompletions:
         body = _TextBody(model, prompts, params.max_tokens, params.temperature, params.top_p, params.stop)
-        raw = await self._fetch(self._text_head, _encode(body), self.timeout_secs, model)
+        raw = await self._fetch(self._text, _encode(body), self._timeouts, model)
         try:
             parsed = _decode_texts(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -318,12 +332,12 @@ class OpenAICompatibleBackend:
         parts: list[str] = []
         try:
             # A stream may run long; what must not happen is silence for timeout_secs.
-            async with self._http.stream(self._stream_head, body, idle_timeout=self.timeout_secs) as (resp, conn):
+            async with self._http.stream(self._stream, body, self._timeouts) as resp:
                 if resp.status != 200:
-                    raw = await conn.read_all()
+                    raw = await resp.read_all()
                     raise await self._status_error(resp.status, raw, resp.headers, request.model)
                 done = False
-                async for line in iter_lines(conn):
+                async for line in resp.lines():
                     if not line.startswith(b"data:"):
                         continue  # blank separators, `:` comments, `event:` names
                     data = line[5:].strip()
@@ -353,18 +367,18 @@ class OpenAICompatibleBackend:
                 if not done and finish is None:
                     raise StreamInterrupted(f"{self.name} closed the stream before it finished")
                 if done:
-                    await conn.read_all()  # the end of the chunked body, so the connection can be reused
+                    await resp.read_all()  # the end of the chunked body, so the connection can be reused
         except LloomError as e:
             if started and not isinstance(e, StreamInterrupted):
                 raise StreamInterrupted(f"stream broke after it began: {e.message}") from e
             raise
-        except HttpError as e:
+        except TransportError as e:
             raise self._io_error(e, started=started) from e
         content = "".join(parts)
         yield Finish(model=model, finish_reason=_finish(finish), usage=_usage(usage, request, content, len(parts)))
 
     async def list_models(self) -> list[ModelInfo]:
-        raw = await self._fetch(self._models_head, b"", self._probe_timeout, None)
+        raw = await self._fetch(self._models, b"", self._probe_timeouts, None)
         try:
             listing = _decode_models(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -378,11 +392,11 @@ class OpenAICompatibleBackend:
             return False
         return True
 
-    async def _fetch(self, head: bytes, body: bytes, timeout: float, model: str | None) -> bytes:
+    async def _fetch(self, endpoint: object, body: bytes, timeouts: Timeouts, model: str | None) -> bytes:
         """The whole body of a 200 answer; anything else raised as a typed error."""
         try:
-            resp = await self._http.request(head, body, timeout=timeout)
-        except HttpError as e:
+            resp = await self._http.request(endpoint, body, timeouts)
+        except TransportError as e:
             raise self._io_error(e, started=False) from e
         if resp.status != 200:
             raise await self._status_error(resp.status, resp.body, resp.headers, model)
@@ -419,7 +433,13 @@ class OpenAICompatibleBackend:
             return BackendError(f"{where}: {detail}; is base_url right (does it end in /v1)?")
         return BackendError(f"{where}: {detail}")
 
-    def _io_error(self, e: HttpError, *, started: bool) -> LloomError:
+    def _io_error(self, e: TransportError, *, started: bool) -> LloomError:
+        if isinstance(e, PoolTimeout):
+            # Retryable elsewhere: another executor may have connections to spare.
+            return BackendUnavailable(
+                f"{self.name}: {e}. Raise [llm_client] max_connections (now {e.max_connections}) if the backend"
+                " can take more requests at once, or lower [node] max_concurrent_jobs"
+            )
         if isinstance(e, HttpTimeout):
             what = "went silent mid-stream" if started else "did not answer"
             return BackendTimeout(
@@ -445,6 +465,12 @@ def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> Open
         raise ConfigError(f"[llm_client] backend = {config.backend!r} needs base_url")
     if preset.needs_api_key and not config.api_key:
         raise ConfigError(f"[llm_client] backend = {config.backend!r} needs api_key (e.g. \"${{OPENAI_API_KEY}}\")")
+    # The environment is read here, when the backend is built, never at import.
+    transport = choose_transport(
+        base_url, mode=config.transport, env=os.environ, session=session, max_connections=config.max_connections
+    )
+    if not isinstance(transport, Http1Transport):
+        log.info("backend HTTP through aiohttp", base_url=base_url, transport=transport.name, mode=config.transport)
     return OpenAICompatibleBackend(
         session,
         base_url=base_url,
@@ -452,6 +478,7 @@ def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> Open
         timeout_secs=config.timeout_secs,
         preset=preset,
         max_connections=config.max_connections,
+        transport=transport,
     )
 
 

@@ -80,6 +80,7 @@ def create_pool(config: ExecutorsConfig, session: aiohttp.ClientSession) -> Back
             api_key=entry.api_key,
             timeout_secs=entry.timeout_secs,
             max_connections=entry.max_connections,
+            transport=entry.transport,
             models=entry.models,
         )
         try:

@@ -29,9 +29,12 @@ log = structlog.get_logger(logger_name=__name__)
 
 
 def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
-    """The process's one connection pool to backends (created inside the running loop)."""
+    """The process's one aiohttp session (created inside the running loop): probes, plugins and the
+    aiohttp transport use it. trust_env: HTTP(S)_PROXY/NO_PROXY (and .netrc) apply to it."""
     connector = aiohttp.TCPConnector(limit=config.llm_client.max_connections, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=config.llm_client.timeout_secs))
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=config.llm_client.timeout_secs), trust_env=True
+    )
 
 
 async def start_embedded_nats(config: ExecutorConfig, *, jetstream: bool = False) -> EmbeddedNats:

@@ -341,7 +341,7 @@ SUGGESTIONS = [
     "and allocations; subscription callbacks also pass through a per-subscription queue and task.",
     "- **Per-job plumbing in `executor/`** (`_on_job`, `Job.run`, `_run_unary`, `Timeout.reschedule`, "
     "`create_task`): one task, one done-callback closure and one `asyncio.timeout_at` per job, plus a second "
-    "timer per request in `http1._Connection.start` for the backend timeout (its self time is mostly the "
+    "timer per request in `http1_connection.Connection.start` for the backend timeout (its self time is mostly the "
     "`transport.write` system call). Python 3.12's "
     "eager task factory would start the job without a loop round trip; a deadline checked by one periodic sweep "
     "instead of a timer per job would drop the timeout handle.",
