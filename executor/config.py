@@ -249,6 +249,9 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # (JetStream); only among executors that serve a model name from the same source.
     shared: bool = False
     shared_max_mb: Annotated[float, Meta(gt=0, le=1_000_000)] = 256.0
+    # Public keys (N...) of other executors whose shared entries this one serves; its own always.
+    # Entries signed by any other key are refused (a miss): see docs/security.md.
+    trusted_keys: list[Annotated[str, Meta(pattern=r"^N[A-Z2-7]{55}$")]] = []
 
 
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -472,6 +475,8 @@ max_entries = 1000
 max_mb = 64
 ttl_secs = 300
 shared = false          # true: also share answers with other executors (NATS KV bucket LLOOM_CACHE)
+# Shared entries are signed; only this executor's own and these executors' keys are served.
+# trusted_keys = ["NABC..."]
 
 [batching]
 # Concurrent embedding jobs for one model share a backend call (inputs arrays).

@@ -110,14 +110,17 @@ async def test_an_answer_cached_by_one_executor_serves_another_through_the_share
     from executor.backends.openai_compat import OpenAICompatibleBackend
     from executor.process.embedded_nats import EmbeddedNats
     from executor.cache.shared import SharedCache
+    from protocol.identity import Identity
 
     async with EmbeddedNats(jetstream=True) as server, OpenAIDouble() as backend_a, OpenAIDouble() as backend_b:
         nc = await nats.connect(server.url)
         nodes = []
-        for double in (backend_a, backend_b):
+        keys = [Identity.generate(), Identity.generate()]  # node b trusts node a's key (its operator's choice)
+        for double, key, trusted in ((backend_a, keys[0], ()), (backend_b, keys[1], (keys[0].public_key,))):
+            shared = await SharedCache.open(nc.jetstream(), key, ttl_s=60, max_bytes=1 << 20,
+                                            trusted_keys=frozenset(trusted))  # fmt: skip
             node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), models=["double-model"],
-                                cache=ResponseCache(),
-                                shared_cache=await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20))  # fmt: skip
+                                cache=ResponseCache(), shared_cache=shared)  # fmt: skip
             await node.start()
             nodes.append(node)
         async with await LloomClient.connect(server.url) as client:
@@ -145,10 +148,11 @@ async def test_a_shared_bucket_that_is_away_is_a_miss_not_a_failure(tmp_path) ->
 
     from executor.process.embedded_nats import EmbeddedNats
     from executor.cache.shared import SharedCache
+    from protocol.identity import Identity
 
     async with EmbeddedNats(jetstream=True) as server:
         nc = await nats.connect(server.url)
-        shared = await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20)
+        shared = await SharedCache.open(nc.jetstream(), Identity.generate(), ttl_s=60, max_bytes=1 << 20)
         await nc.jetstream().delete_key_value("LLOOM_CACHE")  # gone under it
         assert await shared.get(b"k" * 32) is None
         shared.put(b"k" * 32, completion("x"))

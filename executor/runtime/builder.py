@@ -66,19 +66,20 @@ async def assemble(
 ) -> RunningNode:
     """Build, start and register for shutdown a node and everything the config gives it."""
     executor_id = subj.check_id("executor id", config.node.id or default_executor_id())
+    identity = identity or load_identity(config, executor_id)
     cache = shared_cache = batcher = None
     if config.cache.enabled:
         c = config.cache
         cache = ResponseCache(max_entries=c.max_entries, max_bytes=int(c.max_mb * 2**20), ttl_s=c.ttl_secs)
         if c.shared:
-            shared_cache = await SharedCache.open(nc.jetstream(), ttl_s=c.ttl_secs,
-                                                  max_bytes=int(c.shared_max_mb * 2**20))  # fmt: skip
+            shared_cache = await SharedCache.open(nc.jetstream(), identity, ttl_s=c.ttl_secs,
+                                                  max_bytes=int(c.shared_max_mb * 2**20),
+                                                  trusted_keys=frozenset(c.trusted_keys))  # fmt: skip
             stack.push_async_callback(shared_cache.aclose)
     if config.batching.enabled and isinstance(backend, (EmbeddingBackend, TextBackend)):
         b = config.batching
         batcher = Batcher(backend, window_s=b.window_ms / 1000, max_inputs=b.max_inputs, max_calls=b.max_calls)
         stack.push_async_callback(batcher.aclose)
-    identity = identity or load_identity(config, executor_id)
     receipts = publisher = None
     counter = TokenCounter(config.tokens)
     if config.receipts.enabled:
@@ -109,7 +110,8 @@ async def assemble(
                      outbox=str(publisher.outbox.directory))  # fmt: skip
     queue = None
     if enqueuer is not None:
-        queue = JobQueue(nc, node, enqueuer, config.executors.queue, retry=config.executors.retry)
+        queue = JobQueue(nc, node, enqueuer, config.executors.queue, retry=config.executors.retry,
+                         identity=identity)
         stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
     await node.start()
     stack.push_async_callback(node.stop)
