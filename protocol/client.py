@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+from collections.abc import Collection
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -50,6 +52,8 @@ from protocol.connection import close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
     DeadlineExceeded,
+    ForgedResult,
+    InvalidRequest,
     LloomError,
     NoExecutors,
     QueueUnavailable,
@@ -72,6 +76,7 @@ from protocol.messages import (
 )
 from protocol.pending import Pending, may_retry_busy
 from protocol.replies import Target, decode_reply, fails_over, no_responders
+from protocol.results import open_result
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
 
@@ -92,11 +97,26 @@ class LloomClient:
     """Sends jobs over an existing NATS connection (which it does not own unless made by `connect`)."""
 
     def __init__(
-        self, nc: NATS, *, timeout: float = DEFAULT_TIMEOUT_S, busy_retries: int = 3, client_id: str | None = None
+        self,
+        nc: NATS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        busy_retries: int = 3,
+        client_id: str | None = None,
+        result_keys: Collection[str] | None = None,
     ) -> None:
         self._nc = nc
-        # Recorded in executors' receipts, so usage can be reported per client.
+        # Recorded in executors' receipts, so usage can be reported per client; short and printable.
+        if client_id is not None:
+            try:
+                subj.check_client_id(client_id)
+            except subj.SubjectError as e:
+                raise InvalidRequest(str(e)) from None
         self.client_id = client_id
+        # Executor keys whose signed queued results are accepted; None: any key whose signature holds.
+        self.result_keys = None if result_keys is None else frozenset(result_keys)
+        # What each job this client submitted hashed to, so its result's receipt can be checked against it.
+        self._submitted: dict[str, str] = {}
         self.timeout = timeout
         self.busy_retries = busy_retries
         self.latencies = LatencyBook()
@@ -186,16 +206,20 @@ class LloomClient:
             request = msgspec.structs.replace(request, stream=False)
         job_id = subj.check_id("job id", job_id or self.new_job_id())
         js = self._nc.jetstream()
-        headers = {subj.HDR_MSG_ID: job_id, subj.HDR_JOB_ID: job_id}
+        headers = {subj.HDR_MSG_ID: job_id, subj.HDR_JOB_ID: job_id,
+                   subj.HDR_CANCEL_TOKEN: self._pending.cancel_token(job_id)}  # fmt: skip
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
+        payload = encoder.encode(request)
         try:
             if not self._jobs_stream_ready:
                 await ensure_jobs_stream(js)
                 self._jobs_stream_ready = True
-            await js.publish(jobs_subject(request.model), encoder.encode(request), headers=headers, timeout=self.timeout)
+            await js.publish(jobs_subject(request.model), payload, headers=headers, timeout=self.timeout)
         except (nats.errors.Error, TimeoutError) as e:
+            self._pending.forget(job_id)
             raise QueueUnavailable(f"the durable queue did not take job {job_id}: {_why(e)}", job_id=job_id) from e
+        self._submitted[job_id] = hashlib.sha256(payload).hexdigest()
         return job_id
 
     async def fetch(self, job_id: str) -> ChatResponse | None:
@@ -207,7 +231,7 @@ class LloomClient:
             return None
         except (nats.errors.Error, TimeoutError) as e:
             raise QueueUnavailable(f"cannot read the result of job {job_id}: {_why(e)}", job_id=job_id) from e
-        return _queued_result(entry.value or b"")
+        return self._queued_result(job_id, entry.value or b"")
 
     async def result(self, job_id: str, *, timeout: float | None = None) -> ChatResponse:
         """Await a queued job's result; `ResultPending` if it is not there within `timeout`.
@@ -238,13 +262,27 @@ class LloomClient:
                     msg = await sub.next_msg(timeout=min(remaining, RESULT_RECHECK_S))
                 except nats.errors.TimeoutError:
                     continue
-                return _queued_result(msg.data)
+                try:
+                    return self._queued_result(job_id, msg.data)
+                except ForgedResult:
+                    continue  # the announcement is a hint anyone could fake: the bucket decides
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
         if unreachable is not None:
             raise QueueUnavailable(f"cannot read the result of job {job_id}: {_why(unreachable)}", job_id=job_id)
         raise ResultPending(f"job {job_id} has no result yet (waited {budget:g}s)", job_id=job_id)
+
+    def _queued_result(self, job_id: str, data: bytes) -> ChatResponse:
+        """The answer in a stored result (protocol/results.py checks who signed it); its typed error if it failed.
+
+        `ForgedResult` if the value was not filed for this job by an executor (key) this client trusts."""
+        reply = open_result(data, job_id, request_sha256=self._submitted.get(job_id), trusted_keys=self.result_keys)
+        self._submitted.pop(job_id, None)  # a job's result is final: its bookkeeping can go
+        self._pending.forget(job_id)
+        if type(reply) is ChatResponse:
+            return reply
+        raise error_from_wire(reply)
 
     async def _results_bucket(self) -> KeyValue:
         if self._results is None:
@@ -449,11 +487,6 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _queued_result(data: bytes) -> ChatResponse:
-    reply = decode_reply(unary_reply_decoder, data)
-    if type(reply) is ChatResponse:
-        return reply
-    raise error_from_wire(reply)
 
 
 def _describe(route: ModelRequest) -> str:

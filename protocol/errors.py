@@ -15,6 +15,7 @@ catch `ModelNotFound` whether it happened locally or three hops away.
     ├── DeadlineExceeded        deadline_exceeded    the caller's deadline passed
     ├── Cancelled               cancelled            the caller cancelled the job
     ├── ResponseTooLarge        response_too_large   result over max_payload; stream it
+    ├── ForgedResult            forged_result        a stored result that its executor did not sign
     ├── BackendError            backend_error        5xx or other backend failure
     │   ├── BackendUnavailable  backend_unavailable  connection refused / reset
     │   ├── BackendAuthFailed   backend_auth         401/403 from the backend
@@ -51,6 +52,7 @@ class ErrorCode(enum.StrEnum):
     QUEUED = "queued"
     RESULT_PENDING = "result_pending"
     QUEUE_UNAVAILABLE = "queue_unavailable"
+    FORGED_RESULT = "forged_result"
     INTERNAL = "internal"
 
 
@@ -153,6 +155,14 @@ class QueueUnavailable(LloomError):
     code = ErrorCode.QUEUE_UNAVAILABLE
     status = 503
     retryable = True
+
+
+class ForgedResult(LloomError):
+    """A queued job's stored result fails its check: unsigned, signed by an untrusted key, signed
+    for another job, or its receipt does not match the job or the request sent (raised by the client)."""
+
+    code = ErrorCode.FORGED_RESULT
+    status = 502
 
 
 class ResponseTooLarge(LloomError):

@@ -11,7 +11,8 @@
   runs through the node like any other job (capacity, cancel, drain, receipts,
   cache), tells JetStream it is still at work every third of `ack_wait` while
   it runs, and its result goes into the bucket before the message is
-  acknowledged. A run that fails because no backend could serve it (or the node
+  acknowledged (signed by this executor's key: protocol/results.py, so a
+  result planted in the bucket by anyone else is refused by the client). A run that fails because no backend could serve it (or the node
   shut down under it) is handed back with a backoff delay, up to `max_deliver`
   deliveries; any other outcome, an answer or a typed error, is its result.
 
@@ -52,8 +53,10 @@ from protocol.durable import (
     result_subject,
     results_bucket,
 )
-from protocol.errors import BackendUnavailable, ErrorCode, InternalError, InvalidRequest
+from protocol.errors import BackendUnavailable, ErrorCode, ForgedResult, InternalError, InvalidRequest
+from protocol.identity import Identity
 from protocol.messages import ErrorReply, encoder, error_to_wire, request_decoder, unary_reply_decoder
+from protocol.results import open_result, seal_result
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -84,6 +87,7 @@ class JobQueue:
         config: QueueConfig | None = None,
         *,
         retry: RetryConfig | None = None,
+        identity: Identity | None = None,
         idle_poll_s: float = 0.2,
         fetch_wait_s: float = 1.0,
         max_fetch: int = 32,
@@ -95,6 +99,8 @@ class JobQueue:
         self.enqueuer = enqueuer
         self.stats = enqueuer.counters  # one set of counters for both sides of the queue
         self.retry = retry or RetryConfig()
+        # Signs every stored result; the node's identity (a key of its own when none is given).
+        self.identity = identity or Identity.generate()
         self.idle_poll_s = idle_poll_s
         self.fetch_wait_s = fetch_wait_s
         self.max_fetch = max_fetch
@@ -225,8 +231,9 @@ class JobQueue:
             self.stats.skipped += 1  # ran before; its ack was lost: acknowledge, do not run again
             await _quietly(msg.ack_sync())
             return
-        running = self.node.run_queued(job_id, request, msg.data, client=headers.get(subj.HDR_CLIENT),
-                                       timeout_s=self.config.job_timeout_secs)  # fmt: skip
+        running = self.node.run_queued(job_id, request, msg.data, client=_client_id(headers),
+                                       timeout_s=self.config.job_timeout_secs,
+                                       cancel_token=_cancel_token(headers))  # fmt: skip
         if running is None:
             return  # this very job runs here already (redelivered while running): that run acks it
         task, collected = running
@@ -280,15 +287,21 @@ class JobQueue:
     async def _has_result(self, job_id: str) -> bool:
         assert self._kv is not None
         try:
-            await self._kv.get(job_id)
+            entry = await self._kv.get(job_id)
         except nats.js.errors.KeyNotFoundError:
             return False
+        try:
+            open_result(entry.value or b"", job_id)
+        except ForgedResult:
+            log.warning("unsigned or forged result in the results bucket; the job runs", job_id=job_id)
+            return False  # planted by someone else: run the job and file a real result over it
         return True
 
     async def _store(self, job_id: str, data: bytes, keep_alive: Msg | None = None) -> None:
         """Put the result; through a NATS outage too (keeping the job ours), since the job has run."""
         assert self._kv is not None
         retry = Retry(Backoff(initial_s=0.1, max_s=self.config.ack_wait_secs / 3))
+        data = seal_result(self.identity, job_id, data)
         while True:
             try:
                 await self._kv.put(job_id, data)
@@ -307,6 +320,22 @@ class JobQueue:
 
     def _delay(self, deliveries: int) -> float:
         return self.retry.backoff().delay(deliveries - 1)
+
+
+def _client_id(headers: dict[str, str]) -> str | None:
+    client = headers.get(subj.HDR_CLIENT)
+    try:
+        return None if client is None else subj.check_client_id(client)
+    except subj.SubjectError:
+        return None  # never copy an oversized or odd id into a receipt; the job itself is fine
+
+
+def _cancel_token(headers: dict[str, str]) -> str | None:
+    token = headers.get(subj.HDR_CANCEL_TOKEN)
+    try:
+        return None if token is None else subj.check_cancel_token(token)
+    except subj.SubjectError:
+        return None
 
 
 async def _quietly(aw: object) -> None:
