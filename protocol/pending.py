@@ -5,11 +5,17 @@ waiting call by the subject's last token, the job id: no subscription per reques
 same dispatcher answers executors' liveness pings (alive while a call waits, gone after),
 so a job whose caller has left is stopped at the executor. `LloomClient` and `ChatStream`
 both send jobs through this object; neither knows the other's internals.
+
+Each job sent carries a fresh secret (`Lloom-Cancel-Token`, 128 random bits) kept here
+while the call waits; a cancel publishes it as its payload, and the executor accepts a
+cancel only with the job's token, so nobody but the caller can cancel its jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
+
 import nats.aio.subscription
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -24,9 +30,11 @@ from protocol.replies import Target, Waiter, fail
 BUSY_BACKOFF = Backoff(initial_s=0.02, max_s=0.25, jitter=0.75)
 
 
-def headers_size(headers: dict[str, str]) -> int:
-    # NATS/1.0\r\n, then "Key: Value\r\n" per header, then a blank line.
-    return 10 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+headers_size = subj.headers_size
+
+
+def new_cancel_token() -> str:
+    return secrets.token_hex(16)
 
 
 class Pending:
@@ -36,6 +44,7 @@ class Pending:
         self._prefix = nc.new_inbox()
         self._prefix_len = len(self._prefix) + 1
         self._waiting: dict[str, Waiter] = {}
+        self._cancel_tokens: dict[str, str] = {}  # job id -> its cancel secret, while the call waits
         self._nuid = NUID()
         self._sub: nats.aio.subscription.Subscription | None = None
 
@@ -61,6 +70,17 @@ class Pending:
 
     def unregister(self, job_id: str) -> None:
         self._waiting.pop(job_id, None)
+        self._cancel_tokens.pop(job_id, None)
+
+    def cancel_token(self, job_id: str) -> str:
+        """The secret that lets this client (only) cancel `job_id`; made on first use."""
+        token = self._cancel_tokens.get(job_id)
+        if token is None:
+            token = self._cancel_tokens[job_id] = new_cancel_token()
+        return token
+
+    def forget(self, job_id: str) -> None:
+        self._cancel_tokens.pop(job_id, None)
 
     async def send(
         self, target: Target, payload: bytes, job_id: str, deadline: float, *, subject: str | None = None
@@ -70,7 +90,8 @@ class Pending:
         remaining_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
         if remaining_ms <= 0:
             raise DeadlineExceeded("deadline passed before the job could be sent", job_id=job_id)
-        headers = {subj.HDR_JOB_ID: job_id, subj.HDR_TIMEOUT_MS: str(remaining_ms), subj.HDR_LIVENESS: "1"}
+        headers = {subj.HDR_JOB_ID: job_id, subj.HDR_TIMEOUT_MS: str(remaining_ms), subj.HDR_LIVENESS: "1",
+                   subj.HDR_CANCEL_TOKEN: self.cancel_token(job_id)}  # fmt: skip
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
         size = len(payload) + headers_size(headers)
@@ -84,9 +105,12 @@ class Pending:
         await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)
 
     async def cancel(self, job_id: str) -> None:
-        """Tell whichever executor runs `job_id` to stop it (best effort, at most once)."""
-        if not self._nc.is_closed:
-            await self._nc.publish(subj.cancel_subject(job_id))
+        """Tell whichever executor runs `job_id` to stop it (best effort, at most once).
+
+        Only a job this client sent (and still knows the token of) can be cancelled."""
+        token = self._cancel_tokens.get(job_id)
+        if token is not None and not self._nc.is_closed:
+            await self._nc.publish(subj.cancel_subject(job_id), token.encode())
 
     async def wait(self, fut: asyncio.Future[bytes], deadline: float, job_id: str, target: Target) -> bytes:
         """The reply to one job; at the deadline, or when the caller is cancelled, the job is cancelled."""

@@ -21,6 +21,7 @@ class JobStats(msgspec.Struct, kw_only=True):
     busy: int = 0
     cancelled: int = 0
     bad_requests: int = 0
+    cancels_refused: int = 0  # cancels without the job's token (not from its caller)
 
 
 class PoolMemberStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,6 +46,7 @@ class SharedCacheStatus(msgspec.Struct, frozen=True, kw_only=True):
     hits: int
     misses: int
     errors: int
+    rejected: int = 0  # entries not signed by a trusted executor key: a miss, never served
 
 
 class CacheStatus(msgspec.Struct, frozen=True, kw_only=True):

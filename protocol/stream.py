@@ -77,8 +77,10 @@ class ChatStream:
     async def aclose(self) -> None:
         if self._started and not self._finished:
             self._finished = True
-            self._pending.unregister(self.job_id)
-            await self._pending.cancel(self.job_id)
+            try:
+                await self._pending.cancel(self.job_id)  # while the job's cancel token is still known
+            finally:
+                self._pending.unregister(self.job_id)
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._iterate()

@@ -26,7 +26,14 @@ HDR_JOB_ID = "Lloom-Job-Id"
 # the job: a relative budget, because peers' clocks need not agree.
 HDR_TIMEOUT_MS = "Lloom-Timeout-Ms"
 # Who the caller says it is (recorded in receipts; not authenticated by Lloom itself).
+# At most MAX_CLIENT_ID characters of a safe alphabet (`check_client_id`).
 HDR_CLIENT = "Lloom-Client"
+# A per-job secret (128 random bits, hex) chosen by the caller: a cancel for the job is
+# accepted only when it carries the same value as its payload. Never logged.
+HDR_CANCEL_TOKEN = "Lloom-Cancel-Token"
+# An executor refuses (bad_request) a job whose header block is larger than this.
+MAX_HEADER_BYTES = 4096
+MAX_CLIENT_ID = 128
 # Set by clients that answer liveness pings on their reply subject.
 HDR_LIVENESS = "Lloom-Liveness"
 # Sent by an executor to a reply subject to ask whether the caller still waits;
@@ -48,6 +55,8 @@ _SAFE = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = re.compile(r"((?:~[0-9A-F]{2})+)")
 MAX_MODEL_NAME = 256
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,%d}" % MAX_CLIENT_ID)
+_CANCEL_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
 class SubjectError(ValueError):
@@ -90,6 +99,25 @@ def check_id(kind: str, value: str) -> str:
     if not _ID.fullmatch(value):
         raise SubjectError(f"{kind} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
     return value
+
+
+def check_client_id(value: str) -> str:
+    """A client id (the `Lloom-Client` header, recorded in receipts) is short and printable."""
+    if not _CLIENT_ID.fullmatch(value):
+        shown = value if len(value) <= 40 else value[:40] + f"... ({len(value)} characters)"
+        raise SubjectError(f"client id {shown!r} must be 1-{MAX_CLIENT_ID} characters of A-Z a-z 0-9 _ . : @ / + = -")
+    return value
+
+
+def check_cancel_token(value: str) -> str:
+    if not _CANCEL_TOKEN.fullmatch(value):
+        raise SubjectError("cancel token must be 32 lowercase hex digits")
+    return value
+
+
+def headers_size(headers: dict[str, str]) -> int:
+    """Bytes of a NATS header block: `NATS/1.0\\r\\n`, `Key: Value\\r\\n` per header, then a blank line."""
+    return 10 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
 
 
 def complete_subject(model: str) -> str:

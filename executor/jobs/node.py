@@ -14,12 +14,20 @@ an unbounded queue. Long jobs ping their caller; a caller that has gone away
 the backend call. `stop()` drains: it unsubscribes (NATS sends new jobs to other
 members of the queue group), lets in-flight jobs finish within
 `drain_timeout_secs`, then cancels the rest with a `shutting_down` error.
+
+A job is admitted only with headers within bounds (the whole block at most
+`MAX_HEADER_BYTES`, a `Lloom-Client` id of at most `MAX_CLIENT_ID` safe
+characters); anything else is a `bad_request`, so a caller cannot stuff megabytes
+into receipts and replies. A cancel is accepted only when its payload equals the
+job's `Lloom-Cancel-Token` (constant-time compare); a job sent without a token
+cannot be cancelled by anyone: its deadline and the liveness pings still end it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import hmac
 import re
 import socket
 from collections.abc import Callable
@@ -137,6 +145,7 @@ class ExecutorNode:
         self._cancel_sub: Subscription | None = None
         self._status_subs: list[Subscription] = []
         self._jobs: dict[str, JobBase] = {}
+        self._cancel_tokens: dict[str, bytes] = {}  # job id -> the secret a cancel must carry
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -288,8 +297,15 @@ class ExecutorNode:
         channel = NatsReply(self.nc, msg.reply)
         headers = msg.headers or {}
         job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
+        client = headers.get(subj.HDR_CLIENT)
+        token = headers.get(subj.HDR_CANCEL_TOKEN)
         try:
+            _check_headers(headers)
             subj.check_id("job id", job_id)
+            if client is not None:
+                subj.check_client_id(client)
+            if token is not None:
+                subj.check_cancel_token(token)
             request = kind.decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
             self.stats.bad_requests += 1
@@ -309,10 +325,12 @@ class ExecutorNode:
         )
         self._launch(kind.job(self.context, job_id, request, channel, deadline,
                               liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=msg.data,
-                              client=headers.get(subj.HDR_CLIENT)))  # fmt: skip
+                              client=client), cancel_token=token)  # fmt: skip
 
-    def _launch(self, job: JobBase) -> asyncio.Task[None]:
+    def _launch(self, job: JobBase, *, cancel_token: str | None) -> asyncio.Task[None]:
         self._jobs[job.id] = job
+        if cancel_token is not None:
+            self._cancel_tokens[job.id] = cancel_token.encode()
         self._idle.clear()
         job.task = asyncio.get_running_loop().create_task(job.run())
         job.task.add_done_callback(lambda _t, jid=job.id: self._job_done(jid))
@@ -322,7 +340,8 @@ class ExecutorNode:
         return self.state is State.RUNNING and len(self._jobs) < self.config.max_concurrent_jobs
 
     def run_queued(
-        self, job_id: str, request: ChatRequest, payload: bytes, *, client: str | None, timeout_s: float
+        self, job_id: str, request: ChatRequest, payload: bytes, *, client: str | None, timeout_s: float,
+        cancel_token: str | None = None,
     ) -> tuple[asyncio.Task[None], Collected] | None:
         """Run a job taken from the durable queue like any other (capacity, cancel, drain,
         receipts); its messages are collected for the results bucket. None if a job with that id
@@ -331,11 +350,13 @@ class ExecutorNode:
             return None
         deadline = asyncio.get_running_loop().time() + timeout_s
         collected = Collected()
-        task = self._launch(Job(self.context, job_id, request, collected, deadline, payload=payload, client=client))
+        task = self._launch(Job(self.context, job_id, request, collected, deadline, payload=payload, client=client),
+                            cancel_token=cancel_token)
         return task, collected
 
     def _job_done(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
+        self._cancel_tokens.pop(job_id, None)
         if not self._jobs:
             self._idle.set()
 
@@ -369,9 +390,16 @@ class ExecutorNode:
             await self.nc.publish(msg.reply, _encode_status(self.status()))
 
     async def _on_cancel(self, msg: Msg) -> None:
-        job = self._jobs.get(msg.subject.rpartition(".")[2])
-        if job is not None:
-            job.cancel(Cancelled("cancelled by the caller"))
+        job_id = msg.subject.rpartition(".")[2]
+        job = self._jobs.get(job_id)
+        expected = self._cancel_tokens.get(job_id)
+        if job is None:
+            return
+        if expected is None or not hmac.compare_digest(expected, msg.data):
+            self.stats.cancels_refused += 1
+            self._log.debug("cancel without the job's token ignored", job_id=job_id)
+            return
+        job.cancel(Cancelled("cancelled by the caller"))
 
     # -- background work --
 
@@ -414,6 +442,12 @@ class ExecutorNode:
 
 
 _encode_status = msgspec.json.Encoder().encode
+
+
+def _check_headers(headers: dict[str, str]) -> None:
+    size = subj.headers_size(headers)
+    if size > subj.MAX_HEADER_BYTES:
+        raise subj.SubjectError(f"headers are {size} bytes; at most {subj.MAX_HEADER_BYTES} are accepted")
 
 
 def _timeout_s(header: str | None, default: float) -> float:
