@@ -6,7 +6,7 @@ into frozen msgspec Structs that reject unknown keys, so a typo is an error that
 names the file and the key (`executor.toml: Expected int >= 1 - at
 $.node.max_concurrent_jobs`) instead of a silently ignored setting.
 
-`${VAR}` and `${VAR:-default}` in `api_key`, `base_url`, `model_path` and
+`${VAR}` and `${VAR:-default}` in `api_key`, `api_key_file`, `base_url`, `model_path` and
 `llama_server` are expanded from the environment at load time, so secrets stay
 out of the file.
 """
@@ -37,6 +37,9 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     backend: str = "auto"
     base_url: str | None = None
     api_key: str | None = None
+    # A file holding the API key (instead of api_key): re-read when it changes, and on SIGHUP,
+    # so the key can be rotated without a restart (see docs/security.md).
+    api_key_file: str | None = None
     timeout_secs: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
     # Serve exactly these models; when absent, serve what the backend lists.
     models: list[str] | None = None
@@ -144,6 +147,7 @@ class BackendEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     type: str  # a preset (openai, lmstudio, ...), openai_compatible, or a plugin
     base_url: str | None = None
     api_key: str | None = None
+    api_key_file: str | None = None  # as in [llm_client]
     models: list[str] | None = None  # default: what it lists
     timeout_secs: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
     max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 100
@@ -326,10 +330,14 @@ def parse_config(data: bytes | str, *, source: str, environ: dict[str, str] | os
         }
         return msgspec.structs.replace(struct, **changes) if changes else struct
 
-    llm = expanded(cfg.llm_client, ("api_key", "base_url", "model_path", "llama_server"), "llm_client")
+    llm = expanded(cfg.llm_client, ("api_key", "api_key_file", "base_url", "model_path", "llama_server"), "llm_client")
     backends = [
-        expanded(b, ("api_key", "base_url"), f"executors.backends[{i}]") for i, b in enumerate(cfg.executors.backends)
+        expanded(b, ("api_key", "api_key_file", "base_url"), f"executors.backends[{i}]")
+        for i, b in enumerate(cfg.executors.backends)
     ]
+    for where, entry in [("llm_client", llm), *((f"executors.backends[{i}]", b) for i, b in enumerate(backends))]:
+        if entry.api_key and entry.api_key_file:
+            raise ConfigError(f"{source}: {where} sets both api_key and api_key_file; keep one")
     return msgspec.structs.replace(
         cfg, llm_client=llm, executors=msgspec.structs.replace(cfg.executors, backends=backends)
     )
@@ -372,6 +380,8 @@ backend = "auto"
 # base_url = "http://localhost:1234/v1"
 # Taken from the environment at start-up; never write the key itself here.
 # api_key = "${OPENAI_API_KEY}"
+# Or a file holding the key: re-read when it changes and on SIGHUP (rotation without a restart).
+# api_key_file = "/run/secrets/openai_api_key"
 timeout_secs = 300
 # Serve only these models (default: every model the backend lists).
 # models = ["llama-2-13b"]

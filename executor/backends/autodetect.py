@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 
 from executor.backends import local
 from executor.backends.base import (
@@ -30,7 +31,7 @@ from executor.backends.base import (
     TextCompletions,
     TextParams,
 )
-from executor.backends.openai_compat import OpenAICompatibleBackend
+from executor.backends.openai_compat import OpenAICompatibleBackend, api_key_of
 from executor.backends.presets import PRESETS, Preset
 from executor.config import LlmClientConfig
 from protocol.errors import BackendUnavailable, InvalidRequest, LloomError
@@ -55,7 +56,7 @@ async def probe_local(
     async def probe(preset: Preset) -> ProbeResult:
         assert preset.base_url is not None
         backend = OpenAICompatibleBackend(
-            session, base_url=preset.base_url, api_key=config.api_key, timeout_secs=PROBE_TIMEOUT_S, preset=preset
+            session, base_url=preset.base_url, api_key=api_key_of(config), timeout_secs=PROBE_TIMEOUT_S, preset=preset
         )
         try:
             return ProbeResult(backend, await backend.list_models(), None)
@@ -95,6 +96,13 @@ class AutoDetectBackend:
     def resolved(self) -> Backend | None:
         return self._inner
 
+    def set_api_key(self, api_key: str | None) -> None:
+        """A rotated key: for the server found, and for one found later."""
+        self._config = msgspec.structs.replace(self._config, api_key=api_key, api_key_file=None)
+        setter = getattr(self._inner, "set_api_key", None)
+        if callable(setter):
+            setter(api_key)
+
     async def _resolve(self) -> Backend | None:
         if self._inner is not None:
             return self._inner
@@ -109,7 +117,7 @@ class AutoDetectBackend:
                 self._inner = OpenAICompatibleBackend(
                     self._session,
                     base_url=found.backend.base_url,
-                    api_key=self._config.api_key,
+                    api_key=api_key_of(self._config),
                     timeout_secs=self._config.timeout_secs,
                     preset=found.backend.preset,
                 )

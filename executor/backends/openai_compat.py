@@ -50,6 +50,7 @@ from executor.backends.transport.choose import choose_transport
 from executor.backends.transport.http1 import Http1Transport
 from executor.backends.presets import PRESETS, Preset
 from executor.config import ConfigError, LlmClientConfig
+from executor.secrets import SecretMasker, read_key_file, redact_url, url_secrets
 from executor.tokens import estimate_usage
 from protocol.errors import (
     BackendAuthFailed,
@@ -242,6 +243,14 @@ class OpenAICompatibleBackend:
             connect=min(timeout_secs, 10.0), acquire=timeout_secs, total=timeout_secs, idle_read=timeout_secs
         )
         self._probe_timeouts = msgspec.structs.replace(self._timeouts, total=min(timeout_secs, 5.0))
+        # What error messages must never repeat: the key, and credentials inside base_url.
+        self._masker = SecretMasker(url_secrets(self.base_url))
+        self._display_url = redact_url(self.base_url)
+        self.set_api_key(api_key)
+
+    def set_api_key(self, api_key: str | None) -> None:
+        """Use `api_key` for every request from now on (a rotated key; calls in flight keep theirs)."""
+        self._masker.add(api_key)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         # Keyless local servers (LM Studio's "not-needed") must not get a bogus header.
         if api_key and api_key != "not-needed":
@@ -254,7 +263,7 @@ class OpenAICompatibleBackend:
 
     @property
     def name(self) -> str:
-        return f"{self.preset.name} at {self.base_url}"
+        return f"{self.preset.name} at {self._display_url}"
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -351,7 +360,9 @@ class OpenAICompatibleBackend:
                             f"{self.name} sent a malformed stream event ({e}): {_excerpt(data)}"
                         ) from e
                     if chunk.error is not None:
-                        raise BackendError(f"{self.name} failed mid-stream: {chunk.error.message or chunk.error.code}")
+                        raise BackendError(
+                            f"{self.name} failed mid-stream: {self._masker.mask(str(chunk.error.message or chunk.error.code))[:500]}"
+                        )
                     if chunk.model:
                         model = chunk.model
                     if chunk.usage is not None:
@@ -407,7 +418,8 @@ class OpenAICompatibleBackend:
     async def _status_error(
         self, status: int, raw: bytes, headers: Mapping[str, str], model: str | None
     ) -> LloomError:
-        detail = _error_message(raw)
+        # An upstream body may repeat what we sent (a rejected key above all): scrub it, keep it short.
+        detail = self._masker.mask(_error_message(raw))
         where = f"{self.name} answered HTTP {status}"
         if status in (401, 403):
             hint = "set api_key in [llm_client] (e.g. \"${OPENAI_API_KEY}\") and check it is valid and permitted"
@@ -463,7 +475,7 @@ def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> Open
     base_url = config.base_url or preset.base_url
     if not base_url:
         raise ConfigError(f"[llm_client] backend = {config.backend!r} needs base_url")
-    if preset.needs_api_key and not config.api_key:
+    if preset.needs_api_key and not (config.api_key or config.api_key_file):
         raise ConfigError(f"[llm_client] backend = {config.backend!r} needs api_key (e.g. \"${{OPENAI_API_KEY}}\")")
     # The environment is read here, when the backend is built, never at import.
     transport = choose_transport(
@@ -474,12 +486,22 @@ def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> Open
     return OpenAICompatibleBackend(
         session,
         base_url=base_url,
-        api_key=config.api_key,
+        api_key=api_key_of(config),
         timeout_secs=config.timeout_secs,
         preset=preset,
         max_connections=config.max_connections,
         transport=transport,
     )
+
+
+def api_key_of(config: LlmClientConfig) -> str | None:
+    """The configured key: `api_key`, or the content of `api_key_file` (ConfigError naming the file)."""
+    if not config.api_key_file:
+        return config.api_key
+    try:
+        return read_key_file(config.api_key_file)
+    except OSError as e:
+        raise ConfigError(f"[llm_client] api_key_file {config.api_key_file!r} cannot be read: {e.strerror}") from e
 
 
 def _context_length(m: _ModelEntry) -> int | None:

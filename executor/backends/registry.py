@@ -78,6 +78,7 @@ def create_pool(config: ExecutorsConfig, session: aiohttp.ClientSession) -> Back
             backend=entry.type,
             base_url=entry.base_url,
             api_key=entry.api_key,
+            api_key_file=entry.api_key_file,
             timeout_secs=entry.timeout_secs,
             max_connections=entry.max_connections,
             transport=entry.transport,

@@ -127,7 +127,8 @@ async def send_error(
 ) -> None:
     """Answer with `err` (and close the stream); never raises, a failed reply is only logged."""
     try:
-        await channel.send(encoder.encode(error_wire(ctx, err, job_id, receipt)), error_headers(err.message, err.status))
+        wire = error_wire(ctx, err, job_id, receipt)
+        await channel.send(encoder.encode(wire), error_headers(wire.message, err.status))
         if stream:
             await channel.end()
     except Exception as e:  # the connection may be gone; the job is over either way
@@ -136,4 +137,8 @@ async def send_error(
 
 def error_wire(ctx: JobContext, err: LloomError, job_id: str | None, receipt: SignedReceipt | None) -> ErrorReply:
     wire = error_to_wire(err, job_id=job_id, executor_id=ctx.executor_id)
+    if ctx.masker is not None:  # a message may quote a backend that quoted our key: never send a secret
+        masked = ctx.masker.mask(wire.message)
+        if masked != wire.message:
+            wire = msgspec.structs.replace(wire, message=masked)
     return wire if receipt is None else msgspec.structs.replace(wire, receipt=receipt)

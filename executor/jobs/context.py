@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # types only: none of these import the jobs package
     from executor.cache.memory import ResponseCache
     from executor.cache.shared import SharedCache
     from executor.receipts.issuer import ReceiptIssuer
+    from executor.secrets import SecretMasker
 
 _SENTINEL = b""  # ADR-47: an empty message ends a multi-message reply
 
@@ -72,6 +73,8 @@ class JobContext:
     shared_cache: SharedCache | None = None
     batcher: Batcher | None = None
     queue: Enqueuer | None = None
+    # Blanks the process's secrets out of every error message before it goes on the wire.
+    masker: SecretMasker | None = None
 
     @property
     def backend_kind(self) -> str:

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from executor.cache.memory import ResponseCache
     from executor.cache.shared import SharedCache
     from executor.receipts.issuer import ReceiptIssuer
+    from executor.secrets import SecretMasker
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -112,6 +113,7 @@ class ExecutorNode:
         shared_cache: SharedCache | None = None,
         batcher: Batcher | None = None,
         queue: Enqueuer | None = None,
+        masker: SecretMasker | None = None,
     ) -> None:
         self.nc = nc
         self.backend = backend
@@ -135,8 +137,9 @@ class ExecutorNode:
             executor_id=self.id, backend=backend, served=self._served,
             limits=Limits(max_tokens_cap=self.config.max_tokens_cap, max_payload=nc.max_payload or 1 << 20),
             stats=self.stats, perf=self.perf, receipts=receipts, cache=cache, shared_cache=shared_cache,
-            batcher=batcher, queue=queue,
+            batcher=batcher, queue=queue, masker=masker,
         )  # fmt: skip
+        self.masker = masker
         self._refresh_error: str | None = None
         self.state = State.NEW
         self._model_subs: dict[str, Subscription] = {}
@@ -387,7 +390,9 @@ class ExecutorNode:
 
     async def _on_status(self, msg: Msg) -> None:
         if msg.reply:
-            await self.nc.publish(msg.reply, _encode_status(self.status()))
+            data = _encode_status(self.status())
+            # Anyone may ask: a backend name or URL must not carry a secret out.
+            await self.nc.publish(msg.reply, data if self.masker is None else self.masker.mask_bytes(data))
 
     async def _on_cancel(self, msg: Msg) -> None:
         job_id = msg.subject.rpartition(".")[2]

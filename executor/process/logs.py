@@ -1,8 +1,9 @@
 """structlog set-up for the executor process: one pipeline, configured by the CLI only.
 
 Processors: level filter (per-logger `targets` when configured), context vars,
-log level, timestamp, secret redaction, then a renderer: console on a terminal,
-JSON otherwise. Modules call `structlog.get_logger(logger_name=__name__)`; importing one
+log level, timestamp, secret redaction (by key name and shape here, then by value:
+the process's `SecretMasker`, executor/secrets.py), then a renderer: console on a
+terminal, JSON otherwise. Modules call `structlog.get_logger(logger_name=__name__)`; importing one
 configures nothing.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import structlog
 
 from executor.config import LoggingConfig
+from executor.secrets import SecretMasker
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # Whole names or their last `_` part: `api_key`, `nats_token`, `Authorization`; not `prompt_tokens`.
@@ -45,7 +47,12 @@ def _target_filter(level: int, targets: list[str]) -> structlog.types.Processor:
     return keep
 
 
-def configure_logging(config: LoggingConfig, *, stream: Any = None) -> None:
+def redaction(masker: SecretMasker | None) -> list[structlog.types.Processor]:
+    """The processors that keep secrets out of every event (tests capture logs through these too)."""
+    return [redact_secrets] if masker is None else [redact_secrets, masker]
+
+
+def configure_logging(config: LoggingConfig, *, stream: Any = None, masker: SecretMasker | None = None) -> None:
     stream = stream or sys.stderr
     level = _LEVELS[config.level]
     processors: list[structlog.types.Processor] = []
@@ -59,7 +66,7 @@ def configure_logging(config: LoggingConfig, *, stream: Any = None) -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets,
+        *redaction(masker),
         structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(),
     ]

@@ -34,6 +34,7 @@ from executor.queue.producer import JobEnqueuer
 from executor.receipts.issuer import ReceiptIssuer
 from executor.receipts.outbox import Outbox
 from executor.receipts.publisher import ReceiptPublisher
+from executor.secrets import SecretMasker, config_secrets
 from executor.tokens import TokenCounter
 from protocol import subjects as subj
 from protocol.announcements import Pricing
@@ -63,6 +64,7 @@ async def assemble(
     stack: AsyncExitStack,
     *,
     identity: Identity | None = None,
+    masker: SecretMasker | None = None,
 ) -> RunningNode:
     """Build, start and register for shutdown a node and everything the config gives it."""
     executor_id = subj.check_id("executor id", config.node.id or default_executor_id())
@@ -94,6 +96,7 @@ async def assemble(
         nc, backend, config.node, executor_id=executor_id,
         models=None if config.executors.backends else config.llm_client.models,
         receipts=receipts, cache=cache, shared_cache=shared_cache, batcher=batcher, queue=enqueuer,
+        masker=masker or SecretMasker(config_secrets(config)),
     )  # fmt: skip
     if receipts is not None:
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -108,14 +109,17 @@ def _main(argv: list[str] | None) -> int:
         return asyncio.run(_check(config))
     if args.command == "status":
         return asyncio.run(_status(config.node.nats_url or "nats://127.0.0.1:4222", args.id, args.json, args.timeout))
-    return _run(config)
+    return _run(config, lambda: _load(args))
 
 
-def _run(config: ExecutorConfig) -> int:
+def _run(config: ExecutorConfig, reload: Callable[[], ExecutorConfig]) -> int:
     from executor.runtime.daemon import serve
     from executor.process.logs import configure_logging
+    from executor.secrets import SecretMasker, config_secrets
 
-    configure_logging(config.logging)
+    # Every configured secret, by value: masked in every log line, error reply and status from here on.
+    masker = SecretMasker(config_secrets(config))
+    configure_logging(config.logging, masker=masker)
 
     try:
         import uvloop
@@ -124,9 +128,9 @@ def _run(config: ExecutorConfig) -> int:
     except ImportError:  # uvloop is optional on platforms without it
         runner = asyncio.run
     try:
-        runner(serve(config))
+        runner(serve(config, masker=masker, reload=reload))
     except (ConfigError, ConnectionError, IdentityError) as e:
-        print(f"lloom-executor: {e}", file=sys.stderr)
+        print(f"lloom-executor: {masker.mask(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         pass

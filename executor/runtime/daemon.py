@@ -4,7 +4,9 @@ Owns, in order of creation and reverse order of shutdown: the embedded NATS
 server (when no URL is configured), the NATS connection, the process's one
 aiohttp session (for plugin backends), the backend, and the node with its
 collaborators (made by executor/runtime/builder.py). SIGTERM and SIGINT set the
-stop event; the node then drains and the process exits 0.
+stop event; the node then drains and the process exits 0. SIGHUP reads the config
+again and applies its backend API keys (executor/runtime/keys.py); a watched
+`api_key_file` is applied without any signal.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import structlog
 
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.registry import create_backend, create_pool
-from executor.config import ExecutorConfig
+from executor.config import ConfigError, ExecutorConfig
 from executor.jobs.node import ExecutorNode
 from executor.process.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.runtime.builder import assemble, data_home, uses_queue
+from executor.runtime.keys import KeyRotation
+from executor.secrets import SecretMasker, config_secrets
 from protocol.connection import close_nats, connect_nats
 
 log = structlog.get_logger(logger_name=__name__)
@@ -63,12 +67,32 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[ExecutorNode, str], None] | None = None,
+    masker: SecretMasker | None = None,
+    reload: Callable[[], ExecutorConfig] | None = None,
 ) -> None:
-    """Run an executor until `stop` is set (or SIGTERM/SIGINT), then drain."""
+    """Run an executor until `stop` is set (or SIGTERM/SIGINT), then drain.
+
+    `reload` reads the config again (on SIGHUP, for its API keys); `masker` holds the
+    process's secrets (made from `config` when not given)."""
     stop = stop or asyncio.Event()
+    masker = masker or SecretMasker(config_secrets(config))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rotation: KeyRotation | None = None
+
+    def on_hangup() -> None:
+        if rotation is None or reload is None:
+            log.info("SIGHUP ignored: nothing to reload yet")
+            return
+        try:
+            rotation.reload(reload())
+        except ConfigError as e:
+            log.warning("SIGHUP: the config cannot be read again; keeping the current keys", error=str(e))
+            return
+        log.info("SIGHUP: backend API keys reloaded", rotations=rotation.rotations)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         async with AsyncExitStack() as stack:
             url = config.node.nats_url
@@ -89,7 +113,10 @@ async def serve(
             else:
                 backend = create_backend(config.llm_client, session)
             stack.push_async_callback(backend.aclose)
-            running = await assemble(config, nc, backend, stack)
+            rotation = KeyRotation(backend, config, masker)
+            await rotation.start()
+            stack.push_async_callback(rotation.stop)
+            running = await assemble(config, nc, backend, stack, masker=masker)
             node = running.node
             _report_backend(node)
             if on_ready is not None:
@@ -97,7 +124,7 @@ async def serve(
             await stop.wait()
             log.info("stop requested; draining")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
