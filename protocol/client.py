@@ -239,22 +239,27 @@ class LloomClient:
         Listens for the executor's announcement of the result and reads the bucket (now,
         and every few seconds in case an announcement was missed, e.g. across a reconnect),
         so a JetStream blip within `timeout` is waited out; `QueueUnavailable` if the
-        bucket could not be read at all by then."""
+        bucket could not be read at all by then. A value that fails its check (protocol/results.py)
+        counts as not there yet, since the executor may still file the real one over it;
+        `ForgedResult` if that is still all there is at the end of `timeout`."""
         subj.check_id("job id", job_id)
         loop = asyncio.get_running_loop()
         budget = timeout or self.timeout
         deadline = loop.time() + budget
-        sub = await self._nc.subscribe(result_subject(job_id), max_msgs=1)
+        sub = await self._nc.subscribe(result_subject(job_id))
         unreachable: BaseException | None = None
+        forged: ForgedResult | None = None
         try:
             while True:
                 try:
                     found = await self.fetch(job_id)
-                    unreachable = None
+                    unreachable = forged = None
                     if found is not None:
                         return found
                 except QueueUnavailable as e:
                     unreachable = e
+                except ForgedResult as e:
+                    forged = e
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -269,6 +274,8 @@ class LloomClient:
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+        if forged is not None:
+            raise forged
         if unreachable is not None:
             raise QueueUnavailable(f"cannot read the result of job {job_id}: {_why(unreachable)}", job_id=job_id)
         raise ResultPending(f"job {job_id} has no result yet (waited {budget:g}s)", job_id=job_id)

@@ -86,6 +86,7 @@ async def assemble(
     counter = TokenCounter(config.tokens)
     if config.receipts.enabled:
         receipts, publisher = receipt_issuer(config, nc, executor_id, identity, counter)
+        stack.callback(publisher.outbox.close)  # last: after the publisher's final flush
         stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
     enqueuer = None
     if uses_queue(config):

@@ -151,12 +151,14 @@ class OpenAIDouble:
         models: Sequence[str] = ("double-model",),
         *,
         api_key: str | None = None,
+        echo_key: bool = False,
         completion_tokens: int = 8,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.models: list[str] = list(models)
-        self.api_key = api_key
+        self.api_key = api_key  # None: any key (or none) is accepted; may be changed while serving
+        self.echo_key = echo_key
         self.completion_tokens = completion_tokens
         self.host = host
         self.port = port
@@ -237,6 +239,9 @@ class OpenAIDouble:
         if self.api_key is None or (
                 request.headers.get("Authorization") == f"Bearer {self.api_key}"):
             return None
+        if self.echo_key:  # as some servers do: the rejected key, in full, in the error body
+            sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            return _error(401, f"Incorrect API key provided: {sent}.", "invalid_api_key")
         return _error(401, "Incorrect API key provided.", "invalid_api_key")
 
     async def _health(self, request: web.Request) -> web.Response:
