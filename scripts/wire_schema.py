@@ -26,10 +26,11 @@ from protocol.messages import (
     TextRequest,
     TextResponse,
 )
+from protocol.results import SignedResult
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "wire-schema.json"
 MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, EmbeddingRequest, EmbeddingResponse,
-            TextRequest, TextResponse, Announcement, Heartbeat)
+            TextRequest, TextResponse, Announcement, Heartbeat, SignedResult)
 
 
 def normalized(node: object) -> object:
