@@ -270,7 +270,8 @@ def render_status(s: ExecutorStatus) -> str:
     if s.cache is not None:
         shared = s.cache.shared
         lines.append(f"  cache: {s.cache.entries} entries, {s.cache.hits} hits"
-                     + (f"; shared bucket {shared.hits} hits, {shared.errors} errors" if shared else ""))  # fmt: skip
+                     + (f"; shared bucket {shared.hits} hits, {shared.errors} errors,"
+                        f" {shared.rejected} rejected (not signed by a trusted key)" if shared else ""))  # fmt: skip
     if s.queue is not None:
         q = s.queue
         lines.append(f"  queue: pulling for {', '.join(q.models) or 'no model'}; queued {q.queued}, ran {q.ran},"
