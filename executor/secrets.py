@@ -78,20 +78,22 @@ class SecretMasker:
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The user, password and `user:password` inside a URL's userinfo (raw and percent-decoded)."""
+    """The secrets inside a URL's userinfo, raw and percent-decoded: the password and `user:password`,
+    or, without a password, the user part itself (`nats://TOKEN@host` carries a token there). A user
+    name next to a password is not a secret, and masking a word like `operator` everywhere would
+    mangle logs."""
     if not url or "@" not in url:
         return []
     try:
         parts = urlsplit(url)
     except ValueError:
         return []
-    found = []
-    for value in (parts.username, parts.password):
-        if value:
-            found += [value, unquote(value)]
     userinfo = parts.netloc.rpartition("@")[0]
-    if userinfo:
-        found += [userinfo, unquote(userinfo)]
+    if not userinfo:
+        return []
+    found = [userinfo, unquote(userinfo)]
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
     return found
 
 

@@ -411,3 +411,25 @@ async def test_sighup_applies_a_new_api_key_without_a_restart(
         assert "second-key-BBBB" not in "\n".join(executor.lines)
         os.kill(pid, signal.SIGTERM)
         assert await executor.exit_code() == 0
+
+
+def test_the_masker_hides_every_configured_secret_and_nothing_else() -> None:
+    config = parse_config(
+        '[llm_client]\nbackend = "openai_compatible"\nbase_url = "http://operator:pa%2455word@10.0.0.1:8000/v1"\n'
+        'api_key = "${KEY}"\n[node]\nnats_url = "nats://s3cr3t-token@10.0.0.2:4222"\n',
+        source="t.toml", environ={"KEY": SECRET_KEY},
+    )  # fmt: skip
+    masker = SecretMasker(config_secrets(config))
+    text = f"key {SECRET_KEY}, url pa$55word and pa%2455word, token s3cr3t-token; operator and prompt_tokens stay"
+    assert masker.mask(text) == "key ***, url *** and ***, token ***; operator and prompt_tokens stay"
+    event = masker(None, "info", {"event": f"failed: {SECRET_KEY}", "nested": {"list": [SECRET_KEY, 3]}})
+    assert SECRET_KEY not in repr(event) and event["nested"]["list"][1] == 3
+    masker.add("abc", "not-needed")  # too short to mask safely, and LM Studio's placeholder: not secrets
+    assert masker.mask("abc not-needed") == "abc not-needed"
+
+
+def test_api_key_and_api_key_file_together_are_a_config_error() -> None:
+    from executor.config import ConfigError
+
+    with pytest.raises(ConfigError, match="both api_key and api_key_file"):
+        parse_config('[llm_client]\napi_key = "k1234567"\napi_key_file = "/x"\n', source="t.toml", environ={})
