@@ -1,0 +1,145 @@
+"""Executors of one machine share one embedded NATS bus, and one JetStream store has one server.
+
+A second `lloom-executor` with no `nats_url` joins the bus the first one runs
+(one network, twice the capacity); the JetStream store is locked by the server
+that uses it, so a second server on it is refused instead of overwriting
+acknowledged receipts; and when the executor that runs the bus stops, the other
+one starts it again on the same port and store, and the network goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from executor.embedded_nats import EmbeddedNats, StoreInUse, StoreLock, free_port
+from protocol.client import LloomClient
+from protocol.errors import LloomError
+from tests.doubles.openai_double import OpenAIDouble
+from tests.test_daemon import (  # noqa: F401 - fixtures
+    CONTENT,
+    JOINED,
+    LLOOM,
+    WAIT_S,
+    Result,
+    StartExecutor,
+    children,
+    env,
+    run,
+    start_executor,
+    write_config,
+)
+from tests.test_roundtrip import ask
+
+
+async def eventually(check: Callable[[], Awaitable[Result]], ok: Callable[[Result], bool], what: str) -> Result:
+    """Run `check` until `ok` holds for its result (each run is a real CLI call), within WAIT_S."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while True:
+        result = await check()
+        if ok(result):
+            return result
+        if loop.time() > deadline:
+            pytest.fail(f"{what}: not within {WAIT_S}s; last output:\n{result.stdout}{result.stderr}")
+
+
+def executors_listed(result: Result) -> set[str]:
+    return {e["executor_id"] for e in json.loads(result.stdout)} if result.returncode == 0 else set()
+
+
+# -- one store, one server ------------------------------------------------------------------
+
+
+async def test_a_second_nats_server_on_the_same_store_is_refused_naming_the_first(tmp_path: Path) -> None:
+    store = tmp_path / "nats"
+    async with EmbeddedNats(jetstream=True, store_dir=str(store)) as first:
+        # What the second executor used to do: its own server, on another port, on the same store.
+        second = EmbeddedNats(jetstream=True, store_dir=str(store))
+        with pytest.raises(StoreInUse) as refused:
+            await second.start()
+        message = str(refused.value)
+        assert str(store) in message and f"pid {first.pid} on 127.0.0.1:{first.port}" in message
+        assert "lose acknowledged messages" in message
+        assert second.pid is None  # no server was started
+    async with EmbeddedNats(jetstream=True, store_dir=str(store)) as again:  # free once the first is gone
+        assert again.pid is not None
+
+
+async def test_the_store_stays_locked_while_its_server_runs_even_if_its_starter_died(tmp_path: Path) -> None:
+    store = tmp_path / "nats"
+    server = EmbeddedNats(jetstream=True, store_dir=str(store))
+    await server.start()
+    try:
+        # A SIGKILLed executor closes its copy of the lock; the server it started still holds it.
+        assert server._lock is not None
+        server._lock.release()
+        assert StoreLock.try_acquire(store) is None
+    finally:
+        await server.stop()
+    lock = StoreLock.try_acquire(store)
+    assert lock is not None, "the store stayed locked after its server exited"
+    lock.release()
+
+
+# -- a second executor joins, and the bus survives the first one stopping -------------------
+
+
+@pytest.mark.slow
+async def test_a_second_executor_joins_the_bus_shares_the_jobs_and_takes_the_bus_over_when_the_first_stops(
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
+) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url, port=port)
+    first = await start_executor("--config", str(cfg))
+    url = await first.started()
+    assert url == f"nats://127.0.0.1:{port}"
+    second = await start_executor("--config", str(cfg))  # same data home, same port, no nats_url
+    assert await second.started() == url
+    assert second.logged(JOINED) is not None
+    assert children(second.proc.pid) == []  # no second nats-server (and no second network)
+    ids = {str(e.logged("executor node started")["executor_id"]) for e in (first, second)}  # type: ignore[index]
+
+    models = lambda: run(LLOOM, "--nats", url, "models", "--json", env=env)  # noqa: E731
+    await eventually(models, lambda r: executors_listed(r) == ids, "`lloom models` lists both executors")
+
+    jobs = 20
+    async with await LloomClient.connect(url, timeout=WAIT_S) as client:
+        replies = [await client.complete(ask()) for _ in range(jobs)]
+        served = Counter(r.executor_id for r in replies)
+        assert set(served) == ids and all(n > 0 for n in served.values()), served
+        assert all(r.content.strip() == CONTENT for r in replies)
+
+        # Both executors' receipts land in the one stream, every chain whole.
+        verify = lambda: run(LLOOM, "--nats", url, "receipts", "verify", "--stream", env=env)  # noqa: E731
+        await eventually(verify, lambda r: f"{jobs} receipts: {jobs} valid" in r.stdout, "all receipts stored")
+        assert (await verify()).returncode == 0
+
+        # The first executor (which runs the bus) stops; the second starts the bus again, same port and store.
+        first.proc.send_signal(signal.SIGTERM)
+        assert await first.exit_code() == 0
+        await second.wait_for("took over the embedded NATS server")
+        survivor = ids - {str(first.logged("executor node started")["executor_id"])}  # type: ignore[index]
+        await eventually(models, lambda r: executors_listed(r) == survivor, "the second is listed again")
+
+        # The same client reconnected by itself: every job attempted now completes, on the second.
+        attempted, completed, failed = 10, 0, 0
+        for _ in range(attempted):
+            try:
+                reply = await client.complete(ask())
+            except LloomError:
+                failed += 1
+                continue
+            completed += reply.executor_id in survivor
+        assert (attempted, completed, failed) == (10, 10, 0)
+
+    # The stream kept the first executor's receipts across the takeover and gained the new ones.
+    total = jobs + attempted
+    done = await eventually(verify, lambda r: f"{total} receipts: {total} valid" in r.stdout, "receipts after takeover")
+    assert done.returncode == 0 and "chain problems: 0" in done.stdout
