@@ -148,8 +148,16 @@ class ExecutorNode:
 
     @property
     def backend_kind(self) -> str:
-        # Backend names read "<kind> at <url>" (or "auto (...)"): the kind is the first word.
-        return self.backend.name.split(" ", 1)[0]
+        """What serves the jobs, as receipts and the catalogue name it: `local`, `ollama`, ...
+
+        Backend names read "<kind> at <url>": the kind is the first word. `auto` names the
+        backend it chose once it has chosen (until then it says `auto`).
+        """
+        return self._chosen_backend.name.split(" ", 1)[0]
+
+    @property
+    def _chosen_backend(self) -> Backend:
+        return getattr(self.backend, "resolved", None) or self.backend
 
     async def wait_idle(self) -> None:
         """Return once no job is running (at once if none is)."""
@@ -367,7 +375,9 @@ class ExecutorNode:
         return {
             "executor_id": self.id,
             "state": self.state.value,
-            "backend": self.backend.name,
+            "backend": self.backend.name if self._chosen_backend is self.backend
+            else f"{self._chosen_backend.name} (chosen by auto)",
+            "backend_kind": self.backend_kind,
             "backend_healthy": self.backend_healthy,
             "models": {m: self.model_available(m) for m in sorted(self.models)},
             "in_flight": self.in_flight,

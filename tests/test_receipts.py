@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import nats
 import pytest
@@ -395,3 +396,40 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     chain = [(s, verify_receipt(s)) for s in [*first, later]]
     assert later.receipt.seq == 4
     assert check_chain(chain) == []
+
+
+# -- the backend named is the one chosen -------------------------------------------------
+
+
+async def test_auto_backend_is_named_by_what_it_chose_in_receipts_catalogue_and_status(
+    js_server: EmbeddedNats, js_client: LloomClient, double: OpenAIDouble, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    from executor.announcer import Announcer
+    from executor.backends.autodetect import AutoDetectBackend
+    from executor.config import LlmClientConfig
+    from tests.test_daemon import local_preset
+
+    # The double plays Ollama on its usual port's behalf; `auto` finds it there.
+    backend = AutoDetectBackend(http, LlmClientConfig(), presets=[local_preset("ollama", double.base_url)])
+    nc = await nats.connect(js_server.url)
+    identity = Identity.generate()
+    outbox = Outbox(tmp_path / "outbox")
+    node = ExecutorNode(nc, backend, NodeConfig())
+    node.receipts = ReceiptIssuer(identity, node.id, outbox)
+    await node.start()
+    announcer = Announcer(nc, node, identity, models=[], heartbeat_interval=0.5)
+    await announcer.start()
+    try:
+        reply = await js_client.complete(ask())
+        assert reply.receipt is not None and reply.receipt.receipt.backend == "ollama"
+        [entry] = (await js_client.catalog()).entries()
+        assert {o.backend for o in entry.models} == {"ollama"}
+        status = node.status()
+        assert status["backend_kind"] == "ollama"
+        assert status["backend"] == f"ollama at {double.base_url} (chosen by auto)"
+    finally:
+        await announcer.stop()
+        await node.stop(drain_timeout=1)
+        outbox.close()
+        await backend.aclose()
+        await nc.close()
