@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: ExecutorConfig) -> int:
     from executor.daemon import serve
+    from executor.embedded_nats import EmbeddedNatsError
     from executor.logs import configure_logging
+    from executor.outbox import OutboxInUse
 
     configure_logging(config.logging)
 
@@ -93,7 +95,7 @@ def _run(config: ExecutorConfig) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
-    except (ConfigError, ConnectionError, IdentityError) as e:
+    except (ConfigError, ConnectionError, IdentityError, EmbeddedNatsError, OutboxInUse) as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

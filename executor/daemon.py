@@ -108,6 +108,7 @@ async def serve(
             identity = load_identity(config, node.id)
             if config.receipts.enabled:
                 publisher = await start_receipts(config, nc, node, identity)
+                stack.callback(publisher.outbox.close)  # after the publisher's last flush: frees the outbox's lock
                 stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
             queue = _job_queue(config, nc, node)
             if queue is not None:

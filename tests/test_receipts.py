@@ -342,7 +342,9 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
     port = free_port()
     await run_jobs(server_js=True, count=3, port=port)  # published (mostly) while JetStream is up
     await run_jobs(server_js=False, count=4, port=port)  # JetStream gone: these wait in the outbox
-    assert len(Outbox(tmp_path / "outbox").pending) >= 4
+    left = Outbox(tmp_path / "outbox")
+    assert len(left.pending) >= 4
+    left.close()
 
     # Restart with JetStream back: the outbox flushes on start.
     async with EmbeddedNats(port=port, jetstream=True, store_dir=str(store)) as server:
@@ -433,3 +435,14 @@ async def test_auto_backend_is_named_by_what_it_chose_in_receipts_catalogue_and_
         outbox.close()
         await backend.aclose()
         await nc.close()
+
+
+async def test_one_outbox_has_one_writer_a_second_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    from executor.outbox import OutboxInUse
+
+    first = Outbox(tmp_path / "outbox")
+    with pytest.raises(OutboxInUse) as refused:
+        Outbox(tmp_path / "outbox")
+    assert str(tmp_path / "outbox") in str(refused.value) and "in use by another running executor" in str(refused.value)
+    first.close()
+    Outbox(tmp_path / "outbox").close()  # free again once closed

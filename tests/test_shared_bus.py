@@ -143,3 +143,19 @@ async def test_a_second_executor_joins_the_bus_shares_the_jobs_and_takes_the_bus
     total = jobs + attempted
     done = await eventually(verify, lambda r: f"{total} receipts: {total} valid" in r.stdout, "receipts after takeover")
     assert done.returncode == 0 and "chain problems: 0" in done.stdout
+
+
+@pytest.mark.slow
+async def test_a_second_executor_on_the_same_outbox_exits_2_saying_so_and_the_first_keeps_serving(
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
+) -> None:
+    cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)
+    cfg.write_text(cfg.read_text() + 'id = "same-id"\n')  # the same id: the same outbox directory
+    first = await start_executor("--config", str(cfg))
+    url = await first.started()
+    second = await start_executor("--config", str(cfg))
+    assert await second.exit_code() == 2
+    outbox = tmp_path / ".local" / "share" / "lloom" / "receipts" / "same-id"
+    assert f"lloom-executor: the receipts outbox {outbox} is in use by another running executor" in second.stderr
+    async with await LloomClient.connect(url, timeout=WAIT_S) as client:
+        assert (await client.complete(ask())).executor_id == "same-id"
