@@ -129,6 +129,9 @@ class ReceiptsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     duplicate_window_secs: Annotated[float, Meta(gt=0, le=7 * 86_400)] = 7200.0
     # How often written receipts are fsynced (they survive a killed process at once).
     sync_interval_secs: Annotated[float, Meta(gt=0, le=60)] = 0.2
+    # How often the outbox's acknowledged receipts are checked against the stream (and any
+    # missing re-published); also once at start. 0: only at start.
+    reconcile_interval_secs: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 300.0
 
 
 class BackendEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -406,6 +409,9 @@ enabled = true
 # outbox_dir = "~/.local/share/lloom/receipts/<executor id>"   (the default)
 duplicate_window_secs = 7200
 sync_interval_secs = 0.2
+# Receipts heal themselves: at start and this often, acknowledged receipts missing from the
+# stream are re-published (those of earlier identities' outboxes on this machine at start). 0: only at start.
+reconcile_interval_secs = 300
 
 # Several backends behind this executor (the design document's shape). When any
 # [[executors.backends]] is given, it replaces [llm_client].

@@ -31,6 +31,7 @@ from executor.cache import ResponseCache
 from executor.job_queue import JobQueue
 from executor.node import ExecutorNode
 from executor.outbox import Outbox
+from executor.receipt_healer import ReceiptHealer
 from executor.receipt_publisher import ReceiptPublisher
 from executor.receipts import ReceiptIssuer
 from executor.shared_bus import SharedBus
@@ -107,9 +108,10 @@ async def serve(
                 stack.push_async_callback(node.batcher.aclose)
             identity = load_identity(config, node.id)
             if config.receipts.enabled:
-                publisher = await start_receipts(config, nc, node, identity)
+                publisher, healer = await start_receipts(config, nc, node, identity)
                 stack.callback(publisher.outbox.close)  # after the publisher's last flush: frees the outbox's lock
                 stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
+                stack.push_async_callback(healer.stop)
             queue = _job_queue(config, nc, node)
             if queue is not None:
                 stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
@@ -142,8 +144,14 @@ def data_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lloom"
 
 
-async def start_receipts(config: ExecutorConfig, nc: NATS, node: ExecutorNode, identity: Identity) -> ReceiptPublisher:
-    """Give the node a receipt issuer whose outbox a background publisher drains into JetStream."""
+async def start_receipts(
+    config: ExecutorConfig, nc: NATS, node: ExecutorNode, identity: Identity
+) -> tuple[ReceiptPublisher, ReceiptHealer]:
+    """Give the node a receipt issuer whose outbox a background publisher drains into JetStream.
+
+    A healer puts back in the stream what the outbox has acknowledged and the stream lacks,
+    for this outbox and (at start) those that earlier identities left on this machine.
+    """
     rc = config.receipts
     directory = Path(rc.outbox_dir).expanduser() if rc.outbox_dir else data_home() / "receipts" / node.id
     outbox = Outbox(directory)
@@ -171,7 +179,12 @@ async def start_receipts(config: ExecutorConfig, nc: NATS, node: ExecutorNode, i
     await publisher.start()
     if outbox.pending:
         log.info("publishing receipts left by an earlier run", pending=len(outbox.pending), outbox=str(directory))
-    return publisher
+    healer = ReceiptHealer(
+        nc, outbox, publisher, executor_id=node.id, siblings=None if rc.outbox_dir else directory.parent,
+        interval_s=rc.reconcile_interval_secs, duplicate_window_s=rc.duplicate_window_secs,
+    )  # fmt: skip
+    await healer.start()
+    return publisher, healer
 
 
 def uses_queue(config: ExecutorConfig) -> bool:

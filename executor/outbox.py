@@ -163,6 +163,26 @@ class Outbox:
         while view:  # a regular file takes it all at once; a full disk raises
             view = view[self._file.write(view) or 0 :]
 
+    def lines(self, seqs: set[int]) -> dict[int, Pending]:
+        """The receipts `seqs` as written, read back from disk (the rotated file too): for healing."""
+        self._flush_turn()
+        found: dict[int, Pending] = {}
+        for path in (self._path.with_name(self._path.name + ".1"), self._path):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            for line in data.split(b"\n"):
+                if not line.strip():
+                    continue
+                try:
+                    r = signed_receipt_decoder.decode(line).receipt
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue  # a torn line, reported when the outbox was opened
+                if r.seq in seqs:
+                    found[r.seq] = Pending(r.executor_id, line, leaf_hash(r).hex())
+        return found
+
     def acked(self, seq: int) -> None:
         self.pending.pop(seq, None)
 

@@ -142,6 +142,11 @@ RECEIPTS_ALL = f"{PREFIX}.receipts.>"
 RECEIPTS_STREAM = "LLOOM_RECEIPTS"
 # How many receipts a receipts message holds (readers may count without parsing).
 HDR_RECEIPTS = "Lloom-Receipts"
+# The seq range "first-last" of the receipts in a receipts message (when consecutive), so
+# what the stream holds can be read from headers alone (a headers-only consumer).
+HDR_RECEIPT_SEQS = "Lloom-Receipt-Seqs"
+# On a receipts message re-published because the stream had lost it: who re-published it.
+HDR_HEALED_BY = "Lloom-Healed-By"
 
 
 def receipts_subject(executor_id: str) -> str:
