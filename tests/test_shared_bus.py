@@ -92,8 +92,9 @@ async def test_the_store_stays_locked_while_its_server_runs_even_if_its_starter_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_a_second_executor_joins_the_bus_shares_the_jobs_and_takes_the_bus_over_when_the_first_stops(
-    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str], stop: signal.Signals
 ) -> None:
     port = free_port()
     cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url, port=port)
@@ -121,9 +122,10 @@ async def test_a_second_executor_joins_the_bus_shares_the_jobs_and_takes_the_bus
         await eventually(verify, lambda r: f"{jobs} receipts: {jobs} valid" in r.stdout, "all receipts stored")
         assert (await verify()).returncode == 0
 
-        # The first executor (which runs the bus) stops; the second starts the bus again, same port and store.
-        first.proc.send_signal(signal.SIGTERM)
-        assert await first.exit_code() == 0
+        # The first executor (which runs the bus) stops, or dies; the second starts the bus again,
+        # on the same port and store, once the first one's nats-server has exited.
+        first.proc.send_signal(stop)
+        assert await first.exit_code() == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
         await second.wait_for("took over the embedded NATS server")
         survivor = ids - {str(first.logged("executor node started")["executor_id"])}  # type: ignore[index]
         await eventually(models, lambda r: executors_listed(r) == survivor, "the second is listed again")
@@ -159,3 +161,32 @@ async def test_a_second_executor_on_the_same_outbox_exits_2_saying_so_and_the_fi
     assert f"lloom-executor: the receipts outbox {outbox} is in use by another running executor" in second.stderr
     async with await LloomClient.connect(url, timeout=WAIT_S) as client:
         assert (await client.complete(ask())).executor_id == "same-id"
+
+
+@pytest.mark.slow
+async def test_the_issue_12_lost_receipt_cannot_happen_the_second_executor_writes_through_the_same_server(
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The order of the report: 10 receipts from the first, the second starts, 1 from each.
+
+    Before, the second's own server on the same store put its receipt 1 at stream message 11
+    and the first's acknowledged receipt 11 was gone (`receipts 11..11 are missing`)."""
+    cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)
+    cfg.write_text(cfg.read_text() + "\n[receipts]\nsync_interval_secs = 0.05\n")
+    first = await start_executor("--config", str(cfg))
+    url = await first.started()
+    first_id = str(first.logged("executor node started")["executor_id"])  # type: ignore[index]
+    async with await LloomClient.connect(url, timeout=WAIT_S) as client:
+        for _ in range(10):
+            await client.complete(ask(), executor=first_id)
+        second = await start_executor("--config", str(cfg))
+        assert await second.started() == url  # joined: no second server on the store
+        second_id = str(second.logged("executor node started")["executor_id"])  # type: ignore[index]
+        await client.complete(ask(), executor=second_id)
+        await client.complete(ask(), executor=first_id)
+    verify = lambda: run(LLOOM, "--nats", url, "receipts", "verify", "--stream", env=env)  # noqa: E731
+    result = await eventually(verify, lambda r: "12 receipts: 12 valid" in r.stdout, "all 12 receipts stored")
+    assert result.returncode == 0 and "chain problems: 0" in result.stdout, result.stdout
+    report = await run(LLOOM, "--nats", url, "receipts", "report", "--stream", "--json", env=env)
+    by_executor = json.loads(report.stdout)["executor"]
+    assert {k: v["jobs"] for k, v in by_executor.items()} == {first_id: 11, second_id: 1}
