@@ -60,7 +60,7 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Stable identity on the network; default: host name plus a random suffix.
     id: str | None = None
-    # Join this NATS server or cluster; when absent, start an embedded one.
+    # Join this NATS server or cluster; when absent, start (or join) the machine's embedded one.
     nats_url: str | None = None
     embedded_nats_port: Annotated[int, Meta(ge=0, le=65_535)] = 4222
     max_concurrent_jobs: Annotated[int, Meta(ge=1, le=100_000)] = 32
@@ -332,7 +332,8 @@ DEFAULT_CONFIG_TOML = """\
 # Stable identity on the network (default: host name plus a random suffix).
 # id = "my-executor"
 # Join an existing NATS server or cluster. When unset, the node starts an
-# embedded nats-server on 127.0.0.1:embedded_nats_port.
+# embedded nats-server on 127.0.0.1:embedded_nats_port, or joins the one another
+# executor of this machine runs there (and takes it over if that executor stops).
 # nats_url = "nats://127.0.0.1:4222"
 embedded_nats_port = 4222
 # Jobs run at once; one more gets a fast `busy` reply so the caller tries another executor.
