@@ -98,6 +98,8 @@ class ReceiptHealer:
                 self.rounds += 1
             except (nats.errors.Error, OSError) as e:  # the bus is away: try again soon
                 log.warning("could not reconcile receipts with the stream; will retry", error=str(e) or type(e).__name__)
+            except Exception:  # a bug must not end healing for the node's life, nor pass silently
+                log.exception("receipt reconciliation failed; will retry")
             if done_once and self.interval_s <= 0:
                 return
             await asyncio.sleep(self.interval_s if done_once else min(self.interval_s or 5.0, 5.0))
@@ -114,12 +116,15 @@ class ReceiptHealer:
     async def _heal_siblings(self) -> None:
         assert self.siblings is not None
         for directory in sorted(p for p in self.siblings.iterdir() if p.is_dir()):
-            if directory.resolve() == self.outbox.directory.resolve():
-                continue
+            if directory.resolve() == self.outbox.directory.resolve() or not subj.is_id(directory.name):
+                continue  # ours, or not an outbox of the default layout (receipts/<executor id>)
             try:
                 outbox = Outbox(directory)
             except OutboxInUse:
                 continue  # a running executor's own: it heals it itself
+            except OSError as e:
+                log.warning("cannot open an earlier identity's outbox", outbox=str(directory), error=str(e))
+                continue
             try:
                 if outbox.pending:
                     publisher = ReceiptPublisher(self._nc, outbox, duplicate_window_s=self.duplicate_window_s)

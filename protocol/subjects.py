@@ -83,6 +83,11 @@ def model_from_token(token: str) -> str:
     raise SubjectError(f"malformed model token {token!r}")
 
 
+def is_id(value: str) -> bool:
+    """Whether `value` is a valid executor or job id (see `check_id`)."""
+    return _ID.fullmatch(value) is not None
+
+
 def check_id(kind: str, value: str) -> str:
     """Executor and job ids are single tokens of a restricted alphabet."""
     if not _ID.fullmatch(value):
