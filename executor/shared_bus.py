@@ -78,9 +78,9 @@ class SharedBus:
                 return
             if loop.time() > deadline:
                 raise StoreInUse(
-                    f"the JetStream store {self.store_dir} is locked ({holder(self.store_dir) or 'holder unknown'})"
-                    f" but no NATS server answers there within {self.start_timeout_s:g}s;"
-                    " set [node] nats_url to the server you want to join"
+                    f"the JetStream store {self.store_dir} is in use by another nats-server"
+                    f" ({holder(self.store_dir) or 'holder unknown'}) but none answers at its port within"
+                    f" {self.start_timeout_s:g}s; set [node] nats_url to that server, or stop it"
                 )
             await asyncio.sleep(0.1)  # its server is starting (or stopping): look again
 
