@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from executor.embedded_nats import EmbeddedNats, StoreInUse, StoreLock, free_port
+from executor.shared_bus import SharedBus
 from protocol.client import LloomClient
 from protocol.errors import LloomError
 from tests.doubles.openai_double import OpenAIDouble
@@ -86,6 +87,30 @@ async def test_the_store_stays_locked_while_its_server_runs_even_if_its_starter_
     lock = StoreLock.try_acquire(store)
     assert lock is not None, "the store stayed locked after its server exited"
     lock.release()
+
+
+async def test_a_nats_server_someone_runs_on_the_port_is_joined_and_its_store_left_alone(tmp_path: Path) -> None:
+    async with EmbeddedNats() as theirs:
+        bus = SharedBus(port=theirs.port, store_dir=tmp_path / "nats")
+        await bus.start()
+        try:
+            assert (bus.url, bus.owner) == (theirs.url, False)
+            lock = StoreLock.try_acquire(tmp_path / "nats")  # joining took no lock on our store
+            assert lock is not None
+            lock.release()
+        finally:
+            await bus.stop()
+
+
+async def test_a_store_locked_with_no_server_answering_is_a_clear_error(tmp_path: Path) -> None:
+    held = StoreLock.acquire(tmp_path / "nats")  # e.g. a nats-server of this machine that is wedged
+    try:
+        bus = SharedBus(port=free_port(), store_dir=tmp_path / "nats", start_timeout_s=0.3)
+        with pytest.raises(StoreInUse, match="is in use by another nats-server .* set \\[node\\] nats_url"):
+            await bus.start()
+        assert bus.url == "" and not bus.owner
+    finally:
+        held.release()
 
 
 # -- a second executor joins, and the bus survives the first one stopping -------------------
