@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -73,6 +74,8 @@ class ReceiptHealer:
         self.flush_timeout_s = flush_timeout_s
         self.healed = 0  # receipts re-published
         self.rounds = 0  # reconciliations of our own outbox done
+        self.scans = 0  # of them, those that had to read the stream (the rest cost one stream_info)
+        self._changed = asyncio.Condition()  # notified after each round
         self._seen: _Seen | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -100,9 +103,16 @@ class ReceiptHealer:
                 log.warning("could not reconcile receipts with the stream; will retry", error=str(e) or type(e).__name__)
             except Exception:  # a bug must not end healing for the node's life, nor pass silently
                 log.exception("receipt reconciliation failed; will retry")
+            async with self._changed:
+                self._changed.notify_all()
             if done_once and self.interval_s <= 0:
                 return
             await asyncio.sleep(self.interval_s if done_once else min(self.interval_s or 5.0, 5.0))
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds, looking after each round (for status and tests)."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
 
     async def _reconcile_own(self) -> None:
         count = await self._count(self.executor_id)
@@ -147,6 +157,7 @@ class ReceiptHealer:
         present: set[int] = set()
         if not await self._count(executor_id):
             return present
+        self.scans += 1
         sub = await self._js.subscribe(subject, stream=STREAM, ordered_consumer=True, headers_only=True)
         try:
             while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -446,3 +446,48 @@ async def test_one_outbox_has_one_writer_a_second_is_refused_until_the_first_clo
     assert str(tmp_path / "outbox") in str(refused.value) and "in use by another running executor" in str(refused.value)
     first.close()
     Outbox(tmp_path / "outbox").close()  # free again once closed
+
+
+async def test_the_healer_reads_the_stream_only_when_messages_went_missing_and_puts_them_back(
+    js_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    from executor.receipt_healer import ReceiptHealer
+
+    nc = await nats.connect(js_server.url)
+    js = nc.jetstream()
+    outbox = Outbox(tmp_path / "outbox")
+    publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.02, batch=4)
+    issuer = ReceiptIssuer(Identity.generate(), "exe", outbox, on_issue=publisher.notify)
+    healer = ReceiptHealer(nc, outbox, publisher, executor_id="exe", siblings=None, interval_s=0.02)
+    await publisher.start()
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            await healer.wait_for(condition)
+
+    try:
+        await _issue(issuer, 10)
+        async with asyncio.timeout(WAIT):
+            while outbox.acked_seq < 10:  # the mark moves at the publisher's next sync
+                await publisher.idle.wait()
+                outbox.sync()
+        await healer.start()
+        await until(lambda: healer.rounds >= 5)
+        assert (healer.scans, healer.healed) == (1, 0)  # one scan at start; then a stream_info each
+
+        first = await js.get_msg(STREAM, 1)  # receipts 1-4, say; delete that message
+        lost = [signed_receipt_decoder.decode(line).receipt.seq for line in receipt_lines(first.data)]
+        await js.delete_msg(STREAM, 1)
+        await until(lambda: healer.healed == len(lost))
+        assert healer.scans == 2
+        info = await js.stream_info(STREAM)
+        stored = [signed_receipt_decoder.decode(line)
+                  for seq in range(info.state.first_seq, info.state.last_seq + 1)
+                  for line in receipt_lines((await js.get_msg(STREAM, seq)).data)]  # fmt: skip
+        assert sorted(s.receipt.seq for s in stored) == list(range(1, 11))
+        assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
+    finally:
+        await healer.stop()
+        await publisher.stop()
+        outbox.close()
+        await nc.close()
