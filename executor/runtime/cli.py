@@ -112,8 +112,10 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(config: ExecutorConfig) -> int:
-    from executor.runtime.daemon import serve
+    from executor.process.embedded_nats import EmbeddedNatsError
     from executor.process.logs import configure_logging
+    from executor.receipts.outbox import OutboxInUse
+    from executor.runtime.daemon import serve
 
     configure_logging(config.logging)
 
@@ -125,7 +127,7 @@ def _run(config: ExecutorConfig) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
-    except (ConfigError, ConnectionError, IdentityError) as e:
+    except (ConfigError, ConnectionError, IdentityError, EmbeddedNatsError, OutboxInUse) as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
