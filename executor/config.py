@@ -69,7 +69,7 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Stable identity on the network; default: host name plus a random suffix.
     id: str | None = None
-    # Join this NATS server or cluster; when absent, start an embedded one.
+    # Join this NATS server or cluster; when absent, start (or join) the machine's embedded one.
     nats_url: str | None = None
     embedded_nats_port: Annotated[int, Meta(ge=0, le=65_535)] = 4222
     max_concurrent_jobs: Annotated[int, Meta(ge=1, le=100_000)] = 32
@@ -138,6 +138,9 @@ class ReceiptsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     duplicate_window_secs: Annotated[float, Meta(gt=0, le=7 * 86_400)] = 7200.0
     # How often written receipts are fsynced (they survive a killed process at once).
     sync_interval_secs: Annotated[float, Meta(gt=0, le=60)] = 0.2
+    # How often the outbox's acknowledged receipts are checked against the stream (and any
+    # missing re-published); also once at start. 0: only at start.
+    reconcile_interval_secs: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 300.0
 
 
 class BackendEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -351,7 +354,8 @@ DEFAULT_CONFIG_TOML = """\
 # Stable identity on the network (default: host name plus a random suffix).
 # id = "my-executor"
 # Join an existing NATS server or cluster. When unset, the node starts an
-# embedded nats-server on 127.0.0.1:embedded_nats_port.
+# embedded nats-server on 127.0.0.1:embedded_nats_port, or joins the one another
+# executor of this machine runs there (and takes it over if that executor stops).
 # nats_url = "nats://127.0.0.1:4222"
 embedded_nats_port = 4222
 # Jobs run at once; one more gets a fast `busy` reply so the caller tries another executor.
@@ -433,6 +437,9 @@ enabled = true
 # outbox_dir = "~/.local/share/lloom/receipts/<executor id>"   (the default)
 duplicate_window_secs = 7200
 sync_interval_secs = 0.2
+# Receipts heal themselves: at start and this often, acknowledged receipts missing from the
+# stream are re-published (those of earlier identities' outboxes on this machine at start). 0: only at start.
+reconcile_interval_secs = 300
 
 # Several backends behind this executor (the design document's shape). When any
 # [[executors.backends]] is given, it replaces [llm_client].

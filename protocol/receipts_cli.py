@@ -8,14 +8,18 @@
 `verify` checks every receipt's hash path and signature, its cost arithmetic,
 and each executor's chain (gaps, duplicates, broken links, key changes); it
 exits 1 when anything is wrong and names each problem. Lines that are not
-receipts at all (truncated, garbage) are problems too.
+receipts at all (truncated, garbage) are problems too. The same receipt twice
+(identical bytes: a re-publish that raced its original) counts once in `verify`
+and `report` alone; two different receipts with one seq are a problem. Receipts
+an executor re-published because the stream had lost them (a
+`Lloom-Healed-By` message) are reported as healed.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -30,6 +34,7 @@ from protocol.receipts import (
     ReceiptInvalid,
     SignedReceipt,
     check_chain,
+    leaf_hash,
     receipt_lines,
     signed_receipt_decoder,
     verify_receipt,
@@ -60,17 +65,20 @@ async def run(args: argparse.Namespace, nc: NATS | None) -> int:
     return await _report(lines, args.json)
 
 
-async def _file_lines(path: Path) -> AsyncIterator[tuple[str, bytes]]:
+Line = tuple[str, bytes, str | None]  # where, the receipt's bytes, who re-published it (healed)
+
+
+async def _file_lines(path: Path) -> AsyncIterator[Line]:
     try:
         data = path.read_bytes()
     except OSError as e:
         raise SystemExit(f"lloom: cannot read {path}: {e.strerror}") from e
     for number, line in enumerate(data.split(b"\n"), 1):
         if line.strip():
-            yield f"{path}:{number}", line
+            yield f"{path}:{number}", line, None
 
 
-async def stream_lines(nc: NATS) -> AsyncIterator[tuple[str, bytes]]:
+async def stream_lines(nc: NATS) -> AsyncIterator[Line]:
     js = nc.jetstream()
     try:
         info = await js.stream_info(STREAM)
@@ -82,43 +90,66 @@ async def stream_lines(nc: NATS) -> AsyncIterator[tuple[str, bytes]]:
     try:
         while True:
             msg = await sub.next_msg(timeout=5)
+            healed_by = (msg.headers or {}).get(subj.HDR_HEALED_BY)
             for i, line in enumerate(receipt_lines(msg.data), 1):
-                yield f"{STREAM}#{msg.metadata.sequence.stream}:{i}", line
+                yield f"{STREAM}#{msg.metadata.sequence.stream}:{i}", line, healed_by
             if msg.metadata.num_pending == 0:
                 return
     finally:
         await sub.unsubscribe()
 
 
-async def _verify(lines: AsyncIterator[tuple[str, bytes]], keys: list[str] | None) -> int:
+async def _verify(lines: AsyncIterator[Line], keys: list[str] | None) -> int:
     good: list[tuple[SignedReceipt, bytes]] = []
-    bad = 0
-    async for where, line in lines:
+    seen: set[tuple[str, int, bytes]] = set()
+    healed: Counter[tuple[str, str]] = Counter()  # (re-published by, whose) -> receipts
+    bad = repeats = 0
+    async for where, line, healed_by in lines:
         try:
             signed = signed_receipt_decoder.decode(line)
-            good.append((signed, verify_receipt(signed, trusted_keys=keys)))
+            leaf = verify_receipt(signed, trusted_keys=keys)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             bad += 1
             print(f"{where}: not a receipt (truncated or malformed): {e}")
+            continue
         except ReceiptInvalid as e:
             bad += 1
             r = signed.receipt
             print(f"{where}: receipt {r.executor_id}#{r.seq} (job {r.job_id}): {e}")
+            continue
+        r = signed.receipt
+        if (r.executor_key, r.seq, leaf) in seen:
+            repeats += 1  # the very same receipt again: counted once
+            continue
+        seen.add((r.executor_key, r.seq, leaf))
+        good.append((signed, leaf))
+        if healed_by is not None:
+            healed[(healed_by, r.executor_id)] += 1
     problems = check_chain(good)
     for problem in problems:
         print(f"chain: {problem}")
+    for (by, whose), n in sorted(healed.items()):
+        of = "" if by == whose else f" (receipts of {whose})"
+        print(f"healed: {n} receipts re-published by {by}{of} after the stream had lost them")
+    if repeats:
+        print(f"{repeats} identical receipts stored twice, counted once")
     print(f"{len(good) + bad} receipts: {len(good)} valid, {bad} invalid; chain problems: {len(problems)}")
     return 1 if bad or problems else 0
 
 
-async def _report(lines: AsyncIterator[tuple[str, bytes]], as_json: bool) -> int:
+async def _report(lines: AsyncIterator[Line], as_json: bool) -> int:
     sums: dict[str, dict[str, list]] = {"client": defaultdict(_zero), "model": defaultdict(_zero), "executor": defaultdict(_zero)}
-    async for where, line in lines:
+    seen: set[bytes] = set()
+    async for where, line, _healed_by in lines:
         try:
             r = signed_receipt_decoder.decode(line).receipt
         except (msgspec.DecodeError, msgspec.ValidationError):
             print(f"lloom: skipping {where}: not a receipt (run `lloom receipts verify`)", file=sys.stderr)
             continue
+        leaf = leaf_hash(r)
+        if leaf in seen:
+            continue  # the same receipt stored twice is billed once
+        seen.add(leaf)
         for axis, key in (("client", r.client or "(unknown)"), ("model", r.model), ("executor", r.executor_id)):
             row = sums[axis][key]
             row[0] += 1

@@ -71,7 +71,8 @@ class ReceiptsStatus(msgspec.Struct, frozen=True, kw_only=True):
 class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     executor_id: str
     state: str  # new | running | draining | stopped
-    backend: str
+    backend: str  # its name, with what `auto` chose
+    backend_kind: str  # what receipts and the catalogue call it: local, ollama, openai, ...
     backend_healthy: bool
     models: dict[str, bool]  # model -> available now
     in_flight: int

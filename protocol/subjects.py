@@ -94,6 +94,11 @@ def model_from_token(token: str) -> str:
     raise SubjectError(f"malformed model token {token!r}")
 
 
+def is_id(value: str) -> bool:
+    """Whether `value` is a valid executor or job id (see `check_id`)."""
+    return _ID.fullmatch(value) is not None
+
+
 def check_id(kind: str, value: str) -> str:
     """Executor and job ids are single tokens of a restricted alphabet."""
     if not _ID.fullmatch(value):
@@ -172,6 +177,11 @@ RECEIPTS_ALL = f"{PREFIX}.receipts.>"
 RECEIPTS_STREAM = "LLOOM_RECEIPTS"
 # How many receipts a receipts message holds (readers may count without parsing).
 HDR_RECEIPTS = "Lloom-Receipts"
+# The seq range "first-last" of the receipts in a receipts message (when consecutive), so
+# what the stream holds can be read from headers alone (a headers-only consumer).
+HDR_RECEIPT_SEQS = "Lloom-Receipt-Seqs"
+# On a receipts message re-published because the stream had lost it: who re-published it.
+HDR_HEALED_BY = "Lloom-Healed-By"
 
 # The durable queue (protocol/durable.py): jobs waiting per model, and results announced per job.
 JOBS_ALL = f"{PREFIX}.jobs.>"

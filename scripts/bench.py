@@ -266,7 +266,7 @@ async def receipts_stream_check(nats_url: str, tmp: Path, n_executors: int) -> d
             stored = duplicates = 0
             messages: set[str] = set()
             try:
-                async for where, line in stream_lines(nc):
+                async for where, line, _healed_by in stream_lines(nc):
                     r = json.loads(line)["receipt"]
                     key = (r["executor_key"], r["seq"])
                     duplicates += key in seen

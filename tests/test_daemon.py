@@ -44,6 +44,7 @@ LLOOM = str(BIN / "lloom")
 # tests take far less, this only turns a hang into a failure with a message.
 WAIT_S = 10.0
 T = TypeVar("T")
+JOINED = "joined the embedded NATS server of another executor on this machine"
 CONTENT = "tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7"  # the double's default answer, stripped
 
 
@@ -181,7 +182,7 @@ class Executor:
         """Wait until the node serves jobs; return the NATS URL it serves on when it started one."""
         await self.wait_for("executor node started")
         self.descendants.update(children(self.proc.pid))
-        embedded = self.logged("embedded NATS server listening")
+        embedded = self.logged("embedded NATS server listening") or self.logged(JOINED)
         return str(embedded["url"]) if embedded else ""
 
     async def exit_code(self, timeout: float = WAIT_S) -> int:

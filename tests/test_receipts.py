@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import nats
 import pytest
@@ -342,7 +343,9 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
     port = free_port()
     await run_jobs(server_js=True, count=3, port=port)  # published (mostly) while JetStream is up
     await run_jobs(server_js=False, count=4, port=port)  # JetStream gone: these wait in the outbox
-    assert len(Outbox(tmp_path / "outbox").pending) >= 4
+    left = Outbox(tmp_path / "outbox")
+    assert len(left.pending) >= 4
+    left.close()
 
     # Restart with JetStream back: the outbox flushes on start.
     async with EmbeddedNats(port=port, jetstream=True, store_dir=str(store)) as server:
@@ -396,3 +399,96 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     chain = [(s, verify_receipt(s)) for s in [*first, later]]
     assert later.receipt.seq == 4
     assert check_chain(chain) == []
+
+
+# -- the backend named is the one chosen -------------------------------------------------
+
+
+async def test_auto_backend_is_named_by_what_it_chose_in_receipts_catalogue_and_status(
+    js_server: EmbeddedNats, js_client: LloomClient, double: OpenAIDouble, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    from executor.catalog.announcer import Announcer
+    from executor.backends.autodetect import AutoDetectBackend
+    from executor.config import LlmClientConfig
+    from tests.test_daemon import local_preset
+
+    # The double plays Ollama on its usual port's behalf; `auto` finds it there.
+    backend = AutoDetectBackend(http, LlmClientConfig(), presets=[local_preset("ollama", double.base_url)])
+    nc = await nats.connect(js_server.url)
+    identity = Identity.generate()
+    outbox = Outbox(tmp_path / "outbox")
+    node = ExecutorNode(nc, backend, NodeConfig(), executor_id="auto-exe",
+                        receipts=ReceiptIssuer(identity, "auto-exe", outbox))  # fmt: skip
+    await node.start()
+    announcer = Announcer(nc, node, identity, models=[], heartbeat_interval=0.5)
+    await announcer.start()
+    try:
+        reply = await js_client.complete(ask())
+        assert reply.receipt is not None and reply.receipt.receipt.backend == "ollama"
+        [entry] = (await js_client.catalog()).entries()
+        assert {o.backend for o in entry.models} == {"ollama"}
+        status = node.status()
+        assert status.backend_kind == "ollama"
+        assert status.backend == f"ollama at {double.base_url} (chosen by auto)"
+    finally:
+        await announcer.stop()
+        await node.stop(drain_timeout=1)
+        outbox.close()
+        await backend.aclose()
+        await nc.close()
+
+
+async def test_one_outbox_has_one_writer_a_second_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    from executor.receipts.outbox import OutboxInUse
+
+    first = Outbox(tmp_path / "outbox")
+    with pytest.raises(OutboxInUse) as refused:
+        Outbox(tmp_path / "outbox")
+    assert str(tmp_path / "outbox") in str(refused.value) and "in use by another running executor" in str(refused.value)
+    first.close()
+    Outbox(tmp_path / "outbox").close()  # free again once closed
+
+
+async def test_the_healer_reads_the_stream_only_when_messages_went_missing_and_puts_them_back(
+    js_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    from executor.receipts.healer import ReceiptHealer
+
+    nc = await nats.connect(js_server.url)
+    js = nc.jetstream()
+    outbox = Outbox(tmp_path / "outbox")
+    publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.02, batch=4)
+    issuer = ReceiptIssuer(Identity.generate(), "exe", outbox, on_issue=publisher.notify)
+    healer = ReceiptHealer(nc, outbox, publisher, executor_id="exe", siblings=None, interval_s=0.02)
+    await publisher.start()
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            await healer.wait_for(condition)
+
+    try:
+        await _issue(issuer, 10)
+        async with asyncio.timeout(WAIT):
+            while outbox.acked_seq < 10:  # the mark moves at the publisher's next sync
+                await publisher.idle.wait()
+                outbox.sync()
+        await healer.start()
+        await until(lambda: healer.rounds >= 5)
+        assert (healer.scans, healer.healed) == (1, 0)  # one scan at start; then a stream_info each
+
+        first = await js.get_msg(STREAM, 1)  # receipts 1-4, say; delete that message
+        lost = [signed_receipt_decoder.decode(line).receipt.seq for line in receipt_lines(first.data)]
+        await js.delete_msg(STREAM, 1)
+        await until(lambda: healer.healed == len(lost))
+        assert healer.scans == 2
+        info = await js.stream_info(STREAM)
+        stored = [signed_receipt_decoder.decode(line)
+                  for seq in range(info.state.first_seq, info.state.last_seq + 1)
+                  for line in receipt_lines((await js.get_msg(STREAM, seq)).data)]  # fmt: skip
+        assert sorted(s.receipt.seq for s in stored) == list(range(1, 11))
+        assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
+    finally:
+        await healer.stop()
+        await publisher.stop()
+        outbox.close()
+        await nc.close()

@@ -92,13 +92,15 @@ class JobContext:
             )
 
 
+def chosen_backend(backend: Backend) -> Backend:
+    """The backend actually serving: what `auto` chose once it has chosen, else the backend itself."""
+    return getattr(backend, "resolved", None) or backend
+
+
 def backend_kind(backend: Backend) -> str:
-    """What receipts and the catalogue call the backend: the kind actually serving, not `auto`."""
-    # Backend names read "<kind> at <url>" (an auto backend: "auto (<resolved name>)" once it resolved).
-    name = backend.name
-    if name.startswith("auto (") and name.endswith(")"):
-        name = name[len("auto (") : -1]
-    return name.split(" ", 1)[0]
+    """What receipts and the catalogue call the backend: `local`, `ollama`, ... (never `auto` once chosen)."""
+    # Backend names read "<kind> at <url>": the kind is the first word.
+    return chosen_backend(backend).name.split(" ", 1)[0]
 
 
 class ReplyChannel(Protocol):

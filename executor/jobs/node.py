@@ -48,7 +48,16 @@ from executor.config import NodeConfig
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.batched import EmbedJob, TextJob
 from executor.jobs.chat import Job
-from executor.jobs.context import Collected, Enqueuer, JobContext, Limits, NatsReply, ServedModels, backend_kind
+from executor.jobs.context import (
+    Collected,
+    Enqueuer,
+    JobContext,
+    Limits,
+    NatsReply,
+    ServedModels,
+    backend_kind,
+    chosen_backend,
+)
 from protocol import subjects as subj
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder, text_request_decoder
@@ -366,12 +375,14 @@ class ExecutorNode:
     def status(self) -> ExecutorStatus:
         """What `lloom-executor status` shows, from each part's own report."""
         pool_status = getattr(self.backend, "status", None)
+        chosen = chosen_backend(self.backend)
         cache = self.cache
         receipts = self.receipts
         return ExecutorStatus(
             executor_id=self.id,
             state=self.state.value,
-            backend=self.backend.name,
+            backend=self.backend.name if chosen is self.backend else f"{chosen.name} (chosen by auto)",
+            backend_kind=self.backend_kind,
             backend_healthy=self.backend_healthy,
             models={m: self.model_available(m) for m in sorted(self.models)},
             in_flight=self.in_flight,

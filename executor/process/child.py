@@ -40,8 +40,12 @@ async def spawn_tied(
     stdout: int = DEVNULL,
     stderr: int | IO[bytes] = PIPE,
     cwd: Path | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Process:
-    """A child that gets `death_signal` when we die, in its own session; stdin is /dev/null."""
+    """A child that gets `death_signal` when we die, in its own session; stdin is /dev/null.
+
+    `pass_fds` are inherited by the child (e.g. a lock that must live as long as it does).
+    """
     parent = os.getpid()
     return await asyncio.create_subprocess_exec(
         *argv,
@@ -53,6 +57,7 @@ async def spawn_tied(
         # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the child
         # in order (a node drains through its nats-server before stopping it).
         start_new_session=True,
+        pass_fds=pass_fds,
     )
 
 
@@ -88,9 +93,10 @@ class ChildProcess:
         death_signal: int = signal.SIGTERM,
         ready_line: bytes | None = None,
         log_tail: list[str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> ChildProcess:
         """Start `argv` tied to us; `log_tail` is the list to keep the last 50 stderr lines in."""
-        proc = await spawn_tied(*argv, death_signal=death_signal)
+        proc = await spawn_tied(*argv, death_signal=death_signal, pass_fds=pass_fds)
         return cls(proc, name=name, ready_line=ready_line, log_tail=[] if log_tail is None else log_tail)
 
     @property

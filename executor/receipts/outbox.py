@@ -14,11 +14,16 @@ fact stored is dropped as a duplicate rather than stored twice.
 Once everything is acknowledged and the file has grown past `compact_bytes`, it
 is rotated (`receipts.jsonl.1`, replacing the previous one) and the chain's
 position kept in `chain`, so a restart reads only recent lines.
+One outbox, one writer: an `Outbox` holds an exclusive flock on `lock` in its
+directory while open (the kernel drops it when the process dies), so a second
+executor pointed at the same directory is refused with `OutboxInUse` instead of
+numbering a second chain into the same file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +35,28 @@ from protocol.receipts import SignedReceipt, leaf_hash, signed_receipt_decoder
 
 log = structlog.get_logger(logger_name=__name__)
 _encode = msgspec.json.Encoder().encode
+
+
+class OutboxInUse(RuntimeError):
+    """Another running executor holds this outbox directory."""
+
+
+def _lock(directory: Path) -> int:
+    """Hold `directory/lock` exclusively (released by closing the fd, or by the process dying)."""
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise OutboxInUse(
+            f"the receipts outbox {directory} is in use by another running executor ({held or 'holder unknown'});"
+            " two executors on one outbox would write two chains into it. Give each executor its own"
+            " [node] id, or its own [receipts] outbox_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Pending(msgspec.Struct):
@@ -44,6 +71,7 @@ class Outbox:
     def __init__(self, directory: Path, *, compact_bytes: int = 16 << 20) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(directory)
         self._path = directory / "receipts.jsonl"
         self._acked_path = directory / "acked"
         # Where the chain continues from once acknowledged lines have been compacted away.
@@ -135,6 +163,26 @@ class Outbox:
         while view:  # a regular file takes it all at once; a full disk raises
             view = view[self._file.write(view) or 0 :]
 
+    def lines(self, seqs: set[int]) -> dict[int, Pending]:
+        """The receipts `seqs` as written, read back from disk (the rotated file too): for healing."""
+        self._flush_turn()
+        found: dict[int, Pending] = {}
+        for path in (self._path.with_name(self._path.name + ".1"), self._path):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            for line in data.split(b"\n"):
+                if not line.strip():
+                    continue
+                try:
+                    r = signed_receipt_decoder.decode(line).receipt
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue  # a torn line, reported when the outbox was opened
+                if r.seq in seqs:
+                    found[r.seq] = Pending(r.executor_id, line, leaf_hash(r).hex())
+        return found
+
     def acked(self, seq: int) -> None:
         self.pending.pop(seq, None)
 
@@ -193,6 +241,9 @@ class Outbox:
             self._file.close()
             self._file = None
         self._close_sent()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # the next executor may use it now
+            self._lock_fd = -1
 
     def _close_sent(self) -> None:
         if self._sent_fd is not None:

@@ -34,6 +34,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 
 from executor.receipts.outbox import Outbox
 from protocol import subjects as subj
@@ -43,6 +44,17 @@ log = structlog.get_logger(logger_name=__name__)
 STREAM = subj.RECEIPTS_STREAM
 # A batch stops growing here, well under NATS's default 1 MiB max_payload.
 MAX_BATCH_BYTES = 256 * 1024
+
+
+async def ensure_stream(js: JetStreamContext, duplicate_window_s: float) -> None:
+    """Create the receipts stream unless it exists (perhaps with an operator's settings: used as it is)."""
+    config = StreamConfig(
+        name=STREAM, subjects=[subj.RECEIPTS_ALL], storage=StorageType.FILE, duplicate_window=duplicate_window_s
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        pass
 
 
 class _PubAck(msgspec.Struct):
@@ -100,6 +112,7 @@ class ReceiptPublisher:
         self._backoff = 0.1
         self.published = 0  # receipts acknowledged
         self.messages = 0  # batches acknowledged
+        self.stored = 0  # batches acknowledged as stored anew (not as duplicates)
         self.idle = asyncio.Event()  # set whenever nothing is pending
 
     def notify(self, seq: int) -> None:
@@ -155,16 +168,7 @@ class ReceiptPublisher:
     async def _ensure_stream(self) -> None:
         if self._stream_ready:
             return
-        config = StreamConfig(
-            name=STREAM,
-            subjects=[subj.RECEIPTS_ALL],
-            storage=StorageType.FILE,
-            duplicate_window=self.duplicate_window_s,
-        )
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            pass  # exists already (perhaps with an operator's settings): use it as it is
+        await ensure_stream(self._js, self.duplicate_window_s)
         self._stream_ready = True
 
     async def _run(self) -> None:
@@ -222,9 +226,10 @@ class ReceiptPublisher:
             batch = self._next_batch()
             if batch is None:
                 return
-            entries = [pending[s] for s in batch.seqs if s in pending]
-            if not entries:
+            seqs = [s for s in batch.seqs if s in pending]
+            if not seqs:
                 continue  # acknowledged meanwhile
+            entries = [pending[s] for s in seqs]
             batch.sent_at = now
             self._in_flight[batch.seqs[0]] = batch
             msg_id = hashlib.sha256("".join(e.msg_id for e in entries).encode()).hexdigest()
@@ -232,7 +237,8 @@ class ReceiptPublisher:
                 subj.receipts_subject(entries[0].executor_id),
                 b"\n".join(e.line for e in entries),
                 reply=f"{self._ack_prefix}.{batch.seqs[0]}",
-                headers={"Nats-Msg-Id": msg_id, subj.HDR_RECEIPTS: str(len(entries))},
+                headers={"Nats-Msg-Id": msg_id, subj.HDR_RECEIPTS: str(len(entries)),
+                         subj.HDR_RECEIPT_SEQS: f"{seqs[0]}-{seqs[-1]}"},  # fmt: skip
             )
 
     async def _on_ack(self, msg: Msg) -> None:
@@ -255,6 +261,7 @@ class ReceiptPublisher:
             self.outbox.acked(seq)
         self.published += len(batch.seqs)
         self.messages += 1
+        self.stored += not ack.duplicate
         self._backoff = 0.1
         if not self.outbox.pending:
             self.idle.set()

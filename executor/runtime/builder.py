@@ -31,6 +31,7 @@ from executor.config import ExecutorConfig
 from executor.jobs.node import ExecutorNode, default_executor_id
 from executor.queue.consumer import JobQueue
 from executor.queue.producer import JobEnqueuer
+from executor.receipts.healer import ReceiptHealer
 from executor.receipts.issuer import ReceiptIssuer
 from executor.receipts.outbox import Outbox
 from executor.receipts.publisher import ReceiptPublisher
@@ -50,6 +51,7 @@ class RunningNode:
     identity: Identity
     announcer: Announcer
     publisher: ReceiptPublisher | None
+    healer: ReceiptHealer | None
     queue: JobQueue | None
 
 
@@ -84,9 +86,10 @@ async def assemble(
         stack.push_async_callback(batcher.aclose)
     receipts = publisher = None
     counter = TokenCounter(config.tokens)
+    healer = None
     if config.receipts.enabled:
         receipts, publisher = receipt_issuer(config, nc, executor_id, identity, counter)
-        stack.callback(publisher.outbox.close)  # last: after the publisher's final flush
+        stack.callback(publisher.outbox.close)  # after the publisher's last flush: frees the outbox's lock
         stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
     enqueuer = None
     if uses_queue(config):
@@ -112,6 +115,16 @@ async def assemble(
         if publisher.outbox.pending:
             log.info("publishing receipts left by an earlier run", pending=len(publisher.outbox.pending),
                      outbox=str(publisher.outbox.directory))  # fmt: skip
+        # Puts back in the stream what the outbox has acknowledged and the stream lacks, for this
+        # outbox and (at start) those that earlier identities left on this machine.
+        rc = config.receipts
+        healer = ReceiptHealer(
+            nc, publisher.outbox, publisher, executor_id=executor_id,
+            siblings=None if rc.outbox_dir else publisher.outbox.directory.parent,
+            interval_s=rc.reconcile_interval_secs, duplicate_window_s=rc.duplicate_window_secs,
+        )  # fmt: skip
+        await healer.start()
+        stack.push_async_callback(healer.stop)
     queue = None
     if enqueuer is not None:
         queue = JobQueue(nc, node, enqueuer, config.executors.queue, retry=config.executors.retry,
@@ -127,7 +140,8 @@ async def assemble(
     # Runs before node.stop (the stack unwinds in reverse): clients stop choosing
     # this executor at once, then in-flight jobs drain.
     stack.push_async_callback(announcer.stop)
-    return RunningNode(node=node, identity=identity, announcer=announcer, publisher=publisher, queue=queue)
+    return RunningNode(node=node, identity=identity, announcer=announcer, publisher=publisher, healer=healer,
+                       queue=queue)  # fmt: skip
 
 
 def receipt_issuer(

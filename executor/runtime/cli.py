@@ -113,8 +113,10 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run(config: ExecutorConfig, reload: Callable[[], ExecutorConfig]) -> int:
-    from executor.runtime.daemon import serve
+    from executor.process.embedded_nats import EmbeddedNatsError
     from executor.process.logs import configure_logging
+    from executor.receipts.outbox import OutboxInUse
+    from executor.runtime.daemon import serve
     from executor.secrets import SecretMasker, config_secrets
 
     # Every configured secret, by value: masked in every log line, error reply and status from here on.
@@ -129,7 +131,7 @@ def _run(config: ExecutorConfig, reload: Callable[[], ExecutorConfig]) -> int:
         runner = asyncio.run
     try:
         runner(serve(config, masker=masker, reload=reload))
-    except (ConfigError, ConnectionError, IdentityError) as e:
+    except (ConfigError, ConnectionError, IdentityError, EmbeddedNatsError, OutboxInUse) as e:
         print(f"lloom-executor: {masker.mask(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

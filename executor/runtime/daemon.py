@@ -1,7 +1,8 @@
 """The long-lived executor process: wire NATS, HTTP and the backend to a node, run until told to stop.
 
 Owns, in order of creation and reverse order of shutdown: the embedded NATS
-server (when no URL is configured), the NATS connection, the process's one
+bus (when no URL is configured: started, or joined when another executor of this
+machine runs it; see process/shared_bus.py), the NATS connection, the process's one
 aiohttp session (for plugin backends), the backend, and the node with its
 collaborators (made by executor/runtime/builder.py). SIGTERM and SIGINT set the
 stop event; the node then drains and the process exits 0. SIGHUP reads the config
@@ -23,8 +24,8 @@ from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ConfigError, ExecutorConfig
 from executor.jobs.node import ExecutorNode
-from executor.process.embedded_nats import EmbeddedNats, free_port, port_is_free
-from executor.runtime.builder import assemble, data_home, uses_queue
+from executor.process.shared_bus import SharedBus
+from executor.runtime.builder import assemble, data_home
 from executor.runtime.keys import KeyRotation
 from executor.secrets import SecretMasker, config_secrets
 from protocol.connection import close_nats, connect_nats
@@ -41,20 +42,12 @@ def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
     )
 
 
-async def start_embedded_nats(config: ExecutorConfig, *, jetstream: bool = False) -> EmbeddedNats:
-    port = config.node.embedded_nats_port
-    if port and not port_is_free("127.0.0.1", port):
-        chosen = free_port()
-        log.warning(
-            "embedded NATS port busy, using another", wanted=port, port=chosen,
-            hint="is another executor or nats-server running? set [node] nats_url to join it instead",
-        )  # fmt: skip
-        port = chosen
+async def start_shared_bus(config: ExecutorConfig) -> SharedBus:
+    """Own, or join, the embedded NATS bus of this machine (see executor/process/shared_bus.py)."""
     # JetStream keeps the receipts; its data outlives the process, like the outbox.
-    store = data_home() / "nats" if jetstream else None
-    server = EmbeddedNats(port=port, jetstream=jetstream, store_dir=str(store) if store else None)
-    await server.start()
-    return server
+    bus = SharedBus(port=config.node.embedded_nats_port, store_dir=data_home() / "nats")
+    await bus.start()
+    return bus
 
 
 async def _nats_error(e: Exception) -> None:
@@ -97,12 +90,9 @@ async def serve(
         async with AsyncExitStack() as stack:
             url = config.node.nats_url
             if not url:
-                server = await start_embedded_nats(
-                    config, jetstream=config.receipts.enabled or uses_queue(config) or config.cache.shared
-                )
-                stack.push_async_callback(server.stop)
-                url = server.url
-                log.info("embedded NATS server listening", url=url, clients=f"lloom --nats {url} complete ...")
+                bus = await start_shared_bus(config)
+                stack.push_async_callback(bus.stop)  # last: the other executors may take the bus over then
+                url = bus.url
             nc = await connect_nats(url, name=f"lloom-executor {config.node.id or ''}".strip(), on_error=_nats_error)
             stack.push_async_callback(close_nats, nc)
             session = http_session(config)
