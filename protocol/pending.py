@@ -30,9 +30,6 @@ from protocol.replies import Target, Waiter, fail
 BUSY_BACKOFF = Backoff(initial_s=0.02, max_s=0.25, jitter=0.75)
 
 
-headers_size = subj.headers_size
-
-
 def new_cancel_token() -> str:
     return secrets.token_hex(16)
 
@@ -94,7 +91,7 @@ class Pending:
                    subj.HDR_CANCEL_TOKEN: self.cancel_token(job_id)}  # fmt: skip
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
-        size = len(payload) + headers_size(headers)
+        size = len(payload) + subj.headers_size(headers)
         if size > self._nc.max_payload:
             # The server would close the whole connection for this; refuse it here instead.
             raise PayloadTooLarge(
