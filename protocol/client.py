@@ -86,6 +86,9 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 # How often `result()` reads the bucket again while it waits for the announcement.
 RESULT_RECHECK_S = 2.0
 DEFAULT_TIMEOUT_S = 120.0
+# Submitted jobs whose request hash (to check their result's receipt) and cancel token are kept
+# until their result is read; past this many, the oldest are forgotten.
+MAX_REMEMBERED_SUBMISSIONS = 10_000
 # Completion tokens assumed for a job's expected cost when it sets no max_tokens.
 DEFAULT_COMPLETION_ESTIMATE = 256
 # How long the error for a model nobody serves may wait for the catalogue's model names
@@ -220,6 +223,10 @@ class LloomClient:
             self._pending.forget(job_id)
             raise QueueUnavailable(f"the durable queue did not take job {job_id}: {_why(e)}", job_id=job_id) from e
         self._submitted[job_id] = hashlib.sha256(payload).hexdigest()
+        while len(self._submitted) > MAX_REMEMBERED_SUBMISSIONS:  # bounded: the oldest are forgotten first
+            oldest = next(iter(self._submitted))
+            del self._submitted[oldest]
+            self._pending.forget(oldest)
         return job_id
 
     async def fetch(self, job_id: str) -> ChatResponse | None:

@@ -34,13 +34,13 @@ from executor.config import ExecutorConfig, parse_config
 from executor.jobs.node import ExecutorNode
 from executor.process.embedded_nats import EmbeddedNats
 from executor.process.logs import redaction
-from executor.runtime.builder import assemble
+from executor.runtime.builder import RunningNode, assemble
 from executor.runtime.keys import KeyRotation
 from executor.secrets import SecretMasker, config_secrets
 from protocol import subjects as subj
 from protocol.client import LloomClient
 from protocol.durable import results_bucket
-from protocol.errors import BackendAuthFailed, ErrorCode, ForgedResult, InvalidRequest
+from protocol.errors import BackendAuthFailed, Cancelled, ErrorCode, ForgedResult, InvalidRequest
 from protocol.identity import Identity
 from protocol.messages import (
     ChatResponse,
@@ -147,8 +147,8 @@ def _forged_response(job_id: str, content: str = "FORGED") -> bytes:
 
 
 @pytest.fixture
-async def queue_node(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path) -> AsyncIterator[Identity]:
-    """A whole node (receipts on) that takes every queued job for the double's model; yields its key."""
+async def queue_node(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path) -> AsyncIterator[RunningNode]:
+    """A whole node (receipts on) that takes every queued job for the double's model."""
     config = parse_config(
         f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{double.base_url}"\nmodels = ["{MODEL}"]\n'
         f'[receipts]\noutbox_dir = "{tmp_path / "outbox"}"\n[executors.queue]\nconsume_all = true\n',
@@ -160,12 +160,11 @@ async def queue_node(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Pa
         stack.push_async_callback(nc.close)
         backend = OpenAICompatibleBackend(base_url=double.base_url)
         stack.push_async_callback(backend.aclose)
-        await assemble(config, nc, backend, stack, identity=identity)
-        yield identity
+        yield await assemble(config, nc, backend, stack, identity=identity)
 
 
 async def test_a_forged_queued_result_is_refused_and_the_real_one_is_accepted(
-    js_server: EmbeddedNats, attacker: NATS, queue_node: Identity
+    js_server: EmbeddedNats, attacker: NATS, queue_node: RunningNode
 ) -> None:
     bucket = await results_bucket(attacker.jetstream())
     async with await LloomClient.connect(js_server.url, timeout=WAIT_S) as client:
@@ -198,7 +197,7 @@ async def test_a_forged_queued_result_is_refused_and_the_real_one_is_accepted(
         # Signed by the attacker's own key: refused by a client that knows the executors' keys.
         mallory = Identity.generate()
         await bucket.put("self-signed", seal_result(mallory, "self-signed", _forged_response("self-signed")))
-        async with LloomClient(client.nc, timeout=WAIT_S, result_keys={queue_node.public_key}) as careful:
+        async with LloomClient(client.nc, timeout=WAIT_S, result_keys={queue_node.identity.public_key}) as careful:
             with pytest.raises(ForgedResult, match="not a trusted executor key"):
                 await careful.fetch("self-signed")
             assert (await careful.fetch(job_id)).content == real.content  # type: ignore[union-attr]
@@ -433,3 +432,19 @@ def test_api_key_and_api_key_file_together_are_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="both api_key and api_key_file"):
         parse_config('[llm_client]\napi_key = "k1234567"\napi_key_file = "/x"\n', source="t.toml", environ={})
+
+
+async def test_a_queued_job_is_cancelled_by_its_submitter_only(
+    js_server: EmbeddedNats, attacker: NATS, queue_node: RunningNode, double: OpenAIDouble
+) -> None:
+    double.fault = Fault.stall()
+    async with await LloomClient.connect(js_server.url, timeout=WAIT_S) as client:
+        job_id = await client.submit(ask(text="long queued work"))
+        await until(lambda: double.in_flight == 1, "the queued job reaches the backend")
+        await attacker.publish(subj.cancel_subject(job_id), b"")  # the bystander knows the id, not the token
+        await attacker.publish(subj.cancel_subject(job_id), b"f" * 32)
+        await until(lambda: queue_node.node.stats.cancels_refused == 2, "the bystander's cancels")
+        assert await client.fetch(job_id) is None and double.in_flight == 1  # still running
+        await client.cancel(job_id)
+        with pytest.raises(Cancelled):
+            await client.result(job_id, timeout=WAIT_S)
