@@ -21,7 +21,7 @@ from protocol.errors import (
 )
 from tests.conftest import MODEL, NodeFactory
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
 
 UNARY_FAULTS = [
     (Fault.status(401, "Incorrect API key provided"), BackendAuthFailed, "rejected our credentials"),

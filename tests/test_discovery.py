@@ -26,7 +26,7 @@ from protocol.errors import NoExecutors
 from protocol.identity import Identity
 from protocol.routing import Category, Cheapest, Constraints, Fastest, Specific
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
 
 HEARTBEAT = 0.25
 # Generous: these bound waits for events that normally take milliseconds, on a loaded CI machine too.
