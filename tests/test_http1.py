@@ -20,6 +20,7 @@ from executor.backends.http1 import (
     iter_lines,
 )
 from executor.process.embedded_nats import free_port
+from tests.helpers.wait import eventually, within
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -227,13 +228,16 @@ async def test_refused_connection_is_connect_failed(pool_for) -> None:
 
 async def test_pool_limit_makes_callers_wait_for_a_connection(pool_for) -> None:
     gate = asyncio.Event()
+    held = 0  # requests the server holds until the gate opens
 
     async def gated(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal held
         while True:
             try:
                 await read_request(r)
             except asyncio.IncompleteReadError:
                 return
+            held += 1
             await gate.wait()
             w.write(ok(b"x"))
             await w.drain()
@@ -242,11 +246,12 @@ async def test_pool_limit_makes_callers_wait_for_a_connection(pool_for) -> None:
         pool = pool_for(server.url, max_connections=2)
         head = pool.encode_head("GET", "/x", {})
         calls = [asyncio.create_task(pool.request(head, timeout=5)) for _ in range(5)]
-        await asyncio.sleep(0.05)  # give every call the chance to (wrongly) open a connection
-        assert server.connections == 2
+        # All five calls started at once; a pool without a limit would have sent five requests.
+        await eventually(lambda: held == 2, timeout=5, what="two requests held by the server")
+        assert server.connections == 2 and not any(c.done() for c in calls)
         gate.set()
         assert [r.body for r in await asyncio.gather(*calls)] == [b"x"] * 5
-        assert server.connections == 2
+        assert held == 5 and server.connections == 2  # the other three waited, then reused the two
 
 
 async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
@@ -259,7 +264,7 @@ async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
             while True:
                 w.write(b"6\r\ndata:\n\r\n")
                 await w.drain()
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the behaviour: a backend streaming an event every 10 ms, forever
         except ConnectionError:
             closed.set()
 
@@ -268,5 +273,10 @@ async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
         async with pool.stream(pool.encode_head("POST", "/x", {}), b"{}", idle_timeout=5) as (_, conn):
             async for _line in iter_lines(conn):
                 break
-        async with asyncio.timeout(5):
-            await closed.wait()
+        await within(closed.wait(), "the server's writes failing on the closed connection", 5)
+        assert conn.closed
+        # The half-read connection is not handed to the next caller: it gets a fresh one.
+        async with pool.stream(pool.encode_head("POST", "/x", {}), b"{}", idle_timeout=5) as (_, again):
+            async for _line in iter_lines(again):
+                break
+        assert again is not conn and server.connections == 2

@@ -16,7 +16,8 @@ from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, NoExecuto
 from protocol.messages import encoder, unary_reply_decoder
 from tests.conftest import MODEL, NodeFactory
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask, leave_a_long_stream_early
+from tests.helpers.wait import within
 
 
 async def start_stalled_job(client: LloomClient, double: OpenAIDouble, **kw: object) -> asyncio.Task:
@@ -59,8 +60,9 @@ async def test_caller_deadline_cancels_the_backend_call(
     double.faults.append(Fault.stall())
     with pytest.raises(DeadlineExceeded):
         await client.complete(ask(), timeout=0.3)
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
+    await within(node.wait_idle(), "the node idle again")
+    assert (double.disconnects, double.completed, node.stats.completed) == (1, 0, 0)  # cut off, not finished
 
 
 async def test_executor_enforces_the_deadline_it_was_sent(node: ExecutorNode, nc: NATS, double: OpenAIDouble) -> None:
@@ -86,14 +88,11 @@ async def test_cancelling_the_call_stops_the_backend(node: ExecutorNode, client:
 
 
 async def test_leaving_a_stream_early_stops_the_backend(node: ExecutorNode, client: LloomClient, double: OpenAIDouble) -> None:
-    double.completion_tokens = 1000
-    double.fault = Fault.slow(0.01)
-    async with client.stream(ask()) as stream:
-        async for chunk in stream:
-            if chunk.seq == 2:
-                break
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await leave_a_long_stream_early(client, double)
+    await within(node.wait_idle(), "the node idle again")
+    # The backend was cut off mid-answer: it never finished its 1000 tokens.
+    assert (double.disconnects, double.completed) == (1, 0)
+    assert (node.stats.cancelled, node.stats.completed) == (1, 0)
 
 
 async def test_caller_that_disappears_has_its_job_cancelled(

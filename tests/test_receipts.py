@@ -35,7 +35,8 @@ from protocol.receipts import (
 )
 from tests.conftest import MODEL
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask, leave_a_long_stream_early
+from tests.helpers.wait import within
 
 PRICE = Pricing(input=Decimal("0.15"), output=Decimal("0.60"))
 WAIT = 10.0
@@ -63,12 +64,6 @@ class Rig:
 
 
 @pytest.fixture
-async def js_server() -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats(jetstream=True) as server:
-        yield server
-
-
-@pytest.fixture
 async def rig(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path) -> AsyncIterator[Rig]:
     nc = await nats.connect(js_server.url)
     identity = Identity.generate()
@@ -85,12 +80,6 @@ async def rig(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path) -> 
     outbox.close()
     await node.backend.aclose()
     await nc.close()
-
-
-@pytest.fixture
-async def js_client(js_server: EmbeddedNats) -> AsyncIterator[LloomClient]:
-    async with await LloomClient.connect(js_server.url, timeout=WAIT, client_id="acme") as c:
-        yield c
 
 
 async def test_unary_result_carries_a_receipt_that_binds_request_response_usage_and_cost(
@@ -142,14 +131,8 @@ async def test_stream_broken_by_the_backend_is_billed_for_what_it_produced(
 async def test_stream_the_caller_left_still_gets_a_receipt_in_the_stream(
     rig: Rig, js_client: LloomClient, double: OpenAIDouble
 ) -> None:
-    double.completion_tokens = 1000
-    double.fault = Fault.slow(0.01)
-    async with js_client.stream(ask()) as stream:
-        async for chunk in stream:
-            if chunk.seq == 2:
-                break
-    await double.disconnected.wait()
-    await rig.node.wait_idle()
+    await leave_a_long_stream_early(js_client, double)
+    await within(rig.node.wait_idle(), "the node idle again")
     [signed] = await rig.published()
     assert signed.receipt.outcome == "cancelled"
     assert 3 <= signed.receipt.usage.completion_tokens < 1000
