@@ -24,7 +24,7 @@ async def start_stalled_job(client: LloomClient, double: OpenAIDouble, **kw: obj
     double.started.clear()
     double.faults.append(Fault.stall())
     task = asyncio.create_task(client.complete(ask(), **kw))  # type: ignore[arg-type]
-    await double.started.wait()
+    await within(double.started.wait(), "the backend got the job")
     return task
 
 
@@ -39,7 +39,7 @@ async def test_full_node_answers_busy_at_once(
     assert caught.value.retryable
     assert node.stats.busy == 1
     stalled.cancel()
-    await double.disconnected.wait()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
 
 
 async def test_busy_executor_is_skipped_for_another_in_the_queue_group(
@@ -82,8 +82,8 @@ async def test_executor_enforces_the_deadline_it_was_sent(node: ExecutorNode, nc
 async def test_cancelling_the_call_stops_the_backend(node: ExecutorNode, client: LloomClient, double: OpenAIDouble) -> None:
     task = await start_stalled_job(client, double)
     task.cancel()
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
+    await within(node.wait_idle(), "the node idle again")
     assert node.stats.cancelled == 1
 
 
@@ -109,10 +109,10 @@ async def test_caller_that_disappears_has_its_job_cancelled(
         reply=inbox,
         headers={subj.HDR_LIVENESS: "1", subj.HDR_TIMEOUT_MS: "60000"},
     )
-    await double.started.wait()
+    await within(double.started.wait(), "the backend got the job")
     await caller.close()  # gone without a word: no cancel was sent
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
+    await within(node.wait_idle(), "the node idle again")
     assert node.stats.cancelled == 1
 
 
@@ -131,7 +131,7 @@ async def test_drain_finishes_in_flight_jobs_and_takes_no_new_ones(
     jobs = [asyncio.create_task(client.complete(ask())) for _ in range(3)]
     while double.in_flight < 3:
         double.started.clear()
-        await double.started.wait()
+        await within(double.started.wait(), "the backend got the job")
     await node.stop(drain_timeout=5)
     assert node.state is State.STOPPED
     replies = await asyncio.gather(*jobs)
@@ -148,7 +148,7 @@ async def test_drain_timeout_cancels_stragglers_with_shutting_down(
     with pytest.raises(ShuttingDown) as caught:
         await task
     assert caught.value.retryable
-    await double.disconnected.wait()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
 
 
 async def test_stop_is_idempotent(node: ExecutorNode) -> None:
