@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
+from nats.js import JetStreamContext
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import NodeConfig
@@ -51,16 +52,26 @@ class Rig:
 
     async def published(self) -> list[SignedReceipt]:
         """Everything in the stream, once the outbox is empty."""
-        async with asyncio.timeout(WAIT):
-            while self.issuer.outbox.pending:
-                await self.publisher.idle.wait()
-        js = self.node.nc.jetstream()
-        info = await js.stream_info(STREAM)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(STREAM, seq)
-            out += [signed_receipt_decoder.decode(line) for line in receipt_lines(msg.data)]
-        return out
+        await flushed(self.issuer.outbox, self.publisher)
+        return await stored_receipts(self.node.nc.jetstream())
+
+
+async def flushed(outbox: Outbox, publisher: ReceiptPublisher) -> None:
+    """Return once `publisher` has emptied `outbox` into the stream (it sets `idle` after each pass)."""
+
+    async def emptied() -> None:
+        while outbox.pending:
+            await publisher.idle.wait()
+
+    await within(emptied(), "the outbox emptied into the stream", WAIT)
+
+
+async def stored_receipts(js: JetStreamContext) -> list[SignedReceipt]:
+    """Every receipt in the receipts stream, batch by batch."""
+    info = await js.stream_info(STREAM)
+    return [signed_receipt_decoder.decode(line)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)
+            for line in receipt_lines((await js.get_msg(STREAM, seq)).data)]  # fmt: skip
 
 
 @pytest.fixture
@@ -173,15 +184,18 @@ async def test_embedding_jobs_are_billed_by_receipt_too(rig: Rig, js_client: Llo
     assert r.response_sha256 == hashlib.sha256(msgspec.json.encode(reply.embeddings)).hexdigest()
 
 
-async def _issue(issuer: ReceiptIssuer, n: int) -> None:
+async def _issue(issuer: ReceiptIssuer, n: int) -> list[SignedReceipt]:
+    """`n` receipts for small completed jobs, issued without a node."""
     from executor.receipts.issuer import ReceiptUsage
 
-    for _ in range(n):
+    return [
         await issuer.issue(
             job_id="j", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
             usage=ReceiptUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2, counted_by="backend"),
             started_at_ms=0, ttft_ms=None, request=b"{}", response_text="x",
-        )  # fmt: skip
+        )
+        for _ in range(n)
+    ]  # fmt: skip
 
 
 async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_restart(
@@ -200,9 +214,7 @@ async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_rest
     await publisher.start()
     for n in (3, 7):  # batches 1-3, 4-7, 8-10: not what cutting 1..10 into fours would give
         await _issue(issuer, n)
-        async with asyncio.timeout(WAIT):
-            while outbox.pending:
-                await publisher.idle.wait()
+        await flushed(outbox, publisher)
     before = (await js.stream_info(STREAM)).state.messages
     assert before >= 3  # batches of at most 4
     # What a process killed now leaves on disk: the lines and `sent`, but no acked mark.
@@ -214,15 +226,10 @@ async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_rest
     assert sorted(again.pending) == list(range(1, 11))  # to the outbox, nothing was acknowledged
     publisher = ReceiptPublisher(nc, again, sync_interval_s=0.05, batch=4)
     await publisher.start()
-    async with asyncio.timeout(WAIT):
-        while again.pending:
-            await publisher.idle.wait()
+    await flushed(again, publisher)
     await publisher.stop()
-    info = await js.stream_info(STREAM)
-    assert info.state.messages == before  # every batch was a duplicate
-    stored = [signed_receipt_decoder.decode(line)
-              for seq in range(info.state.first_seq, info.state.last_seq + 1)
-              for line in receipt_lines((await js.get_msg(STREAM, seq)).data)]  # fmt: skip
+    assert (await js.stream_info(STREAM)).state.messages == before  # every batch was a duplicate
+    stored = await stored_receipts(js)
     assert sorted(s.receipt.seq for s in stored) == list(range(1, 11))
     assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
     again.close()
@@ -332,14 +339,8 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
         outbox = Outbox(tmp_path / "outbox")
         publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.05)
         await publisher.start()
-        async with asyncio.timeout(WAIT):
-            while outbox.pending:
-                await publisher.idle.wait()
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        stored = [signed_receipt_decoder.decode(line)
-                  for s in range(info.state.first_seq, info.state.last_seq + 1)
-                  for line in receipt_lines((await js.get_msg(STREAM, s)).data)]  # fmt: skip
+        await flushed(outbox, publisher)
+        stored = await stored_receipts(nc.jetstream())
         await publisher.stop()
         outbox.close()
         await nc.close()
@@ -351,16 +352,7 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     identity = Identity.generate()
     outbox = Outbox(tmp_path, compact_bytes=1)
     issuer = ReceiptIssuer(identity, "exe", outbox)
-    from executor.receipts.issuer import ReceiptUsage
-
-    async def issue() -> SignedReceipt:
-        return await issuer.issue(
-            job_id="j", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
-            usage=ReceiptUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2, counted_by="backend"),
-            started_at_ms=0, ttft_ms=None, request=b"{}", response_text="x",
-        )  # fmt: skip
-
-    first = [await issue() for _ in range(3)]
+    first = await _issue(issuer, 3)
     for s in first:
         outbox.acked(s.receipt.seq)
     outbox.sync()
