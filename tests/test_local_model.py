@@ -236,6 +236,7 @@ async def gone(pid: int, what: str, timeout: float = 10.0) -> None:
     await eventually(lambda: not is_running(pid), timeout=timeout, what=what)
 
 
+@pytest.mark.slow  # starts a lloom-executor process
 async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
     start_executor: StartExecutor, tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -259,6 +260,7 @@ async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
     await gone(server, f"llama-server {server} gone after its executor's SIGTERM")
 
 
+@pytest.mark.slow  # starts a lloom-executor process
 async def test_sigkill_of_the_executor_leaves_no_model_server_behind(
     start_executor: StartExecutor, tmp_path: Path
 ) -> None:
