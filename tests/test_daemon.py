@@ -419,6 +419,13 @@ async def test_auto_backend_with_nothing_running_names_every_url_tried(http: aio
 # -- the catalogue, as processes see it ------------------------------------------
 
 
+async def announced(catalog: Catalog) -> None:
+    """Return once `catalog` lists the one executor started. It announces itself just after
+    logging "executor node started", so a query sent at that log line can miss it."""
+    while len(catalog.entries()) != 1:
+        assert await catalog.wait_changed(timeout=WAIT_S), f"catalogue lists {catalog.entries()}, not one executor"
+
+
 @pytest.mark.slow
 async def test_killed_executor_leaves_the_catalogue_after_missed_heartbeats_and_lloom_models_lists_the_live_ones(
     start_executor: StartExecutor, nats_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path, env: dict[str, str]
@@ -431,6 +438,10 @@ async def test_killed_executor_leaves_the_catalogue_after_missed_heartbeats_and_
     )
     executor = await start_executor("--config", str(cfg), "--nats", nats_server.url)
     await executor.started()
+    nc = await nats.connect(nats_server.url)
+    catalog = Catalog(nc)
+    await catalog.start()
+    await announced(catalog)
 
     listing = await run(LLOOM, "--nats", nats_server.url, "models", env=env)
     assert listing.returncode == 0, listing.stderr
@@ -440,9 +451,6 @@ async def test_killed_executor_leaves_the_catalogue_after_missed_heartbeats_and_
     [entry] = json.loads(as_json.stdout)
     assert {m["name"] for m in entry["models"]} == set(double.models)
 
-    nc = await nats.connect(nats_server.url)
-    catalog = Catalog(nc)
-    await catalog.start()
     assert len(catalog.entries()) == 1
     executor.proc.kill()
     loop = asyncio.get_running_loop()
@@ -468,7 +476,7 @@ async def test_graceful_stop_says_goodbye_before_draining(
     nc = await nats.connect(nats_server.url)
     catalog = Catalog(nc)
     await catalog.start()
-    assert len(catalog.entries()) == 1
+    await announced(catalog)
     executor.proc.send_signal(signal.SIGTERM)
     assert await catalog.wait_changed(timeout=WAIT_S)
     assert catalog.entries() == []
