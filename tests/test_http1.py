@@ -20,7 +20,7 @@ from executor.backends.http1 import (
     iter_lines,
 )
 from executor.process.embedded_nats import free_port
-from tests.helpers.wait import eventually, within
+from tests.helpers import wait
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -247,7 +247,7 @@ async def test_pool_limit_makes_callers_wait_for_a_connection(pool_for) -> None:
         head = pool.encode_head("GET", "/x", {})
         calls = [asyncio.create_task(pool.request(head, timeout=5)) for _ in range(5)]
         # All five calls started at once; a pool without a limit would have sent five requests.
-        await eventually(lambda: held == 2, timeout=5, what="two requests held by the server")
+        await wait.eventually(lambda: held == 2, timeout=5, what="two requests held by the server")
         assert server.connections == 2 and not any(c.done() for c in calls)
         gate.set()
         assert [r.body for r in await asyncio.gather(*calls)] == [b"x"] * 5
@@ -273,7 +273,7 @@ async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
         async with pool.stream(pool.encode_head("POST", "/x", {}), b"{}", idle_timeout=5) as (_, conn):
             async for _line in iter_lines(conn):
                 break
-        await within(closed.wait(), "the server's writes failing on the closed connection", 5)
+        await wait.within(closed.wait(), "the server's writes failing on the closed connection", 5)
         assert conn.closed
         # The half-read connection is not handed to the next caller: it gets a fresh one.
         async with pool.stream(pool.encode_head("POST", "/x", {}), b"{}", idle_timeout=5) as (_, again):
