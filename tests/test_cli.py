@@ -25,18 +25,10 @@ from protocol.errors import NoExecutors
 from protocol.identity import Identity
 from protocol.replies import closest_model
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_daemon import (  # noqa: F401  (fixtures: config, env, start_executor)
-    EXECUTOR,
-    LLOOM,
-    WAIT_S,
-    StartExecutor,
-    config,
-    env,
-    run,
-    start_executor,
-    within,
-)
-from tests.test_roundtrip import ask
+from tests.helpers.processes import EXECUTOR, LLOOM, StartExecutor, run
+from tests.helpers.wait import WAIT_S, within
+from tests.test_daemon import config  # noqa: F401  (a fixture)
+from tests.helpers.jobs import ask
 
 SERVED = ["gemma3-270m", "smollm2-135m-instruct"]  # sorted, as the error lists them
 MODEL = "gemma3-270m"

@@ -30,12 +30,12 @@ from executor.process.embedded_nats import EmbeddedNats, free_port
 from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendUnavailable, InvalidRequest, StreamInterrupted
-from protocol.messages import ChatRequest, FinishReason, Message, Role
-from tests.test_daemon import LLOOM, Executor, StartExecutor, children, is_running, run, start_executor, within
+from protocol.messages import ChatRequest, ChatResponse, FinishReason, Message, Role
+from tests.helpers.processes import LLOOM, Executor, StartExecutor, children, is_running, run
+from tests.helpers.wait import eventually, within
 
-__all__ = ["start_executor"]  # the process tests' fixture, here with this module's `env`
-
-pytestmark = pytest.mark.real_inference
+# Real model servers start in seconds and answer slowly on a loaded machine: more than the default 120 s.
+pytestmark = [pytest.mark.real_inference, pytest.mark.timeout(300)]
 
 MODEL = llama_build.DEFAULT_MODEL_NAME
 CONTEXT = 2048  # small, so a prompt over it is cheap to build and to refuse
@@ -173,17 +173,17 @@ async def test_model_server_killed_mid_stream_fails_the_stream_typed_and_is_rest
                     os.kill(first_pid, signal.SIGKILL)
 
     # Meanwhile jobs get a typed, retryable error; then the restarted server answers.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_S
     unavailable: list[BackendUnavailable] = []
-    while True:
+
+    async def answered() -> ChatResponse | None:
         try:
-            reply = await client.complete(ask(max_tokens=4))
-            break
+            return await client.complete(ask(max_tokens=4))
         except BackendUnavailable as e:
             unavailable.append(e)
-            assert loop.time() < deadline, f"the model server was not back within {START_S}s: {e.message}"
-            await asyncio.sleep(0.1)
+            return None
+
+    reply = await eventually(answered, timeout=START_S, interval=0.1,
+                             what=lambda: f"the restarted model server answering; last: {unavailable[-1:]}")  # fmt: skip
     assert reply.usage.completion_tokens > 0
     assert local.restarts == 1 and local.server_pid not in (None, first_pid)
     assert not is_running(first_pid)
@@ -213,12 +213,9 @@ async def test_auto_with_no_local_server_running_serves_the_bundled_model(
 
 
 @pytest.fixture
-def env(tmp_path: Path, local_setup: None) -> dict[str, str]:
-    """The process tests' clean environment (see test_daemon), with the real cache: binary and model."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLOOM_")}
-    clean.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "xdg"))
-    clean["LLOOM_CACHE_DIR"] = str(llama_build.cache_dir())
-    return clean
+def env(env: dict[str, str], local_setup: None) -> dict[str, str]:
+    """The process tests' clean environment (conftest's `env`), with the real cache: binary and model."""
+    return {**env, "LLOOM_CACHE_DIR": str(llama_build.cache_dir())}
 
 
 async def start_local(start_executor: StartExecutor, tmp_path: Path) -> tuple[Executor, str, int]:
@@ -234,15 +231,12 @@ async def start_local(start_executor: StartExecutor, tmp_path: Path) -> tuple[Ex
     return executor, url, server
 
 
-async def gone(pid: int, timeout: float = 10.0) -> bool:
-    # No event exists for another process's death: poll /proc briefly, bounded.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while is_running(pid) and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    return not is_running(pid)
+async def gone(pid: int, what: str, timeout: float = 10.0) -> None:
+    # No event exists for another process's death: poll /proc, bounded.
+    await eventually(lambda: not is_running(pid), timeout=timeout, what=what)
 
 
+@pytest.mark.slow  # starts a lloom-executor process
 async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
     start_executor: StartExecutor, tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -263,9 +257,10 @@ async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
         assert summary and int(summary.group(1)) > 0, result.stderr
         assert MODEL in result.stderr
     assert await executor.exit_code(timeout=30) == 0
-    assert await gone(server), f"llama-server {server} outlived its executor's SIGTERM"
+    await gone(server, f"llama-server {server} gone after its executor's SIGTERM")
 
 
+@pytest.mark.slow  # starts a lloom-executor process
 async def test_sigkill_of_the_executor_leaves_no_model_server_behind(
     start_executor: StartExecutor, tmp_path: Path
 ) -> None:
@@ -274,7 +269,7 @@ async def test_sigkill_of_the_executor_leaves_no_model_server_behind(
     executor.proc.kill()
     await executor.exit_code()
 
-    assert await gone(server), f"llama-server {server} outlived its SIGKILLed executor"
+    await gone(server, f"llama-server {server} gone after its executor's SIGKILL")
 
 
 async def test_local_backend_without_a_built_server_says_what_to_run(
@@ -308,17 +303,17 @@ async def embedding_server(local_setup: None, http: aiohttp.ClientSession, tmp_p
         "--pooling", "mean", "--host", "127.0.0.1", "--port", str(port), "-np", "1", "-c", "2048", "-t", "1",
         stderr=log,
     )  # fmt: skip
+
+    async def healthy() -> bool:
+        assert proc.returncode is None, (tmp_path / "llama-embed.log").read_text(errors="replace")[-2000:]
+        try:
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
     try:
-        async with asyncio.timeout(START_S):
-            while True:
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert proc.returncode is None, (tmp_path / "llama-embed.log").read_text(errors="replace")[-2000:]
-                await asyncio.sleep(0.1)
+        await eventually(healthy, timeout=START_S, interval=0.1, what="llama-server (embeddings) healthy")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         await terminate(proc, 5.0)
