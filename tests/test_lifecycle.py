@@ -171,3 +171,31 @@ async def test_closing_the_client_fails_waiting_calls(
     await other.close()
     with pytest.raises(Cancelled):
         await task
+
+
+async def test_a_node_answers_a_job_sent_from_another_connection_the_moment_start_returns(
+    nats_server, double
+) -> None:
+    # nats-py's flush() alone can return before the server has the node's SUBs: the PING is
+    # written to the socket while the SUBs still wait in the client's queue.
+    import nats
+
+    from executor.backends.openai_compat import OpenAICompatibleBackend
+    from executor.config import NodeConfig
+    from executor.jobs.node import ExecutorNode
+    from protocol.client import LloomClient
+    from tests.helpers.jobs import ask
+
+    async with await LloomClient.connect(nats_server.url, timeout=5, busy_retries=0) as client:
+        for round_ in range(20):
+            conn = await nats.connect(nats_server.url)
+            node = ExecutorNode(conn, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig(),
+                                models=["double-model"])  # fmt: skip
+            await node.start()
+            try:
+                reply = await client.complete(ask())  # no retry: a missing subscription is NoExecutors
+                assert reply.executor_id == node.id, round_
+            finally:
+                await node.stop(drain_timeout=1)
+                await node.backend.aclose()
+                await conn.close()
