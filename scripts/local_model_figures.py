@@ -41,7 +41,10 @@ LONG_PROMPT = "Tell me a long story about a dragon."
 
 
 def request(model: str, max_tokens: int, text: str = "The capital of France is") -> ChatRequest:
-    return ChatRequest(model=model, messages=[Message(Role.USER, text)], max_tokens=max_tokens, temperature=0)
+    # cache=False: a repeated greedy request would otherwise come from the executor's response cache.
+    return ChatRequest(
+        model=model, messages=[Message(Role.USER, text)], max_tokens=max_tokens, temperature=0, cache=False
+    )
 
 
 async def read_events(proc: asyncio.subprocess.Process, events: dict[str, dict[str, object]]) -> None:
