@@ -1,10 +1,13 @@
-"""Real inference through the whole path: client -> NATS -> executor -> llama-server -> Gemma 3 270M.
+"""Real inference through the whole path: client -> NATS -> executor -> llama-server -> SmolLM2-135M-Instruct.
 
-The `real_inference` tier. It needs the `local` extra (the model) and a built
-`llama-server` (`lloom-executor setup-local`); without them it skips, naming
-the command, except in CI (`CI=true`), where a missing binary is a failure.
-The model is a base model whose text means nothing, so these tests assert
-shapes, token accounting and behaviour, never content.
+The `real_inference` tier. It needs `lloom-executor setup-local` (the default
+model, SmolLM2-135M-Instruct, and a built `llama-server`), and for the Gemma
+tests the `local` extra; without them it skips, naming the command, except in
+CI (`CI=true`), where anything missing is a failure. Most tests assert shapes,
+token accounting and behaviour; one asks the chat model a question whose answer
+a working chat template and model must get right at temperature 0. Gemma 3 270M
+(a base model whose text means nothing) is covered as the option it now is, and
+serves the embeddings test.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import aiohttp
 import nats
 import pytest
 
-from executor.backends import llama_build
+from executor.backends import llama_build, local_models
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.local import LocalBackend, check_local
 from executor.backends.local import from_config as local_backend
@@ -37,14 +40,15 @@ from tests.helpers.wait import eventually, within
 # Real model servers start in seconds and answer slowly on a loaded machine: more than the default 120 s.
 pytestmark = [pytest.mark.real_inference, pytest.mark.timeout(300)]
 
-MODEL = llama_build.DEFAULT_MODEL_NAME
+MODEL = local_models.DEFAULT.name
+GEMMA = local_models.GEMMA3.name
 CONTEXT = 2048  # small, so a prompt over it is cheap to build and to refuse
 START_S = 60.0  # bound on a model server start (about 1 s here)
 
 
-def _require_local_backend() -> None:
+def _require_local_backend(config: LlmClientConfig) -> None:
     try:
-        check_local(LlmClientConfig(backend="local"))
+        check_local(config)
     except ConfigError as e:
         reason = f"real-inference tier needs the local backend: {e}"
         if os.environ.get("CI") == "true":
@@ -54,8 +58,14 @@ def _require_local_backend() -> None:
 
 @pytest.fixture(scope="module")
 def local_setup() -> None:
-    _require_local_backend()
-    llama_build.default_model_path()  # assemble the model once, outside any timed wait
+    _require_local_backend(LlmClientConfig(backend="local"))
+    local_models.ready_path(local_models.DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def gemma_setup() -> Path:
+    _require_local_backend(LlmClientConfig(backend="local", local_model=GEMMA))
+    return local_models.ready_path(local_models.GEMMA3)  # join the model once, outside any timed wait
 
 
 def ask(text: str = "The capital of France is", **kw: object) -> ChatRequest:
@@ -88,7 +98,7 @@ async def served(nats_server: EmbeddedNats, local: LocalBackend) -> AsyncIterato
 # -- answers ---------------------------------------------------------------------
 
 
-async def test_node_serves_the_bundled_model_under_its_name_with_the_real_context_length(
+async def test_node_serves_the_default_local_model_under_its_name_with_the_real_context_length(
     served: tuple[ExecutorNode, LloomClient], local: LocalBackend
 ) -> None:
     node, _ = served
@@ -113,6 +123,19 @@ async def test_completion_returns_generated_text_and_the_servers_token_usage(
     assert not usage.estimated
     assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 8
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_the_chat_model_answers_a_plain_question_correctly(served: tuple[ExecutorNode, LloomClient]) -> None:
+    _, client = served
+
+    reply = await client.complete(
+        ask("What is the capital of France? Answer in one short sentence.", max_tokens=32, temperature=0)
+    )
+
+    # Greedy decoding through the GGUF's own chat template: a base model, a wrong
+    # template or a broken tokenizer would not produce this answer.
+    assert "Paris" in reply.content, reply.content
+    assert reply.finish_reason is FinishReason.STOP  # it ended its answer itself
 
 
 async def test_stream_delivers_the_tokens_its_final_usage_counts(served: tuple[ExecutorNode, LloomClient]) -> None:
@@ -193,7 +216,7 @@ async def test_model_server_killed_mid_stream_fails_the_stream_typed_and_is_rest
 # -- auto falls back to the local backend --------------------------------------------
 
 
-async def test_auto_with_no_local_server_running_serves_the_bundled_model(
+async def test_auto_with_no_local_server_running_serves_the_default_local_model(
     http: aiohttp.ClientSession, local_setup: None
 ) -> None:
     dead = Preset(name="lmstudio", base_url=f"http://127.0.0.1:{free_port()}/v1", start_hint="")
@@ -250,9 +273,9 @@ async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
 
     for result in (plain, streamed):
         assert result.returncode == 0, result.stderr
-        # The base model's text is not meaningful (it may be only newlines): assert that
-        # text was printed and that the summary counts generated tokens, not what it says.
-        assert len(result.stdout) > 1  # some text, then the CLI's own closing newline
+        # At the CLI's default temperature the words vary: assert that text was printed
+        # and that the summary counts generated tokens (the content is checked above, greedily).
+        assert len(result.stdout.strip()) > 0
         summary = re.search(r"completion (\d+) = (\d+)", result.stderr)
         assert summary and int(summary.group(1)) > 0, result.stderr
         assert MODEL in result.stderr
@@ -285,12 +308,35 @@ async def test_local_backend_without_a_built_server_says_what_to_run(
 
 
 
+# -- Gemma 3 270M, the option --------------------------------------------------------
+
+
+async def test_local_model_gemma3_serves_the_gemma_option_under_its_name(
+    nats_server: EmbeddedNats, http: aiohttp.ClientSession, gemma_setup: Path
+) -> None:
+    backend = local_backend(local_config(local_model=GEMMA), http)
+    conn = await nats.connect(nats_server.url)
+    node = ExecutorNode(conn, backend, NodeConfig())
+    try:
+        await within(node.start(), "the node started its model server", START_S)
+        async with await LloomClient.connect(nats_server.url, timeout=60) as client:
+            reply = await client.complete(ChatRequest(model=GEMMA, messages=[Message(Role.USER, "hello")],
+                                                      max_tokens=4, temperature=0))  # fmt: skip
+        await node.stop(drain_timeout=1)
+    finally:
+        await backend.aclose()
+        await conn.close()
+
+    assert node.models == {GEMMA}
+    assert reply.model == GEMMA and reply.usage.completion_tokens > 0
+
+
 # -- embeddings, batched, on a real model -------------------------------------------
 
 
 @pytest.fixture
-async def embedding_server(local_setup: None, http: aiohttp.ClientSession, tmp_path: Path) -> AsyncIterator[str]:
-    """llama-server in embeddings mode (mean pooling) on the bundled model; yields its /v1 URL.
+async def embedding_server(gemma_setup: Path, http: aiohttp.ClientSession, tmp_path: Path) -> AsyncIterator[str]:
+    """llama-server in embeddings mode (mean pooling) on Gemma 3 270M; yields its /v1 URL.
 
     One slot (`-np 1`): with more, this llama.cpp build returns different vectors for inputs
     sent together than for the same inputs alone (llama.cpp issue #26282; docs/batching.md)."""
@@ -299,7 +345,7 @@ async def embedding_server(local_setup: None, http: aiohttp.ClientSession, tmp_p
     port = free_port()
     log = (tmp_path / "llama-embed.log").open("wb")
     proc = await spawn_tied(
-        str(llama_build.find_llama_server()), "-m", str(llama_build.default_model_path()), "--embeddings",
+        str(llama_build.find_llama_server()), "-m", str(gemma_setup), "--embeddings",
         "--pooling", "mean", "--host", "127.0.0.1", "--port", str(port), "-np", "1", "-c", "2048", "-t", "1",
         stderr=log,
     )  # fmt: skip

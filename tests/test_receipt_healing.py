@@ -21,7 +21,7 @@ from tests.doubles.openai_double import OpenAIDouble
 from tests.helpers.processes import LLOOM, Executor, StartExecutor, run
 from tests.helpers.wait import WAIT_S
 from tests.test_daemon import write_config
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
 from tests.test_shared_bus import eventually
 
 pytestmark = pytest.mark.slow

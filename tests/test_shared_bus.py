@@ -26,7 +26,7 @@ from tests.doubles.openai_double import OpenAIDouble
 from tests.helpers.processes import JOINED, LLOOM, Result, StartExecutor, children, run
 from tests.helpers.wait import WAIT_S
 from tests.test_daemon import CONTENT, write_config
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
 
 
 async def eventually(check: Callable[[], Awaitable[Result]], ok: Callable[[Result], bool], what: str) -> Result:
