@@ -107,6 +107,8 @@ def test_the_closest_served_name_ignores_case_and_is_never_the_name_itself() -> 
         assert closest_model(asked, SERVED) == meant
     assert closest_model("gemma3-270m", SERVED) is None  # served: nothing to suggest
     assert closest_model("qwen2.5:7b", SERVED) is None  # nothing close
+    assert closest_model("smollm2", SERVED) == "smollm2-135m-instruct"  # a short form of one served name
+    assert closest_model("g", ["gemma3-270m", "gemma2-2b"]) is None  # the start of several: no guess
 
 
 @pytest.mark.slow
