@@ -34,6 +34,7 @@ from executor.backends.presets import PRESETS
 from executor.process.child import ChildProcess
 from executor.config import ConfigError, LlmClientConfig
 from executor.process.embedded_nats import free_port
+from protocol.backoff import Backoff, Retry
 from protocol.errors import BackendUnavailable
 from protocol.messages import ChatRequest
 
@@ -42,8 +43,7 @@ log = structlog.get_logger(logger_name=__name__)
 READY_TIMEOUT_S = 120.0  # loading a model from a cold disk can take a while
 HEALTH_POLL_S = 0.05
 STOP_GRACE_S = 5.0
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
+RESTART_BACKOFF = Backoff(initial_s=0.5, max_s=30.0)
 STABLE_AFTER_S = 60.0  # a server up this long resets the backoff
 # llama-server's default for requests without max_tokens is "until the context is
 # full" (minutes of text on a CPU); requests that name one get theirs.
@@ -222,7 +222,7 @@ class LocalBackend:
 
     async def _supervise(self) -> None:
         """Restart the server whenever it exits, with exponential backoff."""
-        delay = BACKOFF_FIRST_S
+        retry = Retry(RESTART_BACKOFF)
         while not self._closed:
             server = self._server
             assert server is not None
@@ -230,8 +230,9 @@ class LocalBackend:
             code = await server.wait()
             await self._drop_inner()
             if time.monotonic() - up_since >= STABLE_AFTER_S:
-                delay = BACKOFF_FIRST_S
+                retry.reset()
             while not self._closed:
+                delay = retry.next_delay()
                 self._down_reason = (
                     f"the local model server exited with code {code} and is restarting"
                     f" (next attempt in {delay:g}s); retry shortly"
@@ -239,7 +240,6 @@ class LocalBackend:
                 log.warning("local model server exited; restarting", code=code, retry_in_s=delay,
                             log_tail=server.log_tail[-5:])  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
                 try:
                     await self._launch()
                 except BackendUnavailable as e:
