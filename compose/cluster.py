@@ -87,7 +87,7 @@ async def create_receipts_stream(url: str, *, replicas: int) -> None:
     the cluster formed. Executors use the stream as they find it (alone, they would create it R1).
     """
     config = StreamConfig(
-        name=STREAM, subjects=[f"{subj.PREFIX}.receipts.>"], storage=StorageType.FILE,
+        name=STREAM, subjects=[subj.RECEIPTS_ALL], storage=StorageType.FILE,
         num_replicas=replicas, duplicate_window=ReceiptsConfig().duplicate_window_secs,
     )  # fmt: skip
     nc = await nats.connect(url, name="lloom-cluster")

@@ -50,13 +50,16 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # an HTTP proxy and accepts gzip; "auto" takes http1 unless HTTP_PROXY/HTTPS_PROXY/
     # ALL_PROXY (any case) applies to base_url and NO_PROXY does not exclude it.
     transport: Literal["auto", "http1", "aiohttp"] = "auto"
-    # -- backend = "local" (see executor/backends/local.py) --
-    # A GGUF file to serve; when absent, the bundled Gemma 3 270M of the `local` extra.
+    # -- backend = "local" (see executor/backends/local.py and local_models.py) --
+    # Which prepared model to serve when model_path is absent: SmolLM2-135M-Instruct
+    # (set up by `lloom-executor setup-local`), or Gemma 3 270M of the `local` extra.
+    local_model: Literal["smollm2-135m-instruct", "gemma3-270m"] | None = None
+    # Any other GGUF file to serve instead (not together with local_model).
     model_path: str | None = None
-    # The name the model is served under (default: gemma3-270m, or the GGUF file's stem).
+    # The name the model is served under (default: the local model's name, or the GGUF file's stem).
     model_name: str | None = None
     # A llama.cpp built-in chat template name (e.g. "gemma", "chatml"); when absent,
-    # the template in the GGUF's metadata ("gemma" for the bundled model, which has none).
+    # the template in the GGUF's metadata ("gemma" for Gemma 3 270M, which has none).
     chat_template: str | None = None
     # Context length in tokens; when absent, the model's own (from its GGUF metadata).
     context_length: Annotated[int, Meta(ge=256, le=10_000_000)] | None = None
@@ -64,6 +67,10 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     threads: Annotated[int, Meta(ge=1, le=1_024)] | None = None
     # The llama-server binary; when absent, the one `lloom-executor setup-local` built into the cache.
     llama_server: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.local_model is not None and self.model_path is not None:
+            raise ValueError(f"set either local_model ({self.local_model!r}) or model_path, not both")
 
 
 class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -393,11 +400,14 @@ max_connections = 100
 # auto: the lean HTTP/1.1 pool, or aiohttp when HTTP_PROXY/HTTPS_PROXY/ALL_PROXY applies to
 # base_url (and NO_PROXY does not exclude it) | http1 | aiohttp (proxies, gzip)
 transport = "auto"
-# backend = "local": a GGUF file (default: the bundled Gemma 3 270M of the `local` extra),
-# the name it is served under (default: gemma3-270m, else the file's stem), a llama.cpp
+# backend = "local": the model, either a prepared one, served under its own name
+# (smollm2-135m-instruct: the default, set up by `lloom-executor setup-local`; or
+# gemma3-270m: the `local` extra's base model), or any GGUF file (model_path); the name
+# it is served under (default: the local model's name, else the file's stem), a llama.cpp
 # built-in chat template (default: the file's own), context length (default: the model's
 # own), threads (default: one less than the CPU count), and the llama-server binary
 # (default: the one `lloom-executor setup-local` built into ~/.cache/lloom).
+# local_model = "smollm2-135m-instruct"
 # model_path = "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
 # model_name = "qwen2.5-0.5b"
 # chat_template = "chatml"

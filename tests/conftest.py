@@ -4,12 +4,15 @@ Everything here is real except the LLM backend, which is the fault-injecting
 test double `tests.doubles.openai_double.OpenAIDouble` speaking OpenAI's wire
 format over real HTTP. Nodes run in-process on the test's event loop; tests
 that need a node as a separate process (signals, SIGKILL) start the
-`lloom-executor` console script.
+`lloom-executor` console script with `start_executor` (see tests/helpers/processes.py).
+Plain helpers (requests, bounded waits, a fake clock) are in tests/helpers.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import nats
@@ -22,8 +25,12 @@ from executor.process.embedded_nats import EmbeddedNats
 from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from tests.doubles.openai_double import OpenAIDouble
+from tests.helpers.jobs import MODEL
+from tests.helpers.processes import EXECUTOR, Executor, StartExecutor, clean_env
 
-MODEL = "double-model"
+
+# Bound on one client call in the JetStream tests (queue results, receipts): generous for a loaded machine.
+JS_CLIENT_TIMEOUT_S = 15.0
 
 NodeFactory = Callable[..., Awaitable[ExecutorNode]]
 
@@ -31,6 +38,13 @@ NodeFactory = Callable[..., Awaitable[ExecutorNode]]
 @pytest.fixture
 async def nats_server() -> AsyncIterator[EmbeddedNats]:
     async with EmbeddedNats() as server:
+        yield server
+
+
+@pytest.fixture
+async def js_server() -> AsyncIterator[EmbeddedNats]:
+    """A nats-server with JetStream (a temporary store), for the queue, receipts and KV tests."""
+    async with EmbeddedNats(jetstream=True) as server:
         yield server
 
 
@@ -87,3 +101,39 @@ async def node(make_node: NodeFactory) -> ExecutorNode:
 async def client(nats_server: EmbeddedNats) -> AsyncIterator[LloomClient]:
     async with await LloomClient.connect(nats_server.url, timeout=10.0) as c:
         yield c
+
+
+@pytest.fixture
+async def js_client(js_server: EmbeddedNats) -> AsyncIterator[LloomClient]:
+    """A client of `js_server` identifying itself as the client "acme" (receipts name it)."""
+    async with await LloomClient.connect(js_server.url, timeout=JS_CLIENT_TIMEOUT_S, client_id="acme") as c:
+        yield c
+
+
+# -- the console scripts as subprocesses ----------------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The subprocesses' environment: no user config, no inherited Lloom settings."""
+    return clean_env(tmp_path)
+
+
+@pytest.fixture
+async def start_executor(env: dict[str, str]) -> AsyncIterator[StartExecutor]:
+    """Start `lloom-executor ARGS...`; each one (and its nats-server) is killed at teardown."""
+    started: list[Executor] = []
+
+    async def start(*args: str, own_session: bool = False) -> Executor:
+        proc = await asyncio.create_subprocess_exec(
+            EXECUTOR, *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env, start_new_session=own_session,
+        )  # fmt: skip
+        executor = Executor(proc)
+        started.append(executor)
+        return executor
+
+    yield start
+    for executor in started:
+        await executor.close()

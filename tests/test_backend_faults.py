@@ -21,7 +21,8 @@ from protocol.errors import (
 )
 from tests.conftest import MODEL, NodeFactory
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
+from tests.helpers.wait import within
 
 UNARY_FAULTS = [
     (Fault.status(401, "Incorrect API key provided"), BackendAuthFailed, "rejected our credentials"),
@@ -91,7 +92,8 @@ async def test_stalled_backend_times_out_at_timeout_secs(
     with pytest.raises(BackendTimeout) as caught:
         await client.complete(ask())
     assert "timeout_secs=0.2" in caught.value.message
-    await double.disconnected.wait()  # the executor hung up on the stalled backend
+    await within(double.disconnected.wait(), "the executor hung up on the stalled backend")
+    assert (double.disconnects, double.completed) == (1, 0)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from protocol.errors import InvalidRequest, ModelNotFound, NoExecutors, PayloadT
 from protocol.messages import ErrorReply, encoder, unary_reply_decoder
 from tests.conftest import MODEL, NodeFactory
 from tests.doubles.openai_double import OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
 
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 

@@ -6,23 +6,20 @@ No timing assertions: only that every path was measured and every figure is a po
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.processes import run_script
+
+SCRIPT_TIMEOUT_S = 120  # the quick modes take seconds; this turns a hang into a failure with the script's stderr
 
 
 @pytest.mark.slow  # about 15 s: it starts nats-server (JetStream), a backend and three executor processes
+@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 60)  # the script's own bound fails first, with its stderr
 def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--smoke", "--no-litellm", "--quiet", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("bench.py", "--smoke", "--no-litellm", "--quiet", "--out", str(out), timeout=SCRIPT_TIMEOUT_S)
     res = json.loads(out.with_suffix(".json").read_text())
     paths = {"direct", "executor"}
     assert set(res["paths"]) == paths
@@ -59,13 +56,10 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # about 6 s: nats-server, the benchmark backend and two executor processes
+@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 60)
 def test_batching_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None:
     out = tmp_path / "batching.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_batching.py"), "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("bench_batching.py", "--quick", "--json", str(out), timeout=SCRIPT_TIMEOUT_S)
     res = json.loads(out.read_text())
     assert set(res["concurrency"]) == {"1", "8"}
     for row in res["concurrency"].values():
@@ -77,13 +71,10 @@ def test_batching_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None
 
 
 @pytest.mark.slow  # about 5 s: nats-server with JetStream, the benchmark backend, one executor
+@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 60)
 def test_queue_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None:
     out = tmp_path / "queue.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_queue.py"), "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script("bench_queue.py", "--quick", "--json", str(out), timeout=SCRIPT_TIMEOUT_S)
     res = json.loads(out.read_text())
     for row in res["concurrency"].values():
         for path in ("complete", "submit+result"):

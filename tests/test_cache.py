@@ -14,19 +14,14 @@ from protocol.messages import FinishReason, Usage
 from protocol.receipts import verify_receipt
 from tests.conftest import NodeFactory
 from tests.doubles.openai_double import OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.clock import FakeClock
+from tests.helpers.jobs import ask
+from tests.helpers.wait import eventually
 
 
 def completion(text: str) -> Completion:
     return Completion(model="m", content=text, finish_reason=FinishReason.STOP,
                       usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))  # fmt: skip
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_only_deterministic_or_opted_in_requests_are_cacheable() -> None:
@@ -45,7 +40,7 @@ def test_the_key_ignores_streaming_and_the_cache_flag_but_nothing_else() -> None
 
 
 def test_lru_ttl_and_size_limits() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache = ResponseCache(max_entries=2, max_bytes=10, ttl_s=60, clock=clock)
     cache.put(b"a", completion("aaa"))
     cache.put(b"b", completion("bbb"))
@@ -103,13 +98,12 @@ async def test_a_cache_hit_is_replayed_as_a_stream_and_its_receipt_says_cached(
 
 
 async def test_an_answer_cached_by_one_executor_serves_another_through_the_shared_bucket(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import asyncio
-
     import nats
+    from nats.js.errors import NoKeysError
 
     from executor.backends.openai_compat import OpenAICompatibleBackend
+    from executor.cache.shared import BUCKET, SharedCache
     from executor.process.embedded_nats import EmbeddedNats
-    from executor.cache.shared import SharedCache
     from protocol.identity import Identity
 
     async with EmbeddedNats(jetstream=True) as server, OpenAIDouble() as backend_a, OpenAIDouble() as backend_b:
@@ -126,9 +120,17 @@ async def test_an_answer_cached_by_one_executor_serves_another_through_the_share
         async with await LloomClient.connect(server.url) as client:
             first = await client.complete(ask(temperature=0), executor=nodes[0].id)
             assert not first.cached and backend_a.completed == 1
-            async with asyncio.timeout(5):
-                while nodes[0].shared_cache._writes:  # type: ignore[union-attr]  # the background put
-                    await asyncio.sleep(0.01)
+            # The answer is put in the bucket in the background, after the reply: nothing announces
+            # it to a bystander, so look for it there.
+            bucket = await nc.jetstream().key_value(BUCKET)
+
+            async def stored() -> bool:
+                try:
+                    return len(await bucket.keys()) == 1
+                except NoKeysError:
+                    return False
+
+            await eventually(stored, timeout=5, what="the first answer stored in the shared bucket")
             second = await client.complete(ask(temperature=0), executor=nodes[1].id)
             assert second.cached and second.content == first.content and second.executor_id == nodes[1].id
             assert backend_b.completed == 0  # answered from the bucket

@@ -25,18 +25,10 @@ from protocol.errors import NoExecutors
 from protocol.identity import Identity
 from protocol.replies import closest_model
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_daemon import (  # noqa: F401  (fixtures: config, env, start_executor)
-    EXECUTOR,
-    LLOOM,
-    WAIT_S,
-    StartExecutor,
-    config,
-    env,
-    run,
-    start_executor,
-    within,
-)
-from tests.test_roundtrip import ask
+from tests.helpers.processes import EXECUTOR, LLOOM, StartExecutor, run
+from tests.helpers.wait import WAIT_S, within
+from tests.test_daemon import config  # noqa: F401  (a fixture)
+from tests.helpers.jobs import ask
 
 SERVED = ["gemma3-270m", "smollm2-135m-instruct"]  # sorted, as the error lists them
 MODEL = "gemma3-270m"
@@ -115,6 +107,8 @@ def test_the_closest_served_name_ignores_case_and_is_never_the_name_itself() -> 
         assert closest_model(asked, SERVED) == meant
     assert closest_model("gemma3-270m", SERVED) is None  # served: nothing to suggest
     assert closest_model("qwen2.5:7b", SERVED) is None  # nothing close
+    assert closest_model("smollm2", SERVED) == "smollm2-135m-instruct"  # a short form of one served name
+    assert closest_model("g", ["gemma3-270m", "gemma2-2b"]) is None  # the start of several: no guess
 
 
 @pytest.mark.slow

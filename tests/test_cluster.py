@@ -2,8 +2,9 @@
 with JetStream, `lloom-executor` processes on nodes 1 and 2, a client on node 3, and then the
 loss of a node (SIGKILL) that an executor is connected to.
 
-Everything is real except the backend, the in-process OpenAI double. Waits are retry loops
-with deadlines on what a user would observe (answers, the catalogue), never fixed sleeps.
+Everything is real except the backend, the in-process OpenAI double. Waits are retries
+(`eventually`) or catalogue changes with deadlines on what a user would observe (answers, the
+catalogue), never fixed sleeps.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import pytest
 from compose.cluster import Deployment
 from protocol.client import LloomClient
 from protocol.errors import LloomError
-from protocol.messages import ChatRequest, ChatResponse, Message, Role
+from protocol.messages import ChatRequest, ChatResponse
 from tests.doubles.openai_double import OpenAIDouble
+from tests.helpers.jobs import ask as ask_model
+from tests.helpers.wait import eventually
 
-pytestmark = pytest.mark.slow
+# Processes, a node's loss and a reconnect: more than the default 120 s may pass on a loaded machine,
+# within the deadlines below (the results alone may take 3 * SETTLE_S).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 MODEL = "demo-model"
 JOBS = 40
@@ -41,22 +46,21 @@ async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
 
 
 def ask() -> ChatRequest:
-    return ChatRequest(model=MODEL, messages=[Message(Role.USER, "hi")], max_tokens=8)
+    return ask_model(MODEL, "hi", max_tokens=8)
 
 
 async def retry(attempt: Callable[[], Awaitable[T]], what: str) -> T:
     """`attempt()`'s first success; fails the test, with the last errors, if none comes within SETTLE_S."""
     errors: list[LloomError] = []
-    try:
-        async with asyncio.timeout(SETTLE_S):
-            while True:
-                try:
-                    return await attempt()
-                except LloomError as e:
-                    errors.append(e)
-                    await asyncio.sleep(0.1)  # pace the retries; the deadline bounds the wait
-    except TimeoutError:
-        pytest.fail(f"{what}: not within {SETTLE_S}s; last errors: {errors[-3:]!r}")
+
+    async def once() -> T | None:
+        try:
+            return await attempt()
+        except LloomError as e:
+            errors.append(e)
+            return None
+
+    return await eventually(once, timeout=SETTLE_S, interval=0.1, what=lambda: f"{what}; last errors: {errors[-3:]!r}")
 
 
 async def catalogue_lists(client: LloomClient, executors: set[str]) -> None:

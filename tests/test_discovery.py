@@ -26,7 +26,8 @@ from protocol.errors import NoExecutors
 from protocol.identity import Identity
 from protocol.routing import Category, Cheapest, Constraints, Fastest, Specific
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
+from tests.helpers.wait import within
 
 HEARTBEAT = 0.25
 # Generous: these bound waits for events that normally take milliseconds, on a loaded CI machine too.
@@ -155,7 +156,7 @@ async def test_heartbeats_carry_load(make_executor: MakeExecutor, client: LloomC
     executor.double.fault = Fault.stall()
     catalog = await client.catalog()
     task = asyncio.create_task(client.complete(ask(model="m"), timeout=5))
-    await executor.double.started.wait()
+    await within(executor.double.started.wait(), "the backend got the job", WAIT)
     while catalog.entries()[0].load.in_flight != 1:
         assert await catalog.wait_changed(timeout=WAIT)
     assert catalog.entries()[0].load == Load(in_flight=1, capacity=4)
@@ -285,7 +286,7 @@ async def test_busy_candidate_is_skipped(make_executor: MakeExecutor, client: Ll
     await client.catalog()  # loads taken now, while both are idle
     full.double.faults.append(Fault.stall())
     stalled = asyncio.create_task(client.complete(ask(model="m"), executor=full.id))
-    await full.double.started.wait()
+    await within(full.double.started.wait(), "the backend got the job", WAIT)
     reply = await client.complete(ask(model="m"), route=Cheapest())
     assert reply.executor_id == spare.id
     assert full.node.stats.busy == 1
@@ -320,8 +321,8 @@ async def test_hedging_asks_a_second_executor_when_the_first_is_slow(
     sluggish.double.faults.append(Fault.stall())
     reply = await client.complete(ask(model="m"), route=Cheapest(), hedge_after=0.05)
     assert reply.executor_id == backup.id
-    await sluggish.double.disconnected.wait()  # the loser was cancelled at its backend
-    await sluggish.node.wait_idle()
+    await within(sluggish.double.disconnected.wait(), "the loser cancelled at its backend", WAIT)
+    await within(sluggish.node.wait_idle(), "the loser's node idle again", WAIT)
     assert sluggish.node.stats.cancelled == 1
 
 

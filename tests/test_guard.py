@@ -52,30 +52,18 @@ from protocol.messages import (
     unary_reply_decoder,
 )
 from protocol.results import seal_result
-from tests.conftest import MODEL
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_daemon import EXECUTOR, LLOOM, StartExecutor, run, start_executor, env, write_config  # noqa: F401
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import MODEL, ask
+from tests.helpers.processes import EXECUTOR, LLOOM, StartExecutor, run
+from tests.helpers.wait import WAIT_S, eventually
+from tests.test_daemon import write_config
 
-WAIT_S = 10.0
 SECRET_KEY = "hunter2-key-XYZ"  # a key not shaped like sk-...: only masking by value catches it
 URL_PASSWORD = "pa55-in-the-url"
 
 
-async def until(condition, what: str, timeout: float = WAIT_S) -> None:  # type: ignore[no-untyped-def]
-    """Wait for `condition()` to hold (checked on every loop turn, bounded): no sleeps as synchronization."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        pytest.fail(f"{what}: not within {timeout}s")
-
-
-@pytest.fixture
-async def js_server() -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats(jetstream=True) as server:
-        yield server
+async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    await eventually(condition, timeout=WAIT_S, what=what)
 
 
 @pytest.fixture
@@ -213,7 +201,7 @@ async def test_a_forged_queued_result_is_refused_and_the_real_one_is_accepted(
 
 @pytest.mark.slow
 async def test_lloom_result_exits_1_naming_a_forged_result(
-    js_server: EmbeddedNats, attacker: NATS, env: dict[str, str]  # noqa: F811
+    js_server: EmbeddedNats, attacker: NATS, env: dict[str, str]
 ) -> None:
     bucket = await results_bucket(attacker.jetstream())
     await bucket.put("forged-1", _forged_response("forged-1"))
@@ -326,7 +314,7 @@ async def test_a_backend_that_repeats_the_key_leaks_it_to_no_caller_no_log_and_n
 
 @pytest.mark.slow
 async def test_the_executor_process_never_prints_its_key_or_url_credentials(
-    start_executor: StartExecutor, env: dict[str, str], tmp_path: Path  # noqa: F811
+    start_executor: StartExecutor, env: dict[str, str], tmp_path: Path
 ) -> None:
     async with OpenAIDouble(models=[MODEL], api_key="the-right-key", echo_key=True) as double:
         cfg = write_config(tmp_path / "executor.toml",
@@ -386,7 +374,7 @@ async def test_a_key_file_rotation_is_used_for_new_jobs_without_a_restart(
 
 @pytest.mark.slow
 async def test_sighup_applies_a_new_api_key_without_a_restart(
-    start_executor: StartExecutor, env: dict[str, str], tmp_path: Path  # noqa: F811
+    start_executor: StartExecutor, env: dict[str, str], tmp_path: Path
 ) -> None:
     async with OpenAIDouble(models=[MODEL], api_key="first-key-AAAA") as double:
         cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)

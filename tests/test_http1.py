@@ -20,6 +20,7 @@ from executor.backends.transport.base import (
 )
 from executor.backends.transport.http1 import Http1Transport
 from executor.process.embedded_nats import free_port
+from tests.helpers import wait
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -231,13 +232,16 @@ async def test_refused_connection_is_connect_failed(pool_for) -> None:
 
 async def test_pool_limit_makes_callers_wait_for_a_connection(pool_for) -> None:
     gate = asyncio.Event()
+    held = 0  # requests the server holds until the gate opens
 
     async def gated(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal held
         while True:
             try:
                 await read_request(r)
             except asyncio.IncompleteReadError:
                 return
+            held += 1
             await gate.wait()
             w.write(ok(b"x"))
             await w.drain()
@@ -246,11 +250,12 @@ async def test_pool_limit_makes_callers_wait_for_a_connection(pool_for) -> None:
         pool = pool_for(server.url, max_connections=2)
         head = pool.endpoint("GET", "/x", {})
         calls = [asyncio.create_task(pool.request(head, b"", within(5))) for _ in range(5)]
-        await asyncio.sleep(0.05)  # give every call the chance to (wrongly) open a connection
-        assert server.connections == 2
+        # All five calls started at once; a pool without a limit would have sent five requests.
+        await wait.eventually(lambda: held == 2, timeout=5, what="two requests held by the server")
+        assert server.connections == 2 and not any(c.done() for c in calls)
         gate.set()
         assert [r.body for r in await asyncio.gather(*calls)] == [b"x"] * 5
-        assert server.connections == 2
+        assert held == 5 and server.connections == 2  # the other three waited, then reused the two
 
 
 async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
@@ -263,7 +268,7 @@ async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
             while True:
                 w.write(b"6\r\ndata:\n\r\n")
                 await w.drain()
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the behaviour: a backend streaming an event every 10 ms, forever
         except ConnectionError:
             closed.set()
 
@@ -272,5 +277,9 @@ async def test_leaving_a_stream_early_closes_its_connection(pool_for) -> None:
         async with pool.stream(pool.endpoint("POST", "/x", {}), b"{}", within(5)) as resp:
             async for _line in resp.lines():
                 break
-        async with asyncio.timeout(5):
-            await closed.wait()
+        await wait.within(closed.wait(), "the server's writes failing on the closed connection", 5)
+        # The half-read connection is not handed to the next caller: it gets a fresh one.
+        async with pool.stream(pool.endpoint("POST", "/x", {}), b"{}", within(5)) as again:
+            async for _line in again.lines():
+                break
+        assert server.connections == 2

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from executor.backends.breaker import CircuitBreaker
 from executor.backends.openai_compat import OpenAICompatibleBackend
@@ -22,16 +23,11 @@ from protocol.durable import JOBS_STREAM, jobs_subject
 from protocol.errors import BackendError, InvalidRequest, JobQueued, ResultPending
 from protocol.messages import encoder
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
+from tests.helpers.wait import eventually
 
 WAIT = 15.0
 FAST_RETRY = RetryConfig(max_retries=0, initial_delay_ms=20, max_delay_ms=100)
-
-
-@pytest.fixture
-async def js_server() -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats(jetstream=True) as server:
-        yield server
 
 
 @pytest.fixture
@@ -39,12 +35,6 @@ async def js_nc(js_server: EmbeddedNats) -> AsyncIterator[NATS]:
     nc = await nats.connect(js_server.url)
     yield nc
     await nc.close()
-
-
-@pytest.fixture
-async def js_client(js_server: EmbeddedNats) -> AsyncIterator[LloomClient]:
-    async with await LloomClient.connect(js_server.url, timeout=WAIT, client_id="acme") as c:
-        yield c
 
 
 async def _node_with_queue(
@@ -72,6 +62,17 @@ def _queue_pool(double: OpenAIDouble, breaker: CircuitBreaker | None = None) -> 
     backend = OpenAICompatibleBackend(base_url=double.base_url, timeout_secs=5)
     return BackendPool([Member("only", backend, ["m"], 1, breaker or CircuitBreaker())], balancing=LoadBalancingConfig(),
                        retry=FAST_RETRY, fallbacks={"m": FallbackConfig(model="m", strategy="queue")})  # fmt: skip
+
+
+async def _queue_emptied(js: JetStreamContext) -> None:
+    """Return once the jobs stream holds no message: acked (or given-up) jobs leave a work queue.
+
+    Nothing announces it to a bystander, so the stream's state is polled, bounded."""
+
+    async def empty() -> bool:
+        return (await js.stream_info(JOBS_STREAM)).state.messages == 0
+
+    await eventually(empty, timeout=WAIT, what="the jobs stream emptied")
 
 
 async def _stop(node: ExecutorNode, queue: JobQueue) -> None:
@@ -136,10 +137,7 @@ async def test_submitted_jobs_each_run_once_and_their_results_can_be_fetched(
     await js_nc.jetstream().publish(
         jobs_subject("double-model"), encoder.encode(ask()), headers={"Nats-Msg-Id": "other", "Lloom-Job-Id": ids[1]}
     )
-    js = js_nc.jetstream()
-    async with asyncio.timeout(WAIT):
-        while (await js.stream_info(JOBS_STREAM)).state.messages:  # work queue: acked jobs leave the stream
-            await asyncio.sleep(0.02)
+    await _queue_emptied(js_nc.jetstream())
     assert queue.stats.skipped == 1
     assert double.completed == 12
     assert await js_client.fetch(ids[1]) == replies[1]
@@ -211,9 +209,7 @@ async def test_a_job_whose_last_delivery_dies_gets_an_error_result_and_leaves_th
     assert taken.headers and taken.headers["Lloom-Job-Id"] == job
     with pytest.raises(BackendError, match="given up after 1 deliveries"):
         await js_client.result(job, timeout=WAIT)
-    async with asyncio.timeout(WAIT):
-        while (await js.stream_info(JOBS_STREAM)).state.messages:
-            await asyncio.sleep(0.02)
+    await _queue_emptied(js)
     assert len(double.requests) == 0
     await _stop(node, queue)
 

@@ -16,14 +16,15 @@ from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, NoExecuto
 from protocol.messages import encoder, unary_reply_decoder
 from tests.conftest import MODEL, NodeFactory
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask, leave_a_long_stream_early
+from tests.helpers.wait import within
 
 
 async def start_stalled_job(client: LloomClient, double: OpenAIDouble, **kw: object) -> asyncio.Task:
     double.started.clear()
     double.faults.append(Fault.stall())
     task = asyncio.create_task(client.complete(ask(), **kw))  # type: ignore[arg-type]
-    await double.started.wait()
+    await within(double.started.wait(), "the backend got the job")
     return task
 
 
@@ -38,7 +39,7 @@ async def test_full_node_answers_busy_at_once(
     assert caught.value.retryable
     assert node.stats.busy == 1
     stalled.cancel()
-    await double.disconnected.wait()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
 
 
 async def test_busy_executor_is_skipped_for_another_in_the_queue_group(
@@ -59,8 +60,9 @@ async def test_caller_deadline_cancels_the_backend_call(
     double.faults.append(Fault.stall())
     with pytest.raises(DeadlineExceeded):
         await client.complete(ask(), timeout=0.3)
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
+    await within(node.wait_idle(), "the node idle again")
+    assert (double.disconnects, double.completed, node.stats.completed) == (1, 0, 0)  # cut off, not finished
 
 
 async def test_executor_enforces_the_deadline_it_was_sent(node: ExecutorNode, nc: NATS, double: OpenAIDouble) -> None:
@@ -80,20 +82,17 @@ async def test_executor_enforces_the_deadline_it_was_sent(node: ExecutorNode, nc
 async def test_cancelling_the_call_stops_the_backend(node: ExecutorNode, client: LloomClient, double: OpenAIDouble) -> None:
     task = await start_stalled_job(client, double)
     task.cancel()
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
+    await within(node.wait_idle(), "the node idle again")
     assert node.stats.cancelled == 1
 
 
 async def test_leaving_a_stream_early_stops_the_backend(node: ExecutorNode, client: LloomClient, double: OpenAIDouble) -> None:
-    double.completion_tokens = 1000
-    double.fault = Fault.slow(0.01)
-    async with client.stream(ask()) as stream:
-        async for chunk in stream:
-            if chunk.seq == 2:
-                break
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await leave_a_long_stream_early(client, double)
+    await within(node.wait_idle(), "the node idle again")
+    # The backend was cut off mid-answer: it never finished its 1000 tokens.
+    assert (double.disconnects, double.completed) == (1, 0)
+    assert (node.stats.cancelled, node.stats.completed) == (1, 0)
 
 
 async def test_caller_that_disappears_has_its_job_cancelled(
@@ -110,10 +109,10 @@ async def test_caller_that_disappears_has_its_job_cancelled(
         reply=inbox,
         headers={subj.HDR_LIVENESS: "1", subj.HDR_TIMEOUT_MS: "60000"},
     )
-    await double.started.wait()
+    await within(double.started.wait(), "the backend got the job")
     await caller.close()  # gone without a word: no cancel was sent
-    await double.disconnected.wait()
-    await node.wait_idle()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
+    await within(node.wait_idle(), "the node idle again")
     assert node.stats.cancelled == 1
 
 
@@ -132,7 +131,7 @@ async def test_drain_finishes_in_flight_jobs_and_takes_no_new_ones(
     jobs = [asyncio.create_task(client.complete(ask())) for _ in range(3)]
     while double.in_flight < 3:
         double.started.clear()
-        await double.started.wait()
+        await within(double.started.wait(), "the backend got the job")
     await node.stop(drain_timeout=5)
     assert node.state is State.STOPPED
     replies = await asyncio.gather(*jobs)
@@ -149,7 +148,7 @@ async def test_drain_timeout_cancels_stragglers_with_shutting_down(
     with pytest.raises(ShuttingDown) as caught:
         await task
     assert caught.value.retryable
-    await double.disconnected.wait()
+    await within(double.disconnected.wait(), "the executor hung up on the backend")
 
 
 async def test_stop_is_idempotent(node: ExecutorNode) -> None:
@@ -172,3 +171,31 @@ async def test_closing_the_client_fails_waiting_calls(
     await other.close()
     with pytest.raises(Cancelled):
         await task
+
+
+async def test_a_node_answers_a_job_sent_from_another_connection_the_moment_start_returns(
+    nats_server, double
+) -> None:
+    # nats-py's flush() alone can return before the server has the node's SUBs: the PING is
+    # written to the socket while the SUBs still wait in the client's queue.
+    import nats
+
+    from executor.backends.openai_compat import OpenAICompatibleBackend
+    from executor.config import NodeConfig
+    from executor.jobs.node import ExecutorNode
+    from protocol.client import LloomClient
+    from tests.helpers.jobs import ask
+
+    async with await LloomClient.connect(nats_server.url, timeout=5, busy_retries=0) as client:
+        for round_ in range(20):
+            conn = await nats.connect(nats_server.url)
+            node = ExecutorNode(conn, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig(),
+                                models=["double-model"])  # fmt: skip
+            await node.start()
+            try:
+                reply = await client.complete(ask())  # no retry: a missing subscription is NoExecutors
+                assert reply.executor_id == node.id, round_
+            finally:
+                await node.stop(drain_timeout=1)
+                await node.backend.aclose()
+                await conn.close()

@@ -1,10 +1,13 @@
-"""Real inference through the whole path: client -> NATS -> executor -> llama-server -> Gemma 3 270M.
+"""Real inference through the whole path: client -> NATS -> executor -> llama-server -> SmolLM2-135M-Instruct.
 
-The `real_inference` tier. It needs the `local` extra (the model) and a built
-`llama-server` (`lloom-executor setup-local`); without them it skips, naming
-the command, except in CI (`CI=true`), where a missing binary is a failure.
-The model is a base model whose text means nothing, so these tests assert
-shapes, token accounting and behaviour, never content.
+The `real_inference` tier. It needs `lloom-executor setup-local` (the default
+model, SmolLM2-135M-Instruct, and a built `llama-server`), and for the Gemma
+tests the `local` extra; without them it skips, naming the command, except in
+CI (`CI=true`), where anything missing is a failure. Most tests assert shapes,
+token accounting and behaviour; one asks the chat model a question whose answer
+a working chat template and model must get right at temperature 0. Gemma 3 270M
+(a base model whose text means nothing) is covered as the option it now is, and
+serves the embeddings test.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import aiohttp
 import nats
 import pytest
 
-from executor.backends import llama_build
+from executor.backends import llama_build, local_models
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.local import LocalBackend, check_local
 from executor.backends.local import from_config as local_backend
@@ -30,21 +33,22 @@ from executor.process.embedded_nats import EmbeddedNats, free_port
 from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendUnavailable, InvalidRequest, StreamInterrupted
-from protocol.messages import ChatRequest, FinishReason, Message, Role
-from tests.test_daemon import LLOOM, Executor, StartExecutor, children, is_running, run, start_executor, within
+from protocol.messages import ChatRequest, ChatResponse, FinishReason, Message, Role
+from tests.helpers.processes import LLOOM, Executor, StartExecutor, children, is_running, run
+from tests.helpers.wait import eventually, within
 
-__all__ = ["start_executor"]  # the process tests' fixture, here with this module's `env`
+# Real model servers start in seconds and answer slowly on a loaded machine: more than the default 120 s.
+pytestmark = [pytest.mark.real_inference, pytest.mark.timeout(300)]
 
-pytestmark = pytest.mark.real_inference
-
-MODEL = llama_build.DEFAULT_MODEL_NAME
+MODEL = local_models.DEFAULT.name
+GEMMA = local_models.GEMMA3.name
 CONTEXT = 2048  # small, so a prompt over it is cheap to build and to refuse
 START_S = 60.0  # bound on a model server start (about 1 s here)
 
 
-def _require_local_backend() -> None:
+def _require_local_backend(config: LlmClientConfig) -> None:
     try:
-        check_local(LlmClientConfig(backend="local"))
+        check_local(config)
     except ConfigError as e:
         reason = f"real-inference tier needs the local backend: {e}"
         if os.environ.get("CI") == "true":
@@ -54,8 +58,14 @@ def _require_local_backend() -> None:
 
 @pytest.fixture(scope="module")
 def local_setup() -> None:
-    _require_local_backend()
-    llama_build.default_model_path()  # assemble the model once, outside any timed wait
+    _require_local_backend(LlmClientConfig(backend="local"))
+    local_models.ready_path(local_models.DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def gemma_setup() -> Path:
+    _require_local_backend(LlmClientConfig(backend="local", local_model=GEMMA))
+    return local_models.ready_path(local_models.GEMMA3)  # join the model once, outside any timed wait
 
 
 def ask(text: str = "The capital of France is", **kw: object) -> ChatRequest:
@@ -88,7 +98,7 @@ async def served(nats_server: EmbeddedNats, local: LocalBackend) -> AsyncIterato
 # -- answers ---------------------------------------------------------------------
 
 
-async def test_node_serves_the_bundled_model_under_its_name_with_the_real_context_length(
+async def test_node_serves_the_default_local_model_under_its_name_with_the_real_context_length(
     served: tuple[ExecutorNode, LloomClient], local: LocalBackend
 ) -> None:
     node, _ = served
@@ -113,6 +123,19 @@ async def test_completion_returns_generated_text_and_the_servers_token_usage(
     assert not usage.estimated
     assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 8
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+async def test_the_chat_model_answers_a_plain_question_correctly(served: tuple[ExecutorNode, LloomClient]) -> None:
+    _, client = served
+
+    reply = await client.complete(
+        ask("What is the capital of France? Answer in one short sentence.", max_tokens=32, temperature=0)
+    )
+
+    # Greedy decoding through the GGUF's own chat template: a base model, a wrong
+    # template or a broken tokenizer would not produce this answer.
+    assert "Paris" in reply.content, reply.content
+    assert reply.finish_reason is FinishReason.STOP  # it ended its answer itself
 
 
 async def test_stream_delivers_the_tokens_its_final_usage_counts(served: tuple[ExecutorNode, LloomClient]) -> None:
@@ -173,17 +196,17 @@ async def test_model_server_killed_mid_stream_fails_the_stream_typed_and_is_rest
                     os.kill(first_pid, signal.SIGKILL)
 
     # Meanwhile jobs get a typed, retryable error; then the restarted server answers.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_S
     unavailable: list[BackendUnavailable] = []
-    while True:
+
+    async def answered() -> ChatResponse | None:
         try:
-            reply = await client.complete(ask(max_tokens=4))
-            break
+            return await client.complete(ask(max_tokens=4))
         except BackendUnavailable as e:
             unavailable.append(e)
-            assert loop.time() < deadline, f"the model server was not back within {START_S}s: {e.message}"
-            await asyncio.sleep(0.1)
+            return None
+
+    reply = await eventually(answered, timeout=START_S, interval=0.1,
+                             what=lambda: f"the restarted model server answering; last: {unavailable[-1:]}")  # fmt: skip
     assert reply.usage.completion_tokens > 0
     assert local.restarts == 1 and local.server_pid not in (None, first_pid)
     assert not is_running(first_pid)
@@ -193,7 +216,7 @@ async def test_model_server_killed_mid_stream_fails_the_stream_typed_and_is_rest
 # -- auto falls back to the local backend --------------------------------------------
 
 
-async def test_auto_with_no_local_server_running_serves_the_bundled_model(
+async def test_auto_with_no_local_server_running_serves_the_default_local_model(
     http: aiohttp.ClientSession, local_setup: None
 ) -> None:
     dead = Preset(name="lmstudio", base_url=f"http://127.0.0.1:{free_port()}/v1", start_hint="")
@@ -213,12 +236,9 @@ async def test_auto_with_no_local_server_running_serves_the_bundled_model(
 
 
 @pytest.fixture
-def env(tmp_path: Path, local_setup: None) -> dict[str, str]:
-    """The process tests' clean environment (see test_daemon), with the real cache: binary and model."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLOOM_")}
-    clean.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "xdg"))
-    clean["LLOOM_CACHE_DIR"] = str(llama_build.cache_dir())
-    return clean
+def env(env: dict[str, str], local_setup: None) -> dict[str, str]:
+    """The process tests' clean environment (conftest's `env`), with the real cache: binary and model."""
+    return {**env, "LLOOM_CACHE_DIR": str(llama_build.cache_dir())}
 
 
 async def start_local(start_executor: StartExecutor, tmp_path: Path) -> tuple[Executor, str, int]:
@@ -234,15 +254,12 @@ async def start_local(start_executor: StartExecutor, tmp_path: Path) -> tuple[Ex
     return executor, url, server
 
 
-async def gone(pid: int, timeout: float = 10.0) -> bool:
-    # No event exists for another process's death: poll /proc briefly, bounded.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while is_running(pid) and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    return not is_running(pid)
+async def gone(pid: int, what: str, timeout: float = 10.0) -> None:
+    # No event exists for another process's death: poll /proc, bounded.
+    await eventually(lambda: not is_running(pid), timeout=timeout, what=what)
 
 
+@pytest.mark.slow  # starts a lloom-executor process
 async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
     start_executor: StartExecutor, tmp_path: Path, env: dict[str, str]
 ) -> None:
@@ -256,16 +273,17 @@ async def test_lloom_cli_gets_real_text_then_sigterm_stops_the_model_server(
 
     for result in (plain, streamed):
         assert result.returncode == 0, result.stderr
-        # The base model's text is not meaningful (it may be only newlines): assert that
-        # text was printed and that the summary counts generated tokens, not what it says.
-        assert len(result.stdout) > 1  # some text, then the CLI's own closing newline
+        # At the CLI's default temperature the words vary: assert that text was printed
+        # and that the summary counts generated tokens (the content is checked above, greedily).
+        assert len(result.stdout.strip()) > 0
         summary = re.search(r"completion (\d+) = (\d+)", result.stderr)
         assert summary and int(summary.group(1)) > 0, result.stderr
         assert MODEL in result.stderr
     assert await executor.exit_code(timeout=30) == 0
-    assert await gone(server), f"llama-server {server} outlived its executor's SIGTERM"
+    await gone(server, f"llama-server {server} gone after its executor's SIGTERM")
 
 
+@pytest.mark.slow  # starts a lloom-executor process
 async def test_sigkill_of_the_executor_leaves_no_model_server_behind(
     start_executor: StartExecutor, tmp_path: Path
 ) -> None:
@@ -274,7 +292,7 @@ async def test_sigkill_of_the_executor_leaves_no_model_server_behind(
     executor.proc.kill()
     await executor.exit_code()
 
-    assert await gone(server), f"llama-server {server} outlived its SIGKILLed executor"
+    await gone(server, f"llama-server {server} gone after its executor's SIGKILL")
 
 
 async def test_local_backend_without_a_built_server_says_what_to_run(
@@ -290,12 +308,35 @@ async def test_local_backend_without_a_built_server_says_what_to_run(
 
 
 
+# -- Gemma 3 270M, the option --------------------------------------------------------
+
+
+async def test_local_model_gemma3_serves_the_gemma_option_under_its_name(
+    nats_server: EmbeddedNats, http: aiohttp.ClientSession, gemma_setup: Path
+) -> None:
+    backend = local_backend(local_config(local_model=GEMMA), http)
+    conn = await nats.connect(nats_server.url)
+    node = ExecutorNode(conn, backend, NodeConfig())
+    try:
+        await within(node.start(), "the node started its model server", START_S)
+        async with await LloomClient.connect(nats_server.url, timeout=60) as client:
+            reply = await client.complete(ChatRequest(model=GEMMA, messages=[Message(Role.USER, "hello")],
+                                                      max_tokens=4, temperature=0))  # fmt: skip
+        await node.stop(drain_timeout=1)
+    finally:
+        await backend.aclose()
+        await conn.close()
+
+    assert node.models == {GEMMA}
+    assert reply.model == GEMMA and reply.usage.completion_tokens > 0
+
+
 # -- embeddings, batched, on a real model -------------------------------------------
 
 
 @pytest.fixture
-async def embedding_server(local_setup: None, http: aiohttp.ClientSession, tmp_path: Path) -> AsyncIterator[str]:
-    """llama-server in embeddings mode (mean pooling) on the bundled model; yields its /v1 URL.
+async def embedding_server(gemma_setup: Path, http: aiohttp.ClientSession, tmp_path: Path) -> AsyncIterator[str]:
+    """llama-server in embeddings mode (mean pooling) on Gemma 3 270M; yields its /v1 URL.
 
     One slot (`-np 1`): with more, this llama.cpp build returns different vectors for inputs
     sent together than for the same inputs alone (llama.cpp issue #26282; docs/batching.md)."""
@@ -304,21 +345,21 @@ async def embedding_server(local_setup: None, http: aiohttp.ClientSession, tmp_p
     port = free_port()
     log = (tmp_path / "llama-embed.log").open("wb")
     proc = await spawn_tied(
-        str(llama_build.find_llama_server()), "-m", str(llama_build.default_model_path()), "--embeddings",
+        str(llama_build.find_llama_server()), "-m", str(gemma_setup), "--embeddings",
         "--pooling", "mean", "--host", "127.0.0.1", "--port", str(port), "-np", "1", "-c", "2048", "-t", "1",
         stderr=log,
     )  # fmt: skip
+
+    async def healthy() -> bool:
+        assert proc.returncode is None, (tmp_path / "llama-embed.log").read_text(errors="replace")[-2000:]
+        try:
+            async with http.get(f"http://127.0.0.1:{port}/health") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
     try:
-        async with asyncio.timeout(START_S):
-            while True:
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert proc.returncode is None, (tmp_path / "llama-embed.log").read_text(errors="replace")[-2000:]
-                await asyncio.sleep(0.1)
+        await eventually(healthy, timeout=START_S, interval=0.1, what="llama-server (embeddings) healthy")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         await terminate(proc, 5.0)

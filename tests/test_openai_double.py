@@ -45,14 +45,9 @@ def _no_server_errors() -> Iterator[None]:
 
 @pytest_asyncio.fixture
 async def double() -> AsyncIterator[OpenAIDouble]:
+    """Overrides conftest's `double` on purpose: one model and four-token answers, short enough to read whole."""
     async with OpenAIDouble(completion_tokens=4) as d:
         yield d
-
-
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def chat(double: OpenAIDouble, http: aiohttp.ClientSession, **body: Any) -> Any:

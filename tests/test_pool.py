@@ -18,15 +18,8 @@ from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendError, DeadlineExceeded, InvalidRequest, RateLimited, StreamInterrupted
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers.clock import FakeClock
+from tests.helpers.jobs import ask
 
 
 class Rig:
@@ -77,7 +70,7 @@ async def make_rig(nats_server: EmbeddedNats) -> AsyncIterator[MakeRig]:
             balancing=LoadBalancingConfig(strategy=strategy),  # type: ignore[arg-type]
             retry=retry or RetryConfig(),
             fallbacks={f.model: f for f in fallbacks or []},
-            sleep=asyncio.sleep if real_sleep else record_sleep,
+            sleep=asyncio.sleep if real_sleep else record_sleep,  # real: the backoff itself is under test
         )
         nc = await nats.connect(nats_server.url)
         node = ExecutorNode(nc, pool, NodeConfig())
@@ -321,35 +314,26 @@ weight = 30
     assert [c.name for c in pool.candidates("gpt-3.5-turbo")] in (["primary", "fallback"], ["fallback", "primary"])
 
 
+@pytest.mark.slow  # runs `lloom-executor status` as a process
 async def test_lloom_executor_status_shows_each_backends_breaker(
-    make_rig: MakeRig, client: LloomClient, nats_server: EmbeddedNats, tmp_path
+    make_rig: MakeRig, client: LloomClient, nats_server: EmbeddedNats, env: dict[str, str]
 ) -> None:
     import json
-    import os
-    import sys
+
+    from tests.helpers.processes import EXECUTOR, run
 
     rig = await make_rig("good", "bad")
     rig.doubles["bad"].fault = Fault.status(500)
     for _ in range(4):
         await client.complete(ask(model="m"))
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "executor.runtime.cli", "--nats", nats_server.url, "status",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    text = out.decode()
-    assert f"{rig.node.id}: running, 0/32 jobs" in text
-    assert "backend bad: breaker open, 2 failures in a row" in text
-    assert "backend good: breaker closed" in text
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "executor.runtime.cli", "--nats", nats_server.url, "status", "--id", rig.node.id, "--json",
-        stdout=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    status = json.loads(out)
-    assert status["stats"]["completed"] == 4 and status["models"] == {"m": True}
+    status = await run(EXECUTOR, "--nats", nats_server.url, "status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert f"{rig.node.id}: running, 0/32 jobs" in status.stdout
+    assert "backend bad: breaker open, 2 failures in a row" in status.stdout
+    assert "backend good: breaker closed" in status.stdout
+    as_json = await run(EXECUTOR, "--nats", nats_server.url, "status", "--id", rig.node.id, "--json", env=env)
+    status_json = json.loads(as_json.stdout)
+    assert status_json["stats"]["completed"] == 4 and status_json["models"] == {"m": True}
 
 
 async def test_a_backend_killed_mid_load_fails_no_request_and_takes_traffic_again_once_back(

@@ -18,17 +18,10 @@ from executor.process.embedded_nats import EmbeddedNats, free_port
 from protocol import subjects as subj
 from protocol.client import LloomClient
 from tests.doubles.openai_double import OpenAIDouble
-from tests.test_daemon import (  # noqa: F401 - fixtures
-    LLOOM,
-    WAIT_S,
-    Executor,
-    StartExecutor,
-    env,
-    run,
-    start_executor,
-    write_config,
-)
-from tests.test_roundtrip import ask
+from tests.helpers.processes import LLOOM, Executor, StartExecutor, run
+from tests.helpers.wait import WAIT_S
+from tests.test_daemon import write_config
+from tests.helpers.jobs import ask
 from tests.test_shared_bus import eventually
 
 pytestmark = pytest.mark.slow

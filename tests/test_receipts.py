@@ -13,6 +13,7 @@ import aiohttp
 import msgspec
 import nats
 import pytest
+from nats.js import JetStreamContext
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import NodeConfig
@@ -36,7 +37,8 @@ from protocol.receipts import (
 )
 from tests.conftest import MODEL
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask, leave_a_long_stream_early
+from tests.helpers.wait import within
 
 PRICE = Pricing(input=Decimal("0.15"), output=Decimal("0.60"))
 WAIT = 10.0
@@ -51,22 +53,26 @@ class Rig:
 
     async def published(self) -> list[SignedReceipt]:
         """Everything in the stream, once the outbox is empty."""
-        async with asyncio.timeout(WAIT):
-            while self.issuer.outbox.pending:
-                await self.publisher.idle.wait()
-        js = self.node.nc.jetstream()
-        info = await js.stream_info(STREAM)
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await js.get_msg(STREAM, seq)
-            out += [signed_receipt_decoder.decode(line) for line in receipt_lines(msg.data)]
-        return out
+        await flushed(self.issuer.outbox, self.publisher)
+        return await stored_receipts(self.node.nc.jetstream())
 
 
-@pytest.fixture
-async def js_server() -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats(jetstream=True) as server:
-        yield server
+async def flushed(outbox: Outbox, publisher: ReceiptPublisher) -> None:
+    """Return once `publisher` has emptied `outbox` into the stream (it sets `idle` after each pass)."""
+
+    async def emptied() -> None:
+        while outbox.pending:
+            await publisher.idle.wait()
+
+    await within(emptied(), "the outbox emptied into the stream", WAIT)
+
+
+async def stored_receipts(js: JetStreamContext) -> list[SignedReceipt]:
+    """Every receipt in the receipts stream, batch by batch."""
+    info = await js.stream_info(STREAM)
+    return [signed_receipt_decoder.decode(line)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1)
+            for line in receipt_lines((await js.get_msg(STREAM, seq)).data)]  # fmt: skip
 
 
 @pytest.fixture
@@ -86,12 +92,6 @@ async def rig(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path) -> 
     outbox.close()
     await node.backend.aclose()
     await nc.close()
-
-
-@pytest.fixture
-async def js_client(js_server: EmbeddedNats) -> AsyncIterator[LloomClient]:
-    async with await LloomClient.connect(js_server.url, timeout=WAIT, client_id="acme") as c:
-        yield c
 
 
 async def test_unary_result_carries_a_receipt_that_binds_request_response_usage_and_cost(
@@ -143,14 +143,8 @@ async def test_stream_broken_by_the_backend_is_billed_for_what_it_produced(
 async def test_stream_the_caller_left_still_gets_a_receipt_in_the_stream(
     rig: Rig, js_client: LloomClient, double: OpenAIDouble
 ) -> None:
-    double.completion_tokens = 1000
-    double.fault = Fault.slow(0.01)
-    async with js_client.stream(ask()) as stream:
-        async for chunk in stream:
-            if chunk.seq == 2:
-                break
-    await double.disconnected.wait()
-    await rig.node.wait_idle()
+    await leave_a_long_stream_early(js_client, double)
+    await within(rig.node.wait_idle(), "the node idle again")
     [signed] = await rig.published()
     assert signed.receipt.outcome == "cancelled"
     assert 3 <= signed.receipt.usage.completion_tokens < 1000
@@ -191,15 +185,18 @@ async def test_embedding_jobs_are_billed_by_receipt_too(rig: Rig, js_client: Llo
     assert r.response_sha256 == hashlib.sha256(msgspec.json.encode(reply.embeddings)).hexdigest()
 
 
-async def _issue(issuer: ReceiptIssuer, n: int) -> None:
+async def _issue(issuer: ReceiptIssuer, n: int) -> list[SignedReceipt]:
+    """`n` receipts for small completed jobs, issued without a node."""
     from executor.receipts.issuer import ReceiptUsage
 
-    for _ in range(n):
+    return [
         await issuer.issue(
             job_id="j", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
             usage=ReceiptUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2, counted_by="backend"),
             started_at_ms=0, ttft_ms=None, request=b"{}", response_text="x",
-        )  # fmt: skip
+        )
+        for _ in range(n)
+    ]  # fmt: skip
 
 
 async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_restart(
@@ -218,9 +215,7 @@ async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_rest
     await publisher.start()
     for n in (3, 7):  # batches 1-3, 4-7, 8-10: not what cutting 1..10 into fours would give
         await _issue(issuer, n)
-        async with asyncio.timeout(WAIT):
-            while outbox.pending:
-                await publisher.idle.wait()
+        await flushed(outbox, publisher)
     before = (await js.stream_info(STREAM)).state.messages
     assert before >= 3  # batches of at most 4
     # What a process killed now leaves on disk: the lines and `sent`, but no acked mark.
@@ -232,15 +227,10 @@ async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_rest
     assert sorted(again.pending) == list(range(1, 11))  # to the outbox, nothing was acknowledged
     publisher = ReceiptPublisher(nc, again, sync_interval_s=0.05, batch=4)
     await publisher.start()
-    async with asyncio.timeout(WAIT):
-        while again.pending:
-            await publisher.idle.wait()
+    await flushed(again, publisher)
     await publisher.stop()
-    info = await js.stream_info(STREAM)
-    assert info.state.messages == before  # every batch was a duplicate
-    stored = [signed_receipt_decoder.decode(line)
-              for seq in range(info.state.first_seq, info.state.last_seq + 1)
-              for line in receipt_lines((await js.get_msg(STREAM, seq)).data)]  # fmt: skip
+    assert (await js.stream_info(STREAM)).state.messages == before  # every batch was a duplicate
+    stored = await stored_receipts(js)
     assert sorted(s.receipt.seq for s in stored) == list(range(1, 11))
     assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
     again.close()
@@ -353,14 +343,8 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
         outbox = Outbox(tmp_path / "outbox")
         publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.05)
         await publisher.start()
-        async with asyncio.timeout(WAIT):
-            while outbox.pending:
-                await publisher.idle.wait()
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        stored = [signed_receipt_decoder.decode(line)
-                  for s in range(info.state.first_seq, info.state.last_seq + 1)
-                  for line in receipt_lines((await js.get_msg(STREAM, s)).data)]  # fmt: skip
+        await flushed(outbox, publisher)
+        stored = await stored_receipts(nc.jetstream())
         await publisher.stop()
         outbox.close()
         await nc.close()
@@ -372,16 +356,7 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     identity = Identity.generate()
     outbox = Outbox(tmp_path, compact_bytes=1)
     issuer = ReceiptIssuer(identity, "exe", outbox)
-    from executor.receipts.issuer import ReceiptUsage
-
-    async def issue() -> SignedReceipt:
-        return await issuer.issue(
-            job_id="j", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
-            usage=ReceiptUsage(prompt_tokens=1, completion_tokens=1, total_tokens=2, counted_by="backend"),
-            started_at_ms=0, ttft_ms=None, request=b"{}", response_text="x",
-        )  # fmt: skip
-
-    first = [await issue() for _ in range(3)]
+    first = await _issue(issuer, 3)
     for s in first:
         outbox.acked(s.receipt.seq)
     outbox.sync()

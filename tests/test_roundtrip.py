@@ -6,13 +6,10 @@ import pytest
 
 from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
-from protocol.messages import ChatRequest, FinishReason, Message, Role
+from protocol.messages import FinishReason
 from tests.conftest import MODEL, NodeFactory
 from tests.doubles.openai_double import Fault, OpenAIDouble
-
-
-def ask(model: str = MODEL, text: str = "say something short", **kw: object) -> ChatRequest:
-    return ChatRequest(model=model, messages=[Message(Role.USER, text)], **kw)  # type: ignore[arg-type]
+from tests.helpers.jobs import ask
 
 
 async def test_unary_completion_returns_the_normalized_response(

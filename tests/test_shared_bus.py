@@ -23,20 +23,10 @@ from executor.process.shared_bus import SharedBus
 from protocol.client import LloomClient
 from protocol.errors import LloomError
 from tests.doubles.openai_double import OpenAIDouble
-from tests.test_daemon import (  # noqa: F401 - fixtures
-    CONTENT,
-    JOINED,
-    LLOOM,
-    WAIT_S,
-    Result,
-    StartExecutor,
-    children,
-    env,
-    run,
-    start_executor,
-    write_config,
-)
-from tests.test_roundtrip import ask
+from tests.helpers.processes import JOINED, LLOOM, Result, StartExecutor, children, run
+from tests.helpers.wait import WAIT_S
+from tests.test_daemon import CONTENT, write_config
+from tests.helpers.jobs import ask
 
 
 async def eventually(check: Callable[[], Awaitable[Result]], ok: Callable[[Result], bool], what: str) -> Result:

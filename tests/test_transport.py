@@ -32,7 +32,7 @@ from executor.config import ConfigError, parse_config
 from protocol.errors import BackendTimeout, BackendUnavailable, ErrorCode, StreamInterrupted
 from tests.conftest import MODEL
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
 
 CONTENT = "".join(f"tok{i} " for i in range(8))  # what the double generates by default
 

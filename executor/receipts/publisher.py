@@ -38,6 +38,7 @@ from nats.js.client import JetStreamContext
 
 from executor.receipts.outbox import Outbox
 from protocol import subjects as subj
+from protocol.backoff import Backoff, Retry
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -109,7 +110,7 @@ class ReceiptPublisher:
         self._ack_prefix = nc.new_inbox()
         self._stream_ready = False
         self._away_until = 0.0
-        self._backoff = 0.1
+        self._retry = Retry(Backoff(initial_s=0.1, max_s=retry_max_s))
         self.published = 0  # receipts acknowledged
         self.messages = 0  # batches acknowledged
         self.stored = 0  # batches acknowledged as stored anew (not as duplicates)
@@ -237,7 +238,7 @@ class ReceiptPublisher:
                 subj.receipts_subject(entries[0].executor_id),
                 b"\n".join(e.line for e in entries),
                 reply=f"{self._ack_prefix}.{batch.seqs[0]}",
-                headers={"Nats-Msg-Id": msg_id, subj.HDR_RECEIPTS: str(len(entries)),
+                headers={subj.HDR_MSG_ID: msg_id, subj.HDR_RECEIPTS: str(len(entries)),
                          subj.HDR_RECEIPT_SEQS: f"{seqs[0]}-{seqs[-1]}"},  # fmt: skip
             )
 
@@ -262,7 +263,7 @@ class ReceiptPublisher:
         self.published += len(batch.seqs)
         self.messages += 1
         self.stored += not ack.duplicate
-        self._backoff = 0.1
+        self._retry.reset()
         if not self.outbox.pending:
             self.idle.set()
         elif self._ready or self._fresh:
@@ -274,10 +275,10 @@ class ReceiptPublisher:
 
     def _away(self, now: float, why: str) -> None:
         if now >= self._away_until:  # one line per outage step, not per receipt
+            delay = self._retry.next_delay()
             log.warning("receipts not published yet; retrying", error=why, pending=len(self.outbox.pending),
-                        retry_in_s=self._backoff)  # fmt: skip
-            self._away_until = now + self._backoff
-            self._backoff = min(self._backoff * 2, self.retry_max_s)
+                        retry_in_s=round(delay, 2))  # fmt: skip
+            self._away_until = now + delay
         self._wake.set()
 
     def _requeue_overdue(self, now: float) -> None:

