@@ -102,7 +102,7 @@ async def test_a_cache_hit_is_replayed_as_a_stream_and_its_receipt_says_cached(
 # -- the shared level: a NATS KV bucket --------------------------------------------------
 
 
-async def test_an_answer_cached_by_one_executor_serves_another_through_the_shared_bucket(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_an_answer_cached_by_one_executor_serves_another_through_the_shared_bucket(tmp_path, signing) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
     import nats
@@ -117,7 +117,8 @@ async def test_an_answer_cached_by_one_executor_serves_another_through_the_share
         for double in (backend_a, backend_b):
             node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), models=["double-model"],
                                 cache=ResponseCache(),
-                                shared_cache=await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20))  # fmt: skip
+                                shared_cache=await SharedCache.open(nc.jetstream(), ttl_s=60, max_bytes=1 << 20),
+                                **signing())  # fmt: skip
             await node.start()
             nodes.append(node)
         async with await LloomClient.connect(server.url) as client:
