@@ -40,15 +40,15 @@ class Identity:
         return cls(nkeys.encode_seed(os.urandom(32), prefix))
 
     @classmethod
-    def load_or_create(cls, path: Path) -> Identity:
-        """Read the seed at `path`, or create one there (mode 0600) on first use."""
+    def load_or_create(cls, path: Path, prefix: int = nkeys.PREFIX_BYTE_SERVER) -> Identity:
+        """Read the seed at `path`, or create one there (mode 0600) on first use (of the kind `prefix`)."""
         try:
             return cls(path.read_bytes().strip())
         except FileNotFoundError:
             pass
         except OSError as e:
             raise IdentityError(f"{path}: cannot read the identity seed: {e.strerror}") from e
-        identity = cls.generate()
+        identity = cls.generate(prefix)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -175,7 +175,7 @@ def verify_receipt(
 
 
 def check_chain(receipts: Iterable[tuple[SignedReceipt, bytes]]) -> list[str]:
-    """Problems in each executor's sequence: gaps, duplicates, broken links, key changes.
+    """Problems in each executor's sequence: a start other than 1, gaps, duplicates, broken links, key changes.
 
     Takes (receipt, leaf hash) pairs, e.g. from `verify_receipt`, in any order.
     """
@@ -202,4 +202,7 @@ def check_chain(receipts: Iterable[tuple[SignedReceipt, bytes]]) -> list[str]:
                 problems.append(f"{name}: receipt {b} does not link to receipt {a}")
         if seqs[0] == 1 and chain[1][0].receipt.prev != "":
             problems.append(f"{name}: receipt 1 links to a predecessor")
+        elif seqs[0] != 1:
+            # Every chain starts at 1; a later start hides the receipts before it (or invents a history).
+            problems.append(f"{name}: the chain starts at receipt {seqs[0]}, not 1 (receipts 1..{seqs[0] - 1} are missing)")
     return problems

@@ -48,8 +48,33 @@ class Endorsement(msgspec.Struct, frozen=True):
     sig: str  # base64url Ed25519 over ENDORSE_DOMAIN || executor key
 
 
+class EndorsementFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What `scripts/endorse.py` writes and an executor's `[node] endorsement_file` names (JSON)."""
+
+    executor_key: str
+    operator: str
+    sig: str
+
+
 class TrustError(Exception):
-    """A keyring that cannot be used (unreadable, a line that is not a public key)."""
+    """A keyring or endorsement that cannot be used (unreadable, a line that is not a public key, ...)."""
+
+
+def load_endorsement(path: Path | str, executor_key: str) -> Endorsement:
+    """The endorsement in `path`, checked to be a valid one of `executor_key`; `TrustError` if not."""
+    path = Path(path).expanduser()
+    try:
+        found = msgspec.json.decode(path.read_bytes(), type=EndorsementFile)
+    except OSError as e:
+        raise TrustError(f"{path}: cannot read the endorsement: {e.strerror}") from e
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise TrustError(f"{path}: not an endorsement: {e}") from e
+    if found.executor_key != executor_key:
+        raise TrustError(f"{path}: endorses key {found.executor_key}, but this executor's key is {executor_key}")
+    endorsement = Endorsement(operator=found.operator, sig=found.sig)
+    if not endorsement_valid(endorsement, executor_key):
+        raise TrustError(f"{path}: the signature is not {found.operator}'s over this executor's key")
+    return endorsement
 
 
 def endorse(operator: Identity, executor_key: str) -> Endorsement:

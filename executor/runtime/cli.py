@@ -21,6 +21,7 @@ from executor.config import DEFAULT_CONFIG_TOML, ConfigError, ExecutorConfig, de
 from protocol.cli_common import GlobalOption, GlobalOptions, run
 from protocol.errors import LloomError
 from protocol.identity import IdentityError
+from protocol.trust import TrustError
 from protocol.status import ExecutorStatus, status_decoder
 
 
@@ -125,7 +126,7 @@ def _run(config: ExecutorConfig) -> int:
         runner = asyncio.run
     try:
         runner(serve(config))
-    except (ConfigError, ConnectionError, IdentityError) as e:
+    except (ConfigError, ConnectionError, IdentityError, TrustError) as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
