@@ -202,7 +202,7 @@ class LloomClient:
         The running catalogue's, if routing started one; else one query that waits at most `timeout`."""
         if self._catalog is not None:
             return self._catalog.model_names()
-        once = Catalog(self._nc, query_timeout=timeout)
+        once = Catalog(self._nc, query_timeout=timeout, trust=self.trust)
         try:
             await once.refresh()
         except (nats.errors.Error, OSError):
