@@ -47,7 +47,8 @@ from protocol.announcements import HDR_SIGNATURE, Announcement, Heartbeat, Load,
 from protocol.trust import OPEN, Trust
 
 # Defaults of the caps (see the module docstring); each is a constructor argument.
-MAX_ENTRIES = 1000
+# Five times the largest network measured (scripts/bench_discovery.py simulates 1,000 executors).
+MAX_ENTRIES = 5000
 MAX_MODELS = 256
 MAX_MESSAGE_BYTES = 64 * 1024
 MIN_HEARTBEAT_S = 0.1

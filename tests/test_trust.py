@@ -621,7 +621,7 @@ async def test_a_chain_that_starts_after_1_is_flagged(tmp_path: Path, capsys: py
 
 async def test_two_thousand_fresh_keys_are_capped_and_expire_promptly(nats_server: EmbeddedNats, nc: NATS,
                                                                         attacker: NATS) -> None:  # fmt: skip
-    catalog = Catalog(nc)  # the defaults
+    catalog = Catalog(nc, max_entries=1000)  # the other caps at their defaults
     await catalog.start()
     try:
         flood = [announcement(Identity.generate(), f"flood-{i}", heartbeat_ms=60_000) for i in range(2000)]
