@@ -26,7 +26,15 @@ from typing import Self
 
 import msgspec
 
-from protocol.errors import DeadlineExceeded, LloomError, NoExecutors, ReplyForged, StreamInterrupted, UnverifiedReply
+from protocol.errors import (
+    DeadlineExceeded,
+    InternalError,
+    LloomError,
+    NoExecutors,
+    ReplyForged,
+    StreamInterrupted,
+    UnverifiedReply,
+)
 from protocol.messages import (
     ChatRequest,
     ErrorReply,
@@ -147,7 +155,13 @@ class ChatStream:
                     elif not item:
                         raise StreamInterrupted("stream ended without a final message", job_id=self.job_id)
                     else:
-                        msg = decode_reply(stream_reply_decoder, item)
+                        try:
+                            msg = decode_reply(stream_reply_decoder, item)
+                        except InternalError:
+                            if self._verifier is None:
+                                raise
+                            self._verifier.forgeries["malformed"] += 1  # not the executor's: it sends JSON
+                            continue
                         if type(msg) is StreamChunk:
                             if msg.seq != expected_seq:
                                 raise StreamInterrupted(

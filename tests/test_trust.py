@@ -285,25 +285,22 @@ async def test_a_fake_stream_end_after_real_chunks_is_ignored_and_the_genuine_en
     chunks_seen = 0
     forged = asyncio.Event()
 
-    async def on_job(msg: Msg) -> None:
-        job_id = msg.headers[subj.HDR_JOB_ID]
+    async def bystander(msg: Msg) -> None:  # it sees everything: no permissions on this bus
+        nonlocal chunks_seen
+        if not msg.data.startswith(b'{"type":"chunk"'):
+            return
+        chunks_seen += 1
+        if chunks_seen == double.completion_tokens:  # every real chunk is out; the end is held back
+            job_id = msg.subject.rsplit(".", 1)[1]
+            fake = StreamEnd(job_id=job_id, executor_id=executor.id, model=MODEL, finish_reason=FinishReason.STOP,
+                             usage=Usage(0, 0, 0), chunks=chunks_seen)  # fmt: skip
+            await attacker.publish(msg.subject, encoder.encode(fake))
+            await attacker.publish(msg.subject, b'{"type":"end",')
+            await attacker.flush()
+            forged.set()
+            executor.backend.gate.set()
 
-        async def on_reply(reply: Msg) -> None:
-            nonlocal chunks_seen
-            if not reply.data.startswith(b'{"type":"chunk"'):
-                return
-            chunks_seen += 1
-            if chunks_seen == double.completion_tokens:  # every real chunk is out; the end is held back
-                fake = StreamEnd(job_id=job_id, executor_id=executor.id, model=MODEL, finish_reason=FinishReason.STOP,
-                                 usage=Usage(0, 0, 0), chunks=chunks_seen)  # fmt: skip
-                await attacker.publish(msg.reply, encoder.encode(fake))
-                await attacker.flush()
-                forged.set()
-                executor.backend.gate.set()
-
-        await attacker.subscribe(msg.reply, cb=on_reply)
-
-    await attacker.subscribe(subj.complete_subject(MODEL), cb=on_job)
+    await attacker.subscribe(">", cb=bystander)
     await attacker.flush()
     async with await connect(nats_server) as client:
         async with client.stream(ask()) as stream:
@@ -312,27 +309,23 @@ async def test_a_fake_stream_end_after_real_chunks_is_ignored_and_the_genuine_en
         assert stream.end is not None and stream.end.receipt is not None
         assert stream.end.usage.completion_tokens == double.completion_tokens  # the genuine end, not the fake's 0
         assert stream.end.receipt.receipt.response_sha256 == hashlib.sha256(text.encode()).hexdigest()
-        assert client.reply_forgeries == {"no_receipt": 1}
+        assert client.reply_forgeries == {"no_receipt": 1, "malformed": 1}
 
 
 async def test_a_chunk_injected_into_a_stream_makes_its_text_unverified(
     make_executor: MakeExecutor, attacker: NATS, nats_server: EmbeddedNats, double: OpenAIDouble
 ) -> None:
     executor = await make_executor(gated=True)
+    last = double.completion_tokens - 1
 
-    async def on_job(msg: Msg) -> None:
-        async def on_reply(reply: Msg) -> None:
-            if reply.data.startswith(b'{"type":"chunk"') and msgspec.json.decode(reply.data)["seq"] == (
-                double.completion_tokens - 1
-            ):
-                # After the last real chunk, one more with the next number: the client cannot tell it apart...
-                await attacker.publish(msg.reply, encoder.encode(StreamChunk(double.completion_tokens, " PWNED")))
-                await attacker.flush()
-                executor.backend.gate.set()
+    async def bystander(msg: Msg) -> None:
+        if msg.data.startswith(b'{"type":"chunk"') and msgspec.json.decode(msg.data)["seq"] == last:
+            # After the last real chunk, one more with the next number: the client cannot tell it apart...
+            await attacker.publish(msg.subject, encoder.encode(StreamChunk(last + 1, " PWNED")))
+            await attacker.flush()
+            executor.backend.gate.set()
 
-        await attacker.subscribe(msg.reply, cb=on_reply)
-
-    await attacker.subscribe(subj.complete_subject(MODEL), cb=on_job)
+    await attacker.subscribe(">", cb=bystander)
     await attacker.flush()
     async with await connect(nats_server) as client:
         shown: list[str] = []
@@ -341,7 +334,7 @@ async def test_a_chunk_injected_into_a_stream_makes_its_text_unverified(
                 async for chunk in stream:
                     shown.append(chunk.delta)
         # ...until the executor's receipt, which vouches for the real text only.
-        assert shown[-1] == " PWNED"
+        assert shown[-1] == " PWNED" and len(shown) == last + 2
         assert type(caught.value) is UnverifiedReply and caught.value.executor_id == executor.id
 
 
@@ -405,8 +398,9 @@ async def test_with_a_keyring_an_untrusted_key_never_wins_routing_however_cheap_
         open_catalog = await open_client.catalog()
         await announce(attacker, stranger, "cheap-and-fast", price="0", seq=2)
         await until(lambda: len(open_catalog.entries()) == 2, "the open catalogue to hold both")
-        assert rank(open_catalog.entries(), Cheapest())[0].key == stranger.public_key  # ...and it is cheapest
-        trusted = rank(open_catalog.entries(), Cheapest(), trust=Trust.of([genuine.key]))
+        tokens = {"prompt_tokens": 100, "completion_tokens": 100}
+        assert rank(open_catalog.entries(), Cheapest(), **tokens)[0].key == stranger.public_key  # ...the cheapest
+        trusted = rank(open_catalog.entries(), Cheapest(), trust=Trust.of([genuine.key]), **tokens)
         assert [c.key for c in trusted] == [genuine.key]
 
 
