@@ -617,6 +617,10 @@ async def test_graceful_stop_says_goodbye_before_draining(
     nc = await nats.connect(nats_server.url)
     catalog = Catalog(nc)
     await catalog.start()
+    # "executor node started" is logged before the announcer answers queries: its first
+    # announcement may come after the query.
+    while not catalog.entries():
+        assert await catalog.wait_changed(timeout=WAIT_S)
     assert len(catalog.entries()) == 1
     executor.proc.send_signal(signal.SIGTERM)
     assert await catalog.wait_changed(timeout=WAIT_S)
