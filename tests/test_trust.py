@@ -338,6 +338,25 @@ async def test_a_chunk_injected_into_a_stream_makes_its_text_unverified(
         assert type(caught.value) is UnverifiedReply and caught.value.executor_id == executor.id
 
 
+async def test_a_routed_call_that_gets_only_forgeries_fails_over_to_the_next_executor(
+    make_executor: MakeExecutor, attacker: NATS, nats_server: EmbeddedNats
+) -> None:
+    hijacked = await make_executor(price="1", gated=True)  # cheapest, but its answer never comes
+    backup = await make_executor(price="2")
+
+    async def forge(msg: Msg) -> None:
+        await attacker.publish(msg.reply, fake_response(msg.headers[subj.HDR_JOB_ID], hijacked.id, "forged"))
+
+    await attacker.subscribe(subj.direct_subject(hijacked.id), cb=forge)
+    await attacker.flush()
+    async with await connect(nats_server) as client:
+        reply = await client.complete(ask(), route=Cheapest(), attempt_timeout=0.5)
+        assert reply.executor_id == backup.id and reply.content.startswith("tok0")
+        assert client.reply_forgeries == {"no_receipt": 1}
+        with pytest.raises(ReplyForged, match=f"reply from '{hijacked.id}' carries no receipt"):
+            await client.complete(ask(), executor=hijacked.id, timeout=0.5)  # no route: nowhere else to go
+
+
 def test_the_verification_errors_have_their_own_wire_codes() -> None:
     assert ERROR_TYPES[ErrorCode.UNVERIFIED_REPLY] is UnverifiedReply
     assert ERROR_TYPES[ErrorCode.REPLY_FORGED] is ReplyForged
