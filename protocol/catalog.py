@@ -55,7 +55,9 @@ MIN_HEARTBEAT_S = 0.1
 MAX_HEARTBEAT_S = 10.0
 # Ids remembered per live entry allowed: bindings of executors gone for good are forgotten beyond this.
 BINDINGS_PER_ENTRY = 4
-MAX_IMPOSTORS_LISTED = 256
+# What `impostors` remembers, so that a flood of keys cannot fill it: ids, and keys per id.
+MAX_IMPOSTOR_IDS = 1024
+MAX_IMPOSTOR_KEYS = 16
 
 _log = logging.getLogger("protocol.catalog")
 
@@ -295,8 +297,10 @@ class Catalog:
             raise Rejected("stale", f"sent {age:.0f}s ago")
         holder = self._holder.get(message.executor_id)
         if holder is not None and holder != message.key:
-            keys = self.impostors.setdefault(message.executor_id, set())
-            if message.key not in keys and len(keys) < MAX_IMPOSTORS_LISTED:
+            keys = self.impostors.get(message.executor_id)
+            if keys is None and len(self.impostors) < MAX_IMPOSTOR_IDS:
+                keys = self.impostors[message.executor_id] = set()
+            if keys is not None and message.key not in keys and len(keys) < MAX_IMPOSTOR_KEYS:
                 keys.add(message.key)
                 _log.warning("executor id %s is held by key %s; ignoring key %s, which claims it too",
                              message.executor_id, holder, message.key)  # fmt: skip
