@@ -6,6 +6,7 @@ No timing assertions: only that every path was measured and every figure is a po
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,18 @@ def test_queue_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None:
     for row in res["concurrency"].values():
         for path in ("complete", "submit+result"):
             assert row[path]["jobs"] > 0 and 0 < row[path]["p50_ms"] <= row[path]["p99_ms"], (path, row)
+
+
+@pytest.mark.slow  # a few seconds: nats-server, the benchmark backend, one executor
+def test_verification_benchmark_smoke_run_reports_its_figures() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_verify.py"), "--smoke"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = dict(re.findall(r"^\| (.+?) \| ([0-9.]+)", proc.stdout, re.M))
+    assert 0 < float(figures["verification, batch root already checked"]) < float(
+        figures["verification, new batch root (one Ed25519 check)"]
+    )
+    assert float(figures["client CPU per request, verification on"]) > 0
+    assert float(figures["ratio on / off"]) > 0
