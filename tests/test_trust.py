@@ -668,3 +668,48 @@ async def test_two_thousand_fresh_keys_are_capped_and_expire_promptly(nats_serve
         assert asyncio.get_running_loop().time() - started >= short.missed_heartbeats * 0.2 * 0.9
     finally:
         await short.stop()
+
+
+async def test_an_executor_built_from_its_config_announces_and_attaches_its_operators_endorsement(
+    js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path, http: Any
+) -> None:
+    nats_server = js_server  # the executor publishes its receipts there
+    from contextlib import AsyncExitStack
+
+    from executor.config import parse_config
+    from executor.runtime.builder import assemble
+
+    operator = Identity.generate(nkeys.PREFIX_BYTE_OPERATOR)
+    identity = Identity.load_or_create(tmp_path / "gpu-1.nk")
+    endorsement = tmp_path / "endorsement.json"
+    made = endorse(operator, identity.public_key)
+    endorsement.write_text(msgspec.json.encode({"executor_key": identity.public_key, "operator": made.operator,
+                                                "sig": made.sig}).decode())  # fmt: skip
+
+    def config(endorsement_file: Path) -> Any:
+        return parse_config(
+            f'[node]\nid = "gpu-1"\nidentity_file = "{tmp_path / "gpu-1.nk"}"\nendorsement_file = "{endorsement_file}"\n'
+            f'[llm_client]\nbase_url = "{double.base_url}"\nmodels = ["{MODEL}"]\n'
+            f'[receipts]\noutbox_dir = "{tmp_path / "outbox"}"\n', source="test", environ={},
+        )  # fmt: skip
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with AsyncExitStack() as stack:
+            backend = OpenAICompatibleBackend(http, base_url=double.base_url)
+            await assemble(config(endorsement), nc, backend, stack)
+            async with await connect(nats_server, trust=Trust.of([operator.public_key])) as client:
+                reply = await client.complete(ask(), route=Cheapest())
+                assert reply.executor_id == "gpu-1"
+                assert reply.receipt is not None and reply.receipt.endorsement == made
+        # An endorsement of another key stops the executor from starting, saying why.
+        other = tmp_path / "other.json"
+        stranger = Identity.generate().public_key
+        made = endorse(operator, stranger)
+        other.write_text(msgspec.json.encode({"executor_key": stranger, "operator": made.operator,
+                                              "sig": made.sig}).decode())  # fmt: skip
+        async with AsyncExitStack() as stack:
+            with pytest.raises(TrustError, match="but this executor's key is"):
+                await assemble(config(other), nc, OpenAICompatibleBackend(http, base_url=double.base_url), stack)
+    finally:
+        await nc.close()
