@@ -118,7 +118,7 @@ class LloomClient:
         (the open network when unset). Raises `protocol.trust.TrustError` for a keyring it cannot read."""
         self._nc = nc
         self.trust = trust if trust is not None else Trust.from_env()
-        self._verifier = ReplyVerifier(self.trust)
+        self._verifier = ReplyVerifier(self.trust, bound_key=self._bound_key)
         # Recorded in executors' receipts, so usage can be reported per client.
         self.client_id = client_id
         self.timeout = timeout
@@ -193,8 +193,11 @@ class LloomClient:
             catalog = Catalog(self._nc, trust=self.trust)
             await catalog.start()
             self._catalog = catalog
-            self._verifier.bind_to(catalog.bound_key)
         return self._catalog
+
+    def _bound_key(self, executor_id: str) -> str | None:
+        """The key the catalogue binds `executor_id` to, once this client runs a catalogue."""
+        return self._catalog.bound_key(executor_id) if self._catalog is not None else None
 
     async def served_models(self, *, timeout: float = SERVED_QUERY_S) -> list[str] | None:
         """The names of the models live executors serve now, sorted; None if the catalogue could not be asked.

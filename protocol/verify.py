@@ -51,10 +51,6 @@ class ReplyVerifier:
         self._roots: OrderedDict[tuple[str, bytes, str], None] = OrderedDict()
         self.forgeries: Counter[str] = Counter()
 
-    def bind_to(self, bound_key: Callable[[str], str | None]) -> None:
-        """Use the catalogue's bindings from now on (the client starts its catalogue lazily)."""
-        self._bound_key = bound_key
-
     def check_identity(
         self,
         receipt: SignedReceipt | None,
