@@ -95,6 +95,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     # The executor's signing key (an nkey seed). Default: ~/.local/share/lloom/<id>.nk
     # when `id` is set (a stable identity), else a new key at every start.
     identity_file: str | None = None
+    # An operator's endorsement of this executor's key (JSON, made by scripts/endorse.py):
+    # clients that trust the operator's key trust this executor. Checked at start.
+    endorsement_file: str | None = None
 
 
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -381,6 +384,8 @@ model_refresh_secs = 30
 heartbeat_interval_secs = 0.5
 # Signing key file (default: ~/.local/share/lloom/<id>.nk if id is set, else a new key per start).
 # identity_file = "/var/lib/lloom/executor.nk"
+# An operator's endorsement of this key (scripts/endorse.py); clients trusting the operator trust us.
+# endorsement_file = "/var/lib/lloom/endorsement.json"
 
 [llm_client]
 # lmstudio | openai | ollama | vllm | llamacpp | openai_compatible | local (a llama-server

@@ -30,6 +30,7 @@ from typing import Literal
 import msgspec
 
 from protocol.identity import verify
+from protocol.trust import Endorsement
 
 PRICE_UNIT = "USD per 1M tokens"
 HDR_SIGNATURE = "Lloom-Sig"
@@ -92,6 +93,9 @@ class Announcement(msgspec.Struct, frozen=True, kw_only=True, tag="announce", ta
     state: Literal["up", "down"] = "up"
     load: Load
     models: list[ModelOffer]
+    # An operator's endorsement of `key` (protocol/trust.py): clients that trust the
+    # operator trust this executor.
+    endorsement: Endorsement | None = None
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", tag_field="type"):
@@ -114,7 +118,9 @@ class Rejected(Exception):
 
     Kinds: unsigned, malformed, forged (the signature does not verify), replayed
     (not newer than what this key sent before), stale (sent too long ago),
-    impostor (an executor id already held by another key).
+    impostor (an executor id already held by another key), untrusted (a key the
+    client's keyring does not trust), oversized (over the size caps), full (the
+    catalogue holds as many executors as it may).
     """
 
     def __init__(self, kind: str, detail: str = "") -> None:

@@ -13,13 +13,28 @@ heartbeats keep the view current; an executor that stops gracefully is removed
 at its "down" announcement, one that dies after `missed_heartbeats` heartbeat
 periods of silence. Unsigned, forged, replayed and stale messages are dropped
 and counted in `rejected`.
+
+Identities: the first key that announces an executor id holds it for the life of
+the catalogue (a restarted executor with a stable id keeps its key file, so it comes
+back with the same key; one without a configured id comes back under a new random
+id). Another key announcing a held id is an impostor: dropped, counted, logged once
+and listed in `impostors`, never routed to. A key that moves to a new id gives up
+its old one. With a keyring (`trust`, protocol/trust.py), messages from keys it does
+not trust are dropped before they can hold anything.
+
+Caps, so that strangers cannot fill a client's memory or keep dead entries alive:
+at most `max_entries` executors (one entry per key, so one per key), announcements
+of at most `max_message_bytes` and `max_models` offers, and a heartbeat period
+clamped to [`min_heartbeat_s`, `max_heartbeat_s`] whatever the announcer claims: an
+entry expires `missed_heartbeats` clamped periods after its last message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 
 import nats.errors
@@ -29,6 +44,22 @@ from nats.aio.subscription import Subscription
 
 from protocol import subjects as subj
 from protocol.announcements import HDR_SIGNATURE, Announcement, Heartbeat, Load, ModelOffer, Rejected, open_signed
+from protocol.trust import OPEN, Trust
+
+# Defaults of the caps (see the module docstring); each is a constructor argument.
+# Five times the largest network measured (scripts/bench_discovery.py simulates 1,000 executors).
+MAX_ENTRIES = 5000
+MAX_MODELS = 256
+MAX_MESSAGE_BYTES = 64 * 1024
+MIN_HEARTBEAT_S = 0.1
+MAX_HEARTBEAT_S = 10.0
+# Ids remembered per live entry allowed: bindings of executors gone for good are forgotten beyond this.
+BINDINGS_PER_ENTRY = 4
+# What `impostors` remembers, so that a flood of keys cannot fill it: ids, and keys per id.
+MAX_IMPOSTOR_IDS = 1024
+MAX_IMPOSTOR_KEYS = 16
+
+_log = logging.getLogger("protocol.catalog")
 
 
 class ExecutorEntry:
@@ -64,6 +95,12 @@ class Catalog:
         missed_heartbeats: float = 2.5,
         max_age_s: float = 30.0,
         wall_clock: Callable[[], float] = time.time,
+        trust: Trust = OPEN,
+        max_entries: int = MAX_ENTRIES,
+        max_models: int = MAX_MODELS,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        min_heartbeat_s: float = MIN_HEARTBEAT_S,
+        max_heartbeat_s: float = MAX_HEARTBEAT_S,
     ) -> None:
         self._nc = nc
         self.idle_gap = idle_gap
@@ -72,8 +109,18 @@ class Catalog:
         # Messages sent longer ago than this are stale (peers' clocks are assumed NTP-close).
         self.max_age_s = max_age_s
         self._wall_clock = wall_clock
+        self.trust = trust
+        self.max_entries = max_entries
+        self.max_models = max_models
+        self.max_message_bytes = max_message_bytes
+        self.min_heartbeat_s = min_heartbeat_s
+        self.max_heartbeat_s = max_heartbeat_s
         self._entries: dict[str, ExecutorEntry] = {}  # by key
-        self._key_of: dict[str, str] = {}  # executor id -> key, for live entries
+        # executor id -> the key that holds it, oldest first; kept after the entry is gone.
+        self._holder: OrderedDict[str, str] = OrderedDict()
+        self._id_of: dict[str, str] = {}  # key -> the id it holds
+        # Executor ids another key tried to take: id -> those keys.
+        self.impostors: dict[str, set[str]] = {}
         # (epoch, seq, when accepted) of the last message accepted from each key. Kept
         # while a replay could still pass the staleness check, then forgotten.
         self._last: dict[str, tuple[int, int, float]] = {}
@@ -82,6 +129,10 @@ class Catalog:
         self._sub: Subscription | None = None
         self._changed = asyncio.Event()
         self.rejected: Counter[str] = Counter()
+
+    def bound_key(self, executor_id: str) -> str | None:
+        """The key that holds `executor_id` (the first that announced it), if any did."""
+        return self._holder.get(executor_id)
 
     async def start(self) -> None:
         if self._sub is None:
@@ -134,11 +185,26 @@ class Catalog:
         return list(self._entries.values())
 
     def _remove(self, key: str) -> bool:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return False
-        self._key_of.pop(entry.executor_id, None)
-        return True
+        # The entry goes; the id stays bound to its key (a restart brings the same key back).
+        return self._entries.pop(key, None) is not None
+
+    def _bind(self, executor_id: str, key: str) -> None:
+        old = self._id_of.get(key)
+        if old == executor_id:
+            return
+        if old is not None:
+            del self._holder[old]  # a key holds one id: the one it announces now
+        self._holder[executor_id] = key
+        self._id_of[key] = executor_id
+        # Bounded: forget the oldest bindings of keys with no live entry.
+        limit = BINDINGS_PER_ENTRY * self.max_entries
+        if len(self._holder) > limit:
+            for held, holder in list(self._holder.items()):
+                if len(self._holder) <= limit:
+                    break
+                if holder not in self._entries:
+                    del self._holder[held]
+                    del self._id_of[holder]
 
     def model_names(self) -> list[str]:
         """The names of the models live executors serve, each once, sorted."""
@@ -167,7 +233,10 @@ class Catalog:
 
     def _accept(self, msg: Msg, *, solicited: bool = False) -> None:
         try:
+            if len(msg.data) > self.max_message_bytes:
+                raise Rejected("oversized", f"{len(msg.data)} bytes")
             message = open_signed(msg.data, (msg.headers or {}).get(HDR_SIGNATURE))
+            self._check_allowed(message)
             self._check_fresh(message)
         except Rejected as e:
             # An answer we asked for shares the executor's sequence with its broadcasts
@@ -178,7 +247,8 @@ class Catalog:
             return
         now = asyncio.get_running_loop().time()
         self._last[message.key] = (message.epoch, message.seq, now)
-        expires = now + self.missed_heartbeats * message.heartbeat_ms / 1000
+        period = min(max(message.heartbeat_ms / 1000, self.min_heartbeat_s), self.max_heartbeat_s)
+        expires = now + self.missed_heartbeats * period
         entry = self._entries.get(message.key)
         if isinstance(message, Announcement):
             if message.state == "down":
@@ -186,7 +256,7 @@ class Catalog:
                     self._changed.set()
                 return
             self._entries[message.key] = ExecutorEntry(message, expires)
-            self._key_of[message.executor_id] = message.key
+            self._bind(message.executor_id, message.key)
             self._changed.set()
             return
         assert isinstance(message, Heartbeat)
@@ -198,6 +268,26 @@ class Catalog:
         if entry is None or entry.announcement.revision != message.revision:
             self._fetch(message)
 
+    def _check_allowed(self, message: Announcement | Heartbeat) -> None:
+        """Trust, size and room: what a stranger with a valid signature may still not do."""
+        entry = self._entries.get(message.key)
+        if isinstance(message, Announcement):
+            if not self.trust.trusts(message.key, message.endorsement):
+                raise Rejected("untrusted", f"key {message.key} is not trusted")
+            if len(message.models) > self.max_models:
+                raise Rejected("oversized", f"{len(message.models)} models")
+            if entry is None and message.state == "up" and len(self._entries) >= self.max_entries:
+                self.entries()  # make room by dropping the silent first
+                if len(self._entries) >= self.max_entries:
+                    raise Rejected("full", f"already {len(self._entries)} executors")
+        elif entry is None:  # a heartbeat from a key we hold nothing for: it leads to a fetch
+            # Only announcements carry endorsements: with operator keys trusted, the fetch decides.
+            t = self.trust
+            if t.closed and not t.operator_keys and message.key not in t.executor_keys:
+                raise Rejected("untrusted", f"key {message.key} is not trusted")
+            if len(self._entries) + len(self._fetching) >= self.max_entries:
+                raise Rejected("full", "no room to ask an unknown executor for its announcement")
+
     def _check_fresh(self, message: Announcement | Heartbeat) -> None:
         last = self._last.get(message.key)
         if last is not None and (message.epoch, message.seq) <= last[:2]:
@@ -205,8 +295,15 @@ class Catalog:
         age = self._wall_clock() - message.sent_at_ms / 1000
         if age > self.max_age_s:
             raise Rejected("stale", f"sent {age:.0f}s ago")
-        holder = self._key_of.get(message.executor_id)
+        holder = self._holder.get(message.executor_id)
         if holder is not None and holder != message.key:
+            keys = self.impostors.get(message.executor_id)
+            if keys is None and len(self.impostors) < MAX_IMPOSTOR_IDS:
+                keys = self.impostors[message.executor_id] = set()
+            if keys is not None and message.key not in keys and len(keys) < MAX_IMPOSTOR_KEYS:
+                keys.add(message.key)
+                _log.warning("executor id %s is held by key %s; ignoring key %s, which claims it too",
+                             message.executor_id, holder, message.key)  # fmt: skip
             raise Rejected("impostor", f"executor id {message.executor_id} belongs to another key")
 
     def _fetch(self, heartbeat: Heartbeat) -> None:

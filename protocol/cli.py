@@ -10,8 +10,9 @@
     lloom result <job id> [--timeout 600 | --no-wait]
     lloom embed --model nomic-embed-text "first text" "second text"   # one JSON line per input
 
-The global options `--nats`, `--timeout` and `--json` (where a command has a use
-for them) go before or after the subcommand (`protocol/cli_common.py`). The text
+The global options `--nats`, `--timeout`, `--json` and `--trust FILE` (a keyring:
+only the executors it names or its operators endorse are used and believed; see
+protocol/trust.py) (where a command has a use for them) go before or after the subcommand (`protocol/cli_common.py`). The text
 goes to stdout; a summary line (model, finish reason, token usage, the executor
 that served it) to stderr, so the text can be piped. Errors print their wire code
 and message (a model nobody serves: the models served and the closest name);
@@ -38,6 +39,7 @@ from protocol.client import DEFAULT_TIMEOUT_S, DEFAULT_URL, LloomClient
 from protocol.errors import JobQueued, LloomError, NoExecutors, ResultPending
 from protocol.messages import ChatRequest, ChatResponse, Message, Role, StreamEnd, Usage
 from protocol.routing import Category, Cheapest, Constraints, Fastest, ModelRequest, Specific, category_of
+from protocol.trust import TRUST_ENV, Trust, TrustError
 
 
 def _options() -> GlobalOptions:
@@ -48,6 +50,9 @@ def _options() -> GlobalOptions:
         GlobalOption("--timeout", DEFAULT_TIMEOUT_S, {"type": float, "metavar": "S",
                      "help": f"seconds to wait for the whole answer (default {DEFAULT_TIMEOUT_S:g})"}),
         GlobalOption("--json", False, {"action": "store_true", "help": "print JSON instead of text"}),
+        GlobalOption("--trust", os.environ.get(TRUST_ENV) or None, {"metavar": "FILE",
+                     "help": f"keyring of trusted executor (N...) and operator (O...) keys, one per line"
+                             f" (default: ${TRUST_ENV}; none: trust each executor id's first key)"}),
     )  # fmt: skip
 
 
@@ -56,7 +61,7 @@ def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     opts.add_to(p)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("complete", help="run a chat completion on the network",
-                       parents=[opts.parent("nats", "timeout", "json")])  # fmt: skip
+                       parents=[opts.parent("nats", "timeout", "json", "trust")])  # fmt: skip
     c.add_argument("prompt", help="the user message; - reads it from stdin")
     c.add_argument("--model", "-m", help="the model (optional with --route)")
     c.add_argument("--system", help="a system message to put first")
@@ -76,7 +81,7 @@ def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     r.add_argument("--min-context", type=int, help="minimum context length")
     r.add_argument("--feature", action="append", default=[], help="a required feature (repeatable)")
     r.add_argument("--hedge-after", type=float, help="seconds before also asking a second executor")
-    e = sub.add_parser("embed", help="embeddings for one or more texts", parents=[opts.parent("nats", "timeout")])
+    e = sub.add_parser("embed", help="embeddings for one or more texts", parents=[opts.parent("nats", "timeout", "trust")])
     e.add_argument("texts", nargs="+", help="the texts; - reads one per line from stdin")
     e.add_argument("--model", "-m", required=True)
     e.add_argument("--dimensions", type=int)
@@ -84,7 +89,7 @@ def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     res.add_argument("job_id")
     res.add_argument("--no-wait", action="store_true", help="only look: exit 3 if it is not there yet")
     receipts_cli.add_parser(sub, opts)
-    m = sub.add_parser("models", help="list the models the network serves, live", parents=[opts.parent("nats", "json")])
+    m = sub.add_parser("models", help="list the models the network serves, live", parents=[opts.parent("nats", "json", "trust")])
     m.add_argument("--watch", action="store_true", help="print it again on every change")
     return p
 
@@ -134,16 +139,21 @@ def _main(argv: list[str] | None) -> int:
     return asyncio.run(_complete(args, request))
 
 
-async def _connect(url: str) -> LloomClient | None:
+async def _connect(url: str, trust_file: str | None = None) -> LloomClient | None:
     try:
-        return await LloomClient.connect(url)
+        trust = Trust.from_file(trust_file) if trust_file else Trust()
+    except TrustError as e:
+        print(f"lloom: {e}", file=sys.stderr)
+        return None
+    try:
+        return await LloomClient.connect(url, trust=trust)
     except ConnectionError as e:
         print(f"lloom: {e}; is an executor (lloom-executor) or nats-server running there?", file=sys.stderr)
         return None
 
 
 async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
-    client = await _connect(args.nats)
+    client = await _connect(args.nats, args.trust)
     if client is None:
         return 2
     async with client:
@@ -152,7 +162,7 @@ async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
 
 async def _embed(args: argparse.Namespace) -> int:
     texts = [line for line in sys.stdin.read().splitlines() if line] if args.texts == ["-"] else args.texts
-    client = await _connect(args.nats)
+    client = await _connect(args.nats, args.trust)
     if client is None:
         return 2
     async with client:
@@ -225,7 +235,7 @@ def _routing(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _models(args: argparse.Namespace) -> int:
-    client = await _connect(args.nats)
+    client = await _connect(args.nats, args.trust)
     if client is None:
         return 2
     async with client:

@@ -22,6 +22,16 @@ job id: no subscription per request. The same dispatcher answers executors'
 liveness pings, so a job whose caller has gone (cancelled, crashed,
 disconnected) is stopped at the executor.
 
+Replies are verified (protocol/verify.py): a result counts only if its receipt is
+signed by the key bound to the executor it names, is trusted (`trust=`, a
+`protocol.trust.Trust`; by default the keyring named by `LLOOM_TRUSTED_KEYS`, or
+the open network with trust on first use), and hashes the exact request sent and
+the content received. A reply that fails is ignored and counted in
+`reply_forgeries`: the call keeps waiting for the genuine one, so an attacker racing
+the executor cannot make it fail early; if none comes by the deadline, it raises
+`ReplyForged` (which fails over to the next executor of a route). `Trust(verify=False)`
+believes replies as they come, for executors that issue no receipts.
+
 Errors are the `protocol.errors` types the executor raised. `NoExecutors` comes
 at once from the server's "no responders" status; for a model, after one short
 catalogue query (on that error path only), it names the models served and the
@@ -53,10 +63,12 @@ from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, r
 from protocol.errors import (
     DeadlineExceeded,
     ForgedResult,
+    InternalError,
     InvalidRequest,
     LloomError,
     NoExecutors,
     QueueUnavailable,
+    ReplyForged,
     ResultPending,
 )
 from protocol.estimate import estimate_tokens
@@ -79,6 +91,8 @@ from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.results import open_result
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
+from protocol.trust import Trust
+from protocol.verify import ReplyVerifier, sha256_hex
 
 T = TypeVar("T")
 
@@ -107,8 +121,13 @@ class LloomClient:
         busy_retries: int = 3,
         client_id: str | None = None,
         result_keys: Collection[str] | None = None,
+        trust: Trust | None = None,
     ) -> None:
+        """`trust`: whose replies to believe; None reads the keyring file named by `LLOOM_TRUSTED_KEYS`
+        (the open network when unset). Raises `protocol.trust.TrustError` for a keyring it cannot read."""
         self._nc = nc
+        self.trust = trust if trust is not None else Trust.from_env()
+        self._verifier = ReplyVerifier(self.trust, bound_key=self._bound_key)
         # Recorded in executors' receipts, so usage can be reported per client; short and printable.
         if client_id is not None:
             try:
@@ -137,18 +156,24 @@ class LloomClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         busy_retries: int = 3,
         client_id: str | None = None,
+        trust: Trust | None = None,
     ) -> LloomClient:
         """Connect to NATS and return a started client that closes the connection with itself.
 
         Raises `ConnectionError` naming the URL and the cause when no server answers.
         """
+        trust = trust if trust is not None else Trust.from_env()  # a bad keyring fails before connecting
         nc = await connect_nats(servers, name="lloom-client", on_error=_report_nats_error)
-        client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id)
+        client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id, trust=trust)
         client._owns_nc = True
         await client.start()
         return client
 
     async def start(self) -> None:
+        if self.trust.verify and not self.trust.closed:
+            _log.info("no trusted executor keys configured: replies are checked against the key that first"
+                      " announced (or answered for) each executor id; set a keyring with trust=, --trust or"
+                      " LLOOM_TRUSTED_KEYS to refuse unknown executors")  # fmt: skip
         await self._pending.start()
 
     async def close(self) -> None:
@@ -172,12 +197,25 @@ class LloomClient:
     def new_job_id(self) -> str:
         return self._pending.new_job_id()
 
+    @property
+    def reply_forgeries(self) -> dict[str, int]:
+        """Replies refused by verification so far, by reason (no_receipt, impostor, wrong_request, ...)."""
+        return dict(self._verifier.forgeries)
+
     async def catalog(self) -> Catalog:
-        """The live network catalogue, started (and filled by a query) on first use."""
+        """The live network catalogue, started (and filled by a query) on first use.
+
+        It keeps only executors this client trusts, and its id-to-key bindings are the ones
+        replies are checked against from then on."""
         if self._catalog is None:
-            self._catalog = Catalog(self._nc)
-            await self._catalog.start()
+            catalog = Catalog(self._nc, trust=self.trust)
+            await catalog.start()
+            self._catalog = catalog
         return self._catalog
+
+    def _bound_key(self, executor_id: str) -> str | None:
+        """The key the catalogue binds `executor_id` to, once this client runs a catalogue."""
+        return self._catalog.bound_key(executor_id) if self._catalog is not None else None
 
     async def served_models(self, *, timeout: float = SERVED_QUERY_S) -> list[str] | None:
         """The names of the models live executors serve now, sorted; None if the catalogue could not be asked.
@@ -185,7 +223,7 @@ class LloomClient:
         The running catalogue's, if routing started one; else one query that waits at most `timeout`."""
         if self._catalog is not None:
             return self._catalog.model_names()
-        once = Catalog(self._nc, query_timeout=timeout)
+        once = Catalog(self._nc, query_timeout=timeout, trust=self.trust)
         try:
             await once.refresh()
         except (nats.errors.Error, OSError):
@@ -318,6 +356,7 @@ class LloomClient:
             prompt_tokens=sum(estimate_tokens(m.content) for m in request.messages),
             completion_tokens=request.max_tokens or DEFAULT_COMPLETION_ESTIMATE,
             observed=self.latencies,
+            trust=self.trust,
         )
         if not found:
             served = catalog.model_names()
@@ -366,7 +405,9 @@ class LloomClient:
             request = msgspec.structs.replace(request, stream=True)
         return ChatStream(self._pending, request, timeout or self.timeout, executor, route, constraints,
                           busy_retries=self.busy_retries, candidates=self.candidates,
-                          no_responders=self.no_responders_error)  # fmt: skip
+                          no_responders=self.no_responders_error,
+                          verifier=self._verifier if self.trust.verify else None,
+                          bind=self._bind_for)  # fmt: skip
 
     async def embed(
         self, model: str, inputs: list[str], *, dimensions: int | None = None, timeout: float | None = None
@@ -421,28 +462,73 @@ class LloomClient:
         subject: str | None = None,
     ) -> T:
         """One request/reply job on `target` (its model's queue group, or one executor), retried when busy."""
-        loop = asyncio.get_running_loop()
+        verifying = self.trust.verify
+        request_sha = sha256_hex(payload) if verifying else ""
+        if verifying:
+            await self._bind_for(target)
         for attempt in range(retries + 1):
             # A busy executor never ran the job, so a retry is a new job: replies
             # still in flight for the old id can then not be mistaken for its own.
             job_id = self._pending.new_job_id()
-            fut: asyncio.Future[bytes] = loop.create_future()
-            self._pending.register(job_id, fut)
+            inbox: asyncio.Queue[bytes | LloomError] = asyncio.Queue()
+            self._pending.register(job_id, inbox)
+            forged: ReplyForged | None = None
             try:
                 await self._pending.send(target, payload, job_id, deadline, subject=subject)
-                data = await self._pending.wait(fut, deadline, job_id, target)
+                while True:
+                    try:
+                        data = await self._pending.wait(inbox, deadline, job_id, target)
+                    except DeadlineExceeded:
+                        if forged is not None:  # what there was instead of an answer says more than a timeout
+                            raise ReplyForged(f"{forged.message}; no genuine reply came in time",
+                                              job_id=job_id) from None  # fmt: skip
+                        raise
+                    try:
+                        reply = decode_reply(decoder, data)
+                        if type(reply) is expected:
+                            if verifying:
+                                self._verify(reply, job_id, request_sha, target[1])
+                            return reply
+                    except (ReplyForged, InternalError) as e:
+                        if not verifying:
+                            raise
+                        # Ignored: the genuine reply may still come (see the module docstring).
+                        forged = e if isinstance(e, ReplyForged) else ReplyForged(f"malformed reply: {e.message}")
+                        if isinstance(e, InternalError):
+                            self._verifier.forgeries["malformed"] += 1
+                        _log.warning("refused a reply: %s", forged.message)
+                        continue
+                    break  # an error reply
             except NoExecutors:
                 raise await self.no_responders_error(target) from None
             finally:
                 self._pending.unregister(job_id)
-            reply = decode_reply(decoder, data)
-            if type(reply) is expected:
-                return reply
             assert isinstance(reply, ErrorReply)
             err = error_from_wire(reply)
             if not await may_retry_busy(err, attempt, retries, deadline):
                 raise err
         raise AssertionError("unreachable")
+
+    def _verify(self, reply: object, job_id: str, request_sha: str, executor: str | None) -> None:
+        """Raise `ReplyForged` unless `reply`'s receipt vouches for it (protocol/verify.py)."""
+        if isinstance(reply, ChatResponse):
+            content = reply.content.encode()
+        elif isinstance(reply, TextResponse):
+            content = reply.text.encode()
+        else:
+            assert isinstance(reply, EmbeddingResponse)
+            content = encoder.encode(reply.embeddings)  # what the executor hashed: the vectors' JSON
+        receipt = self._verifier.check_identity(
+            reply.receipt, executor_id=reply.executor_id, job_id=job_id, client=self.client_id,
+            request_sha256=request_sha, target=executor,
+        )  # fmt: skip
+        self._verifier.check_response(receipt, content)
+
+    async def _bind_for(self, target: Target) -> None:
+        """For a job to one named executor on an open network, learn its id's key from the catalogue first."""
+        if target[1] is not None and not self.trust.closed and self._catalog is None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await self.catalog()
 
     async def _failover(
         self,
@@ -511,4 +597,7 @@ def _describe(route: ModelRequest) -> str:
 
 async def _report_nats_error(e: Exception) -> None:
     # A library must not print; applications see this through stdlib logging.
-    logging.getLogger("protocol.client").warning("nats: %s", e or type(e).__name__)
+    _log.warning("nats: %s", e or type(e).__name__)
+
+
+_log = logging.getLogger("protocol.client")

@@ -16,6 +16,8 @@ catch `ModelNotFound` whether it happened locally or three hops away.
     ├── Cancelled               cancelled            the caller cancelled the job
     ├── ResponseTooLarge        response_too_large   result over max_payload; stream it
     ├── ForgedResult            forged_result        a stored result that its executor did not sign
+    ├── UnverifiedReply         unverified_reply     a reply its receipt does not vouch for
+    │   └── ReplyForged         reply_forged         only forged replies came (not from who they name)
     ├── BackendError            backend_error        5xx or other backend failure
     │   ├── BackendUnavailable  backend_unavailable  connection refused / reset
     │   ├── BackendAuthFailed   backend_auth         401/403 from the backend
@@ -53,6 +55,8 @@ class ErrorCode(enum.StrEnum):
     RESULT_PENDING = "result_pending"
     QUEUE_UNAVAILABLE = "queue_unavailable"
     FORGED_RESULT = "forged_result"
+    UNVERIFIED_REPLY = "unverified_reply"
+    REPLY_FORGED = "reply_forged"
     INTERNAL = "internal"
 
 
@@ -168,6 +172,26 @@ class ForgedResult(LloomError):
 class ResponseTooLarge(LloomError):
     code = ErrorCode.RESPONSE_TOO_LARGE
     status = 507
+
+
+class UnverifiedReply(LloomError):
+    """The client could not verify a reply with its receipt (protocol/verify.py says why).
+
+    Raised by a stream whose end does not vouch for the text already delivered: that
+    text must be treated as unverified (it may have been altered or injected on the way)."""
+
+    code = ErrorCode.UNVERIFIED_REPLY
+    status = 502
+
+
+class ReplyForged(UnverifiedReply):
+    """Every reply that came for a job failed verification (no receipt, a receipt signed by a
+    key that is not the executor's or not trusted, or one for another request), and no genuine
+    one came before the deadline. Forged replies are ignored while the call waits, so racing
+    the executor with a fake answer cannot make a call fail early."""
+
+    code = ErrorCode.REPLY_FORGED
+    status = 502
 
 
 class BackendError(LloomError):

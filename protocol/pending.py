@@ -109,11 +109,14 @@ class Pending:
         if token is not None and not self._nc.is_closed:
             await self._nc.publish(subj.cancel_subject(job_id), token.encode())
 
-    async def wait(self, fut: asyncio.Future[bytes], deadline: float, job_id: str, target: Target) -> bytes:
-        """The reply to one job; at the deadline, or when the caller is cancelled, the job is cancelled."""
+    async def wait(self, inbox: asyncio.Queue[bytes | LloomError], deadline: float, job_id: str,
+                   target: Target) -> bytes:  # fmt: skip
+        """The next message for one job; at the deadline, or when the caller is cancelled, the job is cancelled.
+
+        Raises the error the dispatcher put there (no responders, client closed)."""
         try:
             async with asyncio.timeout_at(deadline):
-                return await fut
+                item = await inbox.get()
         except TimeoutError:
             await self.cancel(job_id)
             where = f" on executor {target[1]}" if target[1] else ""
@@ -121,6 +124,9 @@ class Pending:
         except asyncio.CancelledError:
             await asyncio.shield(self.cancel(job_id))
             raise
+        if isinstance(item, LloomError):
+            raise item
+        return item
 
     async def _dispatch(self, msg: Msg) -> None:
         token = msg.subject[self._prefix_len :]

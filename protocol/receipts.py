@@ -24,7 +24,7 @@ receipts of one executor, so storing them costs one message, not one per job
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import Literal
 
@@ -32,6 +32,7 @@ import msgspec
 
 from protocol.announcements import Pricing
 from protocol.identity import verify
+from protocol.trust import Endorsement
 
 DOMAIN = b"lloom-receipts-v1:"
 Outcome = Literal["completed", "cancelled", "failed"]
@@ -79,9 +80,12 @@ class ReceiptProof(msgspec.Struct, frozen=True):
     sig: str  # base64url Ed25519 signature of DOMAIN || root
 
 
-class SignedReceipt(msgspec.Struct, frozen=True):
+class SignedReceipt(msgspec.Struct, frozen=True, omit_defaults=True):
     receipt: Receipt
     proof: ReceiptProof
+    # An operator's endorsement of `receipt.executor_key` (protocol/trust.py), outside
+    # what is signed: it is checked on its own, against the operator's key.
+    endorsement: Endorsement | None = None
 
 
 class ReceiptInvalid(Exception):
@@ -140,8 +144,16 @@ def root_from_path(leaf: bytes, path: list[str]) -> bytes:
     return h
 
 
-def verify_receipt(signed: SignedReceipt, *, trusted_keys: Iterable[str] | None = None) -> bytes:
-    """Check `signed`; return its leaf hash, or raise `ReceiptInvalid` saying what is wrong."""
+def verify_receipt(
+    signed: SignedReceipt,
+    *,
+    trusted_keys: Iterable[str] | None = None,
+    signature_ok: Callable[[str, bytes, str], bool] = verify,
+) -> bytes:
+    """Check `signed`; return its leaf hash, or raise `ReceiptInvalid` saying what is wrong.
+
+    `signature_ok(key, signed bytes, sig)` checks the root's signature; a caller that sees
+    many receipts of one batch may pass one that remembers roots it already checked."""
     r = signed.receipt
     if trusted_keys is not None and r.executor_key not in set(trusted_keys):
         raise ReceiptInvalid(f"signed by {r.executor_key}, which is not a trusted executor key")
@@ -152,7 +164,7 @@ def verify_receipt(signed: SignedReceipt, *, trusted_keys: Iterable[str] | None 
         raise ReceiptInvalid(f"malformed proof path: {e}") from e
     if root.hex() != signed.proof.root:
         raise ReceiptInvalid("contents changed: the receipt's hash does not lead to the signed root")
-    if not verify(r.executor_key, DOMAIN + root, signed.proof.sig):
+    if not signature_ok(r.executor_key, DOMAIN + root, signed.proof.sig):
         raise ReceiptInvalid("bad signature: the root was not signed by the executor's key")
     expected = r.pricing.cost(r.usage.prompt_tokens, r.usage.completion_tokens)
     if r.cost != expected:
@@ -163,7 +175,7 @@ def verify_receipt(signed: SignedReceipt, *, trusted_keys: Iterable[str] | None 
 
 
 def check_chain(receipts: Iterable[tuple[SignedReceipt, bytes]]) -> list[str]:
-    """Problems in each executor's sequence: gaps, duplicates, broken links, key changes.
+    """Problems in each executor's sequence: a start other than 1, gaps, duplicates, broken links, key changes.
 
     Takes (receipt, leaf hash) pairs, e.g. from `verify_receipt`, in any order.
     """
@@ -190,4 +202,7 @@ def check_chain(receipts: Iterable[tuple[SignedReceipt, bytes]]) -> list[str]:
                 problems.append(f"{name}: receipt {b} does not link to receipt {a}")
         if seqs[0] == 1 and chain[1][0].receipt.prev != "":
             problems.append(f"{name}: receipt 1 links to a predecessor")
+        elif seqs[0] != 1:
+            # Every chain starts at 1; a later start hides the receipts before it (or invents a history).
+            problems.append(f"{name}: the chain starts at receipt {seqs[0]}, not 1 (receipts 1..{seqs[0] - 1} are missing)")
     return problems

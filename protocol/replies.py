@@ -11,7 +11,15 @@ import difflib
 
 import msgspec
 
-from protocol.errors import DeadlineExceeded, ExecutorBusy, InternalError, LloomError, ModelNotFound, NoExecutors
+from protocol.errors import (
+    DeadlineExceeded,
+    ExecutorBusy,
+    InternalError,
+    LloomError,
+    ModelNotFound,
+    NoExecutors,
+    ReplyForged,
+)
 
 Waiter = asyncio.Future[bytes] | asyncio.Queue[bytes | LloomError]
 Target = tuple[str, str | None]  # (model, executor id or None for the model's queue group)
@@ -19,7 +27,8 @@ Target = tuple[str, str | None]  # (model, executor id or None for the model's q
 
 def fails_over(err: LloomError) -> bool:
     """Whether another executor may succeed where this one failed."""
-    return err.retryable or isinstance(err, (NoExecutors, ExecutorBusy, ModelNotFound, DeadlineExceeded))
+    # ReplyForged: only forgeries came from (or in the name of) that executor; another may answer genuinely.
+    return err.retryable or isinstance(err, (NoExecutors, ExecutorBusy, ModelNotFound, DeadlineExceeded, ReplyForged))
 
 
 def no_responders(target: Target, served: list[str] | None = None) -> NoExecutors:

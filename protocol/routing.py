@@ -13,6 +13,8 @@ what is left:
 | Fastest | lowest latency this client observed, else the executor's advertised latency; unmeasured first, once | least loaded |
 
 Executors at capacity go last whatever the policy: they would answer `busy`.
+With a keyring (`trust`), executors it does not trust are never candidates, however
+cheap or fast they claim to be.
 Ties are broken at random so equal executors share the work.
 
 A model without a configured category gets one from its measurements:
@@ -29,6 +31,7 @@ import msgspec
 
 from protocol.announcements import ModelCategory, ModelOffer
 from protocol.catalog import ExecutorEntry
+from protocol.trust import OPEN, Trust
 
 FAST_TOKENS_PER_S = 50.0
 
@@ -124,10 +127,13 @@ def rank(
     completion_tokens: int = 0,
     observed: LatencyBook | None = None,
     rng: random.Random | None = None,
+    trust: Trust = OPEN,
 ) -> list[Candidate]:
     """Every admissible (executor, model), best first."""
     found: list[Candidate] = []
     for entry in entries:
+        if trust.closed and not trust.trusts(entry.key, entry.announcement.endorsement):
+            continue
         load = entry.load.in_flight / entry.load.capacity if entry.load.capacity else 1.0
         for offer in entry.models:
             if not offer.available or not _wanted(want, offer):

@@ -7,6 +7,13 @@ messages for a reader that fell behind), and ends at the `StreamEnd` or raises
 the typed error that ended the stream. Before the first chunk it may move the
 job elsewhere: to the next candidate of a route, or again after a `busy`.
 Leaving early cancels the job at the executor.
+
+With a verifier (the default), the end must carry a receipt that proves it came from
+the executor it names for this request (protocol/verify.py); an end that does not is
+ignored and counted, and the stream waits for the genuine one (at the deadline it
+raises `ReplyForged`). The genuine end's receipt must also hash the text of the chunks
+received: if not, the text already delivered was not what the executor sent and the
+stream raises `UnverifiedReply`.
 """
 
 from __future__ import annotations
@@ -19,7 +26,15 @@ from typing import Self
 
 import msgspec
 
-from protocol.errors import DeadlineExceeded, LloomError, NoExecutors, StreamInterrupted
+from protocol.errors import (
+    DeadlineExceeded,
+    InternalError,
+    LloomError,
+    NoExecutors,
+    ReplyForged,
+    StreamInterrupted,
+    UnverifiedReply,
+)
 from protocol.messages import (
     ChatRequest,
     ErrorReply,
@@ -32,9 +47,15 @@ from protocol.messages import (
 from protocol.pending import Pending, may_retry_busy
 from protocol.replies import Target, decode_reply, fails_over
 from protocol.routing import Candidate, Constraints, ModelRequest, Specific
+from protocol.verify import ReplyVerifier, sha256_hex
 
 Candidates = Callable[[ChatRequest, ModelRequest, Constraints | None], Awaitable[list[Candidate]]]
 NoResponders = Callable[[Target], Awaitable[NoExecutors]]
+Bind = Callable[[Target], Awaitable[None]]
+
+
+async def _no_binding(_target: Target) -> None:
+    return None
 
 
 class ChatStream:
@@ -52,8 +73,15 @@ class ChatStream:
         busy_retries: int,
         candidates: Candidates,
         no_responders: NoResponders,
+        verifier: ReplyVerifier | None = None,
+        bind: Bind = _no_binding,
     ) -> None:
         self._pending = pending
+        self._verifier = verifier
+        self._bind = bind
+        self._request_sha = ""
+        self._texts: list[str] = []  # the chunks' text, for the receipt's response hash
+        self._forged: ReplyForged | None = None
         self._busy_retries = busy_retries
         self._candidates = candidates
         self._no_responders = no_responders
@@ -103,7 +131,13 @@ class ChatStream:
         request = self._request
         if target[0] != request.model:
             request = msgspec.structs.replace(request, model=target[0])
-        await pending.send(target, encoder.encode(request), self.job_id, deadline)
+        payload = encoder.encode(request)
+        if self._verifier is not None:
+            await self._bind(target)
+            self._request_sha = sha256_hex(payload)
+        self._texts = []
+        self._forged = None
+        await pending.send(target, payload, self.job_id, deadline)
 
     async def _iterate(self) -> AsyncIterator[StreamChunk]:
         if self._started:
@@ -123,7 +157,13 @@ class ChatStream:
                     elif not item:
                         raise StreamInterrupted("stream ended without a final message", job_id=self.job_id)
                     else:
-                        msg = decode_reply(stream_reply_decoder, item)
+                        try:
+                            msg = decode_reply(stream_reply_decoder, item)
+                        except InternalError:
+                            if self._verifier is None:
+                                raise
+                            self._verifier.forgeries["malformed"] += 1  # not the executor's: it sends JSON
+                            continue
                         if type(msg) is StreamChunk:
                             if msg.seq != expected_seq:
                                 raise StreamInterrupted(
@@ -132,9 +172,13 @@ class ChatStream:
                                     job_id=self.job_id,
                                 )
                             expected_seq += 1
+                            if self._verifier is not None:
+                                self._texts.append(msg.delta)
                             yield msg
                             continue
                         if type(msg) is StreamEnd:
+                            if self._verifier is not None and not self._genuine(msg, target):
+                                continue  # a forged end: wait for the executor's own
                             self.end = msg
                             self._finished = True
                             return
@@ -161,11 +205,35 @@ class ChatStream:
                 await self.aclose()
             self._pending.unregister(self.job_id)
 
+    def _genuine(self, end: StreamEnd, target: Target) -> bool:
+        """Whether `end` is the executor's own; raises `UnverifiedReply` if it is but the text is not."""
+        assert self._verifier is not None
+        try:
+            receipt = self._verifier.check_identity(
+                end.receipt, executor_id=end.executor_id, job_id=self.job_id, client=self._pending.client_id,
+                request_sha256=self._request_sha, target=target[1],
+            )  # fmt: skip
+        except ReplyForged as e:
+            self._forged = e
+            return False
+        try:
+            self._verifier.check_response(receipt, "".join(self._texts).encode())
+        except ReplyForged as e:
+            self._finished = True
+            raise UnverifiedReply(
+                f"the executor's receipt does not match the {len(self._texts)} chunks received: the text"
+                f" delivered is unverified ({e.message})", job_id=self.job_id, executor_id=end.executor_id,
+            ) from None  # fmt: skip
+        return True
+
     async def _next(self, deadline: float) -> bytes | LloomError:
         try:
             async with asyncio.timeout_at(deadline):
                 return await self._queue.get()
         except TimeoutError:
+            if self._forged is not None:
+                raise ReplyForged(f"{self._forged.message}; no genuine end of the stream came in time",
+                                  job_id=self.job_id) from None  # fmt: skip
             raise DeadlineExceeded(
                 f"stream for model {self._request.model!r} did not finish within {self._budget:g}s", job_id=self.job_id
             ) from None

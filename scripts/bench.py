@@ -211,7 +211,8 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     paths = phases.make_paths(backend_url, nats_url)
     lags: list[float] = []
     paths["executor"].settle = outbox_settler(outbox_dir(tmp, 1), paths["executor"], lags)
-    ab = {"executor-noreceipts": phases.ExecutorPath(nats_url, name="executor-noreceipts", model=MODEL_NO_RECEIPTS)}
+    ab = {"executor-noreceipts": phases.ExecutorPath(nats_url, name="executor-noreceipts", model=MODEL_NO_RECEIPTS,
+                                                      verify=False)}
     for path in [*paths.values(), *ab.values()]:
         await path.open()
     try:

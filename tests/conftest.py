@@ -11,8 +11,9 @@ Plain helpers (requests, bounded waits, a fake clock) are in tests/helpers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import nats
@@ -22,7 +23,10 @@ from nats.aio.client import Client as NATS
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import NodeConfig
 from executor.process.embedded_nats import EmbeddedNats
-from executor.jobs.node import ExecutorNode
+from executor.jobs.node import ExecutorNode, default_executor_id
+from executor.receipts.issuer import ReceiptIssuer
+from executor.receipts.outbox import Outbox
+from protocol.identity import Identity
 from protocol.client import LloomClient
 from tests.doubles.openai_double import OpenAIDouble
 from tests.helpers.jobs import MODEL
@@ -67,11 +71,36 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+Signing = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def signing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signing]:
+    """`ExecutorNode(..., **signing())`: an executor id and a receipt issuer for it (a fresh key, an
+    outbox in a temporary directory, closed at teardown), as every real executor has: clients verify
+    replies by their receipts."""
+    outboxes: list[Outbox] = []
+
+    def make(executor_id: str | None = None, identity: Identity | None = None) -> dict[str, Any]:
+        executor_id = executor_id or default_executor_id()
+        outbox = Outbox(tmp_path_factory.mktemp("outbox"))
+        outboxes.append(outbox)
+        return {"executor_id": executor_id, "receipts": ReceiptIssuer(identity or Identity.generate(), executor_id, outbox)}
+
+    yield make
+    for outbox in outboxes:
+        outbox.close()
+
+
 @pytest.fixture
 async def make_node(
-    nats_server: EmbeddedNats, double: OpenAIDouble, http: aiohttp.ClientSession
+    nats_server: EmbeddedNats, double: OpenAIDouble, http: aiohttp.ClientSession, signing: Signing
 ) -> AsyncIterator[NodeFactory]:
-    """Build and start nodes on their own NATS connections; all are stopped at teardown."""
+    """Build and start nodes on their own NATS connections; all are stopped at teardown.
+
+    Every node signs receipts (a fresh key, an outbox in a temporary directory) as a real
+    executor does, because clients verify replies by them; `parts={"receipts": None}`
+    makes a receipt-less node, for tests about networks without receipts."""
     made: list[tuple[ExecutorNode, NATS]] = []
 
     async def factory(
@@ -81,7 +110,14 @@ async def make_node(
         """`parts`: the node's collaborators by keyword (receipts, cache, batcher, ...); the rest is NodeConfig."""
         conn = await nats.connect(nats_server.url)
         backend = OpenAICompatibleBackend(http, base_url=base_url or double.base_url, timeout_secs=timeout_secs)
-        node = ExecutorNode(conn, backend, NodeConfig(**node_config), models=models, **(parts or {}))  # type: ignore[arg-type]
+        config = NodeConfig(**node_config)
+        parts = dict(parts or {})
+        if "receipts" in parts:
+            issuer = parts["receipts"]
+            parts["executor_id"] = issuer.executor_id if isinstance(issuer, ReceiptIssuer) else config.id
+        else:
+            parts.update(signing(config.id))
+        node = ExecutorNode(conn, backend, config, models=models, **parts)  # type: ignore[arg-type]
         await node.start()
         made.append((node, conn))
         return node

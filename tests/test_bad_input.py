@@ -120,14 +120,14 @@ async def small_payload_server(tmp_path: Path):
 
 
 async def test_response_over_max_payload_is_a_typed_error_and_streaming_still_works(
-    small_payload_server: EmbeddedNats, double: OpenAIDouble, http
+    small_payload_server: EmbeddedNats, double: OpenAIDouble, http, signing
 ) -> None:
     from executor.backends.openai_compat import OpenAICompatibleBackend
 
     double.completion_tokens = 2000  # ~12 kB of text against a 4 kB max_payload
     node_nc = await nats.connect(small_payload_server.url)
     backend = OpenAICompatibleBackend(http, base_url=double.base_url)
-    async with ExecutorNode(node_nc, backend), await LloomClient.connect(small_payload_server.url) as client:
+    async with ExecutorNode(node_nc, backend, **signing()), await LloomClient.connect(small_payload_server.url) as client:
         with pytest.raises(ResponseTooLarge, match="stream=True"):
             await client.complete(ask())
         async with client.stream(ask()) as stream:

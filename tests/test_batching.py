@@ -17,14 +17,15 @@ from protocol.errors import BackendError, InvalidRequest, NoExecutors
 from protocol.subjects import embed_subject
 from protocol.messages import EmbeddingRequest, encoder
 from tests.conftest import MODEL
+from tests.conftest import Signing
 from tests.doubles.openai_double import Fault, OpenAIDouble, embedding_of
 
 
 @pytest.fixture
-async def embed_node(nc: NATS, double: OpenAIDouble) -> AsyncIterator[ExecutorNode]:
+async def embed_node(nc: NATS, double: OpenAIDouble, signing: Signing) -> AsyncIterator[ExecutorNode]:
     backend = OpenAICompatibleBackend(base_url=double.base_url)
     batcher = Batcher(backend, max_inputs=64, max_calls=1)
-    node = ExecutorNode(nc, backend, models=[MODEL], batcher=batcher)
+    node = ExecutorNode(nc, backend, models=[MODEL], batcher=batcher, **signing())
     await node.start()
     yield node
     await node.stop(drain_timeout=1)
@@ -97,9 +98,11 @@ async def test_bad_embedding_requests_get_typed_errors(embed_node: ExecutorNode,
     assert (await client.embed(MODEL, ["still serving"])).embeddings
 
 
-async def test_without_a_batcher_each_job_is_its_own_call(nc: NATS, double: OpenAIDouble, client: LloomClient) -> None:
+async def test_without_a_batcher_each_job_is_its_own_call(
+    nc: NATS, double: OpenAIDouble, client: LloomClient, signing: Signing
+) -> None:
     backend = OpenAICompatibleBackend(base_url=double.base_url)
-    node = ExecutorNode(nc, backend, models=[MODEL])
+    node = ExecutorNode(nc, backend, models=[MODEL], **signing())
     await node.start()
     await asyncio.gather(*(client.embed(MODEL, [f"t{i}"]) for i in range(10)))
     assert double.embedding_calls == [1] * 10

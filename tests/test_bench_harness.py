@@ -6,6 +6,7 @@ No timing assertions: only that every path was measured and every figure is a po
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,14 @@ def test_queue_benchmark_quick_run_reports_both_paths(tmp_path: Path) -> None:
     for row in res["concurrency"].values():
         for path in ("complete", "submit+result"):
             assert row[path]["jobs"] > 0 and 0 < row[path]["p50_ms"] <= row[path]["p99_ms"], (path, row)
+
+
+@pytest.mark.slow  # a few seconds: nats-server, the benchmark backend, one executor
+def test_verification_benchmark_smoke_run_reports_its_figures() -> None:
+    proc = run_script("bench_verify.py", "--smoke", timeout=SCRIPT_TIMEOUT_S)
+    figures = dict(re.findall(r"^\| (.+?) \| ([0-9.]+)", proc.stdout, re.M))
+    assert 0 < float(figures["verification, batch root already checked"]) < float(
+        figures["verification, new batch root (one Ed25519 check)"]
+    )
+    assert float(figures["client CPU per request, verification on"]) > 0
+    assert float(figures["ratio on / off"]) > 0

@@ -97,7 +97,7 @@ async def test_a_cache_hit_is_replayed_as_a_stream_and_its_receipt_says_cached(
 # -- the shared level: a NATS KV bucket --------------------------------------------------
 
 
-async def test_an_answer_cached_by_one_executor_serves_another_through_the_shared_bucket(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_an_answer_cached_by_one_executor_serves_another_through_the_shared_bucket(tmp_path, signing) -> None:  # type: ignore[no-untyped-def]
     import nats
     from nats.js.errors import NoKeysError
 
@@ -114,7 +114,7 @@ async def test_an_answer_cached_by_one_executor_serves_another_through_the_share
             shared = await SharedCache.open(nc.jetstream(), key, ttl_s=60, max_bytes=1 << 20,
                                             trusted_keys=frozenset(trusted))  # fmt: skip
             node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), models=["double-model"],
-                                cache=ResponseCache(), shared_cache=shared)  # fmt: skip
+                                cache=ResponseCache(), shared_cache=shared, **signing())  # fmt: skip
             await node.start()
             nodes.append(node)
         async with await LloomClient.connect(server.url) as client:

@@ -25,6 +25,7 @@ from protocol.client import LloomClient
 from protocol.errors import NoExecutors
 from protocol.identity import Identity
 from protocol.routing import Category, Cheapest, Constraints, Fastest, Specific
+from tests.conftest import Signing
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import ask
 from tests.helpers.wait import within
@@ -50,7 +51,7 @@ MakeExecutor = Callable[..., Awaitable[Executor]]
 
 
 @pytest.fixture
-async def make_executor(nats_server: EmbeddedNats) -> AsyncIterator[MakeExecutor]:
+async def make_executor(nats_server: EmbeddedNats, signing: Signing) -> AsyncIterator[MakeExecutor]:
     made: list[Executor] = []
 
     async def factory(
@@ -64,9 +65,11 @@ async def make_executor(nats_server: EmbeddedNats) -> AsyncIterator[MakeExecutor
         await double.start()
         nc = await nats.connect(nats_server.url)
         backend = OpenAICompatibleBackend(base_url=base_url or double.base_url, timeout_secs=5)
-        node = ExecutorNode(nc, backend, NodeConfig(**node_config), models=[m.name for m in configs])  # type: ignore[arg-type]
+        identity = Identity.generate()  # one key for the announcements and the receipts, as a real executor has
+        node = ExecutorNode(nc, backend, NodeConfig(**node_config), models=[m.name for m in configs],  # type: ignore[arg-type]
+                            **signing(node_config.get("id"), identity))  # fmt: skip
         await node.start()
-        announcer = Announcer(nc, node, Identity.generate(), models=configs, heartbeat_interval=heartbeat)
+        announcer = Announcer(nc, node, identity, models=configs, heartbeat_interval=heartbeat)
         await announcer.start()
         made.append(executor := Executor(node, announcer, double, nc))
         return executor
@@ -339,7 +342,8 @@ async def test_executors_measure_and_advertise_their_speed(make_executor: MakeEx
     executor = await make_executor("m")
     for _ in range(3):
         await client.complete(ask(model="m"), executor=executor.id)
-    catalog = await client.catalog()  # its query is answered with a fresh announcement
+    catalog = await client.catalog()  # started by the first job (to learn the executor's key)
+    await catalog.refresh()  # a query is answered with a fresh announcement
     perf = catalog.entries()[0].models[0].perf
     assert perf.samples == 3
     assert perf.latency_ms is not None and perf.latency_ms > 0

@@ -52,6 +52,7 @@ from protocol.messages import (
     unary_reply_decoder,
 )
 from protocol.results import seal_result
+from tests.conftest import Signing
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
 from tests.helpers.processes import EXECUTOR, LLOOM, StartExecutor, run
@@ -78,7 +79,7 @@ async def attacker(js_server: EmbeddedNats) -> AsyncIterator[NATS]:
 
 
 async def test_a_planted_shared_cache_entry_is_not_served_and_the_legitimate_path_still_caches(
-    js_server: EmbeddedNats, attacker: NATS
+    js_server: EmbeddedNats, attacker: NATS, signing: Signing
 ) -> None:
     request = ask(text="what is two plus two", temperature=0.0)
     key = cache_key(request)
@@ -93,7 +94,7 @@ async def test_a_planted_shared_cache_entry_is_not_served_and_the_legitimate_pat
         nodes = []
         for double, shared in ((double_a, shared_a), (double_b, shared_b)):
             node = ExecutorNode(nc, OpenAICompatibleBackend(base_url=double.base_url), models=[MODEL],
-                                cache=ResponseCache(), shared_cache=shared)  # fmt: skip
+                                cache=ResponseCache(), shared_cache=shared, **signing())  # fmt: skip
             await node.start()
             stack.push_async_callback(node.backend.aclose)
             stack.push_async_callback(node.stop, 1)
@@ -278,7 +279,7 @@ def _leaky_config(double: OpenAIDouble, **extra: str) -> ExecutorConfig:
 
 
 async def test_a_backend_that_repeats_the_key_leaks_it_to_no_caller_no_log_and_no_status(
-    nats_server: EmbeddedNats, http: aiohttp.ClientSession
+    nats_server: EmbeddedNats, http: aiohttp.ClientSession, signing: Signing
 ) -> None:
     async with OpenAIDouble(api_key="the-right-key", echo_key=True) as double:
         config = _leaky_config(double)
@@ -291,7 +292,7 @@ async def test_a_backend_that_repeats_the_key_leaks_it_to_no_caller_no_log_and_n
         assert URL_PASSWORD not in backend.name and "***@" in backend.name
 
         conn = await nats.connect(nats_server.url)
-        node = ExecutorNode(conn, backend, models=[MODEL], masker=masker)
+        node = ExecutorNode(conn, backend, models=[MODEL], masker=masker, **signing())
         await node.start()
         try:
             with structlog.testing.capture_logs(processors=redaction(masker)) as logs:
@@ -342,7 +343,8 @@ async def test_the_executor_process_never_prints_its_key_or_url_credentials(
 
 
 async def test_a_key_file_rotation_is_used_for_new_jobs_without_a_restart(
-    nats_server: EmbeddedNats, http: aiohttp.ClientSession, tmp_path: Path, client: LloomClient
+    nats_server: EmbeddedNats, http: aiohttp.ClientSession, tmp_path: Path, client: LloomClient,
+    signing: Signing,
 ) -> None:
     key_file = tmp_path / "api_key"
     key_file.write_text("first-key-AAAA\n")
@@ -354,7 +356,7 @@ async def test_a_key_file_rotation_is_used_for_new_jobs_without_a_restart(
         rotation = KeyRotation(backend, config, masker, check_every_s=0.02)
         await rotation.start()
         conn = await nats.connect(nats_server.url)
-        node = ExecutorNode(conn, backend, models=[MODEL], masker=masker)
+        node = ExecutorNode(conn, backend, models=[MODEL], masker=masker, **signing())
         await node.start()
         try:
             assert (await client.complete(ask())).content

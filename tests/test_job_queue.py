@@ -22,6 +22,7 @@ from protocol.client import LloomClient
 from protocol.durable import JOBS_STREAM, jobs_subject
 from protocol.errors import BackendError, InvalidRequest, JobQueued, ResultPending
 from protocol.messages import encoder
+from tests.conftest import Signing
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import ask
 from tests.helpers.wait import eventually
@@ -39,11 +40,13 @@ async def js_nc(js_server: EmbeddedNats) -> AsyncIterator[NATS]:
 
 async def _node_with_queue(
     nc: NATS, backend: object, *, models: list[str] | None = None, fallback: set[str] = frozenset(),  # type: ignore[assignment]
-    config: QueueConfig | None = None, node_config: NodeConfig | None = None,
+    config: QueueConfig | None = None, node_config: NodeConfig | None = None, signing: Signing | None = None,
 ) -> tuple[ExecutorNode, JobQueue]:  # fmt: skip
     config = config or QueueConfig()
     enqueuer = JobEnqueuer(nc.jetstream(), fallback_models=fallback, consume_all=config.consume_all)
-    node = ExecutorNode(nc, backend, node_config or NodeConfig(), models=models, queue=enqueuer)  # type: ignore[arg-type]
+    # Signing (receipts) only where a test reads a direct reply: queued results are read from the bucket.
+    node = ExecutorNode(nc, backend, node_config or NodeConfig(), models=models, queue=enqueuer,  # type: ignore[arg-type]
+                        **(signing() if signing else {}))  # fmt: skip
     queue = JobQueue(nc, node, enqueuer, config, retry=FAST_RETRY, idle_poll_s=0.02, fetch_wait_s=0.2)
     await node.start()
     await queue.start()
@@ -226,11 +229,11 @@ async def test_without_jetstream_queue_calls_fail_with_a_typed_error(client: Llo
 
 
 async def test_a_node_whose_queue_has_no_jetstream_starts_serves_and_answers_with_the_backends_error(
-    nc: NATS, client: LloomClient
+    nc: NATS, client: LloomClient, signing: Signing
 ) -> None:
     async with OpenAIDouble(models=["m"]) as double:
         pool = _queue_pool(double)
-        node, queue = await _node_with_queue(nc, pool, fallback={"m"})  # no JetStream on this server
+        node, queue = await _node_with_queue(nc, pool, fallback={"m"}, signing=signing)  # no JetStream on this server
         assert (await client.complete(ask(model="m"))).content  # serving as usual
         double.fault = Fault.status(503, "down")
         with pytest.raises(BackendError, match="down"):  # could not be queued: the backend's own error

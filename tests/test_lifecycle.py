@@ -174,7 +174,7 @@ async def test_closing_the_client_fails_waiting_calls(
 
 
 async def test_a_node_answers_a_job_sent_from_another_connection_the_moment_start_returns(
-    nats_server, double
+    nats_server, double, signing
 ) -> None:
     # nats-py's flush() alone can return before the server has the node's SUBs: the PING is
     # written to the socket while the SUBs still wait in the client's queue.
@@ -190,7 +190,7 @@ async def test_a_node_answers_a_job_sent_from_another_connection_the_moment_star
         for round_ in range(20):
             conn = await nats.connect(nats_server.url)
             node = ExecutorNode(conn, OpenAICompatibleBackend(base_url=double.base_url), NodeConfig(),
-                                models=["double-model"])  # fmt: skip
+                                models=["double-model"], **signing())  # fmt: skip
             await node.start()
             try:
                 reply = await client.complete(ask())  # no retry: a missing subscription is NoExecutors

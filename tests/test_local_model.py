@@ -36,6 +36,7 @@ from protocol.errors import BackendUnavailable, InvalidRequest, StreamInterrupte
 from protocol.messages import ChatRequest, ChatResponse, FinishReason, Message, Role
 from tests.helpers.processes import LLOOM, Executor, StartExecutor, children, is_running, run
 from tests.helpers.wait import eventually, within
+from tests.conftest import Signing
 
 # Real model servers start in seconds and answer slowly on a loaded machine: more than the default 120 s.
 pytestmark = [pytest.mark.real_inference, pytest.mark.timeout(300)]
@@ -84,10 +85,12 @@ async def local(http: aiohttp.ClientSession, local_setup: None) -> AsyncIterator
 
 
 @pytest.fixture
-async def served(nats_server: EmbeddedNats, local: LocalBackend) -> AsyncIterator[tuple[ExecutorNode, LloomClient]]:
+async def served(
+    nats_server: EmbeddedNats, local: LocalBackend, signing: Signing
+) -> AsyncIterator[tuple[ExecutorNode, LloomClient]]:
     """A node on the local backend (its model server started) and a client, both on a real nats-server."""
     conn = await nats.connect(nats_server.url)
-    node = ExecutorNode(conn, local, NodeConfig())
+    node = ExecutorNode(conn, local, NodeConfig(), **signing())
     await within(node.start(), "the node started its model server", START_S)
     async with await LloomClient.connect(nats_server.url, timeout=60) as client:
         yield node, client
@@ -366,7 +369,9 @@ async def embedding_server(gemma_setup: Path, http: aiohttp.ClientSession, tmp_p
         log.close()
 
 
-async def test_real_embeddings_batched_equal_embeddings_alone(nats_server: EmbeddedNats, embedding_server: str) -> None:
+async def test_real_embeddings_batched_equal_embeddings_alone(
+    nats_server: EmbeddedNats, embedding_server: str, signing: Signing
+) -> None:
     import math
 
     from executor.backends.openai_compat import OpenAICompatibleBackend
@@ -375,7 +380,8 @@ async def test_real_embeddings_batched_equal_embeddings_alone(nats_server: Embed
     conn = await nats.connect(nats_server.url)
     backend = OpenAICompatibleBackend(base_url=embedding_server, timeout_secs=60)
     # With max_calls=1, while one call runs, the others pile up.
-    node = ExecutorNode(conn, backend, NodeConfig(), models=["gemma-embed"], batcher=Batcher(backend, max_calls=1))
+    node = ExecutorNode(conn, backend, NodeConfig(), models=["gemma-embed"], batcher=Batcher(backend, max_calls=1),
+                        **signing())  # fmt: skip
     await node.start()
     texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly revenue grew by eight percent.",
              "The stock market fell sharply today.", "Water boils at one hundred degrees."]  # fmt: skip

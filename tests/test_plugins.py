@@ -78,12 +78,14 @@ def plugin_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
-async def test_plugin_backend_serves_jobs_end_to_end(plugin_installed: None, nats_server: EmbeddedNats, http) -> None:
+async def test_plugin_backend_serves_jobs_end_to_end(
+    plugin_installed: None, nats_server: EmbeddedNats, http, signing
+) -> None:
     assert "shout" in available_backends()
     backend = create_backend(LlmClientConfig(backend="shout"), http)
     assert isinstance(backend, Backend)
     nc = await nats.connect(nats_server.url)
-    async with ExecutorNode(nc, backend), await LloomClient.connect(nats_server.url) as client:
+    async with ExecutorNode(nc, backend, **signing()), await LloomClient.connect(nats_server.url) as client:
         request = ChatRequest(model="shout-1", messages=[Message(Role.USER, "hello plugin")])
         assert (await client.complete(request)).content == "HELLO PLUGIN"
         async with client.stream(request) as stream:

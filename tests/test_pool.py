@@ -17,6 +17,7 @@ from executor.process.embedded_nats import EmbeddedNats
 from executor.jobs.node import ExecutorNode
 from protocol.client import LloomClient
 from protocol.errors import BackendError, DeadlineExceeded, InvalidRequest, RateLimited, StreamInterrupted
+from tests.conftest import Signing
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.clock import FakeClock
 from tests.helpers.jobs import ask
@@ -37,7 +38,7 @@ MakeRig = Callable[..., Awaitable[Rig]]
 
 
 @pytest.fixture
-async def make_rig(nats_server: EmbeddedNats) -> AsyncIterator[MakeRig]:
+async def make_rig(nats_server: EmbeddedNats, signing: Signing) -> AsyncIterator[MakeRig]:
     made: list[tuple[Rig, object]] = []
 
     async def factory(
@@ -73,7 +74,7 @@ async def make_rig(nats_server: EmbeddedNats) -> AsyncIterator[MakeRig]:
             sleep=asyncio.sleep if real_sleep else record_sleep,  # real: the backoff itself is under test
         )
         nc = await nats.connect(nats_server.url)
-        node = ExecutorNode(nc, pool, NodeConfig())
+        node = ExecutorNode(nc, pool, NodeConfig(), **signing())
         await node.start()
         rig = Rig(pool, doubles, node)
         rig.sleeps = sleeps

@@ -41,7 +41,7 @@ def test_readme_install_commands_take_the_tested_versions() -> None:
 
 
 @pytest.mark.slow
-async def test_readme_python_example_runs_as_written(nats_server, http) -> None:
+async def test_readme_python_example_runs_as_written(nats_server, http, signing) -> None:
     # Only the server's address differs from the README: the test's nats-server is on a free port.
     import asyncio
     import sys
@@ -58,7 +58,7 @@ async def test_readme_python_example_runs_as_written(nats_server, http) -> None:
     model = re.search(r'model="([^"]+)"', example).group(1)
     async with OpenAIDouble(models=[model]) as double:
         conn = await nats.connect(nats_server.url)
-        node = ExecutorNode(conn, OpenAICompatibleBackend(http, base_url=double.base_url), NodeConfig())
+        node = ExecutorNode(conn, OpenAICompatibleBackend(http, base_url=double.base_url), NodeConfig(), **signing())
         await node.start()
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -31,6 +31,7 @@ from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.announcements import HDR_SIGNATURE, Announcement, Heartbeat, Load, ModelOffer, Performance, Pricing
 from protocol.identity import Identity
+from protocol.trust import Endorsement
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -48,10 +49,12 @@ class Announcer:
         *,
         models: list[ModelConfig] | None = None,
         heartbeat_interval: float = 0.5,
+        endorsement: Endorsement | None = None,
     ) -> None:
         self._nc = nc
         self._node = node
         self.identity = identity
+        self.endorsement = endorsement  # an operator's, of identity's key: announced so clients can trust it
         self._configured = {m.name: m for m in models or []}
         self.heartbeat_interval = heartbeat_interval
         self._epoch = time.time_ns() // 1_000_000
@@ -119,7 +122,8 @@ class Announcer:
             self._shape = shape
             self._revision += 1
         models = offers if state == "up" else []
-        return _encode(Announcement(**self._envelope(), state=state, models=models))  # type: ignore[arg-type]
+        return _encode(Announcement(**self._envelope(), state=state, models=models,  # type: ignore[arg-type]
+                                    endorsement=self.endorsement))  # fmt: skip
 
     def _shape_changed(self) -> bool:
         """Whether the offers (availability included) differ from the last announcement."""

@@ -21,6 +21,7 @@ from executor.tokens import TokenCounter, mismatch
 from protocol.announcements import Pricing
 from protocol.estimate import estimate_tokens
 from protocol.identity import Identity
+from protocol.trust import Endorsement
 from protocol.messages import ChatRequest, Usage
 from protocol.receipts import (
     DOMAIN,
@@ -75,7 +76,10 @@ class ReceiptIssuer:
         on_issue: Callable[[int], None] = lambda _seq: None,
         counter: TokenCounter | None = None,
         mismatch_tolerance: float = 0.1,
+        endorsement: Endorsement | None = None,
     ) -> None:
+        # An operator's endorsement of our key, attached to every receipt (outside what is signed).
+        self.endorsement = endorsement
         self._counter = counter
         self._tolerance = mismatch_tolerance
         self.mismatches = 0
@@ -179,7 +183,7 @@ class ReceiptIssuer:
         )
         leaf = leaf_hash(receipt)
         self._prev = leaf.hex()  # the chain is fixed now, before any await
-        signed = SignedReceipt(receipt, await self._signer.sign(leaf))
+        signed = SignedReceipt(receipt, await self._signer.sign(leaf), self.endorsement)
         self.outbox.append(signed, leaf.hex())
         self._on_issue(receipt.seq)
         return signed

@@ -40,6 +40,7 @@ from executor.tokens import TokenCounter
 from protocol import subjects as subj
 from protocol.announcements import Pricing
 from protocol.identity import Identity
+from protocol.trust import Endorsement, load_endorsement
 
 log = structlog.get_logger(logger_name=__name__)
 FREE = Pricing()
@@ -84,11 +85,14 @@ async def assemble(
         b = config.batching
         batcher = Batcher(backend, window_s=b.window_ms / 1000, max_inputs=b.max_inputs, max_calls=b.max_calls)
         stack.push_async_callback(batcher.aclose)
+    endorsement = None
+    if config.node.endorsement_file:
+        endorsement = load_endorsement(config.node.endorsement_file, identity.public_key)  # TrustError if not ours
     receipts = publisher = None
     counter = TokenCounter(config.tokens)
     healer = None
     if config.receipts.enabled:
-        receipts, publisher = receipt_issuer(config, nc, executor_id, identity, counter)
+        receipts, publisher = receipt_issuer(config, nc, executor_id, identity, counter, endorsement)
         stack.callback(publisher.outbox.close)  # after the publisher's last flush: frees the outbox's lock
         stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
     enqueuer = None
@@ -135,7 +139,7 @@ async def assemble(
     if queue is not None:
         await queue.start()
     announcer = Announcer(nc, node, identity, models=config.models,
-                          heartbeat_interval=config.node.heartbeat_interval_secs)  # fmt: skip
+                          heartbeat_interval=config.node.heartbeat_interval_secs, endorsement=endorsement)  # fmt: skip
     await announcer.start()
     # Runs before node.stop (the stack unwinds in reverse): clients stop choosing
     # this executor at once, then in-flight jobs drain.
@@ -145,7 +149,12 @@ async def assemble(
 
 
 def receipt_issuer(
-    config: ExecutorConfig, nc: NATS, executor_id: str, identity: Identity, counter: TokenCounter
+    config: ExecutorConfig,
+    nc: NATS,
+    executor_id: str,
+    identity: Identity,
+    counter: TokenCounter,
+    endorsement: Endorsement | None = None,
 ) -> tuple[ReceiptIssuer, ReceiptPublisher]:
     """A receipt issuer whose outbox a background publisher drains into JetStream."""
     rc = config.receipts
@@ -163,6 +172,7 @@ def receipt_issuer(
         on_issue=publisher.notify,
         counter=counter,
         mismatch_tolerance=config.tokens.mismatch_tolerance,
+        endorsement=endorsement,
     )
     return issuer, publisher
 

@@ -22,6 +22,7 @@ from executor.config import DEFAULT_CONFIG_TOML, ConfigError, ExecutorConfig, de
 from protocol.cli_common import GlobalOption, GlobalOptions, run
 from protocol.errors import LloomError
 from protocol.identity import IdentityError
+from protocol.trust import TrustError
 from protocol.status import ExecutorStatus, status_decoder
 
 
@@ -135,7 +136,7 @@ def _run(config: ExecutorConfig, reload: Callable[[], ExecutorConfig]) -> int:
         runner = asyncio.run
     try:
         runner(serve(config, masker=masker, reload=reload))
-    except (ConfigError, ConnectionError, IdentityError, EmbeddedNatsError, OutboxInUse) as e:
+    except (ConfigError, ConnectionError, IdentityError, EmbeddedNatsError, OutboxInUse, TrustError) as e:
         print(f"lloom-executor: {masker.mask(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ import aiohttp
 import msgspec
 
 from protocol.client import LloomClient
+from protocol.trust import Trust
 from protocol.messages import ChatRequest, Message, Role
 
 MODEL = "bench-model"
@@ -88,8 +89,10 @@ class HttpPath:
 class ExecutorPath:
     """LloomClient -> NATS -> executor node(s) -> backend."""
 
-    def __init__(self, nats_url: str, *, name: str = "executor", model: str = MODEL) -> None:
+    def __init__(self, nats_url: str, *, name: str = "executor", model: str = MODEL, verify: bool = True) -> None:
         self.name = name
+        # Whether the client verifies replies by their receipts (off only for an executor that issues none).
+        self.verify = verify
         self.nats_url = nats_url
         self.client: LloomClient | None = None
         self.request = ChatRequest(model=model, messages=[Message(role=Role.USER, content=PROMPT)])
@@ -100,7 +103,7 @@ class ExecutorPath:
         self.receipts = 0
 
     async def open(self) -> None:
-        self.client = await LloomClient.connect(self.nats_url, timeout=30.0)
+        self.client = await LloomClient.connect(self.nats_url, timeout=30.0, trust=Trust(verify=self.verify))
 
     async def close(self) -> None:
         if self.client is not None:
