@@ -265,11 +265,13 @@ class Outbox:
             return True
         try:
             fd = self._open()
-            os.posix_fallocate(fd, self._size, self.probe_bytes)
+            view = memoryview(bytes(self.probe_bytes))  # what a batch's write would need, by the same write()
+            while view:
+                view = view[self._write(fd, view) :]
             os.ftruncate(fd, self._size)
             os.fsync(fd)
         except OSError as e:
-            self._torn = True  # the fallocate may have grown the file: cut it back first next time
+            self._cut_back()  # what of the probe went in
             log.debug("receipts outbox still not writable", error=str(e))
             return False
         since = self.unwritable_since or time.time()
