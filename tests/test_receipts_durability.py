@@ -31,6 +31,7 @@ from protocol.errors import ReceiptsUnavailable
 from protocol.identity import Identity
 from protocol.receipts import SignedReceipt, check_chain, signed_receipt_decoder, verify_receipt
 from tests.doubles.openai_double import OpenAIDouble
+from tests.helpers.figures import record
 from tests.helpers.jobs import ask
 from tests.helpers.wait import eventually, within
 from tests.test_receipts import flushed, stored_receipts
@@ -133,6 +134,7 @@ async def test_a_full_disk_fails_jobs_typed_stops_taking_them_and_resumes_when_s
 
     assert all(r is not None for r in got)
     held = [r for r in got if r is not None]
+    record("full_disk_hook", {"jobs_attempted": 7, "jobs_completed": len(held), "jobs_failed_typed": 2})
     # The failed job's number was never sent anywhere, so the chain goes on from the last one on disk.
     assert [r.receipt.seq for r in held] == [1, 2, 3, 4, 5]
     await flushed(rig.issuer.outbox, rig.publisher)
@@ -239,6 +241,9 @@ async def test_receipts_waiting_for_jetstream_are_held_on_disk_not_in_memory_and
         await nc.close()
 
     seqs = [s.receipt.seq for s in stored]
+    record("jetstream_outage", {"jobs": n, "memory_window": window, "window_high_water": high_water,
+                                "receipts_expected": len(held), "receipts_stored": len(set(seqs)),
+                                "receipts_duplicated": len(stored) - len(set(seqs)), "seqs_reused": reused(stored + held)})  # fmt: skip
     assert (len(stored), len(set(seqs))) == (n, n)  # each once: none lost, none duplicated
     assert sorted(seqs) == list(range(1, n + 1))
     assert {s.receipt.job_id for s in stored} == {r.receipt.job_id for r in held}

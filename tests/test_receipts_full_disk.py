@@ -10,6 +10,7 @@ scripts/faults_receipts.py, which puts them in docs/faults.md.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -28,6 +29,7 @@ from protocol.client import LloomClient
 from protocol.errors import ReceiptsUnavailable
 from protocol.receipts import SignedReceipt, check_chain, verify_receipt
 from tests.doubles.openai_double import OpenAIDouble
+from tests.helpers.figures import record
 from tests.helpers.jobs import ask
 from tests.helpers.processes import EXECUTOR, Executor, StartExecutor, run
 from tests.helpers.wait import eventually, within
@@ -38,14 +40,6 @@ pytestmark = pytest.mark.slow
 
 WAIT = 20.0
 MiB = 1 << 20
-
-
-def record(name: str, figures: dict[str, object]) -> None:
-    """Keep a test's figures for docs/faults.md when asked to (LLOOM_FAULT_FIGURES=<dir>)."""
-    out = os.environ.get("LLOOM_FAULT_FIGURES")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"{name}.json").write_text(json.dumps(figures, indent=1))
 
 
 @pytest.fixture
@@ -185,8 +179,6 @@ async def test_executor_memory_stays_flat_while_receipts_wait_for_jetstream(
     """~20,000 jobs (at most ~40 s of them) against a server without JetStream: every receipt waits,
     in the outbox file; the executor's RSS after a 2,000-job warm-up grows by less than 20 MiB
     (it grew ~1.8 KB a job, ~32 MiB here, while waiting receipts were held in memory)."""
-    import asyncio
-
     cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)
     cfg.write_text(cfg.read_text() + "max_concurrent_jobs = 64\n")
     warmup, target, budget_s, concurrency = 2000, 20000, 40.0, 32
