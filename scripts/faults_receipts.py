@@ -3,8 +3,8 @@
     .venv/bin/python scripts/faults_receipts.py            # runs the tests (~40 s), rewrites the section
     .venv/bin/python scripts/faults_receipts.py --out F    # another file
 
-The tests (tests/test_receipts_full_disk.py with real `lloom-executor` processes and a
-256 KiB tmpfs, which needs root; tests/test_receipts_durability.py in-process) write
+The tests (tests/test_receipts_full_disk.py with real `lloom-executor` processes, a
+256 KiB tmpfs when root, a file-size limit anywhere; tests/test_receipts_durability.py in-process) write
 what they counted to a temp dir (LLOOM_FAULT_FIGURES); this renders it. Only the
 "## Receipts" section is replaced: other sections of the file (other fault families)
 are kept as they are, so a combined faults script can call this one.
@@ -35,22 +35,26 @@ def run_tests(figures: Path) -> subprocess.CompletedProcess[str]:
 def section(fig: dict[str, dict[str, object]], passed: str) -> str:
     lines = ["## Receipts", "",
              f"`scripts/faults_receipts.py`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; tests: {passed}.", ""]  # fmt: skip
-    d = fig.get("full_disk")
-    if d:
+    tmpfs, rlimit = fig.get("full_disk_tmpfs"), fig.get("full_disk_rlimit")
+    if tmpfs or rlimit:
+        cols = [(name, d) for name, d in (("tmpfs (ENOSPC)", tmpfs), ("RLIMIT_FSIZE (EFBIG)", rlimit)) if d]
+        row = lambda label, before, key: f"| {label} | {before} | " + " | ".join(str(d[key]) for _, d in cols) + " |"  # noqa: E731
         lines += [
-            "**Full disk** (`lloom-executor` process, outbox on a 256 KiB tmpfs filled to its last 16 KiB;"
-            " 20 jobs one after another, then the filler deleted, 5 jobs, a restart, 2 jobs):", "",
-            "| | before (issue 15) | now |", "|---|---|---|",
-            f"| jobs attempted | 20 | {d['jobs_attempted']} |",
-            f"| jobs completed (each with a receipt) | 20 of 20, receipts not written | {d['jobs_completed']} "
-            f"({d['completed_before_the_disk_filled']} before the disk filled) |",
-            f"| jobs failed with `receipts_unavailable` (retryable, not billed) | 0 | {d['jobs_failed_typed']} |",
-            f"| receipts expected (held by clients) | 20 | {d['receipts_expected']} |",
-            f"| receipts stored in the stream | 4 | {d['receipts_stored']} |",
-            f"| receipts lost | 16 | {d['receipts_lost']} |",
-            f"| receipts duplicated | - | {d['receipts_duplicated']} |",
-            f"| sequence numbers reused | yes | {d['seqs_reused']} |", "",
-            "The executor resumed by itself once space came back (its probe, every 0.2 s); the restarted one"
+            "**Full disk** (`lloom-executor` processes; the outbox on a 256 KiB tmpfs filled to its last 16 KiB, or"
+            " an executor whose file-size limit is 16 KiB; 20 jobs one after another, then the disk freed (the filler"
+            " deleted, the limit raised), 5 jobs, a restart, 2 jobs):", "",
+            "| | before (issue 15) | " + " | ".join(name for name, _ in cols) + " |",
+            "|---|---|" + "---|" * len(cols),
+            row("jobs attempted", 20, "jobs_attempted"),
+            row("jobs completed, each with a receipt", "20, receipts not written", "jobs_completed"),
+            row("of them before the disk filled", "-", "completed_before_the_disk_filled"),
+            row("jobs failed with `receipts_unavailable` (retryable, not billed)", 0, "jobs_failed_typed"),
+            row("receipts expected (held by clients)", 20, "receipts_expected"),
+            row("receipts stored in the stream", 4, "receipts_stored"),
+            row("receipts lost", 16, "receipts_lost"),
+            row("receipts duplicated", "-", "receipts_duplicated"),
+            row("sequence numbers reused", "yes", "seqs_reused"), "",
+            "The executor resumed by itself once the disk was freed (its probe, every 0.2 s); the restarted one"
             " found no torn line to cut.", "",
         ]  # fmt: skip
     m = fig.get("memory_flat")

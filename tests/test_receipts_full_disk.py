@@ -1,8 +1,9 @@
 """Receipts through a full disk and a long JetStream outage, with real `lloom-executor` processes.
 
-The full disk is real: the outbox lives on a 256 KiB tmpfs (mounting one needs
-root; elsewhere the test is skipped and tests/test_receipts_durability.py covers
-the same path with a fault hook). Each test counts jobs attempted / completed /
+The full disk is real, two ways: the outbox on a 256 KiB tmpfs (mounting one
+needs root; skipped elsewhere), and on any machine an executor whose file-size
+limit (RLIMIT_FSIZE) its outbox reaches (write() fails with EFBIG), later raised
+from outside as freeing the disk. Each test counts jobs attempted / completed /
 failed and receipts expected / stored / duplicated / reused; with
 LLOOM_FAULT_FIGURES=<dir> set, it also writes them to <dir>/<test>.json for
 scripts/faults_receipts.py, which puts them in docs/faults.md.
@@ -11,13 +12,16 @@ scripts/faults_receipts.py, which puts them in docs/faults.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
+import resource
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats
@@ -42,17 +46,73 @@ WAIT = 20.0
 MiB = 1 << 20
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs: a disk that really fills up."""
+class FullDisk:
+    """Where the outbox lives and how its disk fills and frees.
+
+    `tmpfs`: a real 256 KiB tmpfs filled to its last 16 KiB (mounting needs root; skipped
+    elsewhere), freed by deleting the filler. `rlimit`: any machine; the executor starts with
+    RLIMIT_FSIZE = 16 KiB (soft; Python ignores SIGXFSZ, so write() fails with EFBIG) and is
+    freed by raising its limit from outside (`prlimit`). Its embedded nats-server would inherit
+    the limit, so that executor uses a test-run server (`nats_url`)."""
+
+    def __init__(self, kind: str, outbox: Path, error: str, *, filler: Path | None = None) -> None:
+        self.kind, self.outbox, self.error, self.filler = kind, outbox, error, filler
+        self.nats_url: str | None = None
+
+    def argv(self, *args: str) -> list[str]:
+        if self.kind == "rlimit":
+            return [sys.executable, "-c", _LIMITED, str(16 << 10), EXECUTOR, *args]
+        return [EXECUTOR, *args]
+
+    def fill(self) -> None:
+        if self.kind == "tmpfs":
+            self.filler = fill(self.outbox.parent, leave=16 << 10)  # room for a handful of receipts
+
+    def free(self, pid: int) -> None:
+        if self.filler is not None:
+            self.filler.unlink()
+        else:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+# Run a command with a soft file-size limit (argv: limit, command...).
+_LIMITED = (
+    "import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1];"
+    " resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), hard)); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+@pytest.fixture(params=["tmpfs", "rlimit"])
+def full_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FullDisk]:
     disk = tmp_path / "disk"
     disk.mkdir()
+    if request.param == "rlimit":
+        yield FullDisk("rlimit", disk / "outbox", "File too large")
+        return
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
                              capture_output=True, text=True, check=False)  # fmt: skip
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the fault-hook test covers this path")
-    yield disk
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the rlimit variant covers this path")
+    yield FullDisk("tmpfs", disk / "outbox", "No space left on device")
     subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture
+async def spawn(env: dict[str, str]) -> AsyncIterator[Callable[[list[str]], Awaitable[Executor]]]:
+    """Start an executor from a whole argv (a wrapper first); each is killed at teardown."""
+    started: list[Executor] = []
+
+    async def start(argv: list[str]) -> Executor:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )  # fmt: skip
+        started.append(Executor(proc))
+        return started[-1]
+
+    yield start
+    for executor in started:
+        await executor.close()
 
 
 def fill(disk: Path, leave: int) -> Path:
@@ -93,14 +153,25 @@ async def status(url: str, env: dict[str, str]) -> dict[str, object]:
 
 
 async def test_a_full_outbox_disk_fails_jobs_typed_until_freed_and_after_a_restart_no_receipt_is_lost_or_reused(
-    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path, env: dict[str, str], small_disk: Path
+    spawn: Callable[[list[str]], Awaitable[Executor]], double: OpenAIDouble, tmp_path: Path, env: dict[str, str],
+    full_disk: FullDisk,
 ) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        nats_args: list[str] = []
+        if full_disk.kind == "rlimit":
+            server = await stack.enter_async_context(EmbeddedNats(jetstream=True, store_dir=str(tmp_path / "js")))
+            nats_args = ["--nats", server.url]
+        await _full_disk_scenario(spawn, double, tmp_path, env, full_disk, nats_args)
+
+
+async def _full_disk_scenario(spawn: Callable[[list[str]], Awaitable[Executor]], double: OpenAIDouble, tmp_path: Path,
+                              env: dict[str, str], full_disk: FullDisk, nats_args: list[str]) -> None:  # fmt: skip
     cfg = write_config(tmp_path / "executor.toml", base_url=double.base_url)
     cfg.write_text(cfg.read_text() + f'id = "fulldisk"\nidentity_file = "{tmp_path / "id.nk"}"\n\n'
-                   f'[receipts]\noutbox_dir = "{small_disk / "outbox"}"\nsync_interval_secs = 0.05\n')  # fmt: skip
-    executor = await start_executor("--config", str(cfg))
-    url = await executor.started()
-    filler = fill(small_disk, leave=16 << 10)  # room for a handful of receipts (and the outbox's small files)
+                   f'[receipts]\noutbox_dir = "{full_disk.outbox}"\nsync_interval_secs = 0.05\n')  # fmt: skip
+    executor = await spawn(full_disk.argv("--config", str(cfg), *nats_args))
+    url = await executor.started() or nats_args[1]
+    full_disk.fill()
 
     held: list[SignedReceipt] = []
     outcomes: list[str] = []
@@ -120,13 +191,13 @@ async def test_a_full_outbox_disk_fails_jobs_typed_until_freed_and_after_a_resta
         assert 0 < completed_while_full < 20 and outcomes == ["ok"] * completed_while_full + ["unavailable"] * (
             20 - completed_while_full)  # fmt: skip
         failed = await executor.wait_for("receipts cannot be written durably; refusing billable jobs until they can")
-        assert "No space left on device" in str(failed["error"])
+        assert full_disk.error in str(failed["error"])
         down = await status(url, env)
-        assert down["durable"] is False and "No space left on device" in str(down["error"])
+        assert down["durable"] is False and full_disk.error in str(down["error"])
         assert (down["failed"], down["refused"]) == (1, 20 - completed_while_full - 1)
-        assert (small_disk / "outbox" / "receipts.jsonl").read_bytes().endswith(b"\n")
+        assert (full_disk.outbox / "receipts.jsonl").read_bytes().endswith(b"\n")
 
-        filler.unlink()  # space comes back: the executor notices by itself
+        full_disk.free(executor.proc.pid)  # space comes back: the executor notices by itself
         await executor.wait_for("receipts outbox writable again; taking jobs")
         assert (await status(url, env))["durable"] is True
         for _ in range(5):
@@ -136,8 +207,8 @@ async def test_a_full_outbox_disk_fails_jobs_typed_until_freed_and_after_a_resta
 
     executor.proc.send_signal(signal.SIGTERM)
     assert await executor.exit_code() == 0
-    again = await start_executor("--config", str(cfg))
-    assert await again.started() == url
+    again = await spawn([EXECUTOR, "--config", str(cfg), *nats_args])
+    assert (await again.started() or nats_args[1]) == url
     assert again.logged("cut a torn last line off the receipts outbox") is None
     async with await LloomClient.connect(url, timeout=WAIT) as client:
         for _ in range(2):
@@ -158,8 +229,9 @@ async def test_a_full_outbox_disk_fails_jobs_typed_until_freed_and_after_a_resta
     finally:
         await nc.close()
     figures = counts(held, stored)
-    record("full_disk", {"jobs_attempted": 27, "jobs_completed": len(held), "jobs_failed_typed": 20 - completed_while_full,
-                         "completed_before_the_disk_filled": completed_while_full, **figures})  # fmt: skip
+    record(f"full_disk_{full_disk.kind}", {"jobs_attempted": 27, "jobs_completed": len(held),
+                                           "jobs_failed_typed": 20 - completed_while_full,
+                                           "completed_before_the_disk_filled": completed_while_full, **figures})  # fmt: skip
     assert figures == {"receipts_expected": len(held), "receipts_stored": len(held), "receipts_duplicated": 0,
                        "receipts_lost": 0, "seqs_reused": 0}  # fmt: skip
     assert sorted(s.receipt.seq for s in stored) == list(range(1, len(held) + 1))

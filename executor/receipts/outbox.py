@@ -195,6 +195,9 @@ class Outbox:
 
     def _keep(self, seq: int, offset: int, pending: Callable[[], Pending]) -> None:
         """Count a waiting receipt; hold it in memory if it is among the oldest `memory_window`."""
+        if seq in self.window:  # a seq written twice (an older version's reuse): the later line wins
+            self.window[seq] = pending()
+            return
         self.waiting += 1
         if self._spill is None:
             if len(self.window) < self.memory_window:
@@ -353,6 +356,8 @@ class Outbox:
     def acked(self, seq: int) -> None:
         if self.window.pop(seq, None) is not None:
             self.waiting -= 1
+        if not self.window and self._spill is None:
+            self.waiting = 0  # nothing in memory, nothing on disk past it (a count an old file's repeated seq threw off)
 
     def recorded_batches(self) -> list[tuple[int, int]]:
         """The seq ranges of the batches a previous run formed and sent, not yet acknowledged, oldest first."""
