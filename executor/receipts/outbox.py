@@ -283,31 +283,33 @@ class Outbox:
         self.error = self.unwritable_since = None
         return True
 
-    def entry(self, seq: int) -> Pending | None:
+    def entry(self, seq: int, *, force: bool = False) -> Pending | None:
         """Waiting receipt `seq`: from memory, read back from disk when there is room, `NOT_LOADED`
-        when there is none yet, None when it is acknowledged (or was never written)."""
+        when there is none yet, None when it is acknowledged (or was never written). `force` reads
+        it back even past the window (a previous run's batch larger than the room, nothing in flight)."""
         found = self.window.get(seq)
         if found is not None:
             return found
         spill = self._spill
         if spill is None or seq < spill[0] or seq > self.last_seq:
             return None
-        self._refill()
+        self._refill(seq if force else 0)
         found = self.window.get(seq)
         if found is not None:
             return found
         spill = self._spill
         return NOT_LOADED if spill is not None and seq >= spill[0] else None
 
-    def _refill(self) -> None:
-        """Read waiting receipts back from disk into the window, oldest first, in chunks."""
+    def _refill(self, through: int = 0) -> None:
+        """Read waiting receipts back from disk into the window, oldest first, in chunks (and at
+        least through seq `through`)."""
         room = self.memory_window - len(self.window)
-        if self._spill is None or room < max(1, self.memory_window // 4) and self.window:
+        if self._spill is None or room < max(1, self.memory_window // 4) and self.window and through < self._spill[0]:
             return
         seq, offset = self._spill
         with open(self._path, "rb") as f:
             f.seek(offset)
-            while len(self.window) < self.memory_window and offset < self._size:
+            while (len(self.window) < self.memory_window or seq <= through) and offset < self._size:
                 line = f.readline()
                 if not line.endswith(b"\n"):
                     break

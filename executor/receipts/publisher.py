@@ -215,7 +215,7 @@ class ReceiptPublisher:
         seq = self._cursor
         size = count = 0
         while seq <= outbox.last_seq and count < self.batch and size < MAX_BATCH_BYTES:
-            entry = outbox.entry(seq)
+            entry = outbox.entry(seq, force=not self._in_flight and not count)
             if entry is NOT_LOADED:
                 break  # the memory window is full: more after acknowledgements
             if entry is None and count:
@@ -241,7 +241,8 @@ class ReceiptPublisher:
                 return
             entries = []
             for seq in batch.seqs:
-                entry = outbox.entry(seq)
+                # With nothing in flight no acknowledgement will make room: read it back past the window.
+                entry = outbox.entry(seq, force=not self._in_flight)
                 if entry is NOT_LOADED:  # a previous run's batch beyond the memory window: after acks
                     self._ready.appendleft(batch)
                     return
