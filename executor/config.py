@@ -146,8 +146,13 @@ class ReceiptsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     outbox_dir: str | None = None
     # The JetStream de-duplication window: a receipt re-sent within it is stored once.
     duplicate_window_secs: Annotated[float, Meta(gt=0, le=7 * 86_400)] = 7200.0
-    # How often written receipts are fsynced (they survive a killed process at once).
+    # How often written receipts are fsynced (they survive a killed process at once: each
+    # job's receipt is written before its reply leaves).
     sync_interval_secs: Annotated[float, Meta(gt=0, le=60)] = 0.2
+    # fsync each batch of receipts before its replies leave (power-loss safe; ~0.2-0.3 ms a batch).
+    fsync_each_batch: bool = False
+    # Receipts waiting for JetStream held in memory; the rest wait in the outbox file only.
+    memory_window: Annotated[int, Meta(ge=1, le=1 << 22)] = 4096
     # How often the outbox's acknowledged receipts are checked against the stream (and any
     # missing re-published); also once at start. 0: only at start.
     reconcile_interval_secs: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 300.0
@@ -452,6 +457,12 @@ enabled = true
 # outbox_dir = "~/.local/share/lloom/receipts/<executor id>"   (the default)
 duplicate_window_secs = 7200
 sync_interval_secs = 0.2
+# Each receipt is written to the outbox before its job's reply leaves; this also fsyncs each
+# batch first (power-loss safe, ~0.2-0.3 ms a batch). A job whose receipt cannot be written
+# fails with `receipts_unavailable`, and the executor takes no jobs until it can write again.
+fsync_each_batch = false
+# Receipts waiting for JetStream kept in memory (~2 KB each); the rest wait on disk only.
+memory_window = 4096
 # Receipts heal themselves: at start and this often, acknowledged receipts missing from the
 # stream are re-published (those of earlier identities' outboxes on this machine at start). 0: only at start.
 reconcile_interval_secs = 300

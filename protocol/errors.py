@@ -12,6 +12,7 @@ catch `ModelNotFound` whether it happened locally or three hops away.
     ├── NoExecutors             no_executors         nobody listens for that model
     ├── ExecutorBusy            busy                 at max_concurrent_jobs; try another
     ├── ShuttingDown            shutting_down        node is draining
+    ├── ReceiptsUnavailable     receipts_unavailable cannot record receipts durably; try another
     ├── DeadlineExceeded        deadline_exceeded    the caller's deadline passed
     ├── Cancelled               cancelled            the caller cancelled the job
     ├── ResponseTooLarge        response_too_large   result over max_payload; stream it
@@ -57,6 +58,7 @@ class ErrorCode(enum.StrEnum):
     FORGED_RESULT = "forged_result"
     UNVERIFIED_REPLY = "unverified_reply"
     REPLY_FORGED = "reply_forged"
+    RECEIPTS_UNAVAILABLE = "receipts_unavailable"
     INTERNAL = "internal"
 
 
@@ -124,6 +126,15 @@ class ExecutorBusy(LloomError):
 
 class ShuttingDown(LloomError):
     code = ErrorCode.SHUTTING_DOWN
+    status = 503
+    retryable = True
+
+
+class ReceiptsUnavailable(LloomError):
+    """The executor cannot record usage receipts durably (its outbox disk is full or failing),
+    so it takes no billable jobs until it can; the job was not billed: retry elsewhere."""
+
+    code = ErrorCode.RECEIPTS_UNAVAILABLE
     status = 503
     retryable = True
 

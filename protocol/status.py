@@ -64,8 +64,17 @@ class BatchingStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 class ReceiptsStatus(msgspec.Struct, frozen=True, kw_only=True):
     issued: int  # the last sequence number issued
-    unpublished: int  # in the outbox, not yet acknowledged by JetStream
+    unpublished: int  # in the outbox, not yet acknowledged by JetStream (waiting, in memory or on disk)
     mismatches: int  # reported token counts that disagreed with the local count
+    # Whether receipts can be written durably now; when not, billable jobs are refused (and why).
+    durable: bool = True
+    error: str | None = None
+    unwritable_for_s: float | None = None
+    refused: int = 0  # jobs refused at admission because receipts could not be written
+    failed: int = 0  # jobs that ended with `receipts_unavailable` because their receipt could not be written
+    in_memory: int = 0  # of the unpublished, those held in memory (the rest are read back from disk)
+    memory_window: int = 0  # the most held in memory ([receipts] memory_window)
+    oldest_waiting_age_s: float | None = None  # how long the oldest unpublished receipt has waited
 
 
 class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -98,7 +98,7 @@ def load(directory: Path) -> tuple[Outbox, float]:
 
 
 async def flush(outbox: Outbox, store: Path) -> dict:
-    n = len(outbox.pending)
+    n = outbox.waiting
     mark, sync = [0.0], [0.0]
     outbox.acked = timed(outbox.acked, mark)  # type: ignore[method-assign]
     outbox.sync = timed(outbox.sync, sync)  # type: ignore[method-assign]
@@ -112,7 +112,7 @@ async def flush(outbox: Outbox, store: Path) -> dict:
             await publisher._ensure_stream()  # the stream exists before the clock starts
             srv0, cpu0, t0 = cpu_seconds(server.pid), self_cpu_seconds(), time.perf_counter()
             await publisher.start()
-            while outbox.pending:
+            while outbox.waiting:
                 await asyncio.sleep(0.005)
             wall = time.perf_counter() - t0
             cpu, srv = self_cpu_seconds() - cpu0, cpu_seconds(server.pid) - srv0
@@ -136,7 +136,7 @@ async def amain(args: argparse.Namespace) -> dict:
         print(f"issued {args.n:,} receipts: {res['issue']['cpu_us_per_receipt']:.1f} µs CPU each "
               f"({res['issue']['receipts_per_s']:,.0f}/s, {res['issue']['batch']} per signature)", flush=True)  # fmt: skip
         outbox, res["load_pending_s"] = load(directory)
-        print(f"restart with {len(outbox.pending):,} pending: Outbox() took {res['load_pending_s'] * 1e3:.0f} ms", flush=True)
+        print(f"restart with {outbox.waiting:,} pending: Outbox() took {res['load_pending_s'] * 1e3:.0f} ms", flush=True)
         res["flush"] = await flush(outbox, tmp / "jetstream")
         f = res["flush"]
         print(f"flush: {f['receipts_per_s']:,.0f} receipts/s ({f['wall_s']:.2f} s for {f['n']:,}); "
@@ -145,8 +145,8 @@ async def amain(args: argparse.Namespace) -> dict:
               f"{f['published']:,} stored in {f['messages']:,} messages, acked mark {f['acked_mark']:,}", flush=True)  # fmt: skip
         outbox.close()
         outbox, res["load_acked_s"] = load(directory)
-        res["load_acked_pending"] = len(outbox.pending)
-        print(f"restart after the flush ({len(outbox.pending)} pending): Outbox() took {res['load_acked_s'] * 1e3:.0f} ms")
+        res["load_acked_pending"] = outbox.waiting
+        print(f"restart after the flush ({outbox.waiting} pending): Outbox() took {res['load_acked_s'] * 1e3:.0f} ms")
         outbox.close()
     return res
 

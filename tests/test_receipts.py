@@ -61,7 +61,7 @@ async def flushed(outbox: Outbox, publisher: ReceiptPublisher) -> None:
     """Return once `publisher` has emptied `outbox` into the stream (it sets `idle` after each pass)."""
 
     async def emptied() -> None:
-        while outbox.pending:
+        while outbox.waiting:
             await publisher.idle.wait()
 
     await within(emptied(), "the outbox emptied into the stream", WAIT)
@@ -223,8 +223,9 @@ async def test_a_batch_stored_but_never_marked_acked_is_stored_once_after_a_rest
     await publisher.stop()
     outbox.close()
 
-    again = Outbox(tmp_path / "after-kill")
-    assert sorted(again.pending) == list(range(1, 11))  # to the outbox, nothing was acknowledged
+    # A memory window smaller than a batch: the rest is read back from disk as the batches go.
+    again = Outbox(tmp_path / "after-kill", memory_window=3)
+    assert (again.waiting, sorted(again.window)) == (10, [1, 2, 3])  # to the outbox, nothing was acknowledged
     publisher = ReceiptPublisher(nc, again, sync_interval_s=0.05, batch=4)
     await publisher.start()
     await flushed(again, publisher)
@@ -275,7 +276,7 @@ async def test_foreign_signed_and_resigned_receipts_are_caught(genuine: list[Sig
     # Mallory re-signs it under her own key: self-consistent, but not from a trusted executor.
     resigned_receipt = msgspec.structs.replace(forged.receipt, executor_key=mallory.public_key,
                                                cost=PRICE.cost(forged.receipt.usage.prompt_tokens, 999))  # fmt: skip
-    proof = await BatchSigner(mallory).sign(leaf_hash(resigned_receipt))
+    [proof] = BatchSigner(mallory).sign([leaf_hash(resigned_receipt)])
     resigned = SignedReceipt(resigned_receipt, proof)
     verify_receipt(resigned)
     with pytest.raises(ReceiptInvalid, match="not a trusted executor key"):
@@ -334,7 +335,7 @@ async def test_receipts_wait_in_the_outbox_while_jetstream_is_away_and_are_publi
     await run_jobs(server_js=True, count=3, port=port)  # published (mostly) while JetStream is up
     await run_jobs(server_js=False, count=4, port=port)  # JetStream gone: these wait in the outbox
     left = Outbox(tmp_path / "outbox")
-    assert len(left.pending) >= 4
+    assert left.waiting >= 4
     left.close()
 
     # Restart with JetStream back: the outbox flushes on start.
@@ -365,7 +366,7 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     outbox.close()
 
     reopened = Outbox(tmp_path)
-    assert (reopened.last_seq, reopened.pending) == (3, {})
+    assert (reopened.last_seq, reopened.waiting, reopened.window) == (3, 0, {})
     later = await ReceiptIssuer(identity, "exe", reopened).issue(
         job_id="k", client=None, model="m", backend="b", outcome="completed", finish_reason="stop",
         usage=first[0].receipt.usage, started_at_ms=0, ttft_ms=None, request=b"{}", response_text="y",

@@ -567,7 +567,7 @@ async def test_a_forged_receipt_billing_another_client_fails_verify_and_is_not_b
         async with await connect(js_server, client_id="acme") as client:
             for _ in range(2):
                 await client.complete(ask())
-        await until(lambda: not outbox.pending, "the genuine receipts to be stored")
+        await until(lambda: not outbox.waiting, "the genuine receipts to be stored")
         # The attacker signs a receipt with a key of its own, billing "victim" $270.
         stranger = Identity.generate()
         forged = await forged_receipt(stranger, tmp_path / "forged", executor_id="exe-x", job_id="job-x",

@@ -26,6 +26,7 @@ from protocol.errors import (
     InvalidRequest,
     JobQueued,
     LloomError,
+    ReceiptsUnavailable,
     ResponseTooLarge,
     StreamInterrupted,
 )
@@ -60,7 +61,7 @@ class Job(JobBase):
                              ttft_s=self._ttft)  # fmt: skip
 
     async def _on_error(self, err: LloomError, elapsed: float) -> None:
-        if not isinstance(err, (InvalidRequest, Cancelled)):  # the caller's doing, not the model's
+        if not isinstance(err, (InvalidRequest, Cancelled, ReceiptsUnavailable)):  # not the model's doing
             self.ctx.perf.record(self.request.model, ok=False, seconds=elapsed)
         if self._should_queue(err):
             err = await self._enqueue(err)
@@ -69,6 +70,8 @@ class Job(JobBase):
             outcome: Outcome = "cancelled" if isinstance(err, (Cancelled, DeadlineExceeded)) else "failed"
             try:
                 receipt = await self._receipt(outcome, None, self.request.model, None, "".join(self._parts))
+            except LloomError as e:  # receipts unavailable: the caller gets its error, with no receipt
+                log.warning("no receipt for an interrupted stream", error=e.message)
             except Exception:
                 log.exception("receipt for an interrupted stream failed")
         await send_error(self.ctx, self.channel, err, job_id=self.id, stream=self.request.stream, receipt=receipt)

@@ -66,7 +66,6 @@ from protocol.status import (
     CacheStatus,
     ExecutorStatus,
     JobStats,
-    ReceiptsStatus,
 )
 
 if TYPE_CHECKING:
@@ -333,6 +332,10 @@ class ExecutorNode:
         if self.state is not State.RUNNING and self.state is not State.DRAINING:
             await send_error(self.context, channel, ShuttingDown("executor stopped"), job_id=job_id, stream=stream)
             return
+        if self.receipts is not None and not self.receipts.durable:  # fail closed: no job it could not bill
+            self.receipts.refused += 1
+            await send_error(self.context, channel, self.receipts.unavailable(self.id), job_id=job_id, stream=stream)
+            return
         deadline = asyncio.get_running_loop().time() + _timeout_s(
             headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
         )
@@ -350,7 +353,8 @@ class ExecutorNode:
         return job.task
 
     def has_room(self) -> bool:
-        return self.state is State.RUNNING and len(self._jobs) < self.config.max_concurrent_jobs
+        return (self.state is State.RUNNING and len(self._jobs) < self.config.max_concurrent_jobs
+                and (self.receipts is None or self.receipts.durable))  # fmt: skip
 
     def run_queued(
         self, job_id: str, request: ChatRequest, payload: bytes, *, client: str | None, timeout_s: float,
@@ -395,9 +399,7 @@ class ExecutorNode:
             cache=None if cache is None else CacheStatus(
                 entries=len(cache), hits=cache.hits, misses=cache.misses,
                 shared=None if self.shared_cache is None else self.shared_cache.status()),
-            receipts=None if receipts is None else ReceiptsStatus(
-                issued=receipts.outbox.last_seq, unpublished=len(receipts.outbox.pending),
-                mismatches=receipts.mismatches),
+            receipts=None if receipts is None else receipts.status(),
         )  # fmt: skip
 
     async def _on_status(self, msg: Msg) -> None:

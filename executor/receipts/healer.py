@@ -136,12 +136,12 @@ class ReceiptHealer:
                 log.warning("cannot open an earlier identity's outbox", outbox=str(directory), error=str(e))
                 continue
             try:
-                if outbox.pending:
+                if outbox.waiting:
                     publisher = ReceiptPublisher(self._nc, outbox, duplicate_window_s=self.duplicate_window_s)
                     await publisher.start()
                     await publisher.stop(flush_timeout=self.flush_timeout_s)
                     log.info("published an earlier identity's receipts", executor=directory.name,
-                             published=publisher.published, left=len(outbox.pending))  # fmt: skip
+                             published=publisher.published, left=outbox.waiting)  # fmt: skip
                 await self.reconcile(outbox, directory.name)
             finally:
                 outbox.close()

@@ -1,10 +1,20 @@
 """Where receipts are made and signed: one per finished job, chained, batch-signed, kept in the outbox.
 
 `ReceiptIssuer.issue()` numbers the receipt (seq, and prev = the previous
-receipt's leaf hash), waits for the `BatchSigner` (which signs every receipt of
-the current event-loop turn with one Ed25519 signature over a Merkle root),
-appends it to the outbox and wakes the publisher. The job then sends it with
-its result.
+receipt's leaf hash) and stages it; at the end of the event-loop turn every
+staged receipt is signed with one Ed25519 signature over a Merkle root
+(`BatchSigner`), written to the outbox with one write(), and only then handed
+back, so a job sends its receipt only once it is on disk. The publisher is woken.
+
+Receipts fail closed. If the outbox cannot write the batch (full disk, EIO,
+read-only), every job of the batch gets `ReceiptsUnavailable` instead of a
+receipt, and the chain is rolled back to the last receipt on disk: those
+numbers were never sent to a client, written, or published, so the next
+receipt takes the first of them and the chain on disk has no gap (a gap would
+look like a lost receipt to an auditor). While the outbox is unwritable, `issue()`
+refuses at once and the node refuses new jobs (`durable`); it resumes by itself
+when the outbox's probe finds room. A job cancelled while its receipt is staged
+still has it written: the chain never skips a number it handed out.
 """
 
 from __future__ import annotations
@@ -16,9 +26,10 @@ from collections.abc import Callable
 
 import structlog
 
-from executor.receipts.outbox import Outbox
+from executor.receipts.outbox import Outbox, OutboxUnwritable
 from executor.tokens import TokenCounter, mismatch
 from protocol.announcements import Pricing
+from protocol.errors import InternalError, LloomError, ReceiptsUnavailable
 from protocol.estimate import estimate_tokens
 from protocol.identity import Identity
 from protocol.trust import Endorsement
@@ -33,36 +44,34 @@ from protocol.receipts import (
     leaf_hash,
     merkle,
 )
+from protocol.status import ReceiptsStatus
 
 log = structlog.get_logger(logger_name=__name__)
 
 
 class BatchSigner:
-    """Signs leaves in batches: everything asked for in one loop turn shares one signature."""
+    """Signs leaves in batches: one signature over the Merkle root of a batch, a path for each leaf."""
 
     def __init__(self, identity: Identity) -> None:
         self._identity = identity
-        self._pending: list[tuple[bytes, asyncio.Future[ReceiptProof]]] = []
         self.batches = 0
         self.signed = 0
 
-    async def sign(self, leaf: bytes) -> ReceiptProof:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[ReceiptProof] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((leaf, fut))
-        return await fut
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        root, paths = merkle([leaf for leaf, _ in batch])
+    def sign(self, leaves: list[bytes]) -> list[ReceiptProof]:
+        root, paths = merkle(leaves)
         sig = self._identity.sign(DOMAIN + root)
         self.batches += 1
-        self.signed += len(batch)
-        for (_, fut), path in zip(batch, paths, strict=True):
-            if not fut.done():
-                fut.set_result(ReceiptProof(root.hex(), path, sig))
+        self.signed += len(leaves)
+        return [ReceiptProof(root.hex(), path, sig) for path in paths]
+
+
+class _Staged:
+    __slots__ = ("fut", "leaf", "receipt")
+
+    def __init__(self, receipt: Receipt, leaf: bytes, fut: asyncio.Future[SignedReceipt]) -> None:
+        self.receipt = receipt
+        self.leaf = leaf
+        self.fut = fut
 
 
 class ReceiptIssuer:
@@ -91,6 +100,33 @@ class ReceiptIssuer:
         self._signer = BatchSigner(identity)
         self._seq = outbox.last_seq
         self._prev = outbox.last_leaf
+        self._staged: list[_Staged] = []  # numbered this loop turn, signed and written at its end
+        self.refused = 0  # jobs refused at admission while receipts could not be written
+        self.failed = 0  # jobs whose receipt could not be written (answered with ReceiptsUnavailable)
+
+    @property
+    def durable(self) -> bool:
+        """Whether receipts can be written now (else billable jobs are refused)."""
+        return self.outbox.durable
+
+    def unavailable(self, executor_id: str | None = None) -> ReceiptsUnavailable:
+        """The typed error a job gets while receipts cannot be written."""
+        return ReceiptsUnavailable(
+            f"executor {self.executor_id} cannot record usage receipts durably ({self.outbox.error}); it takes no"
+            " billable jobs until it can: retry on another executor",
+            executor_id=executor_id or self.executor_id,
+        )
+
+    def status(self) -> ReceiptsStatus:
+        outbox = self.outbox
+        oldest = outbox.oldest_waiting_ms()
+        since = outbox.unwritable_since
+        return ReceiptsStatus(
+            issued=outbox.last_seq, unpublished=outbox.waiting, mismatches=self.mismatches, durable=outbox.durable,
+            error=outbox.error, unwritable_for_s=None if since is None else round(time.time() - since, 3),
+            refused=self.refused, failed=self.failed, in_memory=len(outbox.window), memory_window=outbox.memory_window,
+            oldest_waiting_age_s=None if oldest is None else round(max(0.0, time.time() - oldest / 1000), 3),
+        )  # fmt: skip
 
     @property
     def signer(self) -> BatchSigner:
@@ -158,6 +194,9 @@ class ReceiptIssuer:
         response_text: str,
         cached: bool = False,
     ) -> SignedReceipt:
+        if not self.outbox.durable:  # fail closed: nothing is numbered, nothing billed
+            self.failed += 1
+            raise self.unavailable()
         pricing = self._pricing(model)
         self._seq += 1
         receipt = Receipt(
@@ -183,7 +222,34 @@ class ReceiptIssuer:
         )
         leaf = leaf_hash(receipt)
         self._prev = leaf.hex()  # the chain is fixed now, before any await
-        signed = SignedReceipt(receipt, await self._signer.sign(leaf), self.endorsement)
-        self.outbox.append(signed, leaf.hex())
-        self._on_issue(receipt.seq)
-        return signed
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[SignedReceipt] = loop.create_future()
+        if not self._staged:
+            loop.call_soon(self._flush)
+        self._staged.append(_Staged(receipt, leaf, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        """Sign the turn's receipts, write them with one write(), then hand them to their jobs."""
+        staged, self._staged = self._staged, []
+        try:
+            proofs = self._signer.sign([s.leaf for s in staged])
+            signed = [SignedReceipt(s.receipt, proof, self.endorsement) for s, proof in zip(staged, proofs, strict=True)]
+            self.outbox.write([(sr, s.leaf.hex()) for sr, s in zip(signed, staged, strict=True)])
+        except Exception as e:
+            # Nothing of this batch is on disk: roll the chain back to what is (see the module docstring).
+            self._seq, self._prev = self.outbox.last_seq, self.outbox.last_leaf
+            self.failed += len(staged)
+            err: LloomError = self.unavailable() if isinstance(e, OutboxUnwritable) else InternalError(
+                "the job's receipt could not be made; details are in the executor's log")  # fmt: skip
+            if not isinstance(e, OutboxUnwritable):
+                log.exception("signing or writing a receipt batch failed")
+            for s in staged:
+                if not s.fut.done():
+                    s.fut.set_exception(err)
+                    s.fut.exception()  # a cancelled job's future may never be awaited: no "never retrieved"
+            return
+        for s, sr in zip(staged, signed, strict=True):
+            if not s.fut.done():  # a job cancelled meanwhile: its receipt is kept, not sent
+                s.fut.set_result(sr)
+            self._on_issue(sr.receipt.seq)

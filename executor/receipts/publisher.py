@@ -16,14 +16,18 @@ unacknowledged at once, and acks are matched as they come. (nats.py's
 `js.publish` awaits each ack with a request and a timer of its own.) A batch
 without an ack after `ack_timeout_s` is sent again. No responders (no
 JetStream) or an error ack means JetStream is away: back off and retry; nothing
-is dropped. fsync and the acked mark happen every `sync_interval_s`, never on
-the request path: jobs only append and wake it.
+is dropped. fsync, the acked mark and the outbox's probe (when it could not
+write) happen every `sync_interval_s`, never on the request path: jobs only
+write and wake it. While JetStream is away, receipts wait in the outbox file:
+the publisher reads them from it (`Outbox.entry`) in seq order as it sends, so
+memory holds the outbox's bounded window, not every receipt waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import deque
 
 import msgspec
@@ -36,7 +40,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
-from executor.receipts.outbox import Outbox
+from executor.receipts.outbox import NOT_LOADED, Outbox
 from protocol import subjects as subj
 from protocol.backoff import Backoff, Retry
 
@@ -71,8 +75,8 @@ _decode_ack = msgspec.json.Decoder(_PubAck).decode
 class _Batch:
     __slots__ = ("seqs", "sent_at")
 
-    def __init__(self, seqs: list[int]) -> None:
-        self.seqs = seqs
+    def __init__(self, seqs: range) -> None:
+        self.seqs = seqs  # consecutive
         self.sent_at = 0.0
 
 
@@ -101,7 +105,7 @@ class ReceiptPublisher:
         self.retry_max_s = retry_max_s
         self.ack_timeout_s = ack_timeout_s
         self.window = window
-        self._fresh: deque[int] = deque()  # seqs not in a batch yet, oldest first
+        self._cursor = outbox.last_seq + 1  # the first seq not in a batch yet; the rest follow it
         self._ready: deque[_Batch] = deque()  # formed batches to (re)send, oldest first
         self._in_flight: dict[int, _Batch] = {}  # first seq -> batch
         self._wake = asyncio.Event()
@@ -122,9 +126,8 @@ class ReceiptPublisher:
         Receipts leave as a batch once `batch` of them wait or `batch_delay_s` after the
         first, so that publishing wakes neither the loop nor the server once per job.
         """
-        self._fresh.append(seq)
         self.idle.clear()
-        if len(self._fresh) >= self.batch:
+        if seq - self._cursor + 1 >= self.batch:
             self._wake.set()
         elif self._batch_timer is None:
             self._batch_timer = asyncio.get_running_loop().call_later(self.batch_delay_s, self._batch_due)
@@ -135,12 +138,19 @@ class ReceiptPublisher:
 
     async def start(self) -> None:
         if self._task is None:
-            # What a previous run left: its batches as they were, the rest as new.
-            batched: set[int] = set()
-            for seqs in self.outbox.recorded_batches():
-                self._ready.append(_Batch(seqs))
-                batched.update(seqs)
-            self._fresh.extend(sorted(s for s in self.outbox.pending if s not in batched))
+            # What a previous run left: its batches as they were, what lies between them as new ones.
+            pos = self.outbox.acked_seq + 1
+            for first, last in self.outbox.recorded_batches():
+                if first < pos:
+                    continue
+                while pos < first:  # never batched (the `sent` line torn): form them now
+                    gap = range(pos, min(first, pos + self.batch))
+                    self.outbox.record_batch(gap[0], gap[-1])
+                    self._ready.append(_Batch(gap))
+                    pos = gap[-1] + 1
+                self._ready.append(_Batch(range(first, last + 1)))
+                pos = last + 1
+            self._cursor = pos
             self._acks = await self._nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
             self._wake.set()
             self._task = asyncio.create_task(self._run(), name="receipt-publisher")
@@ -149,13 +159,13 @@ class ReceiptPublisher:
         """Try to publish what is pending (bounded), then stop; the outbox keeps the rest."""
         if self._task is None:
             return
-        if self.outbox.pending:
+        if self.outbox.waiting:
             self._wake.set()
             try:
                 async with asyncio.timeout(flush_timeout):
                     await self.idle.wait()
             except TimeoutError:
-                log.warning("receipts left in the outbox for the next start", pending=len(self.outbox.pending))
+                log.warning("receipts left in the outbox for the next start", pending=self.outbox.waiting)
         if self._batch_timer is not None:
             self._batch_timer.cancel()
             self._batch_timer = None
@@ -187,7 +197,7 @@ class ReceiptPublisher:
                 next_sync = now + self.sync_interval_s
                 self.outbox.sync()
                 self._requeue_overdue(now)
-            if not self.outbox.pending:
+            if not self.outbox.waiting:
                 self.idle.set()
                 continue
             if now < self._away_until:
@@ -202,44 +212,54 @@ class ReceiptPublisher:
         """The oldest formed batch, or a new one of consecutive fresh receipts (recorded first)."""
         if self._ready:
             return self._ready.popleft()
-        pending = self.outbox.pending
-        seqs: list[int] = []
-        size = 0
-        while self._fresh and len(seqs) < self.batch and size < MAX_BATCH_BYTES:
-            seq = self._fresh[0]
-            entry = pending.get(seq)
+        outbox = self.outbox
+        seq = self._cursor
+        size = count = 0
+        while seq <= outbox.last_seq and count < self.batch and size < MAX_BATCH_BYTES:
+            entry = outbox.entry(seq, force=not self._in_flight and not count)
+            if entry is NOT_LOADED:
+                break  # the memory window is full: more after acknowledgements
+            if entry is None and count:
+                break  # a batch is a seq range with no holes: what `sent` records
             if entry is None:
-                self._fresh.popleft()  # acknowledged meanwhile
+                self._cursor = seq = seq + 1  # acknowledged meanwhile, or never written
                 continue
-            if seqs and seq != seqs[-1] + 1:
-                break  # a batch is a seq range: what `sent` records
-            self._fresh.popleft()
-            seqs.append(seq)
+            count += 1
             size += len(entry.line)
-        if not seqs:
+            seq += 1
+        if not count:
             return None
-        self.outbox.record_batch(seqs[0], seqs[-1])
-        return _Batch(seqs)
+        batch = range(self._cursor, self._cursor + count)
+        outbox.record_batch(batch[0], batch[-1])  # may raise (a full disk): nothing is lost, it is formed again
+        self._cursor = batch[-1] + 1
+        return _Batch(batch)
 
     async def _send(self, now: float) -> None:
-        pending = self.outbox.pending
+        outbox = self.outbox
         while len(self._in_flight) < self.window:
             batch = self._next_batch()
             if batch is None:
                 return
-            seqs = [s for s in batch.seqs if s in pending]
-            if not seqs:
+            entries = []
+            for seq in batch.seqs:
+                # With nothing in flight no acknowledgement will make room: read it back past the window.
+                entry = outbox.entry(seq, force=not self._in_flight)
+                if entry is NOT_LOADED:  # a previous run's batch beyond the memory window: after acks
+                    self._ready.appendleft(batch)
+                    return
+                if entry is not None:
+                    entries.append((seq, entry))
+            if not entries:
                 continue  # acknowledged meanwhile
-            entries = [pending[s] for s in seqs]
             batch.sent_at = now
             self._in_flight[batch.seqs[0]] = batch
-            msg_id = hashlib.sha256("".join(e.msg_id for e in entries).encode()).hexdigest()
+            msg_id = hashlib.sha256("".join(e.msg_id for _, e in entries).encode()).hexdigest()
             await self._nc.publish(
-                subj.receipts_subject(entries[0].executor_id),
-                b"\n".join(e.line for e in entries),
+                subj.receipts_subject(entries[0][1].executor_id),
+                b"\n".join(e.line for _, e in entries),
                 reply=f"{self._ack_prefix}.{batch.seqs[0]}",
                 headers={subj.HDR_MSG_ID: msg_id, subj.HDR_RECEIPTS: str(len(entries)),
-                         subj.HDR_RECEIPT_SEQS: f"{seqs[0]}-{seqs[-1]}"},  # fmt: skip
+                         subj.HDR_RECEIPT_SEQS: f"{entries[0][0]}-{entries[-1][0]}"},  # fmt: skip
             )
 
     async def _on_ack(self, msg: Msg) -> None:
@@ -264,9 +284,9 @@ class ReceiptPublisher:
         self.messages += 1
         self.stored += not ack.duplicate
         self._retry.reset()
-        if not self.outbox.pending:
+        if not self.outbox.waiting:
             self.idle.set()
-        elif self._ready or self._fresh:
+        elif self._ready or self._cursor <= self.outbox.last_seq:
             self._wake.set()  # the window had filled: more can go now
 
     def _retry_later(self, batch: _Batch, why: str) -> None:
@@ -276,8 +296,10 @@ class ReceiptPublisher:
     def _away(self, now: float, why: str) -> None:
         if now >= self._away_until:  # one line per outage step, not per receipt
             delay = self._retry.next_delay()
-            log.warning("receipts not published yet; retrying", error=why, pending=len(self.outbox.pending),
-                        retry_in_s=round(delay, 2))  # fmt: skip
+            oldest = self.outbox.oldest_waiting_ms()
+            log.warning("receipts not published yet; retrying", error=why, pending=self.outbox.waiting,
+                        in_memory=len(self.outbox.window), retry_in_s=round(delay, 2),
+                        oldest_waiting_s=None if oldest is None else round(time.time() - oldest / 1000, 1))  # fmt: skip
             self._away_until = now + delay
         self._wake.set()
 

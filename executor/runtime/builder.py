@@ -116,8 +116,8 @@ async def assemble(
         node.on_models_changed.append(warm_tokenizers)
     if publisher is not None:
         await publisher.start()
-        if publisher.outbox.pending:
-            log.info("publishing receipts left by an earlier run", pending=len(publisher.outbox.pending),
+        if publisher.outbox.waiting:
+            log.info("publishing receipts left by an earlier run", pending=publisher.outbox.waiting,
                      outbox=str(publisher.outbox.directory))  # fmt: skip
         # Puts back in the stream what the outbox has acknowledged and the stream lacks, for this
         # outbox and (at start) those that earlier identities left on this machine.
@@ -159,7 +159,7 @@ def receipt_issuer(
     """A receipt issuer whose outbox a background publisher drains into JetStream."""
     rc = config.receipts
     directory = Path(rc.outbox_dir).expanduser() if rc.outbox_dir else data_home() / "receipts" / executor_id
-    outbox = Outbox(directory)
+    outbox = Outbox(directory, memory_window=rc.memory_window, fsync_each_batch=rc.fsync_each_batch)
     publisher = ReceiptPublisher(
         nc, outbox, duplicate_window_s=rc.duplicate_window_secs, sync_interval_s=rc.sync_interval_secs
     )

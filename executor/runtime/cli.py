@@ -290,6 +290,12 @@ def render_status(s: ExecutorStatus) -> str:
     if s.receipts is not None:
         r = s.receipts
         lines.append(f"  receipts: {r.issued} issued, {r.unpublished} not yet in JetStream, {r.mismatches} mismatches")
+        if r.unpublished and r.oldest_waiting_age_s is not None:
+            lines.append(f"    waiting for JetStream since {r.oldest_waiting_age_s:.1f}s; {r.in_memory} in memory"
+                         f" (window {r.memory_window}), the rest in the outbox file")  # fmt: skip
+        if not r.durable:
+            lines.append(f"    NOT TAKING JOBS for {r.unwritable_for_s or 0:.1f}s: receipts cannot be written ({r.error});"
+                         f" {r.refused} refused, {r.failed} failed")  # fmt: skip
     return "\n".join(lines)
 
 
