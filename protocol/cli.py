@@ -33,7 +33,7 @@ import msgspec
 from protocol import receipts_cli
 from protocol.announcements import ModelCategory
 from protocol.catalog import ExecutorEntry
-from protocol.cli_common import GlobalOption, GlobalOptions, run
+from protocol.cli_common import GlobalOption, GlobalOptions, connect_options, run
 from protocol.client import DEFAULT_TIMEOUT_S, DEFAULT_URL, LloomClient
 from protocol.errors import JobQueued, LloomError, NoExecutors, ResultPending
 from protocol.messages import ChatRequest, ChatResponse, Message, Role, StreamEnd, Usage
@@ -134,16 +134,19 @@ def _main(argv: list[str] | None) -> int:
     return asyncio.run(_complete(args, request))
 
 
-async def _connect(url: str) -> LloomClient | None:
+async def _connect(args: argparse.Namespace) -> LloomClient | None:
     try:
-        return await LloomClient.connect(url)
+        return await LloomClient.connect(args.nats, options=connect_options(args))
+    except ValueError as e:
+        print(f"lloom: NATS options: {e}", file=sys.stderr)
+        return None
     except ConnectionError as e:
         print(f"lloom: {e}; is an executor (lloom-executor) or nats-server running there?", file=sys.stderr)
         return None
 
 
 async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
-    client = await _connect(args.nats)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -152,7 +155,7 @@ async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
 
 async def _embed(args: argparse.Namespace) -> int:
     texts = [line for line in sys.stdin.read().splitlines() if line] if args.texts == ["-"] else args.texts
-    client = await _connect(args.nats)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -170,7 +173,7 @@ async def _embed(args: argparse.Namespace) -> int:
 
 
 async def _result(args: argparse.Namespace) -> int:
-    client = await _connect(args.nats)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -194,7 +197,7 @@ async def _result(args: argparse.Namespace) -> int:
 async def _receipts(args: argparse.Namespace) -> int:
     if not args.stream:
         return await receipts_cli.run(args, None)
-    client = await _connect(args.nats)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -225,7 +228,7 @@ def _routing(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _models(args: argparse.Namespace) -> int:
-    client = await _connect(args.nats)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:

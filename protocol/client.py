@@ -46,7 +46,7 @@ from nats.js.kv import KeyValue
 
 from protocol import subjects as subj
 from protocol.catalog import Catalog
-from protocol.connection import close_nats, connect_nats
+from protocol.connection import NatsConnectOptions, close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
     DeadlineExceeded,
@@ -114,12 +114,16 @@ class LloomClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         busy_retries: int = 3,
         client_id: str | None = None,
+        options: NatsConnectOptions | None = None,
     ) -> LloomClient:
         """Connect to NATS and return a started client that closes the connection with itself.
 
-        Raises `ConnectionError` naming the URL and the cause when no server answers.
+        `options` says how to authenticate and use TLS (and the inbox prefix a secured
+        server's permissions expect, docs/security.md). Raises `ConnectionError` naming
+        the URL (password masked) and the cause when no server answers, the server's
+        certificate is not trusted or the credentials are refused.
         """
-        nc = await connect_nats(servers, name="lloom-client", on_error=_report_nats_error)
+        nc = await connect_nats(servers, name="lloom-client", options=options, on_error=_report_nats_error)
         client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id)
         client._owns_nc = True
         await client.start()

@@ -4,15 +4,19 @@ Owns, in order of creation and reverse order of shutdown: the embedded NATS
 server (when no URL is configured), the NATS connection, the process's one
 aiohttp session (for plugin backends), the backend, and the node with its
 collaborators (made by executor/runtime/builder.py). SIGTERM and SIGINT set the
-stop event; the node then drains and the process exits 0.
+stop event; the node then drains and the process exits 0. The handlers are in
+place before anything else starts, and the start-up steps that wait on the
+network (connecting to NATS) are abandoned when the stop event is set, so a
+SIGTERM ends the process even while it is still trying to connect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import TypeVar
 
 import aiohttp
 import structlog
@@ -23,9 +27,30 @@ from executor.config import ExecutorConfig
 from executor.jobs.node import ExecutorNode
 from executor.process.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.runtime.builder import assemble, data_home, uses_queue
-from protocol.connection import close_nats, connect_nats
+from protocol.connection import close_nats, connect_nats, redact
 
 log = structlog.get_logger(logger_name=__name__)
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """The stop event was set while a start-up step was still waiting."""
+
+
+async def unless_stopped(step: Awaitable[T], stop: asyncio.Event) -> T:
+    """Await `step`, or cancel it and raise `Stopped` when `stop` is set first."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if task.cancelled():
+        raise Stopped
+    return task.result()
 
 
 def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
@@ -76,7 +101,15 @@ async def serve(
                 stack.push_async_callback(server.stop)
                 url = server.url
                 log.info("embedded NATS server listening", url=url, clients=f"lloom --nats {url} complete ...")
-            nc = await connect_nats(url, name=f"lloom-executor {config.node.id or ''}".strip(), on_error=_nats_error)
+            name = f"lloom-executor {config.node.id or ''}".strip()
+            log.info("connecting to NATS", url=redact(url, config.nats))
+            try:
+                nc = await unless_stopped(
+                    connect_nats(url, name=name, options=config.nats, on_error=_nats_error), stop
+                )
+            except Stopped:
+                log.info("stop requested while connecting to NATS; exiting")
+                return
             stack.push_async_callback(close_nats, nc)
             session = http_session(config)
             stack.push_async_callback(session.close)
