@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from executor.process.child import ChildProcess
@@ -67,6 +68,7 @@ class EmbeddedNats:
         store_dir: str | None = None,
         extra_args: list[str] | None = None,
         ready_timeout: float = 10.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -74,6 +76,8 @@ class EmbeddedNats:
         self.store_dir = store_dir
         self.extra_args = extra_args or []
         self.ready_timeout = ready_timeout
+        # The server's environment (default: ours); a config file reads its secrets from it.
+        self.env = env
         self._child: ChildProcess | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.log_tail: list[str] = []
@@ -111,7 +115,8 @@ class EmbeddedNats:
         args += self.extra_args
         # Its own session (as every ChildProcess): a Ctrl-C in the terminal reaches only the
         # node, which drains through this server before stopping it.
-        self._child = await ChildProcess.spawn(args, name="nats-server", ready_line=READY_LINE, log_tail=self.log_tail)
+        self._child = await ChildProcess.spawn(args, name="nats-server", ready_line=READY_LINE, log_tail=self.log_tail,
+                                              env=self.env)  # fmt: skip
         try:
             async with asyncio.timeout(self.ready_timeout):
                 if not await self._child.wait_ready():

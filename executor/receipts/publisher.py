@@ -18,6 +18,12 @@ without an ack after `ack_timeout_s` is sent again. No responders (no
 JetStream) or an error ack means JetStream is away: back off and retry; nothing
 is dropped. fsync and the acked mark happen every `sync_interval_s`, never on
 the request path: jobs only append and wake it.
+
+The stream is made with `deny_delete` and `deny_purge`, so no one can remove
+receipts from it (deleting the whole stream is for the bus's permissions to
+refuse, docs/security.md). If it disappears anyway (an admin deleted it), the
+next publish finds no responders, and the publisher makes the stream again
+before retrying: the outbox still holds every receipt that was not acknowledged.
 """
 
 from __future__ import annotations
@@ -160,11 +166,23 @@ class ReceiptPublisher:
             subjects=[subj.RECEIPTS_ALL],
             storage=StorageType.FILE,
             duplicate_window=self.duplicate_window_s,
+            # A ledger: receipts cannot be deleted or purged, by anyone.
+            deny_delete=True,
+            deny_purge=True,
         )
         try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            pass  # exists already (perhaps with an operator's settings): use it as it is
+            info = await self._js.stream_info(STREAM)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self._js.add_stream(config)
+                log.info("receipts stream created", stream=STREAM)
+            except nats.js.errors.BadRequestError:
+                pass  # made meanwhile by another executor
+        else:
+            # Exists already (perhaps with an operator's settings, such as R3): use it as it is.
+            if not (info.config.deny_delete and info.config.deny_purge):
+                log.warning("the receipts stream allows deleting or purging receipts", stream=STREAM,
+                            hint="re-create it with deny_delete and deny_purge (docs/security.md)")  # fmt: skip
         self._stream_ready = True
 
     async def _run(self) -> None:
@@ -240,7 +258,9 @@ class ReceiptPublisher:
         if batch is None:
             return  # a late ack of a batch already sent again
         if msg.headers and msg.headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
-            self._retry_later(batch, "no JetStream stream answers (is JetStream enabled?)")
+            # No stream takes the subject any more (deleted?): look for it, make it again if need be.
+            self._stream_ready = False
+            self._retry_later(batch, "no JetStream stream answers (is JetStream enabled? was the stream deleted?)")
             return
         try:
             ack = _decode_ack(msg.data)

@@ -83,6 +83,7 @@ async def assemble(
     counter = TokenCounter(config.tokens)
     if config.receipts.enabled:
         receipts, publisher = receipt_issuer(config, nc, executor_id, identity, counter)
+        stack.callback(publisher.outbox.close)  # last, once the publisher has stopped
         stack.push_async_callback(publisher.stop)  # after the drain: the last jobs' receipts too
     enqueuer = None
     if uses_queue(config):
