@@ -351,3 +351,248 @@ async def test_the_executor_makes_the_receipts_stream_again_after_an_admin_delet
     async with asyncio.timeout(WAIT):
         await node.publisher.idle.wait()
     assert not node.publisher.outbox.pending
+
+
+# -- credentials and TLS -------------------------------------------------------------------------
+
+
+class Pki:
+    """A test certificate authority with a server certificate (127.0.0.1, localhost) and a client one."""
+
+    def __init__(self, directory: Path, name: str = "Lloom test CA") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        import ipaddress
+
+        directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+            path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            path.with_suffix(".key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+
+        def builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+            return (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(issuer)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+            )
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        ca = (
+            builder(name, ca_name, ca_key)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )  # fmt: skip
+        write(directory / "ca", ca_key, ca)
+        for leaf, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                builder(leaf, ca_name, key)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )  # fmt: skip
+            write(directory / leaf, key, cert)
+        self.ca = str(directory / "ca.pem")
+        self.server_cert, self.server_key = str(directory / "server.pem"), str(directory / "server.key")
+        self.client_cert, self.client_key = str(directory / "client.pem"), str(directory / "client.key")
+
+    def server_args(self, *, verify_clients: bool = False) -> list[str]:
+        args = ["--tls", "--tlscert", self.server_cert, "--tlskey", self.server_key]
+        if verify_clients:
+            args += ["--tlsverify", "--tlscacert", self.ca]
+        return args
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA that signed nothing the server uses: trusting it is trusting the wrong one."""
+    return Pki(tmp_path_factory.mktemp("other-pki"), name="Someone else's CA")
+
+
+@pytest.fixture
+async def tls_bus(tmp_path: Path, pki: Pki) -> AsyncIterator[SecureBus]:
+    bus = await start_secure_bus(tmp_path, *pki.server_args())
+    yield bus
+    await bus.server.stop()
+
+
+@pytest.fixture
+async def mtls_bus(tmp_path: Path, pki: Pki) -> AsyncIterator[SecureBus]:
+    bus = await start_secure_bus(tmp_path, *pki.server_args(verify_clients=True))
+    yield bus
+    await bus.server.stop()
+
+
+async def quickly_refused(url: str, options: NatsConnectOptions, match: str) -> str:
+    """The ConnectionError's message; it must come well within one connect timeout."""
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=match) as caught:
+        await connect_nats(url, name="test", options=options)
+    assert time.monotonic() - started < options.connect_timeout_secs
+    return str(caught.value)
+
+
+async def test_tls_with_the_ca_that_signed_the_server_works_and_another_ca_fails_fast(
+    tls_bus: SecureBus, pki: Pki, other_ca: Pki
+) -> None:
+    nc = await connect_nats(tls_bus.url, name="alice", options=tls_bus.options("alice", tls_ca=pki.ca))
+    assert nc.is_connected and nc.connected_url is not None
+    await close_nats(nc)
+
+    message = await quickly_refused(tls_bus.url, tls_bus.options("alice", tls_ca=other_ca.ca), "not trusted")
+    assert "--tls-ca" in message  # says what to do
+    # No CA at all: the system's trust store does not know the test CA either.
+    await quickly_refused(tls_bus.url.replace("nats://", "tls://"), tls_bus.options("alice"), "not trusted")
+
+
+async def test_mutual_tls_needs_the_client_certificate(mtls_bus: SecureBus, pki: Pki) -> None:
+    await quickly_refused(mtls_bus.url, mtls_bus.options("alice", tls_ca=pki.ca), "TLS|refused|certificate")
+    options = mtls_bus.options("alice", tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key)
+    async with await LloomClient.connect(mtls_bus.url, options=options, timeout=WAIT) as client:
+        assert await client.served_models() == []
+
+
+async def test_a_wrong_password_is_named_with_the_password_masked(secure_bus: SecureBus) -> None:
+    host = secure_bus.url.removeprefix("nats://")
+    message = await quickly_refused(
+        f"nats://alice:WRONGpw@{host}", NatsConnectOptions(connect_timeout_secs=5), "refused the credentials"
+    )
+    assert f"nats://alice:***@{host}" in message and "WRONGpw" not in message
+    message = await quickly_refused(
+        secure_bus.url, NatsConnectOptions(user="alice", password="WRONGpw2"), "refused the credentials"
+    )
+    assert "WRONGpw2" not in message
+
+
+async def test_a_token_authenticates_where_the_server_takes_one(tmp_path: Path) -> None:
+    # A server has either a token or users (NATS allows no mix), so tokens suit a single-operator bus.
+    async with EmbeddedNats(extra_args=["--auth", "s3cret-token"]) as server:
+        nc = await connect_nats(server.url, name="t", options=NatsConnectOptions(token="s3cret-token"))
+        assert nc.is_connected
+        await close_nats(nc)
+        host = server.url.removeprefix("nats://")
+        message = await quickly_refused(f"nats://wrong-token@{host}", NatsConnectOptions(), "refused the credentials")
+        assert "wrong-token" not in message and f"nats://***@{host}" in message
+
+
+def test_redact_url_masks_every_secret_and_keeps_the_rest() -> None:
+    assert redact_url("nats://alice:pw@h:4222, tls://tok@h2") == "nats://alice:***@h:4222, tls://***@h2"
+    assert redact_url("cannot reach nats://h:4222") == "cannot reach nats://h:4222"
+
+
+def test_connect_options_come_from_file_then_environment_then_flags() -> None:
+    import argparse
+
+    from protocol.cli_common import connect_options
+
+    base = NatsConnectOptions(user="from-file", password="file-pw", tls_ca="/file/ca.pem")
+    args = argparse.Namespace(creds=None, nkey=None, user=None, tls_ca="/flag/ca.pem", tls_cert=None, tls_key=None,
+                              tls_hostname=None, tls_first=False, inbox_prefix=None, connect_timeout=None)  # fmt: skip
+    env = {"LLOOM_NATS_PASSWORD": "env-pw", "LLOOM_NATS_INBOX_PREFIX": "_INBOX_x", "LLOOM_NATS_TLS_CA": "/env/ca.pem"}
+    got = connect_options(args, base, env)
+    assert (got.user, got.password, got.tls_ca, got.inbox_prefix) == ("from-file", "env-pw", "/flag/ca.pem", "_INBOX_x")
+    # Choosing another way to authenticate drops the configured user and password.
+    got = connect_options(argparse.Namespace(**{**vars(args), "nkey": "/k.nk"}), base, {})
+    assert (got.nkey_file, got.user, got.password) == ("/k.nk", None, None)
+    with pytest.raises(ValueError, match="one way"):
+        connect_options(args, base, {"LLOOM_NATS_TOKEN": "t", "LLOOM_NATS_USER": "u"})
+
+
+def test_the_executor_reads_nats_options_from_its_config_with_secrets_from_the_environment() -> None:
+    from executor.config import ConfigError, parse_config
+
+    toml = '[nats]\nuser = "executor-1"\npassword = "${PW}"\ntls_ca = "/ca.pem"\ninbox_prefix = "_INBOX_executor-1"\n'
+    config = parse_config(toml, source="t.toml", environ={"PW": "from-env"})
+    assert (config.nats.user, config.nats.password, config.nats.inbox_prefix) == (
+        "executor-1", "from-env", "_INBOX_executor-1")  # fmt: skip
+    with pytest.raises(ConfigError, match="one way"):
+        parse_config('[nats]\nuser = "u"\ntoken = "t"\n', source="t.toml", environ={})
+
+
+# -- the command-line tools ------------------------------------------------------------------------
+
+from tests.test_daemon import EXECUTOR, LLOOM, StartExecutor, env, run, start_executor, within  # noqa: E402, F401
+
+
+def client_env(env: dict[str, str], bus: SecureBus, user: str = "alice") -> dict[str, str]:
+    """`lloom`'s environment for `user`: the password travels only in the environment."""
+    return {**env, "LLOOM_NATS_USER": user, "LLOOM_NATS_PASSWORD": bus.passwords[user],
+            "LLOOM_NATS_INBOX_PREFIX": f"_INBOX_{user}"}  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_lloom_models_connects_with_env_credentials_and_the_ca_and_fails_fast_with_another_ca(
+    tls_bus: SecureBus, pki: Pki, other_ca: Pki, env: dict[str, str]
+) -> None:
+    ok = await run(LLOOM, "models", "--nats", tls_bus.url, "--tls-ca", pki.ca, env=client_env(env, tls_bus))
+    assert ok.returncode == 0, ok.stderr
+    assert "no executors on the network" in ok.stdout
+
+    started = time.monotonic()
+    bad = await run(LLOOM, "models", "--nats", tls_bus.url, "--tls-ca", other_ca.ca, env=client_env(env, tls_bus))
+    assert bad.returncode == 2
+    assert "certificate is not trusted" in bad.stderr and tls_bus.url in bad.stderr
+    assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.slow
+async def test_lloom_masks_a_wrong_password_in_the_url(secure_bus: SecureBus, env: dict[str, str]) -> None:
+    host = secure_bus.url.removeprefix("nats://")
+    result = await run(LLOOM, "models", "--nats", f"nats://alice:WRONGpw@{host}", env=env)
+    assert result.returncode == 2
+    assert f"nats://alice:***@{host}" in result.stderr and "WRONGpw" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+async def test_the_executor_fails_fast_on_an_untrusted_server_certificate(
+    tls_bus: SecureBus, other_ca: Pki, start_executor: StartExecutor, tmp_path: Path
+) -> None:
+    password = tls_bus.passwords["executor-1"]
+    url = tls_bus.url.replace("nats://", f"nats://executor-1:{password}@")
+    started = time.monotonic()
+    executor = await start_executor("--nats", url, "--tls-ca", other_ca.ca, "--log-level", "info")
+    assert await executor.exit_code() == 2
+    assert time.monotonic() - started < 6.0
+    stderr = "\n".join(executor.lines)
+    assert "certificate is not trusted" in stderr
+    assert "nats://executor-1:***@" in stderr and password not in stderr
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_an_executor_whose_connect_hangs(start_executor: StartExecutor) -> None:
+    # A listener that accepts and never speaks: the NATS handshake waits for an INFO that never comes.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        executor = await start_executor("--nats", url, "--connect-timeout", "30")
+        await executor.wait_for("connecting to NATS")
+        started = time.monotonic()
+        executor.proc.send_signal(signal.SIGTERM)
+        assert await executor.exit_code(timeout=5.0) == 0
+        assert time.monotonic() - started < 3.0
+        assert executor.logged("stop requested while connecting to NATS; exiting") is not None
+    finally:
+        silent.close()
