@@ -141,7 +141,10 @@ async def _connect(args: argparse.Namespace) -> LloomClient | None:
         print(f"lloom: NATS options: {e}", file=sys.stderr)
         return None
     except ConnectionError as e:
-        print(f"lloom: {e}; is an executor (lloom-executor) or nats-server running there?", file=sys.stderr)
+        # Only a server that did not answer makes "is one running?" the right question.
+        found = any(word in str(e) for word in ("TLS", "credentials", "inbox", "permissions"))
+        hint = "" if found else "; is an executor (lloom-executor) or nats-server running there?"
+        print(f"lloom: {e}{hint}", file=sys.stderr)
         return None
 
 

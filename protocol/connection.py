@@ -37,6 +37,8 @@ from nats.aio.client import Client as NATS
 
 ErrorReporter = Callable[[Exception], Awaitable[None]]
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
+# How nats.py reports the server's `-ERR 'Permissions Violation for ...'` (lower-cased) to the error callback.
+PERMISSIONS_VIOLATION = "permissions violation"
 MASK = "***"
 
 

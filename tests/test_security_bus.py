@@ -33,7 +33,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
-from executor.config import ExecutorConfig, LlmClientConfig, NodeConfig, ReceiptsConfig
+from executor.config import ExecutorConfig, ExecutorsConfig, NodeConfig, QueueConfig, ReceiptsConfig
 from executor.process.embedded_nats import EmbeddedNats, free_port
 from executor.receipts.publisher import STREAM
 from executor.runtime.builder import RunningNode, assemble
@@ -80,28 +80,38 @@ async def watched(bus: SecureBus, user: str | None) -> Watched:
     return w
 
 
-@pytest.fixture
-async def node(secure_bus: SecureBus, double: OpenAIDouble, tmp_path: Path) -> AsyncIterator[RunningNode]:
-    """An executor as the `executor-1` user of the shipped config, receipts on."""
+async def executor_node(
+    stack: AsyncExitStack, bus: SecureBus, double: OpenAIDouble, tmp_path: Path, *, queue: bool = False
+) -> RunningNode:
+    """An executor as the `executor-1` user of the shipped config, receipts on (and the durable queue)."""
     config = ExecutorConfig(
-        node=NodeConfig(id="executor-1", nats_url=secure_bus.url),
-        nats=secure_bus.options("executor-1"),
+        node=NodeConfig(id="executor-1", nats_url=bus.url),
+        nats=bus.options("executor-1"),
         receipts=ReceiptsConfig(outbox_dir=str(tmp_path / "outbox"), sync_interval_secs=0.05),
+        executors=ExecutorsConfig(queue=QueueConfig(consume_all=queue)),
     )
-    errors: list[Exception] = []
+    violations: list[Exception] = []
 
     async def on_error(e: Exception) -> None:
-        errors.append(e)
+        if VIOLATION in str(e):
+            violations.append(e)
 
-    async with AsyncExitStack() as stack:
-        nc = await connect_nats(secure_bus.url, name="executor-1", options=config.nats, on_error=on_error)
-        stack.push_async_callback(close_nats, nc)
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        backend = OpenAICompatibleBackend(http, base_url=double.base_url, timeout_secs=10.0)
-        running = await assemble(config, nc, backend, stack, identity=Identity.generate())
-        yield running
+    def none_refused() -> None:
         # The executor's own work never ran into the permissions.
-        assert not [e for e in errors if VIOLATION in str(e).lower()]
+        assert violations == []
+
+    stack.callback(none_refused)
+    nc = await connect_nats(bus.url, name="executor-1", options=config.nats, on_error=on_error)
+    stack.push_async_callback(close_nats, nc)
+    http = await stack.enter_async_context(aiohttp.ClientSession())
+    backend = OpenAICompatibleBackend(http, base_url=double.base_url, timeout_secs=10.0)
+    return await assemble(config, nc, backend, stack, identity=Identity.generate())
+
+
+@pytest.fixture
+async def node(secure_bus: SecureBus, double: OpenAIDouble, tmp_path: Path) -> AsyncIterator[RunningNode]:
+    async with AsyncExitStack() as stack:
+        yield await executor_node(stack, secure_bus, double, tmp_path)
 
 
 @pytest.fixture
@@ -152,6 +162,16 @@ async def test_a_client_with_an_nkey_is_served_too(secure_bus: SecureBus, node: 
     async with await LloomClient.connect(secure_bus.url, options=secure_bus.options("bob"), timeout=WAIT) as bob:
         reply = await bob.complete(ask(max_tokens=2))
     assert reply.content == "tok0 tok1 "
+
+
+async def test_a_client_submits_to_the_durable_queue_and_reads_its_result(
+    secure_bus: SecureBus, double: OpenAIDouble, tmp_path: Path, alice: LloomClient
+) -> None:
+    async with AsyncExitStack() as stack:
+        await executor_node(stack, secure_bus, double, tmp_path, queue=True)
+        job_id = await alice.submit(ask(max_tokens=2))
+        reply = await alice.result(job_id, timeout=WAIT)
+    assert reply.content == "tok0 tok1 " and reply.executor_id == "executor-1"
 
 
 # -- the attacks -------------------------------------------------------------------------------
@@ -596,3 +616,13 @@ async def test_sigterm_stops_an_executor_whose_connect_hangs(start_executor: Sta
         assert executor.logged("stop requested while connecting to NATS; exiting") is not None
     finally:
         silent.close()
+
+
+async def test_a_client_without_its_inbox_prefix_is_told_at_connect_instead_of_timing_out(
+    secure_bus: SecureBus,
+) -> None:
+    options = msgspec.structs.replace(secure_bus.options("alice"), inbox_prefix=None)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="inbox prefix"):
+        await LloomClient.connect(secure_bus.url, options=options, timeout=WAIT)
+    assert time.monotonic() - started < 2.0
