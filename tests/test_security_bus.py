@@ -12,7 +12,10 @@ permissions violation) and nothing leaks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -28,6 +31,7 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import nkeys
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -514,6 +518,78 @@ async def test_a_token_authenticates_where_the_server_takes_one(tmp_path: Path) 
         host = server.url.removeprefix("nats://")
         message = await quickly_refused(f"nats://wrong-token@{host}", NatsConnectOptions(), "refused the credentials")
         assert "wrong-token" not in message and f"nats://***@{host}" in message
+
+
+class JwtChain:
+    """An operator, an account and users as JWTs, made here with nkeys (what `nsc` would make).
+
+    A server in operator mode (`operator:` + `resolver: MEMORY`) trusts the account the
+    operator signed, and the account signs its users; a user's `.creds` file holds its JWT
+    and its nkey seed.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        _, self.operator, self.operator_pub = self._keys(nkeys.PREFIX_BYTE_OPERATOR)
+        _, self.account, self.account_pub = self._keys(nkeys.PREFIX_BYTE_ACCOUNT)
+        operator_jwt = self._jwt(self.operator, {"iss": self.operator_pub, "sub": self.operator_pub, "name": "test",
+                                                 "nats": {"type": "operator", "version": 2}})  # fmt: skip
+        limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1}
+        account_jwt = self._jwt(self.operator, {"iss": self.operator_pub, "sub": self.account_pub, "name": "LLOOM",
+                                                "nats": {"limits": limits, "type": "account", "version": 2}})  # fmt: skip
+        self.config = directory / "operator.conf"
+        self.config.write_text(f'operator: "{operator_jwt}"\nresolver: MEMORY\n'
+                               f'resolver_preload: {{\n  {self.account_pub}: "{account_jwt}"\n}}\n')  # fmt: skip
+
+    @staticmethod
+    def _keys(prefix: int) -> tuple[bytes, nkeys.KeyPair, str]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        pair = nkeys.from_seed(bytearray(seed))
+        return seed, pair, pair.public_key.decode()
+
+    @staticmethod
+    def _jwt(signer: nkeys.KeyPair, claims: dict[str, object]) -> str:
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        claims = {"iat": int(time.time()), "jti": "", **claims}
+        claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode()
+        head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        body = b64(json.dumps(claims).encode())
+        return f"{head}.{body}.{b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+    def creds(self, name: str, *, subscribe: list[str], signer: nkeys.KeyPair | None = None) -> str:
+        """A `.creds` file for user `name`, allowed to subscribe to `subscribe` (and publish anything)."""
+        seed, _, public = self._keys(nkeys.PREFIX_BYTE_USER)
+        issuer = signer or self.account
+        user_jwt = self._jwt(issuer, {
+            "iss": issuer.public_key.decode(), "sub": public, "name": name,
+            "nats": {"pub": {}, "sub": {"allow": subscribe}, "subs": -1, "data": -1, "payload": -1,
+                     "type": "user", "version": 2},
+        })  # fmt: skip
+        path = self.directory / f"{name}.creds"
+        path.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                        f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n")  # fmt: skip
+        return str(path)
+
+
+async def test_a_creds_file_authenticates_and_its_jwt_permissions_apply(tmp_path: Path) -> None:
+    chain = JwtChain(tmp_path)
+    async with EmbeddedNats(extra_args=["-c", str(chain.config)]) as server:
+        creds = chain.creds("alice", subscribe=["_INBOX_alice.>"])
+        w = Watched()
+        options = NatsConnectOptions(creds_file=creds, inbox_prefix="_INBOX_alice")
+        w.nc = await connect_nats(server.url, name="alice", options=options, on_error=w.on_error)
+        await w.nc.subscribe(">")
+        await w.violation("Subscription", '">"')
+        answer = await w.nc.subscribe("_INBOX_alice.x")
+        await w.nc.publish("_INBOX_alice.x", b"allowed")
+        assert (await answer.next_msg(timeout=WAIT)).data == b"allowed"
+        await close_nats(w.nc)
+        # A user signed by an account the operator never signed is refused.
+        _, stranger, _ = JwtChain._keys(nkeys.PREFIX_BYTE_ACCOUNT)
+        forged = chain.creds("mallory", subscribe=[">"], signer=stranger)
+        await quickly_refused(server.url, NatsConnectOptions(creds_file=forged), "refused|Authorization|authentication")
 
 
 def test_redact_url_masks_every_secret_and_keeps_the_rest() -> None:
