@@ -230,6 +230,20 @@ async def test_a_client_cannot_read_or_write_another_clients_inbox(
     await close_nats(spy.nc)
 
 
+@pytest.mark.parametrize("user", ["alice", "executor-2"])
+async def test_no_one_can_publish_into_an_executors_inbox_to_fake_jetstream_acks(
+    secure_bus: SecureBus, node: RunningNode, alice: LloomClient, user: str
+) -> None:
+    forger = await watched(secure_bus, user)
+    assert forger.nc is not None
+    # Where executor-1's receipt acks arrive; a fake ack there would mark receipts published.
+    await forger.nc.publish("_INBOX_executor-1.acks.1", b'{"stream": "LLOOM_RECEIPTS", "seq": 1}')
+    await forger.violation("Publish", "_INBOX_executor-1")
+    await alice.complete(ask(max_tokens=1))
+    assert await receipts_in_stream(secure_bus, at_least=1) >= 1
+    await close_nats(forger.nc)
+
+
 async def test_an_intruder_cannot_join_the_executors_queue_group(
     secure_bus: SecureBus, node: RunningNode, alice: LloomClient
 ) -> None:
@@ -352,7 +366,13 @@ async def test_only_admin_asks_for_status_and_clients_may_send_cancels(
     await client.violation("Publish", subj.STATUS_ALL)
     await client.nc.publish(subj.cancel_subject("somejob"))
     await client.nc.flush()
-    assert not [e for e in client.errors if subj.cancel_subject("somejob") in e]
+    assert not [e for e in client.errors if subj.cancel_subject("somejob").lower() in e]
+    # Executors answer jobs; they do not cancel other people's.
+    executor = await watched(secure_bus, "executor-2")
+    assert executor.nc is not None
+    await executor.nc.publish(subj.cancel_subject("somejob"))
+    await executor.violation("Publish", subj.cancel_subject("somejob"))
+    await close_nats(executor.nc)
     admin = await connect_nats(secure_bus.url, name="admin", options=secure_bus.options("admin"))
     answer = await admin.request(subj.status_subject("executor-1"), b"", timeout=WAIT)
     assert b"executor-1" in answer.data
