@@ -28,7 +28,6 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import nats.errors

@@ -19,8 +19,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -35,18 +33,21 @@ import nkeys
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import ExecutorConfig, ExecutorsConfig, NodeConfig, QueueConfig, ReceiptsConfig
-from executor.process.embedded_nats import EmbeddedNats, free_port
+from executor.process.embedded_nats import EmbeddedNats
 from executor.receipts.publisher import STREAM
 from executor.runtime.builder import RunningNode, assemble
 from protocol import subjects as subj
 from protocol.client import LloomClient
 from protocol.connection import NatsConnectOptions, close_nats, connect_nats, redact_url
+from protocol.durable import results_bucket
 from protocol.identity import Identity
 from tests.conftest import MODEL, SecureBus, start_secure_bus
 from tests.doubles.openai_double import OpenAIDouble
+from tests.test_daemon import LLOOM, StartExecutor, env, run, start_executor  # noqa: F401  (fixtures: env, start_executor)
 from tests.test_roundtrip import ask
 
 WAIT = 10.0
@@ -318,8 +319,6 @@ async def test_a_client_cannot_write_the_cache_or_results_buckets(
     secure_bus: SecureBus, node: RunningNode, bucket: str
 ) -> None:
     admin = await connect_nats(secure_bus.url, name="admin", options=secure_bus.options("admin"))
-    from nats.js.api import KeyValueConfig
-
     kv = await admin.jetstream().create_key_value(KeyValueConfig(bucket=bucket, history=1))
     attacker = await watched(secure_bus, "alice")
     assert attacker.nc is not None
@@ -342,8 +341,6 @@ async def test_a_client_cannot_list_the_results_bucket_but_reads_a_result_by_key
     secure_bus: SecureBus, node: RunningNode
 ) -> None:
     executor = await connect_nats(secure_bus.url, name="e2", options=secure_bus.options("executor-2"))
-    from protocol.durable import results_bucket
-
     kv = await results_bucket(executor.jetstream())
     await kv.put("job1", b'{"some": "result"}')
     reader = await watched(secure_bus, "alice")
@@ -625,8 +622,8 @@ def test_connect_options_come_from_file_then_environment_then_flags() -> None:
     base = NatsConnectOptions(user="from-file", password="file-pw", tls_ca="/file/ca.pem")
     args = argparse.Namespace(creds=None, nkey=None, user=None, tls_ca="/flag/ca.pem", tls_cert=None, tls_key=None,
                               tls_hostname=None, tls_first=False, inbox_prefix=None, connect_timeout=None)  # fmt: skip
-    env = {"LLOOM_NATS_PASSWORD": "env-pw", "LLOOM_NATS_INBOX_PREFIX": "_INBOX_x", "LLOOM_NATS_TLS_CA": "/env/ca.pem"}
-    got = connect_options(args, base, env)
+    environ = {"LLOOM_NATS_PASSWORD": "env-pw", "LLOOM_NATS_INBOX_PREFIX": "_INBOX_x", "LLOOM_NATS_TLS_CA": "/env/ca.pem"}
+    got = connect_options(args, base, environ)
     assert (got.user, got.password, got.tls_ca, got.inbox_prefix) == ("from-file", "env-pw", "/flag/ca.pem", "_INBOX_x")
     # Choosing another way to authenticate drops the configured user and password.
     got = connect_options(argparse.Namespace(**{**vars(args), "nkey": "/k.nk"}), base, {})
@@ -647,8 +644,6 @@ def test_the_executor_reads_nats_options_from_its_config_with_secrets_from_the_e
 
 
 # -- the command-line tools ------------------------------------------------------------------------
-
-from tests.test_daemon import EXECUTOR, LLOOM, StartExecutor, env, run, start_executor, within  # noqa: E402, F401
 
 
 def client_env(env: dict[str, str], bus: SecureBus, user: str = "alice") -> dict[str, str]:
