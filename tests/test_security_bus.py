@@ -125,20 +125,24 @@ async def alice(secure_bus: SecureBus) -> AsyncIterator[LloomClient]:
         yield c
 
 
-async def receipts_in_stream(bus: SecureBus, at_least: int) -> int:
-    """How many receipt messages LLOOM_RECEIPTS holds, once it holds `at_least` (read as admin)."""
+async def receipts_in_stream(bus: SecureBus, node: RunningNode) -> int:
+    """How many receipt messages LLOOM_RECEIPTS holds once the node's outbox is empty (read as admin)."""
+    publisher = node.publisher
+    assert publisher is not None
+    async with asyncio.timeout(WAIT):
+        while publisher.outbox.pending:  # every receipt issued so far acknowledged by the stream
+            await publisher.idle.wait()
     nc = await connect_nats(bus.url, name="admin", options=bus.options("admin"))
     try:
-        js = nc.jetstream()
-        async with asyncio.timeout(WAIT):
-            while True:
-                try:
-                    info = await js.stream_info(STREAM)
-                    if info.state.messages >= at_least:
-                        return info.state.messages
-                except nats.js.errors.NotFoundError:
-                    pass
-                await asyncio.sleep(0.05)  # polling the server's state, not waiting for time to pass
+        return (await nc.jetstream().stream_info(STREAM)).state.messages
+    finally:
+        await close_nats(nc)
+
+
+async def admin_stream_info(bus: SecureBus):  # type: ignore[no-untyped-def]
+    nc = await connect_nats(bus.url, name="admin", options=bus.options("admin"))
+    try:
+        return await nc.jetstream().stream_info(STREAM)
     finally:
         await close_nats(nc)
 
@@ -160,7 +164,7 @@ async def test_a_client_job_through_an_executor_works_unary_and_streamed_and_rec
 
     catalog = await alice.catalog()
     assert "executor-1" in {e.executor_id for e in catalog.entries()}
-    assert await receipts_in_stream(secure_bus, at_least=1) >= 1
+    assert await receipts_in_stream(secure_bus, node) >= 1
 
 
 async def test_a_client_with_an_nkey_is_served_too(secure_bus: SecureBus, node: RunningNode) -> None:
@@ -241,7 +245,7 @@ async def test_no_one_can_publish_into_an_executors_inbox_to_fake_jetstream_acks
     await forger.nc.publish("_INBOX_executor-1.acks.1", b'{"stream": "LLOOM_RECEIPTS", "seq": 1}')
     await forger.violation("Publish", "_INBOX_executor-1")
     await alice.complete(ask(max_tokens=1))
-    assert await receipts_in_stream(secure_bus, at_least=1) >= 1
+    assert await receipts_in_stream(secure_bus, node) >= 1
     await close_nats(forger.nc)
 
 
@@ -281,7 +285,8 @@ async def test_no_client_or_executor_can_purge_or_delete_the_receipts(
     secure_bus: SecureBus, node: RunningNode, alice: LloomClient, user: str
 ) -> None:
     await alice.complete(ask(max_tokens=1))
-    before = await receipts_in_stream(secure_bus, at_least=1)
+    before = await receipts_in_stream(secure_bus, node)
+    assert before >= 1
     attacker = await watched(secure_bus, user)
     assert attacker.nc is not None
     js = attacker.nc.jetstream(timeout=1.0)
@@ -293,7 +298,7 @@ async def test_no_client_or_executor_can_purge_or_delete_the_receipts(
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await attack
         await attacker.violation(*words)
-    assert await receipts_in_stream(secure_bus, at_least=before) == before
+    assert await receipts_in_stream(secure_bus, node) == before
     await close_nats(attacker.nc)
 
 
@@ -301,7 +306,8 @@ async def test_even_the_admin_cannot_purge_or_delete_single_receipts(
     secure_bus: SecureBus, node: RunningNode, alice: LloomClient
 ) -> None:
     await alice.complete(ask(max_tokens=1))
-    before = await receipts_in_stream(secure_bus, at_least=1)
+    before = await receipts_in_stream(secure_bus, node)
+    assert before >= 1
     admin = await connect_nats(secure_bus.url, name="admin", options=secure_bus.options("admin"))
     js = admin.jetstream()
     info = await js.stream_info(STREAM)
@@ -381,17 +387,16 @@ async def test_the_executor_makes_the_receipts_stream_again_after_an_admin_delet
     secure_bus: SecureBus, node: RunningNode, alice: LloomClient
 ) -> None:
     await alice.complete(ask(max_tokens=1))
-    await receipts_in_stream(secure_bus, at_least=1)
+    await receipts_in_stream(secure_bus, node)
     admin = await connect_nats(secure_bus.url, name="admin", options=secure_bus.options("admin"))
     await admin.jetstream().delete_stream(STREAM)
     await close_nats(admin)
 
     await alice.complete(ask(max_tokens=1))
-    assert await receipts_in_stream(secure_bus, at_least=1) >= 1
-    assert node.publisher is not None
-    async with asyncio.timeout(WAIT):
-        await node.publisher.idle.wait()
-    assert not node.publisher.outbox.pending
+    # Acknowledged by a stream made again: it holds the new receipt (the old ones went with the old stream).
+    assert await receipts_in_stream(secure_bus, node) == 1
+    info = await admin_stream_info(secure_bus)
+    assert info.config.deny_delete and info.config.deny_purge
 
 
 # -- credentials and TLS -------------------------------------------------------------------------
