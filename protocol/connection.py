@@ -154,7 +154,7 @@ def tls_context(options: NatsConnectOptions) -> ssl.SSLContext | None:
     return ctx
 
 
-def _connect_kwargs(options: NatsConnectOptions, servers: list[str]) -> dict[str, Any]:
+def _connect_kwargs(options: NatsConnectOptions) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if options.user:
         kwargs["user"], kwargs["password"] = options.user, options.password or ""
@@ -190,7 +190,7 @@ def _is_final(e: BaseException) -> bool:
     if isinstance(e, ssl.SSLCertVerificationError | ssl.SSLError):
         return True
     text = str(e).lower()
-    return "authorization violation" in text or "authentication" in text or "user authentication" in text
+    return "authorization violation" in text or "authentication" in text
 
 
 def _describe(e: BaseException) -> str:
@@ -224,7 +224,7 @@ async def connect_nats(
     timeout = connect_timeout if connect_timeout is not None else options.connect_timeout_secs
     servers = split_servers(servers)
     shown = redact(", ".join(servers), options)
-    kwargs = _connect_kwargs(options, servers)
+    kwargs = _connect_kwargs(options)
     failures: list[BaseException] = []
     final = asyncio.Event()
     nc = NATS()
@@ -260,10 +260,10 @@ async def connect_nats(
         await asyncio.gather(refused, return_exceptions=True)
         if not attempt.done():
             attempt.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await attempt
             # nats.py may have left its half-open transport; closing is bounded, never awaited for ever.
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 async with asyncio.timeout(1.0):
                     await nc.close()
     if attempt in done and attempt.exception() is None:
