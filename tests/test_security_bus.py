@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -46,7 +47,7 @@ from protocol.connection import NatsConnectOptions, close_nats, connect_nats, re
 from protocol.durable import results_bucket
 from protocol.identity import Identity
 from tests.conftest import MODEL, SecureBus, start_secure_bus
-from tests.doubles.openai_double import OpenAIDouble
+from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.test_daemon import LLOOM, StartExecutor, env, run, start_executor  # noqa: F401  (fixtures: env, start_executor)
 from tests.test_roundtrip import ask
 
@@ -86,11 +87,12 @@ async def watched(bus: SecureBus, user: str | None) -> Watched:
 
 
 async def executor_node(
-    stack: AsyncExitStack, bus: SecureBus, double: OpenAIDouble, tmp_path: Path, *, queue: bool = False
+    stack: AsyncExitStack, bus: SecureBus, double: OpenAIDouble, tmp_path: Path, *, queue: bool = False,
+    **node_config: Any,
 ) -> RunningNode:
     """An executor as the `executor-1` user of the shipped config, receipts on (and the durable queue)."""
     config = ExecutorConfig(
-        node=NodeConfig(id="executor-1", nats_url=bus.url),
+        node=NodeConfig(id="executor-1", nats_url=bus.url, **node_config),
         nats=bus.options("executor-1"),
         receipts=ReceiptsConfig(outbox_dir=str(tmp_path / "outbox"), sync_interval_secs=0.05),
         executors=ExecutorsConfig(queue=QueueConfig(consume_all=queue)),
@@ -181,6 +183,19 @@ async def test_a_client_submits_to_the_durable_queue_and_reads_its_result(
         job_id = await alice.submit(ask(max_tokens=2))
         reply = await alice.result(job_id, timeout=WAIT)
     assert reply.content == "tok0 tok1 " and reply.executor_id == "executor-1"
+
+
+async def test_a_client_answers_the_executors_liveness_pings_on_a_long_job(
+    secure_bus: SecureBus, double: OpenAIDouble, tmp_path: Path, alice: LloomClient
+) -> None:
+    # The executor pings on the client's reply subject, the client answers on the executor's
+    # inbox: both only through allow_responses. Unanswered pings would cancel the job.
+    async with AsyncExitStack() as stack:
+        running = await executor_node(stack, secure_bus, double, tmp_path, liveness_interval_secs=0.05)
+        double.faults.append(Fault.slow(0.5))  # several pings happen meanwhile
+        reply = await alice.complete(ask(max_tokens=2))
+        assert reply.content == "tok0 tok1 "
+        assert running.node.stats.cancelled == 0
 
 
 # -- the attacks -------------------------------------------------------------------------------
