@@ -46,7 +46,7 @@ from nats.js.kv import KeyValue
 
 from protocol import subjects as subj
 from protocol.catalog import Catalog
-from protocol.connection import PERMISSIONS_VIOLATION, NatsConnectOptions, close_nats, connect_nats
+from protocol.connection import DEFAULT_CONNECT_TIMEOUT_S, NatsConnectOptions, Violations, close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
     DeadlineExceeded,
@@ -123,28 +123,18 @@ class LloomClient:
         the URL (password masked) and the cause when no server answers, the server's
         certificate is not trusted or the credentials are refused.
         """
-        refused: list[str] = []
-
-        async def on_error(e: Exception) -> None:
-            if PERMISSIONS_VIOLATION in str(e):
-                refused.append(str(e))
-            await _report_nats_error(e)
-
-        nc = await connect_nats(servers, name="lloom-client", options=options, on_error=on_error)
+        violations = Violations(then=_report_nats_error)
+        nc = await connect_nats(servers, name="lloom-client", options=options, on_error=violations)
         client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id)
         client._owns_nc = True
         await client.start()
-        # A server refuses a subscription before it answers the flush's PING: a client whose
-        # replies it may not read would otherwise wait out every job's timeout.
-        await nc.flush(timeout=options.connect_timeout_secs if options else 5.0)
-        inbox = client._pending.inbox
-        if any("subscription" in r and inbox.lower() in r for r in refused):
+        # A client whose replies the server will not deliver would otherwise wait out every job's timeout.
+        try:
+            wait = options.connect_timeout_secs if options else DEFAULT_CONNECT_TIMEOUT_S
+            await violations.check_inbox(nc, f"{client._pending.inbox}.*", timeout=wait)
+        except ConnectionError:
             await client.close()
-            raise ConnectionError(
-                f"the NATS server does not let this user read its replies ({inbox}.*): connect with the inbox "
-                "prefix its permissions allow (--inbox-prefix, $LLOOM_NATS_INBOX_PREFIX or "
-                "NatsConnectOptions.inbox_prefix; the shipped config's is _INBOX_<user>, see docs/security.md)"
-            )
+            raise
         return client
 
     async def start(self) -> None:

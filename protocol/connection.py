@@ -283,6 +283,50 @@ async def connect_nats(
     )
 
 
+class Violations:
+    """An error reporter that keeps the permissions violations the server reports, then passes every error on.
+
+    NATS refuses a subscription or a publish asynchronously (`-ERR 'Permissions
+    Violation ...'`); a peer that flushes after subscribing knows, when the flush
+    returns, whether its subscriptions were refused.
+    """
+
+    def __init__(self, then: ErrorReporter | None = None) -> None:
+        self._then = then
+        self.refused: list[str] = []
+
+    async def __call__(self, e: Exception) -> None:
+        if PERMISSIONS_VIOLATION in str(e):
+            self.refused.append(str(e))
+        if self._then is not None:
+            await self._then(e)
+
+    async def check_inbox(
+        self, nc: NATS, subscribed: str | None = None, *, timeout: float = DEFAULT_CONNECT_TIMEOUT_S
+    ) -> None:
+        """Raise `ConnectionError` if the server refuses this connection its reply subjects.
+
+        `subscribed`: the inbox subscription already made; without it, one is made to find out.
+        """
+        probe = None
+        if subscribed is None:
+            subscribed = nc.new_inbox()
+            probe = await nc.subscribe(subscribed)
+        try:
+            await nc.flush(timeout=timeout)  # the server answers a refused SUB before this PING
+        except (nats.errors.Error, TimeoutError) as e:
+            raise ConnectionError(f"the NATS server did not answer a flush: {e or type(e).__name__}") from e
+        if probe is not None:
+            await probe.unsubscribe()
+        if any("subscription" in r and subscribed.lower() in r for r in self.refused):
+            prefix = subscribed.split(".", 1)[0]
+            raise ConnectionError(
+                f"the NATS server does not let this user read its replies ({prefix}.>): connect with the inbox "
+                "prefix its permissions allow (--inbox-prefix, $LLOOM_NATS_INBOX_PREFIX, [nats] inbox_prefix or "
+                "NatsConnectOptions.inbox_prefix; the shipped config's is _INBOX_<user>, see docs/security.md)"
+            )
+
+
 async def close_nats(nc: NATS) -> None:
     """Drain (flush what is still to be said), or just close when draining is refused."""
     if nc.is_closed:

@@ -37,10 +37,11 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
-from executor.config import ExecutorConfig, ExecutorsConfig, NodeConfig, QueueConfig, ReceiptsConfig
+from executor.config import ExecutorConfig, ExecutorsConfig, LlmClientConfig, NodeConfig, QueueConfig, ReceiptsConfig
 from executor.process.embedded_nats import EmbeddedNats
 from executor.receipts.publisher import STREAM
 from executor.runtime.builder import RunningNode, assemble
+from executor.runtime.daemon import serve
 from protocol import subjects as subj
 from protocol.client import LloomClient
 from protocol.connection import NatsConnectOptions, close_nats, connect_nats, redact_url
@@ -48,7 +49,7 @@ from protocol.durable import results_bucket
 from protocol.identity import Identity
 from tests.conftest import MODEL, SecureBus, start_secure_bus
 from tests.doubles.openai_double import Fault, OpenAIDouble
-from tests.test_daemon import LLOOM, StartExecutor, env, run, start_executor  # noqa: F401  (fixtures: env, start_executor)
+from tests.test_daemon import LLOOM, StartExecutor, env, run, start_executor, within  # noqa: F401  (fixtures: env, start_executor)
 from tests.test_roundtrip import ask
 
 WAIT = 10.0
@@ -737,3 +738,16 @@ async def test_a_client_without_its_inbox_prefix_is_told_at_connect_instead_of_t
     with pytest.raises(ConnectionError, match="inbox prefix"):
         await LloomClient.connect(secure_bus.url, options=options, timeout=WAIT)
     assert time.monotonic() - started < 2.0
+
+
+async def test_an_executor_without_its_inbox_prefix_stops_at_start_with_the_reason(
+    secure_bus: SecureBus, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    config = ExecutorConfig(
+        node=NodeConfig(id="executor-1", nats_url=secure_bus.url),
+        nats=NatsConnectOptions(user="executor-1", password=secure_bus.passwords["executor-1"]),
+        llm_client=LlmClientConfig(backend="openai_compatible", base_url=double.base_url),
+        receipts=ReceiptsConfig(outbox_dir=str(tmp_path / "outbox")),
+    )
+    with pytest.raises(ConnectionError, match="inbox prefix"):
+        await within(serve(config), "an executor refused its inbox stops")

@@ -27,7 +27,7 @@ from executor.config import ExecutorConfig
 from executor.jobs.node import ExecutorNode
 from executor.process.embedded_nats import EmbeddedNats, free_port, port_is_free
 from executor.runtime.builder import assemble, data_home, uses_queue
-from protocol.connection import close_nats, connect_nats, redact
+from protocol.connection import Violations, close_nats, connect_nats, redact
 
 log = structlog.get_logger(logger_name=__name__)
 T = TypeVar("T")
@@ -104,13 +104,16 @@ async def serve(
             name = f"lloom-executor {config.node.id or ''}".strip()
             log.info("connecting to NATS", url=redact(url, config.nats))
             try:
+                violations = Violations(then=_nats_error)
                 nc = await unless_stopped(
-                    connect_nats(url, name=name, options=config.nats, on_error=_nats_error), stop
+                    connect_nats(url, name=name, options=config.nats, on_error=violations), stop
                 )
             except Stopped:
                 log.info("stop requested while connecting to NATS; exiting")
                 return
             stack.push_async_callback(close_nats, nc)
+            # Without its replies (JetStream acks, liveness answers) a node would run but never settle a receipt.
+            await violations.check_inbox(nc, timeout=config.nats.connect_timeout_secs)
             session = http_session(config)
             stack.push_async_callback(session.close)
             if config.executors.backends:
