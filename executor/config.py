@@ -6,9 +6,10 @@ into frozen msgspec Structs that reject unknown keys, so a typo is an error that
 names the file and the key (`executor.toml: Expected int >= 1 - at
 $.node.max_concurrent_jobs`) instead of a silently ignored setting.
 
-`${VAR}` and `${VAR:-default}` in `api_key`, `api_key_file`, `base_url`, `model_path` and
-`llama_server` are expanded from the environment at load time, so secrets stay
-out of the file.
+`${VAR}` and `${VAR:-default}` in `api_key`, `api_key_file`, `base_url`, `model_path`,
+`llama_server` and every `[nats]` value are expanded from the environment at
+load time, so secrets stay out of the file. `[nats]` is how to reach a secured
+bus (protocol/connection.py `NatsConnectOptions`; docs/security.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from msgspec import Meta
 
 from protocol.announcements import ModelCategory
 from protocol.backoff import Backoff
+from protocol.connection import NatsConnectOptions
 
 
 class ConfigError(Exception):
@@ -278,6 +280,7 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
+    nats: NatsConnectOptions = NatsConnectOptions()
     llm_client: LlmClientConfig = LlmClientConfig()
     logging: LoggingConfig = LoggingConfig()
     models: list[ModelConfig] = []
@@ -356,8 +359,13 @@ def parse_config(data: bytes | str, *, source: str, environ: dict[str, str] | os
     for where, entry in [("llm_client", llm), *((f"executors.backends[{i}]", b) for i, b in enumerate(backends))]:
         if entry.api_key and entry.api_key_file:
             raise ConfigError(f"{source}: {where} sets both api_key and api_key_file; keep one")
+    strings = tuple(f for f in NatsConnectOptions.__struct_fields__ if f not in ("tls_handshake_first", "connect_timeout_secs"))
+    try:
+        nats_options = expanded(cfg.nats, strings, "nats")
+    except ValueError as e:  # e.g. ${NATS_USER} and ${NATS_TOKEN} both set
+        raise ConfigError(f"{source}: [nats]: {e}") from e
     return msgspec.structs.replace(
-        cfg, llm_client=llm, executors=msgspec.structs.replace(cfg.executors, backends=backends)
+        cfg, llm_client=llm, nats=nats_options, executors=msgspec.structs.replace(cfg.executors, backends=backends)
     )
 
 
@@ -391,6 +399,23 @@ heartbeat_interval_secs = 0.5
 # identity_file = "/var/lib/lloom/executor.nk"
 # An operator's endorsement of this key (scripts/endorse.py); clients trusting the operator trust us.
 # endorsement_file = "/var/lib/lloom/endorsement.json"
+
+[nats]
+# How to reach a secured NATS bus (nats_url above); see docs/security.md. Use one way to
+# authenticate. ${VAR} is taken from the environment: keep secrets out of this file.
+# The LLOOM_NATS_* variables and the --user/--creds/--nkey/--tls-* flags override these.
+# user = "executor-1"
+# password = "${LLOOM_NATS_PASSWORD}"
+# token = "${LLOOM_NATS_TOKEN}"
+# nkey_file = "/etc/lloom/executor-1.nk"        # an nkey user seed (SU...)
+# creds_file = "/etc/lloom/executor-1.creds"    # a JWT .creds file (nsc)
+# tls_ca = "/etc/lloom/nats-ca.pem"             # the CA that signed the server's certificate
+# tls_cert = "/etc/lloom/executor-1.pem"        # client certificate, for mutual TLS
+# tls_key = "/etc/lloom/executor-1-key.pem"
+# tls_hostname = "nats.example.org"             # default: the URL's host
+# tls_handshake_first = false
+# inbox_prefix = "_INBOX_executor-1"            # what the server's permissions let this user read
+connect_timeout_secs = 5
 
 [llm_client]
 # lmstudio | openai | ollama | vllm | llamacpp | openai_compatible | local (a llama-server

@@ -130,3 +130,7 @@ def config_secrets(config: ExecutorConfig) -> Iterator[str]:
                 pass
         yield from url_secrets(base_url)
     yield from url_secrets(config.node.nats_url)
+    # The bus's own credentials ([nats]): a password or token given in the config or its environment.
+    for secret in (config.nats.password, config.nats.token):
+        if secret:
+            yield secret

@@ -34,7 +34,7 @@ import msgspec
 from protocol import receipts_cli
 from protocol.announcements import ModelCategory
 from protocol.catalog import ExecutorEntry
-from protocol.cli_common import GlobalOption, GlobalOptions, run
+from protocol.cli_common import GlobalOption, GlobalOptions, connect_options, run
 from protocol.client import DEFAULT_TIMEOUT_S, DEFAULT_URL, LloomClient
 from protocol.errors import JobQueued, LloomError, NoExecutors, ResultPending
 from protocol.messages import ChatRequest, ChatResponse, Message, Role, StreamEnd, Usage
@@ -139,21 +139,27 @@ def _main(argv: list[str] | None) -> int:
     return asyncio.run(_complete(args, request))
 
 
-async def _connect(url: str, trust_file: str | None = None) -> LloomClient | None:
+async def _connect(args: argparse.Namespace) -> LloomClient | None:
     try:
-        trust = Trust.from_file(trust_file) if trust_file else Trust()
+        trust = Trust.from_file(args.trust) if getattr(args, "trust", None) else Trust()
     except TrustError as e:
         print(f"lloom: {e}", file=sys.stderr)
         return None
     try:
-        return await LloomClient.connect(url, trust=trust)
+        return await LloomClient.connect(args.nats, options=connect_options(args), trust=trust)
+    except ValueError as e:
+        print(f"lloom: NATS options: {e}", file=sys.stderr)
+        return None
     except ConnectionError as e:
-        print(f"lloom: {e}; is an executor (lloom-executor) or nats-server running there?", file=sys.stderr)
+        # Only a server that did not answer makes "is one running?" the right question.
+        found = any(word in str(e) for word in ("TLS", "credentials", "inbox", "permissions"))
+        hint = "" if found else "; is an executor (lloom-executor) or nats-server running there?"
+        print(f"lloom: {e}{hint}", file=sys.stderr)
         return None
 
 
 async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
-    client = await _connect(args.nats, args.trust)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -162,7 +168,7 @@ async def _complete(args: argparse.Namespace, request: ChatRequest) -> int:
 
 async def _embed(args: argparse.Namespace) -> int:
     texts = [line for line in sys.stdin.read().splitlines() if line] if args.texts == ["-"] else args.texts
-    client = await _connect(args.nats, args.trust)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -180,7 +186,7 @@ async def _embed(args: argparse.Namespace) -> int:
 
 
 async def _result(args: argparse.Namespace) -> int:
-    client = await _connect(args.nats)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -204,7 +210,7 @@ async def _result(args: argparse.Namespace) -> int:
 async def _receipts(args: argparse.Namespace) -> int:
     if not args.stream:
         return await receipts_cli.run(args, None)
-    client = await _connect(args.nats)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:
@@ -235,7 +241,7 @@ def _routing(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def _models(args: argparse.Namespace) -> int:
-    client = await _connect(args.nats, args.trust)
+    client = await _connect(args)
     if client is None:
         return 2
     async with client:

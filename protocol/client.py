@@ -58,7 +58,7 @@ from nats.js.kv import KeyValue
 
 from protocol import subjects as subj
 from protocol.catalog import Catalog
-from protocol.connection import close_nats, connect_nats
+from protocol.connection import DEFAULT_CONNECT_TIMEOUT_S, NatsConnectOptions, Violations, close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
     DeadlineExceeded,
@@ -157,16 +157,28 @@ class LloomClient:
         busy_retries: int = 3,
         client_id: str | None = None,
         trust: Trust | None = None,
+        options: NatsConnectOptions | None = None,
     ) -> LloomClient:
         """Connect to NATS and return a started client that closes the connection with itself.
 
-        Raises `ConnectionError` naming the URL and the cause when no server answers.
+        `options` says how to authenticate and use TLS (and the inbox prefix a secured
+        server's permissions expect, docs/security.md). Raises `ConnectionError` naming
+        the URL (password masked) and the cause when no server answers, the server's
+        certificate is not trusted or the credentials are refused.
         """
         trust = trust if trust is not None else Trust.from_env()  # a bad keyring fails before connecting
-        nc = await connect_nats(servers, name="lloom-client", on_error=_report_nats_error)
+        violations = Violations(then=_report_nats_error)
+        nc = await connect_nats(servers, name="lloom-client", options=options, on_error=violations)
         client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id, trust=trust)
         client._owns_nc = True
         await client.start()
+        # A client whose replies the server will not deliver would otherwise wait out every job's timeout.
+        try:
+            wait = options.connect_timeout_secs if options else DEFAULT_CONNECT_TIMEOUT_S
+            await violations.check_inbox(nc, f"{client._pending.inbox}.*", timeout=wait)
+        except ConnectionError:
+            await client.close()
+            raise
         return client
 
     async def start(self) -> None:

@@ -59,6 +59,11 @@ class Pending:
             fail(waiter, Cancelled("client closed"))
         self._waiting.clear()
 
+    @property
+    def inbox(self) -> str:
+        """The subject prefix every reply to this client arrives under."""
+        return self._prefix
+
     def new_job_id(self) -> str:
         return self._nuid.next().decode()
 

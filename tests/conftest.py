@@ -11,12 +11,16 @@ Plain helpers (requests, bounded waits, a fake clock) are in tests/helpers.
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import nats
+import nkeys
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -28,6 +32,7 @@ from executor.receipts.issuer import ReceiptIssuer
 from executor.receipts.outbox import Outbox
 from protocol.identity import Identity
 from protocol.client import LloomClient
+from protocol.connection import NatsConnectOptions
 from tests.doubles.openai_double import OpenAIDouble
 from tests.helpers.jobs import MODEL
 from tests.helpers.processes import EXECUTOR, Executor, StartExecutor, clean_env
@@ -43,6 +48,61 @@ NodeFactory = Callable[..., Awaitable[ExecutorNode]]
 async def nats_server() -> AsyncIterator[EmbeddedNats]:
     async with EmbeddedNats() as server:
         yield server
+
+
+SECURE_CONF = Path(__file__).resolve().parent.parent / "compose" / "nats" / "secure.conf"
+
+
+@dataclass
+class SecureBus:
+    """A nats-server running the shipped permissions config (compose/nats/secure.conf)."""
+
+    server: EmbeddedNats
+    passwords: dict[str, str]  # user -> password (admin, executor-1, alice)
+    nkey_files: dict[str, Path]  # user -> nkey seed file (executor-2, bob)
+    env: dict[str, str] = field(default_factory=dict)  # the server's environment
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def options(self, user: str, **more: object) -> NatsConnectOptions:
+        """How `user` connects: its password or nkey, and the inbox prefix its permissions allow."""
+        if user in self.nkey_files:
+            auth: dict[str, object] = {"nkey_file": str(self.nkey_files[user])}
+        else:
+            auth = {"user": user, "password": self.passwords[user]}
+        prefix = {} if user == "admin" else {"inbox_prefix": f"_INBOX_{user}"}
+        return NatsConnectOptions(**auth, **prefix, **more)  # type: ignore[arg-type]
+
+
+async def start_secure_bus(tmp: Path, *extra_args: str) -> SecureBus:
+    """Start the shipped secure config on a free port, secrets made up for this run."""
+    passwords = {user: "pw" + secrets.token_hex(12) for user in ("admin", "executor-1", "alice")}
+    env = dict(os.environ)
+    env.update({
+        "LLOOM_NATS_ADMIN_PASSWORD": passwords["admin"],
+        "LLOOM_NATS_EXECUTOR_1_PASSWORD": passwords["executor-1"],
+        "LLOOM_NATS_ALICE_PASSWORD": passwords["alice"],
+    })  # fmt: skip
+    nkey_files = {}
+    for user, var in (("executor-2", "LLOOM_NATS_EXECUTOR_2_NKEY"), ("bob", "LLOOM_NATS_BOB_NKEY")):
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        path = tmp / f"{user}.nk"
+        path.write_bytes(seed + b"\n")
+        env[var] = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        nkey_files[user] = path
+    store = tmp / "jetstream"
+    server = EmbeddedNats(extra_args=["-c", str(SECURE_CONF), "-sd", str(store), *extra_args], env=env)
+    await server.start()
+    return SecureBus(server, passwords, nkey_files, env)
+
+
+@pytest.fixture
+async def secure_bus(tmp_path: Path) -> AsyncIterator[SecureBus]:
+    bus = await start_secure_bus(tmp_path)
+    yield bus
+    await bus.server.stop()
 
 
 @pytest.fixture

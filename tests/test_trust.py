@@ -44,7 +44,7 @@ from protocol.routing import Cheapest, Fastest, Specific, rank
 from protocol.trust import Trust, TrustError, endorse, load_endorsement
 from tests.conftest import MODEL, Signing
 from tests.doubles.openai_double import OpenAIDouble
-from tests.test_roundtrip import ask
+from tests.helpers.jobs import ask
 
 WAIT = 5.0
 

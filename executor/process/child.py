@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from asyncio.subprocess import DEVNULL, PIPE, Process
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -41,6 +42,7 @@ async def spawn_tied(
     stderr: int | IO[bytes] = PIPE,
     cwd: Path | None = None,
     pass_fds: tuple[int, ...] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Process:
     """A child that gets `death_signal` when we die, in its own session; stdin is /dev/null.
 
@@ -50,6 +52,7 @@ async def spawn_tied(
     return await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
+        env=None if env is None else dict(env),
         stdin=DEVNULL,
         stdout=stdout,
         stderr=stderr,
@@ -94,9 +97,10 @@ class ChildProcess:
         ready_line: bytes | None = None,
         log_tail: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
+        env: Mapping[str, str] | None = None,
     ) -> ChildProcess:
         """Start `argv` tied to us; `log_tail` is the list to keep the last 50 stderr lines in."""
-        proc = await spawn_tied(*argv, death_signal=death_signal, pass_fds=pass_fds)
+        proc = await spawn_tied(*argv, death_signal=death_signal, pass_fds=pass_fds, env=env)
         return cls(proc, name=name, ready_line=ready_line, log_tail=[] if log_tail is None else log_tail)
 
     @property

@@ -26,6 +26,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from executor.process.child import ChildProcess
@@ -162,6 +163,7 @@ class EmbeddedNats:
         extra_args: list[str] | None = None,
         ready_timeout: float = 10.0,
         store_lock: StoreLock | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """`store_lock`: the store's lock, already taken by the caller (it is released by `stop()`)."""
         self.host = host
@@ -170,6 +172,8 @@ class EmbeddedNats:
         self.store_dir = store_dir
         self.extra_args = extra_args or []
         self.ready_timeout = ready_timeout
+        # The server's environment (default: ours); a config file reads its secrets from it.
+        self.env = env
         self._child: ChildProcess | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._lock = store_lock
@@ -218,7 +222,7 @@ class EmbeddedNats:
         # Its own session (as every ChildProcess): a Ctrl-C in the terminal reaches only the
         # node, which drains through this server before stopping it.
         self._child = await ChildProcess.spawn(
-            args, name="nats-server", ready_line=READY_LINE, log_tail=self.log_tail, pass_fds=inherit
+            args, name="nats-server", ready_line=READY_LINE, log_tail=self.log_tail, pass_fds=inherit, env=self.env
         )
         if self._lock is not None:
             self._lock.note_holder(self._child.pid, self.host, self.port)

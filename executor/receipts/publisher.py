@@ -21,6 +21,12 @@ write) happen every `sync_interval_s`, never on the request path: jobs only
 write and wake it. While JetStream is away, receipts wait in the outbox file:
 the publisher reads them from it (`Outbox.entry`) in seq order as it sends, so
 memory holds the outbox's bounded window, not every receipt waiting.
+
+The stream is made with `deny_delete` and `deny_purge`, so no one can remove
+receipts from it (deleting the whole stream is for the bus's permissions to
+refuse, docs/security.md). If it disappears anyway (an admin deleted it), the
+next publish finds no responders, and the publisher makes the stream again
+before retrying: the outbox still holds every receipt that was not acknowledged.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from nats.js.client import JetStreamContext
 
 from executor.receipts.outbox import NOT_LOADED, Outbox
 from protocol import subjects as subj
+from protocol.jetstream import ensure_stream as ensure_js_stream
 from protocol.backoff import Backoff, Retry
 
 log = structlog.get_logger(logger_name=__name__)
@@ -52,14 +59,18 @@ MAX_BATCH_BYTES = 256 * 1024
 
 
 async def ensure_stream(js: JetStreamContext, duplicate_window_s: float) -> None:
-    """Create the receipts stream unless it exists (perhaps with an operator's settings: used as it is)."""
+    """Create the receipts stream unless it exists (perhaps with an operator's settings, such as R3:
+    used as it is, with a warning when it lets receipts be deleted or purged)."""
     config = StreamConfig(
-        name=STREAM, subjects=[subj.RECEIPTS_ALL], storage=StorageType.FILE, duplicate_window=duplicate_window_s
-    )
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        pass
+        name=STREAM, subjects=[subj.RECEIPTS_ALL], storage=StorageType.FILE, duplicate_window=duplicate_window_s,
+        # A ledger: receipts cannot be deleted or purged, by anyone.
+        deny_delete=True, deny_purge=True,
+    )  # fmt: skip
+    await ensure_js_stream(js, config)
+    info = await js.stream_info(STREAM)
+    if not (info.config.deny_delete and info.config.deny_purge):
+        log.warning("the receipts stream allows deleting or purging receipts", stream=STREAM,
+                    hint="re-create it with deny_delete and deny_purge (docs/security.md)")  # fmt: skip
 
 
 class _PubAck(msgspec.Struct):
@@ -267,7 +278,9 @@ class ReceiptPublisher:
         if batch is None:
             return  # a late ack of a batch already sent again
         if msg.headers and msg.headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:
-            self._retry_later(batch, "no JetStream stream answers (is JetStream enabled?)")
+            # No stream takes the subject any more (deleted?): look for it, make it again if need be.
+            self._stream_ready = False
+            self._retry_later(batch, "no JetStream stream answers (is JetStream enabled? was the stream deleted?)")
             return
         try:
             ack = _decode_ack(msg.data)

@@ -19,7 +19,8 @@ from pathlib import Path
 import msgspec
 
 from executor.config import DEFAULT_CONFIG_TOML, ConfigError, ExecutorConfig, default_config_path, load_config
-from protocol.cli_common import GlobalOption, GlobalOptions, run
+from protocol.cli_common import GlobalOption, GlobalOptions, connect_options, run
+from protocol.connection import NatsConnectOptions
 from protocol.errors import LloomError
 from protocol.identity import IdentityError
 from protocol.trust import TrustError
@@ -85,10 +86,14 @@ def _load(args: argparse.Namespace) -> ExecutorConfig:
     node = config.node
     if args.nats:
         node = msgspec.structs.replace(node, nats_url=args.nats)
+    try:
+        nats_options = connect_options(args, config.nats)
+    except ValueError as e:
+        raise ConfigError(f"NATS options: {e}") from e
     logging = config.logging
     if args.log_level:
         logging = msgspec.structs.replace(logging, level=args.log_level)
-    return msgspec.structs.replace(config, node=node, logging=logging)
+    return msgspec.structs.replace(config, node=node, nats=nats_options, logging=logging)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +118,8 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "check":
         return asyncio.run(_check(config))
     if args.command == "status":
-        return asyncio.run(_status(config.node.nats_url or "nats://127.0.0.1:4222", args.id, args.json, args.timeout))
+        url = config.node.nats_url or "nats://127.0.0.1:4222"
+        return asyncio.run(_status(url, config.nats, args.id, args.json, args.timeout))
     return _run(config, lambda: _load(args))
 
 
@@ -229,14 +235,16 @@ async def _check(config: ExecutorConfig) -> int:
 
 
 
-async def _status(url: str, executor_id: str | None, as_json: bool, timeout: float) -> int:
+async def _status(
+    url: str, options: NatsConnectOptions, executor_id: str | None, as_json: bool, timeout: float
+) -> int:
     import nats.errors
 
     from protocol import subjects as subj
-    from protocol.connection import close_nats, connect_nats
+    from protocol.connection import close_nats, connect_nats, redact
 
     try:
-        nc = await connect_nats(url, name="lloom-executor status")
+        nc = await connect_nats(url, name="lloom-executor status", options=options)
     except ConnectionError as e:
         print(f"lloom-executor: {e}", file=sys.stderr)
         return 2
@@ -261,7 +269,7 @@ async def _status(url: str, executor_id: str | None, as_json: bool, timeout: flo
     finally:
         await close_nats(nc)
     if not found:
-        print(f"lloom-executor: no executor answered at {url}", file=sys.stderr)
+        print(f"lloom-executor: no executor answered at {redact(url, options)}", file=sys.stderr)
         return 1
     for status in sorted(found, key=lambda s: s.executor_id):
         print(msgspec.json.encode(status).decode() if as_json else render_status(status))

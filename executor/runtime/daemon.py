@@ -5,17 +5,21 @@ bus (when no URL is configured: started, or joined when another executor of this
 machine runs it; see process/shared_bus.py), the NATS connection, the process's one
 aiohttp session (for plugin backends), the backend, and the node with its
 collaborators (made by executor/runtime/builder.py). SIGTERM and SIGINT set the
-stop event; the node then drains and the process exits 0. SIGHUP reads the config
-again and applies its backend API keys (executor/runtime/keys.py); a watched
-`api_key_file` is applied without any signal.
+stop event; the node then drains and the process exits 0. The handlers are in
+place before anything else starts, and the start-up steps that wait on the
+network (connecting to NATS) are abandoned when the stop event is set, so a
+SIGTERM ends the process even while it is still trying to connect. SIGHUP reads
+the config again and applies its backend API keys (executor/runtime/keys.py); a
+watched `api_key_file` is applied without any signal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import TypeVar
 
 import aiohttp
 import structlog
@@ -28,9 +32,30 @@ from executor.process.shared_bus import SharedBus
 from executor.runtime.builder import assemble, data_home
 from executor.runtime.keys import KeyRotation
 from executor.secrets import SecretMasker, config_secrets
-from protocol.connection import close_nats, connect_nats
+from protocol.connection import Violations, close_nats, connect_nats, redact
 
 log = structlog.get_logger(logger_name=__name__)
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """The stop event was set while a start-up step was still waiting."""
+
+
+async def unless_stopped(step: Awaitable[T], stop: asyncio.Event) -> T:
+    """Await `step`, or cancel it and raise `Stopped` when `stop` is set first."""
+    task = asyncio.ensure_future(step)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if task.cancelled():
+        raise Stopped
+    return task.result()
 
 
 def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
@@ -93,8 +118,19 @@ async def serve(
                 bus = await start_shared_bus(config)
                 stack.push_async_callback(bus.stop)  # last: the other executors may take the bus over then
                 url = bus.url
-            nc = await connect_nats(url, name=f"lloom-executor {config.node.id or ''}".strip(), on_error=_nats_error)
+            name = f"lloom-executor {config.node.id or ''}".strip()
+            log.info("connecting to NATS", url=redact(url, config.nats))
+            try:
+                violations = Violations(then=_nats_error)
+                nc = await unless_stopped(
+                    connect_nats(url, name=name, options=config.nats, on_error=violations), stop
+                )
+            except Stopped:
+                log.info("stop requested while connecting to NATS; exiting")
+                return
             stack.push_async_callback(close_nats, nc)
+            # Without its replies (JetStream acks, liveness answers) a node would run but never settle a receipt.
+            await violations.check_inbox(nc, timeout=config.nats.connect_timeout_secs)
             session = http_session(config)
             stack.push_async_callback(session.close)
             if config.executors.backends:
