@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from types import TracebackType
 from typing import Self, TypeVar
@@ -50,6 +51,7 @@ from protocol.connection import close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
     DeadlineExceeded,
+    ExecutorLost,
     LloomError,
     NoExecutors,
     QueueUnavailable,
@@ -71,6 +73,7 @@ from protocol.messages import (
     unary_reply_decoder,
 )
 from protocol.pending import Pending, may_retry_busy
+from protocol.resume import DEFAULT_SILENCE_S
 from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
@@ -92,8 +95,16 @@ class LloomClient:
     """Sends jobs over an existing NATS connection (which it does not own unless made by `connect`)."""
 
     def __init__(
-        self, nc: NATS, *, timeout: float = DEFAULT_TIMEOUT_S, busy_retries: int = 3, client_id: str | None = None
+        self,
+        nc: NATS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        busy_retries: int = 3,
+        client_id: str | None = None,
+        executor_silence_s: float = DEFAULT_SILENCE_S,
     ) -> None:
+        """`executor_silence_s`: a call whose executor sends nothing (not even a keepalive) for this
+        long fails with `ExecutorLost` (and is retried where it may be; see protocol/resume.py)."""
         self._nc = nc
         # Recorded in executors' receipts, so usage can be reported per client.
         self.client_id = client_id
@@ -101,7 +112,7 @@ class LloomClient:
         self.busy_retries = busy_retries
         self.latencies = LatencyBook()
         self._owns_nc = False
-        self._pending = Pending(nc, client_id=client_id)
+        self._pending = Pending(nc, client_id=client_id, silence_s=executor_silence_s)
         self._catalog: Catalog | None = None
         self._results: KeyValue | None = None
         self._jobs_stream_ready = False
@@ -114,13 +125,23 @@ class LloomClient:
         timeout: float = DEFAULT_TIMEOUT_S,
         busy_retries: int = 3,
         client_id: str | None = None,
+        executor_silence_s: float = DEFAULT_SILENCE_S,
     ) -> LloomClient:
         """Connect to NATS and return a started client that closes the connection with itself.
 
         Raises `ConnectionError` naming the URL and the cause when no server answers.
         """
-        nc = await connect_nats(servers, name="lloom-client", on_error=_report_nats_error)
-        client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id)
+        made: list[LloomClient] = []
+
+        async def reconnected() -> None:
+            # Replies sent while we were away may be lost: ask executors to send them again.
+            if made:
+                await made[0]._pending.watch.reconnected()
+
+        nc = await connect_nats(servers, name="lloom-client", on_error=_report_nats_error, on_reconnected=reconnected)
+        client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id,
+                     executor_silence_s=executor_silence_s)  # fmt: skip
+        made.append(client)
         client._owns_nc = True
         await client.start()
         return client
@@ -370,7 +391,7 @@ class LloomClient:
     ) -> T:
         """One request/reply job on `target` (its model's queue group, or one executor), retried when busy."""
         loop = asyncio.get_running_loop()
-        for attempt in range(retries + 1):
+        for attempt in itertools.count():  # may_retry_busy bounds it
             # A busy executor never ran the job, so a retry is a new job: replies
             # still in flight for the old id can then not be mistaken for its own.
             job_id = self._pending.new_job_id()
@@ -381,6 +402,10 @@ class LloomClient:
                 data = await self._pending.wait(fut, deadline, job_id, target)
             except NoExecutors:
                 raise await self.no_responders_error(target) from None
+            except ExecutorLost as lost:
+                if await may_retry_busy(lost, attempt, retries, deadline):
+                    continue
+                raise
             finally:
                 self._pending.unregister(job_id)
             reply = decode_reply(decoder, data)
@@ -390,7 +415,7 @@ class LloomClient:
             err = error_from_wire(reply)
             if not await may_retry_busy(err, attempt, retries, deadline):
                 raise err
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _failover(
         self,

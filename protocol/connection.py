@@ -15,6 +15,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 ErrorReporter = Callable[[Exception], Awaitable[None]]
+Reconnected = Callable[[], Awaitable[None]]
 
 
 async def connect_nats(
@@ -22,10 +23,12 @@ async def connect_nats(
     *,
     name: str,
     on_error: ErrorReporter | None = None,
+    on_reconnected: Reconnected | None = None,
     initial_attempts: int = 3,
     connect_timeout: float = 5.0,
 ) -> NATS:
-    """Connect, or raise `ConnectionError`; `on_error` hears asynchronous errors once connected."""
+    """Connect, or raise `ConnectionError`; `on_error` hears asynchronous errors once connected,
+    `on_reconnected` is awaited after each reconnect (subscriptions restored by then)."""
     if isinstance(servers, str):
         servers = [u.strip() for u in servers.split(",") if u.strip()]  # a cluster seed list
     failures: list[Exception] = []
@@ -43,6 +46,7 @@ async def connect_nats(
             servers,
             name=name,
             error_cb=error_cb,
+            reconnected_cb=on_reconnected,
             max_reconnect_attempts=initial_attempts,
             reconnect_time_wait=0.5,
             connect_timeout=connect_timeout,

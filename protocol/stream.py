@@ -123,6 +123,8 @@ class ChatStream:
                     else:
                         msg = decode_reply(stream_reply_decoder, item)
                         if type(msg) is StreamChunk:
+                            if msg.seq < expected_seq:
+                                continue  # re-sent after an outage (protocol/resume.py): already yielded
                             if msg.seq != expected_seq:
                                 raise StreamInterrupted(
                                     f"lost stream messages: expected chunk {expected_seq}, got {msg.seq}"

@@ -8,8 +8,11 @@ The node subscribes, in the `lloom-executors` queue group, to the subject of
 every model it serves (so N executors share a model's load), plus a direct
 subject of its own and the cancel subjects. Each accepted job runs in its own
 task (nats.py runs one subscription's callbacks one at a time); past
-`max_concurrent_jobs` a job gets an immediate `busy` reply instead of waiting in
-an unbounded queue. Long jobs ping their caller; a caller that has gone away
+`max_concurrent_jobs` a job gets an immediate `busy` reply, with an estimate of
+when to come back (jobs/pacing.py), instead of waiting in an unbounded queue.
+Replies go through `RetainedReplies` (jobs/retained.py), which keeps them briefly
+for callers that lost them in a NATS outage and sends keepalives for running
+jobs. Long jobs ping their caller; a caller that has gone away
 (no responders) or says it no longer waits has its job cancelled, which closes
 the backend call. `stop()` drains: it unsubscribes (NATS sends new jobs to other
 members of the queue group), lets in-flight jobs finish within
@@ -40,6 +43,8 @@ from executor.config import NodeConfig
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.batched import EmbedJob, TextJob
 from executor.jobs.chat import Job
+from executor.jobs.pacing import BusyPacer
+from executor.jobs.retained import RetainedReplies
 from executor.jobs.context import (
     Collected,
     Enqueuer,
@@ -152,6 +157,11 @@ class ExecutorNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._nuid = NUID()
         self._log = log.bind(executor_id=self.id)
+        cfg = self.config
+        self.retained = RetainedReplies(nc, self.id, retain_secs=cfg.result_retention_secs,
+                                        max_bytes=cfg.result_retention_bytes, per_job_bytes=cfg.stream_retention_bytes,
+                                        keepalive_secs=cfg.keepalive_secs)  # fmt: skip
+        self._pacer = BusyPacer(cfg.max_concurrent_jobs)
 
     @property
     def models(self) -> frozenset[str]:
@@ -193,6 +203,7 @@ class ExecutorNode:
         await self.refresh_models()
         self._direct_sub = await self.nc.subscribe(subj.direct_subject(self.id), cb=self._on_job)
         self._cancel_sub = await self.nc.subscribe(subj.CANCEL_ALL, cb=self._on_cancel)
+        await self.retained.start()
         self._status_subs = [
             await self.nc.subscribe(subj.STATUS_ALL, cb=self._on_status),
             await self.nc.subscribe(subj.status_subject(self.id), cb=self._on_status),
@@ -275,6 +286,7 @@ class ExecutorNode:
             for sub in self._status_subs:
                 await sub.unsubscribe()
             await self.nc.flush()
+        await self.retained.stop()
         self.state = State.STOPPED
         self._log.info("executor node stopped", **msgspec.structs.asdict(self.stats))
 
@@ -308,7 +320,11 @@ class ExecutorNode:
         stream = getattr(request, "stream", False)
         if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
             self.stats.busy += 1
-            busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit")
+            now = asyncio.get_running_loop().time()
+            oldest = next(iter(self._jobs.values())).started if self._jobs else now
+            wait = self._pacer.retry_after(now, oldest)
+            busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit; retry in {wait:g}s",
+                                retry_after_s=wait)  # fmt: skip
             await send_error(self.context, channel, busy, job_id=job_id, stream=stream)
             return
         if self.state is not State.RUNNING and self.state is not State.DRAINING:
@@ -317,6 +333,7 @@ class ExecutorNode:
         deadline = asyncio.get_running_loop().time() + _timeout_s(
             headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
         )
+        channel = self.retained.channel(msg.reply, job_id, keepalive=subj.HDR_KEEPALIVE in headers)
         self._launch(kind.job(self.context, job_id, request, channel, deadline,
                               liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=msg.data,
                               client=headers.get(subj.HDR_CLIENT)))  # fmt: skip
@@ -345,7 +362,10 @@ class ExecutorNode:
         return task, collected
 
     def _job_done(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self._pacer.record(asyncio.get_running_loop().time() - job.started)
+        self.retained.finished(job_id)
         if not self._jobs:
             self._idle.set()
 
