@@ -83,7 +83,7 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     # Finished jobs' replies are kept this long, to be sent again to a caller that lost them
     # in a NATS outage (0: not kept), within this many bytes in all (oldest dropped first).
     result_retention_secs: Annotated[float, Meta(ge=0, le=3_600)] = 30.0
-    result_retention_bytes: Annotated[int, Meta(ge=0, le=1 << 34)] = 64 << 20
+    result_retention_bytes: Annotated[int, Meta(ge=0, le=1 << 34)] = 16 << 20
     # A stream keeps at most this many bytes of its latest messages for re-sending.
     stream_retention_bytes: Annotated[int, Meta(ge=0, le=1 << 30)] = 256 << 10
     # How often the backend's model list is re-read.
@@ -371,7 +371,7 @@ keepalive_secs = 1
 # again to a caller that lost them in a NATS outage; a stream keeps its latest
 # stream_retention_bytes.
 result_retention_secs = 30
-result_retention_bytes = 67108864
+result_retention_bytes = 16777216
 stream_retention_bytes = 262144
 # How often the backend's model list is re-read.
 model_refresh_secs = 30

@@ -32,8 +32,9 @@ HEADING = "## Delivery"
 
 # What the same scenarios gave before the delivery work (issue 15), for comparison.
 BEFORE = {
-    "nats restart, 1 s outage": "20/20 `deadline_exceeded` after the full budget",
-    "nats restart, 3 s outage": "20/20 `deadline_exceeded` (0.2-0.6 s outages: 20/20 ok)",
+    "nats restart, 1 s outage, 20 jobs of 2 s": "20/20 `deadline_exceeded` after the full budget",
+    "nats restart, 3 s outage, 20 jobs of 2 s": "20/20 `deadline_exceeded` (0.2-0.6 s outages: 20/20 ok)",
+    "nats restart, 3 s outage, 20 jobs of 4.5 s": "not measured (liveness pings cancelled jobs in outages)",
     "executor SIGKILLed, unary job (2 executors)": "noticed only at the caller's deadline",
     "executor SIGKILLed mid-stream": "noticed at the caller's deadline (19-20 s of 20 s)",
     "burst": "32 ok, 468 `busy` after 0.23 s; retries ~4x the load",

@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from executor.jobs.node import ExecutorNode
 from executor.jobs.pacing import BusyPacer
-from executor.jobs.retained import RetainedReplies
+from executor.jobs.retained import ENTRY_OVERHEAD, RetainedReplies
 from protocol import subjects as subj
 from protocol.client import LloomClient
 from protocol.errors import ExecutorBusy
@@ -141,15 +141,16 @@ async def test_a_busy_hint_is_waited_out_within_the_deadline_and_only_then() -> 
 
 
 async def test_replies_are_kept_within_their_bytes_and_not_at_all_with_no_retention(nc: NATS) -> None:
-    store = RetainedReplies(nc, "exec", retain_secs=30, max_bytes=10, per_job_bytes=8, keepalive_secs=1)
+    store = RetainedReplies(nc, "exec", retain_secs=30, max_bytes=ENTRY_OVERHEAD + 10, per_job_bytes=8,
+                            keepalive_secs=1)  # fmt: skip
     for job_id in ("first", "second"):
         await store.channel(f"_INBOX.test.{job_id}", job_id, keepalive=False).send(b"123456")
         store.finished(job_id)
-    assert (store.held, store.held_bytes) == (1, 6)  # the older one made room
+    assert (store.held, store.held_bytes) == (1, ENTRY_OVERHEAD + 6)  # the older one made room
     stream = store.channel("_INBOX.test.stream", "stream", keepalive=False)
     for chunk in (b"1234", b"5678", b"9"):
         await stream.send(chunk)
-    assert store.held_bytes == 6 + 5  # a long stream keeps its newest messages
+    assert store.held_bytes == 2 * ENTRY_OVERHEAD + 6 + 5  # a long stream keeps its newest messages
     off = RetainedReplies(nc, "exec", retain_secs=0, max_bytes=10, per_job_bytes=8, keepalive_secs=1)
     await off.channel("_INBOX.test.x", "x", keepalive=False).send(b"1")
     off.finished("x")

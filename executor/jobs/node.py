@@ -76,6 +76,9 @@ log = structlog.get_logger(logger_name=__name__)
 
 # A caller that misses this many liveness pings in a row (slow, not gone) is given up on.
 MAX_MISSED_PINGS = 3
+# After our connection comes back from an outage, callers get this long to come back too
+# (they reconnect on their own schedule) before an unanswered ping counts against them.
+RECONNECT_GRACE_S = 5.0
 
 
 class State(enum.Enum):
@@ -162,6 +165,8 @@ class ExecutorNode:
                                         max_bytes=cfg.result_retention_bytes, per_job_bytes=cfg.stream_retention_bytes,
                                         keepalive_secs=cfg.keepalive_secs)  # fmt: skip
         self._pacer = BusyPacer(cfg.max_concurrent_jobs)
+        self._reconnects = 0
+        self._reconnected_at = float("-inf")
 
     @property
     def models(self) -> frozenset[str]:
@@ -410,6 +415,11 @@ class ExecutorNode:
     async def _ping_callers(self) -> None:
         """Ask the callers of long jobs whether they still wait; cancel the jobs of those gone."""
         now = asyncio.get_running_loop().time()
+        if not self.nc.is_connected:
+            return  # no caller could answer: an outage is nobody's absence
+        reconnects = self.nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:
+            self._reconnects, self._reconnected_at = reconnects, now
         interval = self.config.liveness_interval_secs
         stale = [j for j in self._jobs.values() if j.liveness and now - j.started >= interval]
         if stale:
@@ -422,9 +432,13 @@ class ExecutorNode:
         try:
             answer = await self.nc.request(subject, b"", timeout=timeout, headers={subj.HDR_PING: job.id})
         except nats.errors.NoRespondersError:
+            if self._in_reconnect_grace():
+                return  # the caller may not have resubscribed after the outage yet
             job.cancel(Cancelled("the caller went away"))
             return
         except nats.errors.TimeoutError:
+            if self._in_reconnect_grace() or not self.nc.is_connected:
+                return  # lost in an outage, not ignored by the caller
             job.missed_pings += 1
             if job.missed_pings >= MAX_MISSED_PINGS:
                 job.cancel(Cancelled(f"the caller did not answer {MAX_MISSED_PINGS} liveness pings"))
@@ -435,6 +449,9 @@ class ExecutorNode:
         job.missed_pings = 0
         if answer.data == subj.PING_GONE:
             job.cancel(Cancelled("the caller no longer waits"))
+
+    def _in_reconnect_grace(self) -> bool:
+        return asyncio.get_running_loop().time() - self._reconnected_at < RECONNECT_GRACE_S
 
     async def _every(self, period: float, action: object) -> None:
         while True:

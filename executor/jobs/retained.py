@@ -27,7 +27,7 @@ timer for all jobs, so the caller can tell a slow job from a dead executor.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 import msgspec
 import nats.errors
@@ -43,6 +43,8 @@ log = structlog.get_logger(logger_name=__name__)
 
 _SENTINEL = b""  # ADR-47: an empty message ends a multi-message reply
 Message = bytes | tuple[bytes, dict[str, str]]  # a payload, with its headers when it had any
+# What an entry costs beyond its payloads (the entry, its list, the key), counted against max_bytes.
+ENTRY_OVERHEAD = 300
 
 
 class _Entry:
@@ -54,8 +56,8 @@ class _Entry:
         self.subject = subject
         self.keepalive = keepalive
         self.started = started
-        self.messages: deque[Message] = deque()
-        self.bytes = 0
+        self.messages: list[Message] = []
+        self.bytes = 0  # of its payloads
         self.dropped = 0  # oldest messages no longer held (a long stream)
         self.replay = False  # a resume came while the job runs: re-send before the next message
         self.finished_at = 0.0
@@ -120,7 +122,7 @@ class RetainedReplies:
 
     @property
     def held_bytes(self) -> int:
-        return self._finished_bytes + sum(e.bytes for e in self._running.values())
+        return self._finished_bytes + sum(e.bytes + ENTRY_OVERHEAD for e in self._running.values())
 
     async def start(self) -> None:
         if self._sub is None:
@@ -145,7 +147,7 @@ class RetainedReplies:
         self._running[job_id] = entry
         old = self._finished.pop(job_id, None)  # a job id used again: the new job is what counts
         if old is not None:
-            self._finished_bytes -= old.bytes
+            self._finished_bytes -= old.bytes + ENTRY_OVERHEAD
         return RetainingReply(self._nc, self, entry)
 
     def finished(self, job_id: str) -> None:
@@ -157,15 +159,20 @@ class RetainedReplies:
         entry.finished_at = now
         entry.replay = False
         self._finished[job_id] = entry
-        self._finished_bytes += entry.bytes
+        self._finished_bytes += entry.bytes + ENTRY_OVERHEAD
         self._expire(now)
 
     def trim(self, entry: _Entry) -> None:
-        """Drop a long stream's oldest messages until it is within `per_job_bytes` (keeps the newest)."""
+        """Drop a long stream's oldest messages down to 3/4 of `per_job_bytes` (keeps the newest, and
+        leaves room, so a long stream trims once in a while, not at every chunk)."""
         messages = entry.messages
-        while entry.bytes > self.per_job_bytes and len(messages) > 1:
-            entry.bytes -= len(_payload(messages.popleft()))
-            entry.dropped += 1
+        goal = self.per_job_bytes * 3 // 4
+        cut = 0
+        while entry.bytes > goal and cut < len(messages) - 1:
+            entry.bytes -= len(_payload(messages[cut]))
+            cut += 1
+        del messages[:cut]
+        entry.dropped += cut
 
     async def replay(self, entry: _Entry) -> None:
         """Publish every message `entry` holds again, in order, to its own reply subject."""
@@ -185,7 +192,7 @@ class RetainedReplies:
             if oldest.finished_at > cutoff and self._finished_bytes <= self.max_bytes:
                 break
             del finished[job_id]
-            self._finished_bytes -= oldest.bytes
+            self._finished_bytes -= oldest.bytes + ENTRY_OVERHEAD
 
     async def _on_resume(self, msg: Msg) -> None:
         try:
