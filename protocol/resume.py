@@ -70,6 +70,7 @@ class DeliveryWatch:
         self.silence_s = silence_s
         self.last: dict[str, float] = {}
         self._reconnects = 0
+        self._reconnected_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self.resumed = 0  # resume requests sent (for tests and figures)
         self.lost = 0  # calls failed with ExecutorLost
@@ -93,6 +94,14 @@ class DeliveryWatch:
     def forget(self, job_id: str) -> None:
         self.last.pop(job_id, None)
 
+    def resuming(self) -> bool:
+        """Whether replies lost in an outage may still be re-sent: within `silence_s` of the last reconnect.
+
+        A stream that sees a gap in its chunks then waits for them instead of failing."""
+        if self._nc.stats.get("reconnects", 0) != self._reconnects:
+            return True  # back, and the resume not asked yet (the next tick asks)
+        return asyncio.get_running_loop().time() - self._reconnected_at < self.silence_s
+
     async def reconnected(self) -> None:
         """Ask executors for whatever was sent to us while we were away (once per reconnect)."""
         count = self._nc.stats.get("reconnects", 0)
@@ -100,6 +109,7 @@ class DeliveryWatch:
             return  # this reconnect was handled (by the callback or by a tick)
         self._reconnects = count
         now = asyncio.get_running_loop().time()
+        self._reconnected_at = now
         for job_id in self.last:
             self.last[job_id] = now  # the executor may reconnect after us: count afresh
         ids = list(self._waiting)

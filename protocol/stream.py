@@ -125,6 +125,8 @@ class ChatStream:
                         if type(msg) is StreamChunk:
                             if msg.seq < expected_seq:
                                 continue  # re-sent after an outage (protocol/resume.py): already yielded
+                            if msg.seq > expected_seq and self._pending.watch.resuming():
+                                continue  # lost in an outage: the executor re-sends from the first it holds
                             if msg.seq != expected_seq:
                                 raise StreamInterrupted(
                                     f"lost stream messages: expected chunk {expected_seq}, got {msg.seq}"
@@ -135,6 +137,11 @@ class ChatStream:
                             yield msg
                             continue
                         if type(msg) is StreamEnd:
+                            if msg.chunks != expected_seq:
+                                raise StreamInterrupted(
+                                    f"lost stream messages: {msg.chunks} chunks were sent, {expected_seq} arrived",
+                                    job_id=self.job_id,
+                                )
                             self.end = msg
                             self._finished = True
                             return

@@ -152,6 +152,36 @@ async def test_jobs_in_flight_survive_a_nats_restart(
     assert backend.completed == jobs  # no job ran twice
 
 
+async def test_streams_in_flight_survive_a_nats_restart(
+    bus: Bus, backend: OpenAIDouble, start_executor: StartExecutor, tmp_path: Path
+) -> None:
+    streams, chunks = 5, 40
+    backend.completion_tokens = chunks
+    backend.fault = Fault.slow(0.1)  # 4 s streams: chunks are sent while the server is down
+    await start(start_executor, tmp_path, backend, bus, "exec-a", liveness_interval_secs=0.5)
+    # A client that comes back well after the executor (which flushes the chunks it buffered into
+    # the void meanwhile), on a connection it did not make: its resume goes out from its watch's tick.
+    nc = await nats.connect(bus.url, reconnect_time_wait=2.0, max_reconnect_attempts=-1)
+    async with LloomClient(nc, timeout=20) as client:
+
+        async def read() -> list[int]:
+            async with client.stream(ask()) as stream:
+                return [chunk.seq async for chunk in stream]
+
+        calls = [asyncio.create_task(read()) for _ in range(streams)]
+        await eventually(lambda: backend.in_flight == streams, timeout=10, what="every stream at the backend")
+        outage = await bus.restart(1.0)
+        results = await within(asyncio.gather(*calls, return_exceptions=True), "every stream ended", timeout=25)
+    await nc.close()
+    whole = [r for r in results if r == list(range(chunks))]
+    typed = [r for r in results if isinstance(r, LloomError)]
+    record(f"nats restart, 1 s outage, {streams} streams of 4 s", attempted=streams, completed=len(whole),
+           failed_typed=len(typed), lost=streams - len(whole) - len(typed), run_twice=backend.completed - len(whole),
+           outage_s=round(outage, 2))  # fmt: skip
+    assert len(whole) == streams, results  # every chunk once, in order
+    assert backend.completed == streams
+
+
 # -- a dead executor is noticed within seconds ---------------------------------------------
 
 

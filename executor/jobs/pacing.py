@@ -7,8 +7,9 @@ one, the refused callers are spread over the time the running jobs need to make
 room: each is given the next free moment of a virtual queue that advances by
 `mean duration / capacity` per caller, starting when the oldest running job is
 expected to end. The mean is a moving average of finished jobs' durations; before
-any job has finished it is guessed as twice the oldest running job's age (within
-`MIN_GUESS_S`..`MAX_GUESS_S`), so a wrong guess corrects itself the next time round.
+any job has finished, the oldest running job is guessed to end at twice its age (within
+`MIN_GUESS_S`..`MAX_GUESS_S`) and callers are spaced by `MIN_GUESS_S`, so a wrong guess
+corrects itself the next time round and a stuck job does not push callers far out.
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ class BusyPacer:
         """Seconds the next refused caller should wait (`oldest_started`: the oldest running job's start)."""
         mean = self.mean_s
         if mean is None:
-            mean = min(MAX_GUESS_S, max(MIN_GUESS_S, 2 * (now - oldest_started)))
-        free = max(self._next_free, oldest_started + mean, now)
-        self._next_free = free + mean / (self.capacity * PACE)
+            # Unknown yet: guess when the oldest ends, but space callers by the smallest guess, so
+            # a wrong guess (a job that never ends) does not push every later caller far out.
+            ends = oldest_started + min(MAX_GUESS_S, max(MIN_GUESS_S, 2 * (now - oldest_started)))
+            step = MIN_GUESS_S
+        else:
+            ends, step = oldest_started + mean, mean
+        free = max(self._next_free, ends, now)
+        self._next_free = free + step / (self.capacity * PACE)
         return round(free - now, 3)
