@@ -73,8 +73,8 @@ from protocol.messages import (
     unary_reply_decoder,
 )
 from protocol.pending import Pending, may_retry_busy
-from protocol.resume import DEFAULT_SILENCE_S
 from protocol.replies import Target, decode_reply, fails_over, no_responders
+from protocol.resume import DEFAULT_SILENCE_S
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
 

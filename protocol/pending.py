@@ -128,7 +128,6 @@ class Pending:
         token = msg.subject[self._prefix_len :]
         waiter = self._waiting.get(token)
         headers = msg.headers
-        last = self.watch.last
         if headers:
             if subj.HDR_KEEPALIVE in headers:
                 if waiter is not None:
@@ -144,6 +143,7 @@ class Pending:
                 return
         if waiter is None:
             return  # a late reply (or one re-sent after an outage) for a job its caller has done with
+        last = self.watch.last
         if last and token in last:
             last[token] = asyncio.get_running_loop().time()
         if isinstance(waiter, asyncio.Queue):

@@ -43,8 +43,6 @@ from executor.config import NodeConfig
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.batched import EmbedJob, TextJob
 from executor.jobs.chat import Job
-from executor.jobs.pacing import BusyPacer
-from executor.jobs.retained import RetainedReplies
 from executor.jobs.context import (
     Collected,
     Enqueuer,
@@ -55,6 +53,8 @@ from executor.jobs.context import (
     backend_kind,
     chosen_backend,
 )
+from executor.jobs.pacing import BusyPacer
+from executor.jobs.retained import RetainedReplies
 from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown

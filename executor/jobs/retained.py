@@ -200,11 +200,13 @@ class RetainedReplies:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             log.info("bad resume request", error=str(e))
             return
+        resent = 0
         for job_id in request.job_ids:
             entry = self._finished.get(job_id)
             try:
                 if entry is not None:
                     await self.replay(entry)
+                    resent += 1
                     continue
                 entry = self._running.get(job_id)
                 if entry is not None:
@@ -214,6 +216,8 @@ class RetainedReplies:
             except nats.errors.Error as e:
                 log.info("could not re-send after a resume request", job_id=job_id, error=str(e))
                 return
+        if resent:
+            log.info("re-sent replies after a resume request", jobs=resent, executor_id=self.executor_id)
 
     async def _every_keepalive(self) -> None:
         loop = asyncio.get_running_loop()
