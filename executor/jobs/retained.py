@@ -47,41 +47,33 @@ Message = bytes | tuple[bytes, dict[str, str]]  # a payload, with its headers wh
 ENTRY_OVERHEAD = 300
 
 
-class _Entry:
-    """One job's messages as published, and what is known about the job."""
+class RetainingReply:
+    """The caller's reply subject, keeping what was sent (a `ReplyChannel`, see jobs/context.py).
 
-    __slots__ = ("bytes", "dropped", "finished_at", "keepalive", "messages", "replay", "started", "subject")
+    It is also the job's entry in `RetainedReplies` (one object per job, not two)."""
 
-    def __init__(self, subject: str, keepalive: bool, started: float) -> None:
+    __slots__ = ("_nc", "_store", "bytes", "dropped", "finished_at", "keepalive", "messages", "replay", "started",
+                 "subject")  # fmt: skip
+
+    def __init__(self, nc: NATS, store: RetainedReplies, subject: str, keepalive: bool, started: float) -> None:
+        self._nc = nc
+        self._store = store
         self.subject = subject
         self.keepalive = keepalive
         self.started = started
-        self.messages: list[Message] = []
+        self.messages: list[Message] = []  # references to the bytes published: nothing is copied
         self.bytes = 0  # of its payloads
         self.dropped = 0  # oldest messages no longer held (a long stream)
         self.replay = False  # a resume came while the job runs: re-send before the next message
         self.finished_at = 0.0
 
-
-class RetainingReply:
-    """The caller's reply subject, keeping what was sent (a `ReplyChannel`, see jobs/context.py)."""
-
-    __slots__ = ("_entry", "_nc", "_store", "subject")
-
-    def __init__(self, nc: NATS, store: RetainedReplies, entry: _Entry) -> None:
-        self._nc = nc
-        self._store = store
-        self._entry = entry
-        self.subject = entry.subject
-
     async def send(self, payload: bytes, headers: dict[str, str] | None = None) -> None:
-        entry = self._entry
-        if entry.replay:
-            await self._store.replay(entry)
-        entry.messages.append(payload if headers is None else (payload, headers))
-        entry.bytes += len(payload)
-        if entry.bytes > self._store.per_job_bytes:
-            self._store.trim(entry)
+        if self.replay:
+            await self._store.replay(self)
+        self.messages.append(payload if headers is None else (payload, headers))
+        self.bytes += len(payload)
+        if self.bytes > self._store.per_job_bytes:
+            self._store.trim(self)
         await self._nc.publish(self.subject, payload, headers=headers)
 
     async def end(self) -> None:
@@ -107,8 +99,8 @@ class RetainedReplies:
         self.max_bytes = max_bytes
         self.per_job_bytes = per_job_bytes
         self.keepalive_secs = keepalive_secs
-        self._running: dict[str, _Entry] = {}
-        self._finished: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
+        self._running: dict[str, RetainingReply] = {}
+        self._finished: OrderedDict[str, RetainingReply] = OrderedDict()  # oldest first
         self._finished_bytes = 0
         self._keepalive_headers = {subj.HDR_KEEPALIVE: executor_id}
         self._sub: Subscription | None = None
@@ -143,12 +135,13 @@ class RetainedReplies:
 
     def channel(self, subject: str, job_id: str, *, keepalive: bool) -> RetainingReply:
         """The reply channel of a job starting now."""
-        entry = _Entry(subject, keepalive, asyncio.get_running_loop().time())
+        entry = RetainingReply(self._nc, self, subject, keepalive, asyncio.get_running_loop().time())
         self._running[job_id] = entry
-        old = self._finished.pop(job_id, None)  # a job id used again: the new job is what counts
-        if old is not None:
-            self._finished_bytes -= old.bytes + ENTRY_OVERHEAD
-        return RetainingReply(self._nc, self, entry)
+        if self._finished:
+            old = self._finished.pop(job_id, None)  # a job id used again: the new job is what counts
+            if old is not None:
+                self._finished_bytes -= old.bytes + ENTRY_OVERHEAD
+        return entry
 
     def finished(self, job_id: str) -> None:
         """The job has ended: keep its messages for `retain_secs` (none if it is 0)."""
@@ -160,9 +153,10 @@ class RetainedReplies:
         entry.replay = False
         self._finished[job_id] = entry
         self._finished_bytes += entry.bytes + ENTRY_OVERHEAD
-        self._expire(now)
+        if self._finished_bytes > self.max_bytes:
+            self._expire(now)  # by age, the keepalive timer does it every keepalive_secs
 
-    def trim(self, entry: _Entry) -> None:
+    def trim(self, entry: RetainingReply) -> None:
         """Drop a long stream's oldest messages down to 3/4 of `per_job_bytes` (keeps the newest, and
         leaves room, so a long stream trims once in a while, not at every chunk)."""
         messages = entry.messages
@@ -174,7 +168,7 @@ class RetainedReplies:
         del messages[:cut]
         entry.dropped += cut
 
-    async def replay(self, entry: _Entry) -> None:
+    async def replay(self, entry: RetainingReply) -> None:
         """Publish every message `entry` holds again, in order, to its own reply subject."""
         entry.replay = False
         self.resent += 1
