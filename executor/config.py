@@ -90,6 +90,14 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_tokens_cap: Annotated[int, Meta(ge=1, le=1_000_000)] = 32_768
     # Jobs running longer than this ask their caller whether it still waits.
     liveness_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 5.0
+    # Running jobs whose caller asks for it get a keepalive this often (after running this long).
+    keepalive_secs: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    # Finished jobs' replies are kept this long, to be sent again to a caller that lost them
+    # in a NATS outage (0: not kept), within this many bytes in all (oldest dropped first).
+    result_retention_secs: Annotated[float, Meta(ge=0, le=3_600)] = 30.0
+    result_retention_bytes: Annotated[int, Meta(ge=0, le=1 << 34)] = 16 << 20
+    # A stream keeps at most this many bytes of its latest messages for re-sending.
+    stream_retention_bytes: Annotated[int, Meta(ge=0, le=1 << 30)] = 256 << 10
     # How often the backend's model list is re-read.
     model_refresh_secs: Annotated[float, Meta(gt=0, le=86_400)] = 30.0
     # Heartbeats on the catalogue subject; clients drop an executor after 2.5 silent periods.
@@ -391,6 +399,14 @@ drain_timeout_secs = 30
 max_tokens_cap = 32768
 # Long jobs ask their caller this often whether it still waits (and stop if not).
 liveness_interval_secs = 5
+# Running jobs get a keepalive this often, so callers tell a slow job from a dead executor.
+keepalive_secs = 1
+# Replies are kept this long after a job ends (within result_retention_bytes), and sent
+# again to a caller that lost them in a NATS outage; a stream keeps its latest
+# stream_retention_bytes.
+result_retention_secs = 30
+result_retention_bytes = 16777216
+stream_retention_bytes = 262144
 # How often the backend's model list is re-read.
 model_refresh_secs = 30
 # Catalogue heartbeats; clients drop this executor after 2.5 silent periods.

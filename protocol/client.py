@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 from collections.abc import Collection
 from types import TracebackType
@@ -62,6 +63,7 @@ from protocol.connection import DEFAULT_CONNECT_TIMEOUT_S, NatsConnectOptions, V
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
 from protocol.errors import (
     DeadlineExceeded,
+    ExecutorLost,
     ForgedResult,
     InternalError,
     InvalidRequest,
@@ -89,6 +91,7 @@ from protocol.messages import (
 from protocol.pending import Pending, may_retry_busy
 from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.results import open_result
+from protocol.resume import DEFAULT_SILENCE_S
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
 from protocol.stream import ChatStream
 from protocol.trust import Trust
@@ -122,9 +125,12 @@ class LloomClient:
         client_id: str | None = None,
         result_keys: Collection[str] | None = None,
         trust: Trust | None = None,
+        executor_silence_s: float = DEFAULT_SILENCE_S,
     ) -> None:
         """`trust`: whose replies to believe; None reads the keyring file named by `LLOOM_TRUSTED_KEYS`
-        (the open network when unset). Raises `protocol.trust.TrustError` for a keyring it cannot read."""
+        (the open network when unset). Raises `protocol.trust.TrustError` for a keyring it cannot read.
+        `executor_silence_s`: a call whose executor sends nothing (not even a keepalive) for this
+        long fails with `ExecutorLost` (and is retried where it may be; see protocol/resume.py)."""
         self._nc = nc
         self.trust = trust if trust is not None else Trust.from_env()
         self._verifier = ReplyVerifier(self.trust, bound_key=self._bound_key)
@@ -143,7 +149,7 @@ class LloomClient:
         self.busy_retries = busy_retries
         self.latencies = LatencyBook()
         self._owns_nc = False
-        self._pending = Pending(nc, client_id=client_id)
+        self._pending = Pending(nc, client_id=client_id, silence_s=executor_silence_s)
         self._catalog: Catalog | None = None
         self._results: KeyValue | None = None
         self._jobs_stream_ready = False
@@ -158,6 +164,7 @@ class LloomClient:
         client_id: str | None = None,
         trust: Trust | None = None,
         options: NatsConnectOptions | None = None,
+        executor_silence_s: float = DEFAULT_SILENCE_S,
     ) -> LloomClient:
         """Connect to NATS and return a started client that closes the connection with itself.
 
@@ -167,9 +174,19 @@ class LloomClient:
         certificate is not trusted or the credentials are refused.
         """
         trust = trust if trust is not None else Trust.from_env()  # a bad keyring fails before connecting
+        made: list[LloomClient] = []
+
+        async def reconnected() -> None:
+            # Replies sent while we were away may be lost: ask executors to send them again.
+            if made:
+                await made[0]._pending.watch.reconnected()
+
         violations = Violations(then=_report_nats_error)
-        nc = await connect_nats(servers, name="lloom-client", options=options, on_error=violations)
-        client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id, trust=trust)
+        nc = await connect_nats(servers, name="lloom-client", options=options, on_error=violations,
+                                on_reconnected=reconnected)  # fmt: skip
+        client = cls(nc, timeout=timeout, busy_retries=busy_retries, client_id=client_id, trust=trust,
+                     executor_silence_s=executor_silence_s)  # fmt: skip
+        made.append(client)
         client._owns_nc = True
         await client.start()
         # A client whose replies the server will not deliver would otherwise wait out every job's timeout.
@@ -478,7 +495,7 @@ class LloomClient:
         request_sha = sha256_hex(payload) if verifying else ""
         if verifying:
             await self._bind_for(target)
-        for attempt in range(retries + 1):
+        for attempt in itertools.count():  # may_retry_busy bounds it
             # A busy executor never ran the job, so a retry is a new job: replies
             # still in flight for the old id can then not be mistaken for its own.
             job_id = self._pending.new_job_id()
@@ -513,13 +530,17 @@ class LloomClient:
                     break  # an error reply
             except NoExecutors:
                 raise await self.no_responders_error(target) from None
+            except ExecutorLost as lost:
+                if await may_retry_busy(lost, attempt, retries, deadline):
+                    continue
+                raise
             finally:
                 self._pending.unregister(job_id)
             assert isinstance(reply, ErrorReply)
             err = error_from_wire(reply)
             if not await may_retry_busy(err, attempt, retries, deadline):
                 raise err
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _verify(self, reply: object, job_id: str, request_sha: str, executor: str | None) -> None:
         """Raise `ReplyForged` unless `reply`'s receipt vouches for it (protocol/verify.py)."""

@@ -205,6 +205,8 @@ def _describe(e: BaseException) -> str:
         return "no answer in time (is it a NATS server? does it need TLS?)"
     return text
 
+Reconnected = Callable[[], Awaitable[None]]
+
 
 async def connect_nats(
     servers: str | list[str],
@@ -212,13 +214,15 @@ async def connect_nats(
     name: str,
     options: NatsConnectOptions | None = None,
     on_error: ErrorReporter | None = None,
+    on_reconnected: Reconnected | None = None,
     initial_attempts: int = 3,
     connect_timeout: float | None = None,
 ) -> NATS:
     """Connect, or raise `ConnectionError` within about `initial_attempts` connect timeouts.
 
     `on_error` hears asynchronous errors once connected (such as a permissions
-    violation). Cancelling the caller cancels the attempt.
+    violation); `on_reconnected` is awaited after each reconnect (subscriptions restored
+    by then). Cancelling the caller cancels the attempt.
     """
     options = options or NatsConnectOptions()
     timeout = connect_timeout if connect_timeout is not None else options.connect_timeout_secs
@@ -243,6 +247,7 @@ async def connect_nats(
             servers,
             name=name,
             error_cb=error_cb,
+            reconnected_cb=on_reconnected,
             max_reconnect_attempts=initial_attempts,
             reconnect_time_wait=0.5,
             connect_timeout=timeout,
@@ -313,7 +318,10 @@ class Violations:
             subscribed = nc.new_inbox()
             probe = await nc.subscribe(subscribed)
         try:
-            await nc.flush(timeout=timeout)  # the server answers a refused SUB before this PING
+            # The server answers a refused SUB before the PING that follows it (two flushes: see
+            # subscriptions_live; one can return before the SUB was even sent).
+            await nc.flush(timeout=timeout)
+            await nc.flush(timeout=timeout)
         except (nats.errors.Error, TimeoutError) as e:
             raise ConnectionError(f"the NATS server did not answer a flush: {e or type(e).__name__}") from e
         if probe is not None:

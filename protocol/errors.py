@@ -10,7 +10,8 @@ catch `ModelNotFound` whether it happened locally or three hops away.
     │   ├── PayloadTooLarge     payload_too_large    over the server's max_payload
     │   └── ModelNotFound       model_not_found      not served here / not on the backend
     ├── NoExecutors             no_executors         nobody listens for that model
-    ├── ExecutorBusy            busy                 at max_concurrent_jobs; try another
+    ├── ExecutorBusy            busy                 at max_concurrent_jobs; try another (retry_after_s)
+    ├── ExecutorLost            executor_lost        no keepalive from the executor running the job
     ├── ShuttingDown            shutting_down        node is draining
     ├── ReceiptsUnavailable     receipts_unavailable cannot record receipts durably; try another
     ├── DeadlineExceeded        deadline_exceeded    the caller's deadline passed
@@ -41,6 +42,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     NO_EXECUTORS = "no_executors"
     BUSY = "busy"
+    EXECUTOR_LOST = "executor_lost"
     SHUTTING_DOWN = "shutting_down"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
@@ -120,6 +122,16 @@ class NoExecutors(LloomError):
 
 class ExecutorBusy(LloomError):
     code = ErrorCode.BUSY
+    status = 503
+    retryable = True
+
+
+class ExecutorLost(LloomError):
+    """The executor running the job went silent (no keepalive, no message) for the client's
+    `executor_silence_s`: it died or is cut off. Raised by the client, never sent; the job
+    may be retried elsewhere when it had not started answering."""
+
+    code = ErrorCode.EXECUTOR_LOST
     status = 503
     retryable = True
 

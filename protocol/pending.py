@@ -3,7 +3,9 @@
 Every reply arrives on one wildcard subscription (`<inbox>.*`) and is routed to the
 waiting call by the subject's last token, the job id: no subscription per request. The
 same dispatcher answers executors' liveness pings (alive while a call waits, gone after),
-so a job whose caller has left is stopped at the executor. `LloomClient` and `ChatStream`
+so a job whose caller has left is stopped at the executor, and hears their keepalives: its
+`DeliveryWatch` (protocol/resume.py) fails a call whose executor went silent and asks
+executors to re-send replies after a reconnect. `LloomClient` and `ChatStream`
 both send jobs through this object; neither knows the other's internals.
 
 Each job sent carries a fresh secret (`Lloom-Cancel-Token`, 128 random bits) kept here
@@ -14,6 +16,7 @@ cancel only with the job's token, so nobody but the caller can cancel its jobs.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 
 import nats.aio.subscription
@@ -23,11 +26,25 @@ from nats.nuid import NUID
 
 from protocol import subjects as subj
 from protocol.backoff import Backoff
-from protocol.errors import Cancelled, DeadlineExceeded, ExecutorBusy, LloomError, NoExecutors, PayloadTooLarge
+from protocol.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ExecutorBusy,
+    ExecutorLost,
+    LloomError,
+    NoExecutors,
+    PayloadTooLarge,
+)
 from protocol.replies import Target, Waiter, fail
+from protocol.resume import DEFAULT_SILENCE_S, DeliveryWatch
 
 # A busy executor never ran the job: wait a little (jittered) and let the queue group pick again.
 BUSY_BACKOFF = Backoff(initial_s=0.02, max_s=0.25, jitter=0.75)
+# A busy reply with the executor's estimated wait is honoured, stretched by up to this
+# fraction so callers told the same time do not come back together.
+HINT_JITTER = 0.2
+# Retries after busy replies that carry a wait estimate: bounded by the deadline, and this.
+MAX_HINTED_RETRIES = 20
 
 
 def new_cancel_token() -> str:
@@ -35,7 +52,7 @@ def new_cancel_token() -> str:
 
 
 class Pending:
-    def __init__(self, nc: NATS, *, client_id: str | None = None) -> None:
+    def __init__(self, nc: NATS, *, client_id: str | None = None, silence_s: float = DEFAULT_SILENCE_S) -> None:
         self._nc = nc
         self.client_id = client_id  # recorded in executors' receipts, for usage per client
         self._prefix = nc.new_inbox()
@@ -44,13 +61,16 @@ class Pending:
         self._cancel_tokens: dict[str, str] = {}  # job id -> its cancel secret, while the call waits
         self._nuid = NUID()
         self._sub: nats.aio.subscription.Subscription | None = None
+        self.watch = DeliveryWatch(nc, self._waiting, silence_s=silence_s)
 
     async def start(self) -> None:
         if self._sub is None:
             self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._dispatch)
+            self.watch.start()
 
     async def stop(self) -> None:
         """Stop listening; every call still waiting fails with `Cancelled`."""
+        await self.watch.stop()
         if self._sub is not None:
             sub, self._sub = self._sub, None
             if not self._nc.is_closed:
@@ -83,6 +103,7 @@ class Pending:
 
     def forget(self, job_id: str) -> None:
         self._cancel_tokens.pop(job_id, None)
+        self.watch.last.pop(job_id, None)
 
     async def send(
         self, target: Target, payload: bytes, job_id: str, deadline: float, *, subject: str | None = None
@@ -93,7 +114,7 @@ class Pending:
         if remaining_ms <= 0:
             raise DeadlineExceeded("deadline passed before the job could be sent", job_id=job_id)
         headers = {subj.HDR_JOB_ID: job_id, subj.HDR_TIMEOUT_MS: str(remaining_ms), subj.HDR_LIVENESS: "1",
-                   subj.HDR_CANCEL_TOKEN: self.cancel_token(job_id)}  # fmt: skip
+                   subj.HDR_CANCEL_TOKEN: self.cancel_token(job_id), subj.HDR_KEEPALIVE: "1"}  # fmt: skip
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
         size = len(payload) + subj.headers_size(headers)
@@ -138,6 +159,10 @@ class Pending:
         waiter = self._waiting.get(token)
         headers = msg.headers
         if headers:
+            if subj.HDR_KEEPALIVE in headers:
+                if waiter is not None:
+                    self.watch.keepalive(token)
+                return
             if subj.HDR_PING in headers:
                 if msg.reply:
                     await self._nc.publish(msg.reply, subj.PING_ALIVE if waiter is not None else subj.PING_GONE)
@@ -147,7 +172,10 @@ class Pending:
                     fail(waiter, NoExecutors("no responders"))
                 return
         if waiter is None:
-            return  # a late reply for a job its caller gave up on
+            return  # a late reply (or one re-sent after an outage) for a job its caller has done with
+        last = self.watch.last
+        if last and token in last:
+            last[token] = asyncio.get_running_loop().time()
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait(msg.data)
         elif not waiter.done():
@@ -155,10 +183,24 @@ class Pending:
 
 
 async def may_retry_busy(err: LloomError, attempt: int, retries: int, deadline: float) -> bool:
-    """After a `busy`, wait (jittered, doubling, capped) and say yes, unless retries or time ran out."""
-    if not isinstance(err, ExecutorBusy) or attempt >= retries:
+    """After a `busy` or a lost executor (neither ran the job to an answer), wait and say yes,
+    unless retries or time ran out.
+
+    A busy reply with the executor's estimated wait (`retry_after_s`) is waited out (plus
+    jitter) and may be retried up to `MAX_HINTED_RETRIES` times within the deadline; without
+    one, the wait doubles from 20 ms (jittered, capped) for `retries` attempts (`retries=0`:
+    no retry at all). A lost executor is retried at once: the queue group (or the route)
+    picks a live one."""
+    if isinstance(err, ExecutorLost):
+        limit, delay = retries, 0.0
+    elif isinstance(err, ExecutorBusy) and err.retry_after_s is not None and retries > 0:
+        limit, delay = max(retries, MAX_HINTED_RETRIES), err.retry_after_s * random.uniform(1.0, 1.0 + HINT_JITTER)
+    elif isinstance(err, ExecutorBusy):
+        limit, delay = retries, BUSY_BACKOFF.delay(attempt)
+    else:
         return False
-    delay = BUSY_BACKOFF.delay(attempt)
+    if attempt >= limit:
+        return False
     if asyncio.get_running_loop().time() + delay >= deadline:
         return False
     await asyncio.sleep(delay)

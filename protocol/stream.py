@@ -165,6 +165,10 @@ class ChatStream:
                             self._verifier.forgeries["malformed"] += 1  # not the executor's: it sends JSON
                             continue
                         if type(msg) is StreamChunk:
+                            if msg.seq < expected_seq:
+                                continue  # re-sent after an outage (protocol/resume.py): already yielded
+                            if msg.seq > expected_seq and self._pending.watch.resuming():
+                                continue  # lost in an outage: the executor re-sends from the first it holds
                             if msg.seq != expected_seq:
                                 raise StreamInterrupted(
                                     f"lost stream messages: expected chunk {expected_seq}, got {msg.seq}"
@@ -177,8 +181,9 @@ class ChatStream:
                             yield msg
                             continue
                         if type(msg) is StreamEnd:
-                            if self._verifier is not None and not self._genuine(msg, target):
+                            if self._verifier is not None and not self._genuine(msg, target, expected_seq):
                                 continue  # a forged end: wait for the executor's own
+                            _check_count(msg, expected_seq, self.job_id)
                             self.end = msg
                             self._finished = True
                             return
@@ -205,8 +210,9 @@ class ChatStream:
                 await self.aclose()
             self._pending.unregister(self.job_id)
 
-    def _genuine(self, end: StreamEnd, target: Target) -> bool:
-        """Whether `end` is the executor's own; raises `UnverifiedReply` if it is but the text is not."""
+    def _genuine(self, end: StreamEnd, target: Target, received: int) -> bool:
+        """Whether `end` is the executor's own; raises `StreamInterrupted` if it is but chunks were
+        lost, `UnverifiedReply` if the text received is not what its receipt vouches for."""
         assert self._verifier is not None
         try:
             receipt = self._verifier.check_identity(
@@ -216,6 +222,7 @@ class ChatStream:
         except ReplyForged as e:
             self._forged = e
             return False
+        _check_count(end, received, self.job_id, extra_ok=True)  # lost chunks say more than a hash mismatch
         try:
             self._verifier.check_response(receipt, "".join(self._texts).encode())
         except ReplyForged as e:
@@ -237,3 +244,12 @@ class ChatStream:
             raise DeadlineExceeded(
                 f"stream for model {self._request.model!r} did not finish within {self._budget:g}s", job_id=self.job_id
             ) from None
+
+
+def _check_count(end: StreamEnd, received: int, job_id: str, *, extra_ok: bool = False) -> None:
+    """Fewer chunks than the end counts: some were lost. More: someone else's were mixed in, which
+    verification reports as unverified text (`extra_ok`); without it, the stream is broken too."""
+    if received < end.chunks or (received > end.chunks and not extra_ok):
+        raise StreamInterrupted(
+            f"lost stream messages: {end.chunks} chunks were sent, {received} arrived", job_id=job_id
+        )

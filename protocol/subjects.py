@@ -41,6 +41,10 @@ HDR_LIVENESS = "Lloom-Liveness"
 HDR_PING = "Lloom-Ping"
 PING_ALIVE = b"alive"
 PING_GONE = b"gone"
+# On a request: the caller wants keepalives (and re-sent replies after an outage, see
+# protocol/resume.py). On a header-only message to a reply subject: the executor (named in
+# the value) is still running the job; a caller that hears none for a while fails the call.
+HDR_KEEPALIVE = "Lloom-Keepalive"
 # Reply headers in the nats micro convention, so generic NATS tools see errors.
 HDR_SERVICE_ERROR = "Nats-Service-Error"
 HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -151,6 +155,10 @@ def cancel_subject(job_id: str) -> str:
 
 
 CANCEL_ALL = f"{PREFIX}.cancel.*"
+
+# A client that reconnected to NATS asks every executor to re-send what it still holds
+# for the listed jobs; each re-sends only to the reply subject the job came with.
+RESUME = f"{PREFIX}.resume"
 
 # Signed announcements and heartbeats of every executor (see protocol/announcements.py).
 CATALOG_ANNOUNCE = f"{PREFIX}.catalog.announce"

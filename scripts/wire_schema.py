@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 from protocol.announcements import Announcement, Heartbeat
+from protocol.resume import ResumeRequest
 from protocol.messages import (
     ChatRequest,
     ChatResponse,
@@ -30,7 +31,7 @@ from protocol.results import SignedResult
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "wire-schema.json"
 MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, EmbeddingRequest, EmbeddingResponse,
-            TextRequest, TextResponse, Announcement, Heartbeat, SignedResult)
+            TextRequest, TextResponse, Announcement, Heartbeat, SignedResult, ResumeRequest)
 
 
 def normalized(node: object) -> object:

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import nats
+from nats.js.api import StreamConfig
 import pytest
 
 from executor.process.embedded_nats import EmbeddedNats, free_port
@@ -44,6 +45,12 @@ async def test_receipts_purged_from_the_stream_are_re_published_and_verify_says_
     cfg.write_text(cfg.read_text() + 'id = "healer"\n\n[receipts]\nsync_interval_secs = 0.05\nreconcile_interval_secs = 0.2\n')
     executor = await start_executor("--config", str(cfg))
     url = await executor.started()
+    # The executor made its stream with deny_purge; an operator may have made one without, and
+    # made this way the same gap opens as when the store is wiped.
+    nc = await nats.connect(url)
+    await nc.jetstream().delete_stream(subj.RECEIPTS_STREAM)
+    await nc.jetstream().add_stream(StreamConfig(name=subj.RECEIPTS_STREAM, subjects=[subj.RECEIPTS_ALL]))
+    await nc.close()
     await jobs(url, 5)
     # Executors that have stopped announce no key any more: this is about the chain, not whose keys.
     verify = lambda: run(LLOOM, "--nats", url, "receipts", "verify", "--stream", "--any-key", env=env)  # noqa: E731

@@ -14,6 +14,7 @@ import msgspec
 import nats
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.config import NodeConfig
@@ -26,6 +27,7 @@ from protocol.announcements import Pricing
 from protocol.client import LloomClient
 from protocol.errors import StreamInterrupted
 from protocol.identity import Identity
+from protocol.subjects import RECEIPTS_ALL
 from protocol.messages import encoder
 from protocol.receipts import (
     ReceiptInvalid,
@@ -432,6 +434,8 @@ async def test_the_healer_reads_the_stream_only_when_messages_went_missing_and_p
 
     nc = await nats.connect(js_server.url)
     js = nc.jetstream()
+    # An operator's stream that allows deleting (the executor's own denies it): a gap can open.
+    await js.add_stream(StreamConfig(name=STREAM, subjects=[RECEIPTS_ALL]))
     outbox = Outbox(tmp_path / "outbox")
     publisher = ReceiptPublisher(nc, outbox, sync_interval_s=0.02, batch=4)
     issuer = ReceiptIssuer(Identity.generate(), "exe", outbox, on_issue=publisher.notify)

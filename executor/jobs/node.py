@@ -8,8 +8,11 @@ The node subscribes, in the `lloom-executors` queue group, to the subject of
 every model it serves (so N executors share a model's load), plus a direct
 subject of its own and the cancel subjects. Each accepted job runs in its own
 task (nats.py runs one subscription's callbacks one at a time); past
-`max_concurrent_jobs` a job gets an immediate `busy` reply instead of waiting in
-an unbounded queue. Long jobs ping their caller; a caller that has gone away
+`max_concurrent_jobs` a job gets an immediate `busy` reply, with an estimate of
+when to come back (jobs/pacing.py), instead of waiting in an unbounded queue.
+Replies go through `RetainedReplies` (jobs/retained.py), which keeps them briefly
+for callers that lost them in a NATS outage and sends keepalives for running
+jobs. Long jobs ping their caller; a caller that has gone away
 (no responders) or says it no longer waits has its job cancelled, which closes
 the backend call. `stop()` drains: it unsubscribes (NATS sends new jobs to other
 members of the queue group), lets in-flight jobs finish within
@@ -58,6 +61,8 @@ from executor.jobs.context import (
     backend_kind,
     chosen_backend,
 )
+from executor.jobs.pacing import BusyPacer
+from executor.jobs.retained import RetainedReplies
 from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
@@ -79,6 +84,9 @@ log = structlog.get_logger(logger_name=__name__)
 
 # A caller that misses this many liveness pings in a row (slow, not gone) is given up on.
 MAX_MISSED_PINGS = 3
+# After our connection comes back from an outage, callers get this long to come back too
+# (they reconnect on their own schedule) before an unanswered ping counts against them.
+RECONNECT_GRACE_S = 5.0
 
 
 class State(enum.Enum):
@@ -163,6 +171,13 @@ class ExecutorNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._nuid = NUID()
         self._log = log.bind(executor_id=self.id)
+        cfg = self.config
+        self.retained = RetainedReplies(nc, self.id, retain_secs=cfg.result_retention_secs,
+                                        max_bytes=cfg.result_retention_bytes, per_job_bytes=cfg.stream_retention_bytes,
+                                        keepalive_secs=cfg.keepalive_secs)  # fmt: skip
+        self._pacer = BusyPacer(cfg.max_concurrent_jobs)
+        self._reconnects = 0
+        self._reconnected_at = float("-inf")
 
     @property
     def models(self) -> frozenset[str]:
@@ -204,6 +219,7 @@ class ExecutorNode:
         await self.refresh_models()
         self._direct_sub = await self.nc.subscribe(subj.direct_subject(self.id), cb=self._on_job)
         self._cancel_sub = await self.nc.subscribe(subj.CANCEL_ALL, cb=self._on_cancel)
+        await self.retained.start()
         self._status_subs = [
             await self.nc.subscribe(subj.STATUS_ALL, cb=self._on_status),
             await self.nc.subscribe(subj.status_subject(self.id), cb=self._on_status),
@@ -286,6 +302,7 @@ class ExecutorNode:
             for sub in self._status_subs:
                 await sub.unsubscribe()
             await self.nc.flush()
+        await self.retained.stop()
         self.state = State.STOPPED
         self._log.info("executor node stopped", **msgspec.structs.asdict(self.stats))
 
@@ -326,7 +343,11 @@ class ExecutorNode:
         stream = getattr(request, "stream", False)
         if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
             self.stats.busy += 1
-            busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit")
+            now = asyncio.get_running_loop().time()
+            oldest = next(iter(self._jobs.values())).started if self._jobs else now
+            wait = self._pacer.retry_after(now, oldest)
+            busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit; retry in {wait:g}s",
+                                retry_after_s=wait)  # fmt: skip
             await send_error(self.context, channel, busy, job_id=job_id, stream=stream)
             return
         if self.state is not State.RUNNING and self.state is not State.DRAINING:
@@ -339,6 +360,7 @@ class ExecutorNode:
         deadline = asyncio.get_running_loop().time() + _timeout_s(
             headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
         )
+        channel = self.retained.channel(msg.reply, job_id, keepalive=subj.HDR_KEEPALIVE in headers)
         self._launch(kind.job(self.context, job_id, request, channel, deadline,
                               liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=msg.data,
                               client=client), cancel_token=token)  # fmt: skip
@@ -372,7 +394,10 @@ class ExecutorNode:
         return task, collected
 
     def _job_done(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self._pacer.record(asyncio.get_running_loop().time() - job.started)
+        self.retained.finished(job_id)
         self._cancel_tokens.pop(job_id, None)
         if not self._jobs:
             self._idle.set()
@@ -425,6 +450,11 @@ class ExecutorNode:
     async def _ping_callers(self) -> None:
         """Ask the callers of long jobs whether they still wait; cancel the jobs of those gone."""
         now = asyncio.get_running_loop().time()
+        if not self.nc.is_connected:
+            return  # no caller could answer: an outage is nobody's absence
+        reconnects = self.nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:
+            self._reconnects, self._reconnected_at = reconnects, now
         interval = self.config.liveness_interval_secs
         stale = [j for j in self._jobs.values() if j.liveness and now - j.started >= interval]
         if stale:
@@ -437,9 +467,13 @@ class ExecutorNode:
         try:
             answer = await self.nc.request(subject, b"", timeout=timeout, headers={subj.HDR_PING: job.id})
         except nats.errors.NoRespondersError:
+            if self._in_reconnect_grace():
+                return  # the caller may not have resubscribed after the outage yet
             job.cancel(Cancelled("the caller went away"))
             return
         except nats.errors.TimeoutError:
+            if self._in_reconnect_grace() or not self.nc.is_connected:
+                return  # lost in an outage, not ignored by the caller
             job.missed_pings += 1
             if job.missed_pings >= MAX_MISSED_PINGS:
                 job.cancel(Cancelled(f"the caller did not answer {MAX_MISSED_PINGS} liveness pings"))
@@ -450,6 +484,9 @@ class ExecutorNode:
         job.missed_pings = 0
         if answer.data == subj.PING_GONE:
             job.cancel(Cancelled("the caller no longer waits"))
+
+    def _in_reconnect_grace(self) -> bool:
+        return asyncio.get_running_loop().time() - self._reconnected_at < RECONNECT_GRACE_S
 
     async def _every(self, period: float, action: object) -> None:
         while True:

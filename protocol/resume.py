@@ -1,0 +1,147 @@
+"""Delivery across NATS outages and dead executors, the client's side: resume and silence.
+
+Core NATS delivers a reply only to a subscription the server knows at that moment.
+When the server restarts, an executor that reconnects first flushes the replies it
+buffered to a server where the caller has not yet resubscribed, and they are gone.
+So executors keep each job's replies for a short while (executor/jobs/retained.py),
+and after every reconnect this client publishes one `ResumeRequest` on
+`lloom.v1.resume` naming the jobs it still waits for. An executor holding one of
+them re-sends what it sent, to the reply subject the job came with (never to an
+address in the request, so asking for someone else's job only makes the executor
+repeat the answer to its owner). A reply the caller already has is dropped by job
+id (unary) or chunk number (streams). Whichever of client and executor reconnects
+last, one of the two paths delivers: the executor's own flush when the client was
+back first, the resume otherwise.
+
+Jobs whose request carried `Lloom-Keepalive` get a header-only keepalive from their
+executor every second while they run. Once one has arrived, a job whose executor
+says nothing (no keepalive, no reply) for `silence_s` of connected time fails with
+`ExecutorLost`, so a SIGKILLed executor is noticed in seconds, not at the deadline.
+Time while this client is disconnected does not count, and a reconnect restarts
+every job's count (its executor may come back later than we did).
+
+One ticker task per client does all of it; the per-message cost is one dict
+lookup (and a store for watched jobs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import msgspec
+import nats.errors
+from msgspec import Meta
+from nats.aio.client import Client as NATS
+
+from protocol import subjects as subj
+from protocol.errors import ExecutorLost
+from protocol.replies import Waiter, fail
+
+# Silence (connected time, after the first keepalive) after which a call fails with ExecutorLost.
+DEFAULT_SILENCE_S = 3.0
+# How often the ticker looks: silence is noticed within silence_s + TICK_S.
+TICK_S = 0.25
+# Job ids per resume request (a request stays far below any max_payload).
+MAX_RESUME_IDS = 1000
+
+JobId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class ResumeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Jobs whose replies the sender may have missed; executors re-send to each job's own reply subject."""
+
+    job_ids: Annotated[list[JobId], Meta(max_length=MAX_RESUME_IDS)]
+
+
+resume_decoder = msgspec.json.Decoder(ResumeRequest)
+_encode = msgspec.json.Encoder().encode
+
+
+class DeliveryWatch:
+    """Watches the jobs of one `Pending` inbox: resumes them after a reconnect, fails them when silent.
+
+    `last` maps each watched job id (one whose executor sent a keepalive) to when it was
+    last heard of; `Pending._dispatch` updates it for every message of a watched job."""
+
+    def __init__(self, nc: NATS, waiting: dict[str, Waiter], *, silence_s: float = DEFAULT_SILENCE_S) -> None:
+        self._nc = nc
+        self._waiting = waiting
+        self.silence_s = silence_s
+        self.last: dict[str, float] = {}
+        self._reconnects = 0
+        self._reconnected_at = float("-inf")
+        self._task: asyncio.Task[None] | None = None
+        self.resumed = 0  # resume requests sent (for tests and figures)
+        self.lost = 0  # calls failed with ExecutorLost
+
+    def start(self) -> None:
+        if self._task is None:
+            self._reconnects = self._nc.stats.get("reconnects", 0)
+            self._task = asyncio.create_task(self._tick(), name="lloom-delivery-watch")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.last.clear()
+
+    def keepalive(self, job_id: str) -> None:
+        """The executor of `job_id` says it is alive: watch the job from now on."""
+        self.last[job_id] = asyncio.get_running_loop().time()
+
+    def forget(self, job_id: str) -> None:
+        self.last.pop(job_id, None)
+
+    def resuming(self) -> bool:
+        """Whether replies lost in an outage may still be re-sent: within `silence_s` of the last reconnect.
+
+        A stream that sees a gap in its chunks then waits for them instead of failing."""
+        if self._nc.stats.get("reconnects", 0) != self._reconnects:
+            return True  # back, and the resume not asked yet (the next tick asks)
+        return asyncio.get_running_loop().time() - self._reconnected_at < self.silence_s
+
+    async def reconnected(self) -> None:
+        """Ask executors for whatever was sent to us while we were away (once per reconnect)."""
+        count = self._nc.stats.get("reconnects", 0)
+        if count == self._reconnects:
+            return  # this reconnect was handled (by the callback or by a tick)
+        self._reconnects = count
+        now = asyncio.get_running_loop().time()
+        self._reconnected_at = now
+        for job_id in self.last:
+            self.last[job_id] = now  # the executor may reconnect after us: count afresh
+        ids = list(self._waiting)
+        if not ids or not self._nc.is_connected:
+            return
+        try:
+            for i in range(0, len(ids), MAX_RESUME_IDS):
+                await self._nc.publish(subj.RESUME, _encode(ResumeRequest(job_ids=ids[i : i + MAX_RESUME_IDS])))
+            self.resumed += 1
+        except (nats.errors.Error, OSError):
+            pass  # disconnected again: the next reconnect asks again
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_S)  # the ticker's pace, not a synchronization
+            now = loop.time()
+            if not self._nc.is_connected:
+                for job_id in self.last:
+                    self.last[job_id] = now  # disconnected time is nobody's silence
+                continue
+            if self._nc.stats.get("reconnects", 0) != self._reconnects:
+                # A connection without our reconnected callback (not made by LloomClient.connect)
+                # is noticed here, within a tick.
+                await self.reconnected()
+                continue
+            silent = [j for j, t in self.last.items() if now - t > self.silence_s]
+            for job_id in silent:
+                del self.last[job_id]
+                waiter = self._waiting.get(job_id)
+                if waiter is not None:
+                    self.lost += 1
+                    fail(waiter, ExecutorLost(
+                        f"the executor running job {job_id} sent nothing for {self.silence_s:g}s (it died or is"
+                        " cut off)", job_id=job_id))  # fmt: skip
