@@ -358,7 +358,8 @@ class LloomClient:
         """The answer in a stored result (protocol/results.py checks who signed it); its typed error if it failed.
 
         `ForgedResult` if the value was not filed for this job by an executor (key) this client trusts."""
-        reply = open_result(data, job_id, request_sha256=self._submitted.get(job_id), trusted_keys=self.result_keys)
+        reply = open_result(data, job_id, request_sha256=self._submitted.get(job_id), trusted_keys=self.result_keys,
+                            trust=self.trust)  # fmt: skip
         self._submitted.pop(job_id, None)  # a job's result is final: its bookkeeping can go
         self._pending.forget(job_id)
         if type(reply) is ChatResponse:

@@ -24,6 +24,7 @@ from protocol.errors import ForgedResult
 from protocol.identity import Identity, verify
 from protocol.messages import ChatResponse, ErrorReply, unary_reply_decoder
 from protocol.receipts import ReceiptInvalid, verify_receipt
+from protocol.trust import Trust
 
 DOMAIN = b"lloom-result-v1:"
 
@@ -56,8 +57,12 @@ def open_result(
     *,
     request_sha256: str | None = None,
     trusted_keys: Collection[str] | None = None,
+    trust: Trust | None = None,
 ) -> ChatResponse | ErrorReply:
-    """The reply inside a stored result, once it is proven to come from an executor for this job."""
+    """The reply inside a stored result, once it is proven to come from an executor for this job.
+
+    `trusted_keys`, when given, are the only executor keys accepted; else `trust` (a client's
+    keyring: its executor keys, and those its operators endorsed) decides, when it is closed."""
     try:
         signed = _decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -74,6 +79,11 @@ def open_result(
         outcome = unary_reply_decoder.decode(reply)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise ForgedResult(f"the stored result of job {job_id} is unreadable ({e})", job_id=job_id) from None
+    if trusted_keys is None and trust is not None:
+        receipt = outcome.receipt
+        if not trust.trusts(signed.executor_key, receipt.endorsement if receipt is not None else None):
+            raise ForgedResult(f"the stored result of job {job_id} is signed by {signed.executor_key}, which is"
+                               " not in this client's keyring", job_id=job_id)  # fmt: skip
     if isinstance(outcome, ChatResponse):
         _check_receipt(outcome, job_id, signed.executor_key, request_sha256)
     return outcome

@@ -438,3 +438,23 @@ async def test_a_queued_job_is_cancelled_by_its_submitter_only(
         await client.cancel(job_id)
         with pytest.raises(Cancelled):
             await client.result(job_id, timeout=WAIT_S)
+
+
+async def test_with_a_keyring_a_stored_result_signed_by_a_key_outside_it_is_refused(
+    js_server: EmbeddedNats, attacker: NATS, double: OpenAIDouble
+) -> None:
+    # A self-signed result is a valid signature by a stranger's key: only a keyring can tell.
+    from protocol.errors import BackendError
+    from protocol.trust import Trust
+
+    ours, stranger = Identity.generate(), Identity.generate()
+    async with await LloomClient.connect(js_server.url, trust=Trust.of([ours.public_key])) as client:
+        job_id = client.new_job_id()
+        kv = await results_bucket(attacker.jetstream())
+        forged = error_to_wire(BackendError("from a stranger"), job_id=job_id)
+        await kv.put(job_id, seal_result(stranger, job_id, encoder.encode(forged)))
+        with pytest.raises(ForgedResult, match="not in this client's keyring"):
+            await client.fetch(job_id)
+        await kv.put(job_id, seal_result(ours, job_id, encoder.encode(forged)))
+        with pytest.raises(BackendError, match="from a stranger"):
+            await client.fetch(job_id)  # signed by a key in the keyring: its error is the answer
