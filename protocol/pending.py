@@ -34,6 +34,7 @@ from protocol.errors import (
     LloomError,
     NoExecutors,
     PayloadTooLarge,
+    ReceiptsUnavailable,
 )
 from protocol.replies import Target, Waiter, fail
 from protocol.resume import DEFAULT_SILENCE_S, DeliveryWatch
@@ -189,13 +190,14 @@ async def may_retry_busy(err: LloomError, attempt: int, retries: int, deadline: 
     A busy reply with the executor's estimated wait (`retry_after_s`) is waited out (plus
     jitter) and may be retried up to `MAX_HINTED_RETRIES` times within the deadline; without
     one, the wait doubles from 20 ms (jittered, capped) for `retries` attempts (`retries=0`:
-    no retry at all). A lost executor is retried at once: the queue group (or the route)
+    no retry at all); likewise `receipts_unavailable`. A lost executor is retried at once: the queue group (or the route)
     picks a live one."""
     if isinstance(err, ExecutorLost):
         limit, delay = retries, 0.0
     elif isinstance(err, ExecutorBusy) and err.retry_after_s is not None and retries > 0:
         limit, delay = max(retries, MAX_HINTED_RETRIES), err.retry_after_s * random.uniform(1.0, 1.0 + HINT_JITTER)
-    elif isinstance(err, ExecutorBusy):
+    elif isinstance(err, ExecutorBusy | ReceiptsUnavailable):
+        # An executor that cannot record receipts took no job: another member may answer.
         limit, delay = retries, BUSY_BACKOFF.delay(attempt)
     else:
         return False

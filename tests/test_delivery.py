@@ -140,6 +140,16 @@ async def test_a_busy_hint_is_waited_out_within_the_deadline_and_only_then() -> 
     assert not await may_retry_busy(hinted, attempt=0, retries=0, deadline=loop.time() + 5)  # retries off
 
 
+async def test_an_executor_without_durable_receipts_is_retried_like_a_busy_one() -> None:
+    # It took no job and billed nothing: the queue group may pick a member that can record receipts.
+    from protocol.errors import InvalidRequest, ReceiptsUnavailable
+
+    deadline = asyncio.get_running_loop().time() + 5
+    assert await may_retry_busy(ReceiptsUnavailable("disk full"), attempt=0, retries=3, deadline=deadline)
+    assert not await may_retry_busy(ReceiptsUnavailable("disk full"), attempt=3, retries=3, deadline=deadline)
+    assert not await may_retry_busy(InvalidRequest("no"), attempt=0, retries=3, deadline=deadline)
+
+
 async def test_replies_are_kept_within_their_bytes_and_not_at_all_with_no_retention(nc: NATS) -> None:
     store = RetainedReplies(nc, "exec", retain_secs=30, max_bytes=ENTRY_OVERHEAD + 10, per_job_bytes=8,
                             keepalive_secs=1)  # fmt: skip
