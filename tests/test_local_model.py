@@ -315,11 +315,11 @@ async def test_local_backend_without_a_built_server_says_what_to_run(
 
 
 async def test_local_model_gemma3_serves_the_gemma_option_under_its_name(
-    nats_server: EmbeddedNats, http: aiohttp.ClientSession, gemma_setup: Path
+    nats_server: EmbeddedNats, http: aiohttp.ClientSession, gemma_setup: Path, signing: Signing
 ) -> None:
     backend = local_backend(local_config(local_model=GEMMA), http)
     conn = await nats.connect(nats_server.url)
-    node = ExecutorNode(conn, backend, NodeConfig())
+    node = ExecutorNode(conn, backend, NodeConfig(), **signing())
     try:
         await within(node.start(), "the node started its model server", START_S)
         async with await LloomClient.connect(nats_server.url, timeout=60) as client:

@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import nats
+import nats.js.errors
 from nats.js.api import StreamConfig
 import pytest
 
@@ -20,6 +21,7 @@ from protocol import subjects as subj
 from protocol.client import LloomClient
 from tests.doubles.openai_double import OpenAIDouble
 from tests.helpers.processes import LLOOM, Executor, StartExecutor, run
+from tests.helpers import wait
 from tests.helpers.wait import WAIT_S
 from tests.test_daemon import write_config
 from tests.helpers.jobs import ask
@@ -45,12 +47,24 @@ async def test_receipts_purged_from_the_stream_are_re_published_and_verify_says_
     cfg.write_text(cfg.read_text() + 'id = "healer"\n\n[receipts]\nsync_interval_secs = 0.05\nreconcile_interval_secs = 0.2\n')
     executor = await start_executor("--config", str(cfg))
     url = await executor.started()
-    # The executor made its stream with deny_purge; an operator may have made one without, and
-    # made this way the same gap opens as when the store is wiped.
+    # The executor makes its stream with deny_purge; an operator may have made one without, and
+    # made this way the same gap opens as when the store is wiped. No job has run yet: nothing
+    # is published between the delete and the add.
     nc = await nats.connect(url)
-    await nc.jetstream().delete_stream(subj.RECEIPTS_STREAM)
-    await nc.jetstream().add_stream(StreamConfig(name=subj.RECEIPTS_STREAM, subjects=[subj.RECEIPTS_ALL]))
-    await nc.close()
+    try:
+        js = nc.jetstream()
+
+        async def made() -> bool:
+            try:
+                return bool(await js.stream_info(subj.RECEIPTS_STREAM))
+            except nats.js.errors.NotFoundError:
+                return False
+
+        await wait.eventually(made, timeout=WAIT_S, what="the executor's receipts stream")
+        await js.delete_stream(subj.RECEIPTS_STREAM)
+        await js.add_stream(StreamConfig(name=subj.RECEIPTS_STREAM, subjects=[subj.RECEIPTS_ALL]))
+    finally:
+        await nc.close()
     await jobs(url, 5)
     # Executors that have stopped announce no key any more: this is about the chain, not whose keys.
     verify = lambda: run(LLOOM, "--nats", url, "receipts", "verify", "--stream", "--any-key", env=env)  # noqa: E731
