@@ -66,7 +66,8 @@ class NatsConnectOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     tls_handshake_first: bool = False
     # Where this connection's reply subjects live; the shipped permissions give each user
     # its own (`_INBOX_<user>`), so no one else can read its replies (docs/security.md).
-    inbox_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] | None = None
+    # It starts with `_INBOX`: executors answer no other reply subject (subjects.is_reply_inbox).
+    inbox_prefix: Annotated[str, Meta(pattern=r"^_INBOX[A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")] | None = None
     connect_timeout_secs: Annotated[float, Meta(gt=0, le=600)] = DEFAULT_CONNECT_TIMEOUT_S
 
     def __post_init__(self) -> None:

@@ -165,7 +165,7 @@ class Pending:
                     self.watch.keepalive(token)
                 return
             if subj.HDR_PING in headers:
-                if msg.reply:
+                if msg.reply and subj.is_reply_inbox(msg.reply):  # never into a JetStream API (see there)
                     await self._nc.publish(msg.reply, subj.PING_ALIVE if waiter is not None else subj.PING_GONE)
                 return
             if headers.get(subj.HDR_STATUS) == subj.STATUS_NO_RESPONDERS:

@@ -126,7 +126,23 @@ def check_cancel_token(value: str) -> str:
 
 def headers_size(headers: dict[str, str]) -> int:
     """Bytes of a NATS header block: `NATS/1.0\\r\\n`, `Key: Value\\r\\n` per header, then a blank line."""
-    return 10 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+    return 10 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items()) + 2
+
+
+# A reply subject is an inbox: `_INBOX.<token>...` or a per-user prefix `_INBOX_<user>.<token>...`.
+_REPLY_INBOX = re.compile(r"_INBOX[A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
+
+
+def is_reply_inbox(subject: str) -> bool:
+    """Whether a reply-to is an inbox a peer may answer into.
+
+    NATS checks a publisher's permission on the subject only, never on the reply-to it sets;
+    and a responder's `allow_responses` lets it publish to whatever reply-to it received,
+    over its deny list. So a client that sets `$JS.API.STREAM.DELETE.LLOOM_JOBS` as the
+    reply-to of a job would have the executor's reply delete the stream. Every responder
+    (executor and client alike) answers only reply subjects that are inboxes.
+    """
+    return len(subject) <= 256 and _REPLY_INBOX.fullmatch(subject) is not None
 
 
 def complete_subject(model: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -165,3 +166,30 @@ async def test_replies_are_kept_within_their_bytes_and_not_at_all_with_no_retent
     await off.channel("_INBOX.test.x", "x", keepalive=False).send(b"1")
     off.finished("x")
     assert off.held == 0
+
+
+async def test_a_finished_jobs_replies_are_sent_again_only_a_few_times_whoever_asks(nc: NATS) -> None:
+    # The resume subject is shared: a bystander asking again and again must not turn an executor
+    # into a flood of someone's replies into their inbox.
+    from executor.jobs.retained import MAX_RESENDS
+
+    store = RetainedReplies(nc, "exec", retain_secs=30, max_bytes=1 << 20, per_job_bytes=1 << 16, keepalive_secs=1)
+    await store.start()
+    inbox, probe_inbox = nc.new_inbox(), nc.new_inbox()
+    got, probe = await nc.subscribe(inbox), await nc.subscribe(probe_inbox)
+    try:
+        for job_id, to in (("done", inbox), ("probe", probe_inbox)):
+            await store.channel(to, job_id, keepalive=False).send(b"the answer")
+            store.finished(job_id)
+        await got.next_msg(timeout=5)  # the original replies
+        await probe.next_msg(timeout=5)
+        ask_again = msgspec.json.encode(ResumeRequest(job_ids=["done"]))
+        for _ in range(10):
+            await nc.publish(subj.RESUME, ask_again)
+        await nc.publish(subj.RESUME, msgspec.json.encode(ResumeRequest(job_ids=["probe"])))
+        # Requests are handled in order: once the probe's reply is back, all ten were handled.
+        await probe.next_msg(timeout=5)
+        assert got.pending_msgs == MAX_RESENDS
+        assert [(await got.next_msg(timeout=1)).data for _ in range(MAX_RESENDS)] == [b"the answer"] * MAX_RESENDS
+    finally:
+        await store.stop()

@@ -108,6 +108,7 @@ async def rig(js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path, dis
 async def test_a_full_disk_fails_jobs_typed_stops_taking_them_and_resumes_when_space_returns(
     rig: Rig, disk: Disk, double: OpenAIDouble, js_client: LloomClient
 ) -> None:
+    js_client.busy_retries = 0  # each attempt one job (it would retry receipts_unavailable like busy)
     got = [(await js_client.complete(ask())).receipt for _ in range(3)]
 
     disk.fill(room=100)  # part of the next batch's line fits, then the disk is full

@@ -175,7 +175,9 @@ async def _full_disk_scenario(spawn: Callable[[list[str]], Awaitable[Executor]],
 
     held: list[SignedReceipt] = []
     outcomes: list[str] = []
-    async with await LloomClient.connect(url, timeout=WAIT) as client:
+    # No retries: each attempt is one job, so the executor's counts can be checked exactly (a client
+    # retries receipts_unavailable like busy, and here there is no other executor to get it).
+    async with await LloomClient.connect(url, timeout=WAIT, busy_retries=0) as client:
         for _ in range(20):
             try:
                 reply = await client.complete(ask())

@@ -46,7 +46,7 @@ from tests.conftest import MODEL, SecureBus, start_secure_bus
 from tests.credentials import JwtChain, Pki
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.processes import LLOOM, StartExecutor, run
-from tests.helpers.wait import within
+from tests.helpers.wait import eventually, within
 from tests.helpers.jobs import ask
 
 WAIT = 10.0
@@ -632,3 +632,47 @@ async def test_an_executor_without_its_inbox_prefix_stops_at_start_with_the_reas
     )
     with pytest.raises(ConnectionError, match="inbox prefix"):
         await within(serve(config), "an executor refused its inbox stops")
+
+
+async def test_a_job_whose_reply_to_aims_at_the_jetstream_api_is_not_answered_and_deletes_nothing(
+    secure_bus: SecureBus, double: OpenAIDouble, tmp_path: Path, alice: LloomClient
+) -> None:
+    # NATS checks the publisher's permission on the subject, never on the reply-to; an executor's
+    # allow_responses would let it publish there, over its deny list. Found by an attack review:
+    # a streamed job's empty end message is a valid empty JetStream API request.
+    from protocol.messages import encoder
+
+    async with AsyncExitStack() as stack:
+        node = await executor_node(stack, secure_bus, double, tmp_path, queue=True)
+        await alice.complete(ask(max_tokens=1))  # the receipts stream exists, and the queue's
+        attacker = await watched(secure_bus, "alice")
+        assert attacker.nc is not None
+        aims = [f"$JS.API.STREAM.DELETE.{STREAM}", "$JS.API.STREAM.DELETE.LLOOM_JOBS", "$KV.LLOOM_RESULTS.victim",
+                "lloom.v1.receipts.executor-2"]  # fmt: skip
+        before = node.node.stats.bad_requests
+        for aim in aims:
+            await attacker.nc.publish(subj.complete_subject(MODEL), encoder.encode(ask(stream=True)), reply=aim)
+            await attacker.nc.publish(subj.CATALOG_QUERY, b"", reply=aim)
+        await attacker.nc.flush()
+        await eventually(lambda: node.node.stats.bad_requests - before == len(aims), timeout=WAIT,
+                         what="the executor refusing every job aimed elsewhere")  # fmt: skip
+        admin = await connect_nats(secure_bus.url, name="admin", options=secure_bus.options("admin"))
+        try:
+            js = admin.jetstream()
+            assert (await js.stream_info(STREAM)).state.messages >= 1  # still there, not re-made empty
+            await js.stream_info("LLOOM_JOBS")
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await js.get_last_msg("KV_LLOOM_RESULTS", "$KV.LLOOM_RESULTS.victim")
+        finally:
+            await close_nats(admin)
+        assert double.completed == 1  # only alice's genuine job reached the backend
+        assert (await alice.complete(ask(max_tokens=1))).receipt is not None  # the normal path still works
+        await close_nats(attacker.nc)
+
+
+def test_only_inboxes_are_reply_subjects() -> None:
+    for ok in ("_INBOX.abc.def", "_INBOX_alice.x.y"):
+        assert subj.is_reply_inbox(ok), ok
+    for bad in ("$JS.API.STREAM.DELETE.LLOOM_JOBS", "$KV.LLOOM_RESULTS.x", "lloom.v1.receipts.e", "_INBOX",
+                "_INBOX.", "_INBOX.>", "_INBOX.*", "_INBOX.a b", "_INBOX." + "a" * 300):  # fmt: skip
+        assert not subj.is_reply_inbox(bad), bad

@@ -156,7 +156,7 @@ class Announcer:
         await self._send(subj.CATALOG_ANNOUNCE, self._announcement())
 
     async def _answer(self, msg: Msg) -> None:
-        if msg.reply:
+        if msg.reply and subj.is_reply_inbox(msg.reply):
             await self._send(msg.reply, self._announcement())
 
     def _models_changed(self) -> None:

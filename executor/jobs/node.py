@@ -320,9 +320,11 @@ class ExecutorNode:
     async def _admit(self, msg: Msg, kind: _Kind) -> None:
         """Decode, validate, check capacity and the job id, then start the job in its own task."""
         self.stats.received += 1
-        if not msg.reply:
+        if not msg.reply or not subj.is_reply_inbox(msg.reply):
+            # Nobody to answer, or a reply-to aimed elsewhere (a JetStream API or another peer's
+            # subject: see subjects.is_reply_inbox). Answering it could be the attack.
             self.stats.bad_requests += 1
-            return  # a job without a reply subject has nobody to answer
+            return
         channel = NatsReply(self.nc, msg.reply)
         headers = msg.headers or {}
         job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
@@ -428,7 +430,7 @@ class ExecutorNode:
         )  # fmt: skip
 
     async def _on_status(self, msg: Msg) -> None:
-        if msg.reply:
+        if msg.reply and subj.is_reply_inbox(msg.reply):
             data = _encode_status(self.status())
             # Anyone may ask: a backend name or URL must not carry a secret out.
             await self.nc.publish(msg.reply, data if self.masker is None else self.masker.mask_bytes(data))

@@ -45,6 +45,8 @@ _SENTINEL = b""  # ADR-47: an empty message ends a multi-message reply
 Message = bytes | tuple[bytes, dict[str, str]]  # a payload, with its headers when it had any
 # What an entry costs beyond its payloads (the entry, its list, the key), counted against max_bytes.
 ENTRY_OVERHEAD = 300
+# How often a finished job's replies are sent again on request: one per reconnect of its caller.
+MAX_RESENDS = 3
 
 
 class RetainingReply:
@@ -52,8 +54,8 @@ class RetainingReply:
 
     It is also the job's entry in `RetainedReplies` (one object per job, not two)."""
 
-    __slots__ = ("_nc", "_store", "bytes", "dropped", "finished_at", "keepalive", "messages", "replay", "started",
-                 "subject")  # fmt: skip
+    __slots__ = ("_nc", "_store", "bytes", "dropped", "finished_at", "keepalive", "messages", "replay", "resent",
+                 "started", "subject")  # fmt: skip
 
     def __init__(self, nc: NATS, store: RetainedReplies, subject: str, keepalive: bool, started: float) -> None:
         self._nc = nc
@@ -65,6 +67,7 @@ class RetainingReply:
         self.bytes = 0  # of its payloads
         self.dropped = 0  # oldest messages no longer held (a long stream)
         self.replay = False  # a resume came while the job runs: re-send before the next message
+        self.resent = 0  # times a finished job's replies went out again (capped: see _on_resume)
         self.finished_at = 0.0
 
     async def send(self, payload: bytes, headers: dict[str, str] | None = None) -> None:
@@ -199,6 +202,11 @@ class RetainedReplies:
             entry = self._finished.get(job_id)
             try:
                 if entry is not None:
+                    # Anyone may ask (the resume subject is shared), and each ask is a whole reply
+                    # sent again: a caller needs one per outage, so a few per job are plenty.
+                    if entry.resent >= MAX_RESENDS:
+                        continue
+                    entry.resent += 1
                     await self.replay(entry)
                     resent += 1
                     continue
