@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import nats
@@ -31,6 +33,8 @@ from protocol.receipts import verify_receipt
 from protocol.sealing import ClientSeal, CurveKeyPair, SealError, check_curve_key, decode_curve_key, encode_curve_key
 from protocol.trust import Trust
 from tests.conftest import Signing
+from tests.helpers.processes import LLOOM, StartExecutor, run
+from tests.test_daemon import config  # noqa: F401  (a fixture)
 from tests.helpers.jobs import MODEL, ask
 from tests.helpers.wait import within
 
@@ -322,3 +326,30 @@ async def test_sealed_headers_are_announced_as_the_protocol_says(sealing_node: S
     with pytest.raises(Rejected) as e:
         open_signed(forged, (reply.headers or {}).get(HDR_SIGNATURE))
     assert e.value.kind == "forged"
+
+
+@pytest.mark.slow
+async def test_lloom_complete_sealed_against_a_real_executor(
+    start_executor: StartExecutor, config: Path, env: dict[str, str]  # noqa: F811
+) -> None:
+    """A `lloom-executor` takes sealed jobs out of the box (its curve key derived from its identity);
+    `lloom complete --sealed` gets the answer, and refuses to put a sealed job in the queue."""
+    executor = await start_executor("--config", str(config))
+    url = await executor.started()
+    nc = await nats.connect(url)
+    try:
+        bystander = Bystander(nc)
+        await bystander.start()
+        for extra in ([], ["--stream"]):
+            result = await run(LLOOM, "--nats", url, "complete", "--model", MODEL, "--sealed", "--json", *extra,
+                               PROMPT, env=env)  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["content"] == ANSWER
+        await bystander.caught_up(nc)  # the CLI has exited: all it sent and got crossed the server before
+        assert any(subj.HDR_SEALED.encode() in blob for blob in bystander.seen)
+        assert not bystander.contains(PROMPT) and not bystander.contains("tok0")
+        queued = await run(LLOOM, "--nats", url, "complete", "--model", MODEL, "--sealed", "--queue", PROMPT, env=env)
+        assert queued.returncode == 2
+        assert "--sealed cannot be combined with --queue" in queued.stderr
+    finally:
+        await nc.close()
