@@ -32,6 +32,10 @@ the executor cannot make it fail early; if none comes by the deadline, it raises
 `ReplyForged` (which fails over to the next executor of a route). `Trust(verify=False)`
 believes replies as they come, for executors that issue no receipts.
 
+`sealed=True` (protocol/sealing.py) seals a job to the curve key its executor announces
+and has every reply sealed back to a key pair made for the job; it routes through the
+catalogue to executors that announce one. A reply that does not open counts as forged.
+
 Errors are the `protocol.errors` types the executor raised. `NoExecutors` comes
 at once from the server's "no responders" status; for a model, after one short
 catalogue query (on that error path only), it names the models served and the
@@ -434,9 +438,9 @@ class LloomClient:
         found = [c for c in await self.candidates(request, want, constraints)
                  if c.curve_key is not None and (executor is None or c.executor_id == executor)]  # fmt: skip
         if not found:
-            who = f"executor {executor!r}" if executor else "no executor"
-            raise NoExecutors(f"{who} offering {_describe(want)} takes sealed jobs here"
-                              " (a sealed job needs an executor that announces a curve key)")  # fmt: skip
+            who = f"executor {executor!r} does not offer" if executor else "no executor offers"
+            raise NoExecutors(f"{who} {_describe(want)} with a curve key: sealed jobs cannot be sent"
+                              " (docs/security.md, Sealed jobs)")  # fmt: skip
         return found
 
     def stream(
