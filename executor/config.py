@@ -108,6 +108,9 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     # An operator's endorsement of this executor's key (JSON, made by scripts/endorse.py):
     # clients that trust the operator's key trust this executor. Checked at start.
     endorsement_file: str | None = None
+    # Take sealed jobs (docs/security.md "Sealed jobs"): announce a curve key derived from the
+    # identity key and open jobs sealed to it. Costs nothing until a client seals a job.
+    sealed_jobs: bool = True
 
 
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -30,6 +30,7 @@ from typing import Literal
 import msgspec
 
 from protocol.identity import verify
+from protocol.sealing import SealError, check_curve_key
 from protocol.trust import Endorsement
 
 PRICE_UNIT = "USD per 1M tokens"
@@ -96,6 +97,16 @@ class Announcement(msgspec.Struct, frozen=True, kw_only=True, tag="announce", ta
     # An operator's endorsement of `key` (protocol/trust.py): clients that trust the
     # operator trust this executor.
     endorsement: Endorsement | None = None
+    # The executor's public curve key (`X...`, protocol/sealing.py) when it takes sealed jobs;
+    # signed with the rest, so it is bound to the executor's identity.
+    curve_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.curve_key is not None:
+            try:
+                check_curve_key(self.curve_key)
+            except SealError as e:
+                raise ValueError(str(e)) from None
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", tag_field="type"):

@@ -84,6 +84,11 @@ class ExecutorEntry:
     def models(self) -> list[ModelOffer]:
         return self.announcement.models
 
+    @property
+    def curve_key(self) -> str | None:
+        """Its public curve key (`X...`) if it takes sealed jobs (protocol/sealing.py)."""
+        return self.announcement.curve_key
+
 
 class Catalog:
     def __init__(

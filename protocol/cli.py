@@ -36,7 +36,7 @@ from protocol.announcements import ModelCategory
 from protocol.catalog import ExecutorEntry
 from protocol.cli_common import GlobalOption, GlobalOptions, connect_options, run
 from protocol.client import DEFAULT_TIMEOUT_S, DEFAULT_URL, LloomClient
-from protocol.errors import JobQueued, LloomError, NoExecutors, ResultPending
+from protocol.errors import InvalidRequest, JobQueued, LloomError, NoExecutors, ResultPending
 from protocol.messages import ChatRequest, ChatResponse, Message, Role, StreamEnd, Usage
 from protocol.routing import Category, Cheapest, Constraints, Fastest, ModelRequest, Specific, category_of
 from protocol.trust import TRUST_ENV, Trust, TrustError
@@ -70,6 +70,9 @@ def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float)
     c.add_argument("--top-p", type=float)
     c.add_argument("--executor", help="send to this executor id instead of any executor serving the model")
+    c.add_argument("--sealed", action="store_true",
+                   help="seal the prompt and the answer end to end: only the executor can read them"
+                        " (routed to an executor announcing a curve key; see docs/security.md)")  # fmt: skip
     c.add_argument("--queue", action="store_true",
                    help="put the job in the durable queue and print its id (then: lloom result ID)")  # fmt: skip
     r = c.add_argument_group("routing (picks an executor from the live catalogue)")
@@ -302,10 +305,14 @@ async def _run_job(args: argparse.Namespace, request: ChatRequest, client: Lloom
     routing = _routing(args)
     try:
         if args.queue:
+            if args.sealed:  # the durable queue holds jobs in clear, in JetStream
+                _print_error(InvalidRequest("--sealed cannot be combined with --queue: queued jobs are stored in clear"))
+                return 2
             print(await client.submit(request))
             return 0
         if request.stream:
-            async with client.stream(request, timeout=args.timeout, executor=args.executor, **routing) as stream:
+            async with client.stream(request, timeout=args.timeout, executor=args.executor, sealed=args.sealed,
+                                     **routing) as stream:  # fmt: skip
                 parts = []
                 async for chunk in stream:
                     parts.append(chunk.delta)
@@ -316,8 +323,9 @@ async def _run_job(args: argparse.Namespace, request: ChatRequest, client: Lloom
             _finish(args, stream.end, "".join(parts))
         else:
             reply = await client.complete(
-                request, timeout=args.timeout, executor=args.executor, hedge_after=args.hedge_after, **routing
-            )
+                request, timeout=args.timeout, executor=args.executor, hedge_after=args.hedge_after,
+                sealed=args.sealed, **routing,
+            )  # fmt: skip
             if not args.json:
                 sys.stdout.write(reply.content)
             _finish(args, reply, reply.content)

@@ -32,6 +32,10 @@ the executor cannot make it fail early; if none comes by the deadline, it raises
 `ReplyForged` (which fails over to the next executor of a route). `Trust(verify=False)`
 believes replies as they come, for executors that issue no receipts.
 
+`sealed=True` (protocol/sealing.py) seals a job to the curve key its executor announces
+and has every reply sealed back to a key pair made for the job; it routes through the
+catalogue to executors that announce one. A reply that does not open counts as forged.
+
 Errors are the `protocol.errors` types the executor raised. `NoExecutors` comes
 at once from the server's "no responders" status; for a model, after one short
 catalogue query (on that error path only), it names the models served and the
@@ -93,6 +97,7 @@ from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.results import open_result
 from protocol.resume import DEFAULT_SILENCE_S
 from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, Specific, rank
+from protocol.sealing import ClientSeal, SealError
 from protocol.stream import ChatStream
 from protocol.trust import Trust
 from protocol.verify import ReplyVerifier, sha256_hex
@@ -406,16 +411,38 @@ class LloomClient:
         constraints: Constraints | None = None,
         attempt_timeout: float | None = None,
         hedge_after: float | None = None,
+        sealed: bool = False,
     ) -> ChatResponse:
-        """Run one job and return its normalized response; raises the job's typed error."""
+        """Run one job and return its normalized response; raises the job's typed error.
+
+        `sealed`: seal the request to the chosen executor's curve key and have the reply sealed
+        back (protocol/sealing.py); routed through the catalogue to executors that announce one
+        (`executor` narrows it to one), `NoExecutors` if none does."""
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
         budget = timeout or self.timeout
         deadline = asyncio.get_running_loop().time() + budget
+        if sealed:
+            found = await self.sealed_candidates(request, route, constraints, executor)
+            return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
         if route is None and constraints is None:
             return await self._complete_on((request.model, executor), request, deadline, self.busy_retries)
         found = await self.candidates(request, route or Specific(request.model), constraints)
         return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
+
+    async def sealed_candidates(
+        self, request: ChatRequest, route: ModelRequest | None, constraints: Constraints | None,
+        executor: str | None = None,
+    ) -> list[Candidate]:
+        """The executors a sealed job may go to, best first: those `route` admits that announce a curve key."""
+        want = route or Specific(request.model)
+        found = [c for c in await self.candidates(request, want, constraints)
+                 if c.curve_key is not None and (executor is None or c.executor_id == executor)]  # fmt: skip
+        if not found:
+            who = f"executor {executor!r} does not offer" if executor else "no executor offers"
+            raise NoExecutors(f"{who} {_describe(want)} with a curve key: sealed jobs cannot be sent"
+                              " (docs/security.md, Sealed jobs)")  # fmt: skip
+        return found
 
     def stream(
         self,
@@ -425,16 +452,23 @@ class LloomClient:
         executor: str | None = None,
         route: ModelRequest | None = None,
         constraints: Constraints | None = None,
+        sealed: bool = False,
     ) -> ChatStream:
         """Start a streamed job; iterate the result for chunks, then read `.end`.
 
         With a route, the stream fails over to the next executor only before its
-        first chunk: text already delivered cannot be taken back.
+        first chunk: text already delivered cannot be taken back. `sealed`: as for `complete`.
         """
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
+        candidates = self.candidates
+        if sealed:
+
+            async def candidates(req: ChatRequest, rt: ModelRequest, cons: Constraints | None) -> list[Candidate]:
+                return await self.sealed_candidates(req, rt, cons, executor)
+
         return ChatStream(self._pending, request, timeout or self.timeout, executor, route, constraints,
-                          busy_retries=self.busy_retries, candidates=self.candidates,
+                          busy_retries=self.busy_retries, candidates=candidates, sealed=sealed,
                           no_responders=self.no_responders_error,
                           verifier=self._verifier if self.trust.verify else None,
                           bind=self._bind_for)  # fmt: skip
@@ -477,8 +511,10 @@ class LloomClient:
 
     # -- one job on one target, and failover over many --
 
-    async def _complete_on(self, target: Target, request: ChatRequest, deadline: float, retries: int) -> ChatResponse:
-        return await self._request(target, encoder.encode(request), unary_reply_decoder, ChatResponse, deadline, retries)
+    async def _complete_on(self, target: Target, request: ChatRequest, deadline: float, retries: int,
+                           sealed_to: str | None = None) -> ChatResponse:  # fmt: skip
+        return await self._request(target, encoder.encode(request), unary_reply_decoder, ChatResponse, deadline, retries,
+                                   sealed_to=sealed_to)  # fmt: skip
 
     async def _request(
         self,
@@ -490,10 +526,14 @@ class LloomClient:
         retries: int,
         *,
         subject: str | None = None,
+        sealed_to: str | None = None,
     ) -> T:
-        """One request/reply job on `target` (its model's queue group, or one executor), retried when busy."""
+        """One request/reply job on `target` (its model's queue group, or one executor), retried when busy.
+
+        `sealed_to`: the executor's public curve key; the job is sealed to it with a fresh key pair per
+        attempt, and each reply opened before it is read (one that does not open counts as forged)."""
         verifying = self.trust.verify
-        request_sha = sha256_hex(payload) if verifying else ""
+        request_sha = sha256_hex(payload) if verifying else ""  # of the plaintext: what the receipt hashes
         if verifying:
             await self._bind_for(target)
         for attempt in itertools.count():  # may_retry_busy bounds it
@@ -503,8 +543,13 @@ class LloomClient:
             inbox: asyncio.Queue[bytes | LloomError] = asyncio.Queue()
             self._pending.register(job_id, inbox)
             forged: ReplyForged | None = None
+            seal = ClientSeal(sealed_to) if sealed_to is not None else None
             try:
-                await self._pending.send(target, payload, job_id, deadline, subject=subject)
+                if seal is None:
+                    await self._pending.send(target, payload, job_id, deadline, subject=subject)
+                else:
+                    await self._pending.send(target, seal.box.seal(payload), job_id, deadline, subject=subject,
+                                             sealed_by=seal.header)  # fmt: skip
                 while True:
                     try:
                         data = await self._pending.wait(inbox, deadline, job_id, target)
@@ -514,6 +559,8 @@ class LloomClient:
                                               job_id=job_id) from None  # fmt: skip
                         raise
                     try:
+                        if seal is not None:
+                            data = self._open(seal, data)
                         reply = decode_reply(decoder, data)
                         if type(reply) is expected:
                             if verifying:
@@ -542,6 +589,14 @@ class LloomClient:
             if not await may_retry_busy(err, attempt, retries, deadline):
                 raise err
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _open(self, seal: ClientSeal, data: bytes) -> bytes:
+        """A sealed job's reply, opened; `ReplyForged` if it was not sealed by the executor for this job."""
+        try:
+            return seal.box.open(data)
+        except SealError as e:
+            self._verifier.forgeries["unsealed"] += 1
+            raise ReplyForged(f"sealed job's reply cannot be opened: {e}") from None
 
     def _verify(self, reply: object, job_id: str, request_sha: str, executor: str | None) -> None:
         """Raise `ReplyForged` unless `reply`'s receipt vouches for it (protocol/verify.py)."""
@@ -581,7 +636,7 @@ class LloomClient:
             started = loop.time()
             end = min(deadline, started + attempt_timeout) if attempt_timeout else deadline
             job = msgspec.structs.replace(request, model=cand.model)
-            reply = await self._complete_on((cand.model, cand.executor_id), job, end, 0)
+            reply = await self._complete_on((cand.model, cand.executor_id), job, end, 0, sealed_to=cand.curve_key)
             self.latencies.record(cand.key, cand.model, (loop.time() - started) * 1000)
             return reply
 

@@ -107,9 +107,12 @@ class Pending:
         self.watch.last.pop(job_id, None)
 
     async def send(
-        self, target: Target, payload: bytes, job_id: str, deadline: float, *, subject: str | None = None
+        self, target: Target, payload: bytes, job_id: str, deadline: float, *, subject: str | None = None,
+        sealed_by: str | None = None,
     ) -> None:
-        """Publish a job to its model's queue group (or one executor), replies to this inbox."""
+        """Publish a job to its model's queue group (or one executor), replies to this inbox.
+
+        `sealed_by`: for a sealed `payload`, the job's ephemeral public curve key (protocol/sealing.py)."""
         model, executor = target
         remaining_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
         if remaining_ms <= 0:
@@ -118,6 +121,8 @@ class Pending:
                    subj.HDR_CANCEL_TOKEN: self.cancel_token(job_id), subj.HDR_KEEPALIVE: "1"}  # fmt: skip
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
+        if sealed_by is not None:
+            headers[subj.HDR_SEALED] = sealed_by
         size = len(payload) + subj.headers_size(headers)
         if size > self._nc.max_payload:
             # The server would close the whole connection for this; refuse it here instead.

@@ -83,6 +83,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     expected_cost: Decimal
     latency_ms: float | None
     load: float  # in flight / capacity
+    curve_key: str | None = None  # set when the executor takes sealed jobs (protocol/sealing.py)
 
 
 class LatencyBook:
@@ -151,6 +152,7 @@ def rank(
                     expected_cost=cost,
                     latency_ms=seen if seen is not None else offer.perf.latency_ms,
                     load=load,
+                    curve_key=entry.announcement.curve_key,
                 )
             )
     (rng or random).shuffle(found)  # equal candidates share the work

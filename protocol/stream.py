@@ -47,6 +47,7 @@ from protocol.messages import (
 from protocol.pending import Pending, may_retry_busy
 from protocol.replies import Target, decode_reply, fails_over
 from protocol.routing import Candidate, Constraints, ModelRequest, Specific
+from protocol.sealing import ClientSeal, SealError
 from protocol.verify import ReplyVerifier, sha256_hex
 
 Candidates = Callable[[ChatRequest, ModelRequest, Constraints | None], Awaitable[list[Candidate]]]
@@ -75,8 +76,13 @@ class ChatStream:
         no_responders: NoResponders,
         verifier: ReplyVerifier | None = None,
         bind: Bind = _no_binding,
+        sealed: bool = False,
     ) -> None:
         self._pending = pending
+        # A sealed stream (protocol/sealing.py) goes only to candidates with a curve key; each
+        # attempt seals its job with a fresh key pair, and every message is opened before it is read.
+        self._sealed = sealed
+        self._seal: ClientSeal | None = None
         self._verifier = verifier
         self._bind = bind
         self._request_sha = ""
@@ -113,16 +119,17 @@ class ChatStream:
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._iterate()
 
-    async def _targets(self) -> list[tuple[Target, bool]]:
-        """Where to send the job, in order, each with whether a `busy` there means waiting and retrying."""
-        if self._route is None and self._constraints is None:
+    async def _targets(self) -> list[tuple[Target, bool, str | None]]:
+        """Where to send the job, in order, each with whether a `busy` there means waiting and retrying,
+        and the curve key to seal it to (sealed streams only)."""
+        if self._route is None and self._constraints is None and not self._sealed:
             target = (self._request.model, self._executor)
-            return [(target, True)] * (self._busy_retries + 1)
+            return [(target, True, None)] * (self._busy_retries + 1)
         route = self._route or Specific(self._request.model)
         found = await self._candidates(self._request, route, self._constraints)
-        return [((c.model, c.executor_id), False) for c in found]
+        return [((c.model, c.executor_id), False, c.curve_key if self._sealed else None) for c in found]
 
-    async def _send_to(self, target: Target, deadline: float) -> None:
+    async def _send_to(self, target: Target, deadline: float, sealed_to: str | None = None) -> None:
         pending = self._pending
         pending.unregister(self.job_id)
         self.job_id = pending.new_job_id()  # a new attempt is a new job: stale replies cannot mix in
@@ -137,7 +144,12 @@ class ChatStream:
             self._request_sha = sha256_hex(payload)
         self._texts = []
         self._forged = None
-        await pending.send(target, payload, self.job_id, deadline)
+        if sealed_to is None:
+            self._seal = None
+            await pending.send(target, payload, self.job_id, deadline)
+        else:
+            self._seal = seal = ClientSeal(sealed_to)
+            await pending.send(target, seal.box.seal(payload), self.job_id, deadline, sealed_by=seal.header)
 
     async def _iterate(self) -> AsyncIterator[StreamChunk]:
         if self._started:
@@ -146,8 +158,8 @@ class ChatStream:
         deadline = asyncio.get_running_loop().time() + self._budget
         try:
             targets = await self._targets()
-            for attempt, (target, wait_if_busy) in enumerate(targets):
-                await self._send_to(target, deadline)
+            for attempt, (target, wait_if_busy, sealed_to) in enumerate(targets):
+                await self._send_to(target, deadline, sealed_to)
                 expected_seq = 0
                 while True:
                     item = await self._next(deadline)
@@ -157,6 +169,16 @@ class ChatStream:
                     elif not item:
                         raise StreamInterrupted("stream ended without a final message", job_id=self.job_id)
                     else:
+                        if self._seal is not None:
+                            try:
+                                item = self._seal.box.open(item)
+                            except SealError as e:
+                                forged = ReplyForged(f"sealed stream message cannot be opened: {e}", job_id=self.job_id)
+                                if self._verifier is None:
+                                    raise forged from None
+                                self._verifier.forgeries["unsealed"] += 1  # not the executor's: ignored
+                                self._forged = forged
+                                continue
                         try:
                             msg = decode_reply(stream_reply_decoder, item)
                         except InternalError:

@@ -31,6 +31,10 @@ HDR_CLIENT = "Lloom-Client"
 # A per-job secret (128 random bits, hex) chosen by the caller: a cancel for the job is
 # accepted only when it carries the same value as its payload. Never logged.
 HDR_CANCEL_TOKEN = "Lloom-Cancel-Token"
+# A sealed job (protocol/sealing.py): the value is the caller's ephemeral public curve key
+# (`X...`); the payload and every reply message are sealed between it and the executor's
+# announced curve key.
+HDR_SEALED = "Lloom-Sealed"
 # An executor refuses (bad_request) a job whose header block is larger than this.
 MAX_HEADER_BYTES = 4096
 MAX_CLIENT_ID = 128

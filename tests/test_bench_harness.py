@@ -91,3 +91,14 @@ def test_verification_benchmark_smoke_run_reports_its_figures() -> None:
     )
     assert float(figures["client CPU per request, verification on"]) > 0
     assert float(figures["ratio on / off"]) > 0
+
+
+@pytest.mark.slow  # a few seconds: nats-server, the benchmark backend, one executor
+def test_sealed_jobs_benchmark_smoke_run_reports_both_sides() -> None:
+    proc = run_script("bench_sealed.py", "--smoke", timeout=SCRIPT_TIMEOUT_S)
+    figures = dict(re.findall(r"^\| (.+?) \| ([0-9.]+)", proc.stdout, re.M))
+    assert float(figures["sealing work, client (key pair, seal request, open reply)"]) > 0
+    assert float(figures["sealing work, executor (box from client key, open request, seal reply)"]) > 0
+    for mode in ("unsealed", "sealed"):
+        assert float(figures[f"client CPU per request, {mode}"]) > 0
+        assert f"executor CPU per request, {mode}" in figures  # 10 ms /proc ticks: may read 0 in a smoke run

@@ -123,7 +123,11 @@ class Announcer:
             self._revision += 1
         models = offers if state == "up" else []
         return _encode(Announcement(**self._envelope(), state=state, models=models,  # type: ignore[arg-type]
-                                    endorsement=self.endorsement))  # fmt: skip
+                                    endorsement=self.endorsement, curve_key=self._curve_key()))  # fmt: skip
+
+    def _curve_key(self) -> str | None:
+        curve = self._node.curve
+        return None if curve is None else curve.public_key
 
     def _shape_changed(self) -> bool:
         """Whether the offers (availability included) differ from the last announcement."""

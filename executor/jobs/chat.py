@@ -81,6 +81,7 @@ class Job(JobBase):
         queue = self.ctx.queue
         return (
             queue is not None and self.channel.subject is not None and not self.request.stream and not self._parts
+            and not self.channel.sealed  # the durable queue holds requests in clear
             and isinstance(err, BackendError) and err.retryable and queue.is_fallback_for(self.request.model)
         )  # fmt: skip
 
@@ -129,7 +130,9 @@ class Job(JobBase):
 
     async def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
         cache = self.ctx.cache
-        if cache is None or not cacheable(self.request):
+        # A sealed job's answer is cached nowhere: the shared bucket is readable on the bus, and a
+        # local hit would tell whoever guesses the prompt that someone asked it.
+        if cache is None or not cacheable(self.request) or self.channel.sealed:
             return None, None
         key = cache_key(self.request)
         hit = cache.get(key)

@@ -20,6 +20,7 @@ from executor.backends.base import Backend
 from executor.catalog.perf import PerfTracker
 from protocol import subjects as subj
 from protocol.errors import InvalidRequest, ModelNotFound
+from protocol.sealing import SealedBox
 from protocol.status import JobStats, QueueStatus
 
 if TYPE_CHECKING:  # types only: none of these import the jobs package
@@ -104,7 +105,12 @@ def backend_kind(backend: Backend) -> str:
 
 
 class ReplyChannel(Protocol):
-    """Where a job's messages go: `send` each, then `end` once for a stream."""
+    """Where a job's messages go: `send` each, then `end` once for a stream.
+
+    `sealed`: the job is a sealed one (protocol/sealing.py), whose content must not leave the
+    executor in clear: no shared cache, no durable queue."""
+
+    sealed: bool
 
     @property
     def subject(self) -> str | None: ...  # a NATS reply subject the caller listens on, if any
@@ -118,6 +124,7 @@ class NatsReply:
     """The caller's reply subject (an inbox)."""
 
     __slots__ = ("_nc", "subject")
+    sealed = False
 
     def __init__(self, nc: NATS, subject: str) -> None:
         self._nc = nc
@@ -135,6 +142,7 @@ class Collected:
 
     __slots__ = ("messages",)
     subject = None
+    sealed = False
 
     def __init__(self) -> None:
         self.messages: list[bytes] = []
@@ -148,6 +156,33 @@ class Collected:
     @property
     def last(self) -> bytes | None:
         return self.messages[-1] if self.messages else None
+
+
+class SealedReply:
+    """Seals every message of a sealed job before it reaches `inner` (the caller's reply subject).
+
+    The empty message that ends a stream stays empty (it says nothing); an error's text moves
+    out of the clear `Nats-Service-Error` header (it may quote the request) and travels only
+    in the sealed payload; the code stays, so generic NATS tools still see an error."""
+
+    __slots__ = ("_box", "_inner")
+    sealed = True
+
+    def __init__(self, inner: ReplyChannel, box: SealedBox) -> None:
+        self._inner = inner
+        self._box = box
+
+    @property
+    def subject(self) -> str | None:
+        return self._inner.subject
+
+    async def send(self, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        if headers and subj.HDR_SERVICE_ERROR in headers:
+            headers = {**headers, subj.HDR_SERVICE_ERROR: "sealed"}
+        await self._inner.send(self._box.seal(payload), headers)
+
+    async def end(self) -> None:
+        await self._inner.end()
 
 
 def error_headers(message: str, status: int) -> dict[str, str]:

@@ -57,6 +57,7 @@ from executor.jobs.context import (
     JobContext,
     Limits,
     NatsReply,
+    SealedReply,
     ServedModels,
     backend_kind,
     chosen_backend,
@@ -67,6 +68,7 @@ from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
 from protocol.messages import ChatRequest, embedding_request_decoder, request_decoder, text_request_decoder
+from protocol.sealing import CurveKeyPair, SealedBox, SealError
 from protocol.status import (
     CacheStatus,
     ExecutorStatus,
@@ -131,8 +133,11 @@ class ExecutorNode:
         batcher: Batcher | None = None,
         queue: Enqueuer | None = None,
         masker: SecretMasker | None = None,
+        curve: CurveKeyPair | None = None,
     ) -> None:
         self.nc = nc
+        # Opens sealed jobs (protocol/sealing.py); announced by the catalogue announcer. None: sealed jobs refused.
+        self.curve = curve
         self.backend = backend
         self.config = config or NodeConfig()
         self.id = subj.check_id("executor id", executor_id or self.config.id or default_executor_id())
@@ -330,6 +335,8 @@ class ExecutorNode:
         job_id = headers.get(subj.HDR_JOB_ID) or self._nuid.next().decode()
         client = headers.get(subj.HDR_CLIENT)
         token = headers.get(subj.HDR_CANCEL_TOKEN)
+        box: SealedBox | None = None
+        data = msg.data
         try:
             _check_headers(headers)
             subj.check_id("job id", job_id)
@@ -337,7 +344,17 @@ class ExecutorNode:
                 subj.check_client_id(client)
             if token is not None:
                 subj.check_cancel_token(token)
-            request = kind.decoder.decode(msg.data)
+            sealed_by = headers.get(subj.HDR_SEALED)
+            if sealed_by is not None:
+                box = self._sealed_box(sealed_by, kind)
+                channel = SealedReply(channel, box)  # from here on, even the refusals are sealed
+                data = box.open(data)
+            request = kind.decoder.decode(data)
+        except SealError as e:
+            self.stats.bad_requests += 1
+            await send_error(self.context, channel, InvalidRequest(f"sealed {kind.what} refused: {e}"), job_id=None,
+                             stream=False)  # fmt: skip
+            return
         except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
             self.stats.bad_requests += 1
             await send_error(self.context, channel, InvalidRequest(f"invalid {kind.what}: {e}"), job_id=None, stream=False)
@@ -363,9 +380,20 @@ class ExecutorNode:
             headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
         )
         channel = self.retained.channel(msg.reply, job_id, keepalive=subj.HDR_KEEPALIVE in headers)
+        if box is not None:
+            channel = SealedReply(channel, box)  # what is kept for re-sending is sealed too
+        # The receipt hashes the request as the caller wrote it (the plaintext of a sealed one).
         self._launch(kind.job(self.context, job_id, request, channel, deadline,
-                              liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=msg.data,
+                              liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=data,
                               client=client), cancel_token=token)  # fmt: skip
+
+    def _sealed_box(self, client_key: str, kind: _Kind) -> SealedBox:
+        """The box a sealed job's request opens with and its replies are sealed with; `SealError` if none."""
+        if self.curve is None:
+            raise SealError(f"executor {self.id} takes no sealed jobs (it announces no curve key)")
+        if kind is not _CHAT:
+            raise SealError("only chat completions may be sealed")
+        return self.curve.box_for(client_key)
 
     def _launch(self, job: JobBase, *, cancel_token: str | None) -> asyncio.Task[None]:
         self._jobs[job.id] = job

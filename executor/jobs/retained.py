@@ -56,6 +56,7 @@ class RetainingReply:
 
     __slots__ = ("_nc", "_store", "bytes", "dropped", "finished_at", "keepalive", "messages", "replay", "resent",
                  "started", "subject")  # fmt: skip
+    sealed = False  # a sealed job's channel wraps this one (jobs/context.py `SealedReply`)
 
     def __init__(self, nc: NATS, store: RetainedReplies, subject: str, keepalive: bool, started: float) -> None:
         self._nc = nc

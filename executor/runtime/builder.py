@@ -40,6 +40,7 @@ from executor.tokens import TokenCounter
 from protocol import subjects as subj
 from protocol.announcements import Pricing
 from protocol.identity import Identity
+from protocol.sealing import CurveKeyPair
 from protocol.trust import Endorsement, load_endorsement
 
 log = structlog.get_logger(logger_name=__name__)
@@ -105,6 +106,8 @@ async def assemble(
         models=None if config.executors.backends else config.llm_client.models,
         receipts=receipts, cache=cache, shared_cache=shared_cache, batcher=batcher, queue=enqueuer,
         masker=masker or SecretMasker(config_secrets(config)),
+        # Derived from the identity: announced with it, so sealed jobs reach only this executor.
+        curve=CurveKeyPair.derive(identity.seed) if config.node.sealed_jobs else None,
     )  # fmt: skip
     if receipts is not None:
 

@@ -26,6 +26,7 @@ class StubNode:
     def __init__(self, executor_id: str, models: list[str]) -> None:
         from executor.config import NodeConfig
         from executor.catalog.perf import PerfTracker
+        from protocol.sealing import CurveKeyPair
 
         self.id = executor_id
         self.models = frozenset(models)
@@ -38,6 +39,8 @@ class StubNode:
         self.backend_kind = "openai_compatible"
         self.in_flight = 0
         self.config = NodeConfig()
+        # Real executors announce a curve key for sealed jobs: the stub's announcements are as long.
+        self.curve = CurveKeyPair.generate()
 
     def model_available(self, model: str) -> bool:
         return True
