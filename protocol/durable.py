@@ -56,5 +56,8 @@ async def ensure_jobs_stream(
 async def results_bucket(js: JetStreamContext, *, ttl_s: float = DEFAULT_RESULT_TTL_S, replicas: int = 1) -> KeyValue:
     """`LLOOM_RESULTS`, created unless it exists (on a cluster, create it first with `replicas=3`)."""
     return await ensure_bucket(
-        js, KeyValueConfig(bucket=RESULTS_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE, replicas=replicas)
+        js, KeyValueConfig(bucket=RESULTS_BUCKET, ttl=ttl_s, history=1, storage=StorageType.FILE, replicas=replicas,
+                           # Reads by key through $JS.API.DIRECT.GET.<stream>.<subject>: the only read
+                           # a client is permitted, so none can walk the bucket by sequence number.
+                           direct=True)  # fmt: skip
     )

@@ -369,6 +369,13 @@ async def test_a_client_cannot_list_the_results_bucket_but_reads_a_result_by_key
     with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error, nats.errors.Error)):
         await ckv.keys()
     await reader.violation("Publish", "$JS.API.CONSUMER")
+    # Nor walk it by sequence number (found by an attack review: STREAM.MSG.GET takes {"seq": n}).
+    js = reader.nc.jetstream(timeout=1.0)
+    for by_seq in (js.get_msg("KV_LLOOM_RESULTS", 1), js.get_msg("KV_LLOOM_RESULTS", 1, direct=True)):
+        with pytest.raises((nats.errors.TimeoutError, nats.js.errors.Error, nats.errors.Error)):
+            await by_seq
+    await reader.violation("Publish", "$JS.API.STREAM.MSG.GET.KV_LLOOM_RESULTS")
+    await reader.violation("Publish", "$JS.API.DIRECT.GET.KV_LLOOM_RESULTS")
     await close_nats(reader.nc)
     await close_nats(executor)
 
