@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import start_executor  # noqa: E402
 from bench_verify import MODEL, wait_served  # noqa: E402
 from benchkit.harness import start_fast_backend  # noqa: E402
-from benchkit.procs import Procs, cpu_seconds, run_all_stopped  # noqa: E402
+from benchkit.procs import Procs, cpu_seconds, run_ab_benchmark  # noqa: E402
 
 
 def micro(request: bytes, reply: bytes, n: int) -> dict[str, float]:
@@ -104,15 +103,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="a few requests only")
-    args = ap.parse_args(argv)
-    args.rounds, args.batch, args.micro_n = (2, 20, 200) if args.smoke else (8, 300, 5000)
-    with tempfile.TemporaryDirectory(prefix="lloom-bench-sealed-") as tmp:
-        (Path(tmp) / "logs").mkdir()
-        procs = Procs(Path(tmp) / "logs")
-        run_all_stopped(amain(args, procs, Path(tmp)), procs)
-    return 0
+    return run_ab_benchmark(amain, __doc__.split("\n\n")[0], "lloom-bench-sealed-", argv)
 
 
 if __name__ == "__main__":

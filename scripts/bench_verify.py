@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import start_executor  # noqa: E402
 from benchkit.harness import start_fast_backend  # noqa: E402
-from benchkit.procs import Procs, run_all_stopped  # noqa: E402
+from benchkit.procs import Procs, run_ab_benchmark  # noqa: E402
 
 MODEL = "bench-model"
 
@@ -130,15 +129,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="a few requests only")
-    args = ap.parse_args(argv)
-    args.rounds, args.batch, args.micro_n = (2, 20, 200) if args.smoke else (8, 300, 5000)
-    with tempfile.TemporaryDirectory(prefix="lloom-bench-verify-") as tmp:
-        (Path(tmp) / "logs").mkdir()
-        procs = Procs(Path(tmp) / "logs")
-        run_all_stopped(amain(args, procs, Path(tmp)), procs)
-    return 0
+    return run_ab_benchmark(amain, __doc__.split("\n\n")[0], "lloom-bench-verify-", argv)
 
 
 if __name__ == "__main__":

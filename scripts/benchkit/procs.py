@@ -7,6 +7,7 @@ PR_SET_PDEATHSIG, so a SIGKILLed harness leaves no orphan behind.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import ctypes
 import os
@@ -179,3 +180,22 @@ def run_in_tempdir(prefix: str, main: Callable[[Procs, Path], Coroutine[Any, Any
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp_s:
         procs = Procs(Path(tmp_s))
         return run_all_stopped(main(procs, Path(tmp_s)), procs, uvloop_loop=True)
+
+
+def run_ab_benchmark(
+    amain: Callable[[argparse.Namespace, Procs, Path], Coroutine[Any, Any, Any]],
+    description: str,
+    prefix: str,
+    argv: list[str] | None,
+) -> int:
+    """The command line of an A/B client benchmark (bench_verify.py, bench_sealed.py): `--smoke`
+    for a few requests, else 8 rounds of 300; processes and files live in a temporary directory."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--smoke", action="store_true", help="a few requests only")
+    args = ap.parse_args(argv)
+    args.rounds, args.batch, args.micro_n = (2, 20, 200) if args.smoke else (8, 300, 5000)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        (Path(tmp) / "logs").mkdir()
+        procs = Procs(Path(tmp) / "logs")
+        run_all_stopped(amain(args, procs, Path(tmp)), procs)
+    return 0
