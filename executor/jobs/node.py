@@ -335,7 +335,7 @@ class ExecutorNode:
             # Nobody to answer, or a reply-to aimed elsewhere (a JetStream API or another peer's
             # subject: see subjects.is_reply_inbox). Answering it could be the attack.
             self.stats.bad_requests += 1
-            ep.refused(InvalidRequest("a job without an inbox to answer was dropped"))
+            ep.failed(InvalidRequest("a job without an inbox to answer was dropped"))
             return
         channel = NatsReply(self.nc, msg.reply)
         headers = msg.headers or {}
@@ -402,7 +402,7 @@ class ExecutorNode:
     async def _refuse(self, ep: EndpointCounts, channel: ReplyChannel, err: LloomError, *, job_id: str | None,
                       stream: bool) -> None:  # fmt: skip
         """Answer a job refused at admission with `err`, counted against the subject it came on."""
-        ep.refused(err)
+        ep.failed(err)
         await send_error(self.context, channel, err, job_id=job_id, stream=stream)
 
     def _sealed_box(self, client_key: str, kind: _Kind) -> SealedBox:
@@ -447,8 +447,10 @@ class ExecutorNode:
         if job is not None:
             elapsed = asyncio.get_running_loop().time() - job.started
             self._pacer.record(elapsed)
-            if endpoint is not None:
-                endpoint.finished(elapsed, job.error)
+            if endpoint is not None:  # micro discovery's endpoint stats, inline: this runs per job
+                endpoint.processing_s += elapsed
+                if job.error is not None:
+                    endpoint.failed(job.error)
         self.retained.finished(job_id)
         self._cancel_tokens.pop(job_id, None)
         if not self._jobs:
