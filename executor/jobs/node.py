@@ -51,7 +51,6 @@ from executor.config import NodeConfig
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.batched import EmbedJob, TextJob
 from executor.jobs.chat import Job
-from executor.jobs.endpoints import EndpointCounts
 from executor.jobs.context import (
     Collected,
     Enqueuer,
@@ -64,6 +63,7 @@ from executor.jobs.context import (
     backend_kind,
     chosen_backend,
 )
+from executor.jobs.endpoints import EndpointCounts
 from executor.jobs.pacing import BusyPacer
 from executor.jobs.retained import RetainedReplies
 from protocol import subjects as subj

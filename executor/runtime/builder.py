@@ -5,8 +5,8 @@ shared level, batcher, receipt issuer with its outbox and publisher, the durable
 queue's producer and consumer, the announcer), hands them to the node through its
 constructor, starts them in order, and registers their shutdown on the caller's
 `AsyncExitStack` in the reverse order that keeps guarantees: NATS micro discovery and the
-announcer leave first (clients stop choosing this executor), then jobs drain, then queued runs store their
-results, then the last receipts are published.
+announcer leave first (clients stop choosing this executor), then jobs drain, then queued
+runs store their results, then the last receipts are published.
 
     async with AsyncExitStack() as stack:
         running = await assemble(config, nc, backend, stack)
