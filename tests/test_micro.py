@@ -37,7 +37,9 @@ from protocol.micro import INFO_TYPE, PING_TYPE, STATS_TYPE, info_decoder, ping_
 from tests.conftest import MODEL, NodeFactory, SecureBus
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import ask
+from tests.helpers.processes import StartExecutor
 from tests.helpers.wait import WAIT_S, eventually, within
+from tests.test_daemon import write_config
 from tests.test_security_bus import executor_node, watched
 
 # After the replies a test expects have come, how long more is listened for one too many:
@@ -284,6 +286,27 @@ async def test_an_executor_that_leaves_stops_answering_before_its_jobs_drain(
             await nc.request(subj.micro_subject("PING"), b"", timeout=WAIT_S)
         assert not is_error(await within(slow, "the draining node's last answer"))
         await within(leaving, "the node leaving")
+
+
+@pytest.mark.slow
+async def test_a_lloom_executor_process_is_listed_by_micro_discovery(
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "executor.toml", base_url=double.base_url)
+    config.write_text(config.read_text() + 'id = "proc-1"\n')
+    executor = await start_executor("--config", str(config))
+    url = await executor.started()
+    await executor.wait_for("answering NATS micro discovery")
+    nc = await nats.connect(url)
+    try:
+        [ping] = await request_many(nc, subj.micro_subject("PING"), expect=1)
+        assert (ServicePing.from_dict(ping).id, ping["version"]) == ("proc-1", package_version())
+        [info] = await request_many(nc, subj.micro_subject("INFO", "lloom-executor", "proc-1"), expect=1)
+        subjects = {e.subject for e in ServiceInfo.from_dict(info).endpoints}
+        assert subjects == {subj.direct_subject("proc-1")} | {f(m) for m in DOUBLE_MODELS for f in
+                                                               (subj.complete_subject, subj.embed_subject, subj.text_subject)}  # fmt: skip
+    finally:
+        await nc.close()
 
 
 # -- the shipped permissions (compose/nats/secure.conf) ------------------------------------------

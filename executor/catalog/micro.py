@@ -91,6 +91,8 @@ class MicroResponder:
             for subject in subj.micro_subjects(verb, self._node.id):
                 self._subs.append(await self._nc.subscribe(subject, cb=handler))
         await subscriptions_live(self._nc)  # when start() returns, discovery finds this executor
+        log.info("answering NATS micro discovery", service=subj.MICRO_SERVICE, id=self._node.id,
+                 version=self.version)  # fmt: skip
 
     async def stop(self) -> None:
         """Stop answering (the executor is leaving); a request already received is still answered."""
