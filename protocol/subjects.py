@@ -199,6 +199,34 @@ def info_subject(executor_id: str) -> str:
     return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.info"
 
 
+# NATS micro discovery (ADR-32): every executor answers `$SRV.<VERB>`, `$SRV.<VERB>.<name>` and
+# `$SRV.<VERB>.<name>.<id>` as a service of this name whose id is its executor id
+# (protocol/micro.py has the replies, executor/catalog/micro.py answers them).
+MICRO_PREFIX = "$SRV"
+MICRO_SERVICE = "lloom-executor"
+MICRO_VERBS = ("PING", "INFO", "STATS")
+
+
+def micro_subject(verb: str, name: str | None = None, service_id: str | None = None) -> str:
+    """`$SRV.<verb>`, narrowed to one service name, then to one instance of it."""
+    if verb not in MICRO_VERBS:
+        raise SubjectError(f"micro verb must be one of {', '.join(MICRO_VERBS)}, got {verb!r}")
+    if name is None:
+        if service_id is not None:
+            raise SubjectError("a micro service id needs its service name")
+        return f"{MICRO_PREFIX}.{verb}"
+    check_id("micro service name", name)
+    if service_id is None:
+        return f"{MICRO_PREFIX}.{verb}.{name}"
+    return f"{MICRO_PREFIX}.{verb}.{name}.{check_id('micro service id', service_id)}"
+
+
+def micro_subjects(verb: str, executor_id: str) -> tuple[str, str, str]:
+    """The three subjects on which an executor answers `verb`: all services, ours by name, ours by id."""
+    return (micro_subject(verb), micro_subject(verb, MICRO_SERVICE),
+            micro_subject(verb, MICRO_SERVICE, executor_id))  # fmt: skip
+
+
 # Signed usage receipts, kept by JetStream in the stream RECEIPTS_STREAM. One message
 # holds one or more receipts, one JSON document per line (see protocol/receipts.py).
 RECEIPTS_ALL = f"{PREFIX}.receipts.>"

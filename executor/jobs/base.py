@@ -29,7 +29,7 @@ class JobBase:
     """A job the node tracks: who asked, until when, and how to stop it."""
 
     __slots__ = ("_client", "_payload", "_running", "_started_ms", "cancel_reason", "channel", "ctx", "deadline",
-                 "id", "liveness", "missed_pings", "request", "started", "task")  # fmt: skip
+                 "error", "id", "liveness", "missed_pings", "request", "started", "task")  # fmt: skip
 
     def __init__(self, ctx: JobContext, job_id: str, request: msgspec.Struct, channel: ReplyChannel, deadline: float,
                  *, liveness: bool = False, payload: bytes = b"", client: str | None = None) -> None:  # fmt: skip
@@ -45,6 +45,7 @@ class JobBase:
         self.liveness = liveness  # the caller answers pings (long jobs are given up when it is gone)
         self.missed_pings = 0
         self.cancel_reason: LloomError | None = None
+        self.error: LloomError | None = None  # how the job ended, once it has (None: it succeeded)
         self.task: asyncio.Task[None] | None = None
         self._running = False
 
@@ -94,6 +95,7 @@ class JobBase:
             ctx.stats.completed += 1
             self._on_success(elapsed)
             return
+        self.error = err
         count_error(ctx.stats, err)
         if not isinstance(err, Cancelled):
             log.info("job error", code=err.code.value, error=err.message)

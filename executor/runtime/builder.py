@@ -4,9 +4,9 @@
 shared level, batcher, receipt issuer with its outbox and publisher, the durable
 queue's producer and consumer, the announcer), hands them to the node through its
 constructor, starts them in order, and registers their shutdown on the caller's
-`AsyncExitStack` in the reverse order that keeps guarantees: the announcer leaves first
-(clients stop choosing this executor), then jobs drain, then queued runs store their
-results, then the last receipts are published.
+`AsyncExitStack` in the reverse order that keeps guarantees: NATS micro discovery and the
+announcer leave first (clients stop choosing this executor), then jobs drain, then queued
+runs store their results, then the last receipts are published.
 
     async with AsyncExitStack() as stack:
         running = await assemble(config, nc, backend, stack)
@@ -27,6 +27,7 @@ from executor.batching.coalescer import Batcher
 from executor.cache.memory import ResponseCache
 from executor.cache.shared import SharedCache
 from executor.catalog.announcer import Announcer
+from executor.catalog.micro import MicroResponder
 from executor.config import ExecutorConfig
 from executor.jobs.node import ExecutorNode, default_executor_id
 from executor.queue.consumer import JobQueue
@@ -147,6 +148,11 @@ async def assemble(
     # Runs before node.stop (the stack unwinds in reverse): clients stop choosing
     # this executor at once, then in-flight jobs drain.
     stack.push_async_callback(announcer.stop)
+    # NATS micro discovery ($SRV.PING/INFO/STATS); registered last, so it stops first: an
+    # executor that leaves is no longer listed by `nats micro ls`.
+    micro = MicroResponder(nc, node)
+    await micro.start()
+    stack.push_async_callback(micro.stop)
     return RunningNode(node=node, identity=identity, announcer=announcer, publisher=publisher, healer=healer,
                        queue=queue)  # fmt: skip
 
