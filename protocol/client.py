@@ -77,7 +77,8 @@ from protocol.errors import (
     ReplyForged,
     ResultPending,
 )
-from protocol.estimate import estimate_tokens
+from protocol.chat_checks import check_chat_request
+from protocol.estimate import estimate_prompt_tokens
 from protocol.messages import (
     ChatRequest,
     ChatResponse,
@@ -277,6 +278,7 @@ class LloomClient:
         backend has come back); `result(job_id)` awaits the answer, `fetch` looks.
         Submitting the same job id again stores nothing new. Queued jobs are unary.
         """
+        check_chat_request(request)
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
         job_id = subj.check_id("job id", job_id or self.new_job_id())
@@ -388,8 +390,8 @@ class LloomClient:
             catalog.entries(),
             route,
             constraints or Constraints(),
-            prompt_tokens=sum(estimate_tokens(m.content) for m in request.messages),
-            completion_tokens=request.max_tokens or DEFAULT_COMPLETION_ESTIMATE,
+            prompt_tokens=estimate_prompt_tokens(request),
+            completion_tokens=request.max_tokens or request.max_completion_tokens or DEFAULT_COMPLETION_ESTIMATE,
             observed=self.latencies,
             trust=self.trust,
         )
@@ -418,6 +420,7 @@ class LloomClient:
         `sealed`: seal the request to the chosen executor's curve key and have the reply sealed
         back (protocol/sealing.py); routed through the catalogue to executors that announce one
         (`executor` narrows it to one), `NoExecutors` if none does."""
+        check_chat_request(request)  # a bad request fails here, before anything is sent
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
         budget = timeout or self.timeout
@@ -459,6 +462,7 @@ class LloomClient:
         With a route, the stream fails over to the next executor only before its
         first chunk: text already delivered cannot be taken back. `sealed`: as for `complete`.
         """
+        check_chat_request(request)
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
         candidates = self.candidates

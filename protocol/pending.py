@@ -127,7 +127,8 @@ class Pending:
         if size > self._nc.max_payload:
             # The server would close the whole connection for this; refuse it here instead.
             raise PayloadTooLarge(
-                f"request is {size} bytes with headers; the NATS server accepts at most {self._nc.max_payload}"
+                f"request is {size} bytes with headers; the NATS server accepts at most {self._nc.max_payload}:"
+                " send images as http(s) URLs (the backend fetches them) or smaller, or shorten the prompt"
             )
         if subject is None:
             subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)

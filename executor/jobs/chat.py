@@ -3,7 +3,9 @@
 A `Job` is created by the node for a decoded request and runs in its own task
 (guarded by `JobBase.run`). The caller gets exactly one terminal message: a
 `ChatResponse`, a `StreamEnd`, or an `ErrorReply`; streams are then closed with
-the empty ADR-47 sentinel. A unary job no backend could serve goes to the durable
+the empty ADR-47 sentinel. A stream's chunks carry text, reasoning and pieces of tool
+calls as the backend sends them (a chunk with only reasoning or tool-call pieces has an
+empty `delta`). A unary job no backend could serve goes to the durable
 queue when its model's fallback says so; a stream cut short is billed for what
 it produced.
 """
@@ -19,6 +21,7 @@ from executor.backends.base import Backend, Completion, Delta, Finish, StreamEve
 from executor.cache.memory import cache_key, cacheable
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.context import JobContext, ReplyChannel
+from protocol.chat_checks import check_chat_request
 from protocol.errors import (
     BackendError,
     Cancelled,
@@ -50,7 +53,9 @@ class Job(JobBase):
         self._completion_tokens = 0
 
     async def _work(self) -> None:
-        self.ctx.check(self.request.model, self.request.max_tokens)
+        request = self.request
+        check_chat_request(request)  # the rules between fields: the same typed error the client raises
+        self.ctx.check(request.model, request.max_tokens or request.max_completion_tokens)
         if self.request.stream:
             await self._run_stream(self.ctx.backend)
         else:
@@ -170,6 +175,9 @@ class Job(JobBase):
                 receipt=receipt,
                 degraded=result.degraded,
                 cached=hit is not None,
+                tool_calls=result.tool_calls,
+                reasoning_content=result.reasoning_content,
+                logprobs=result.logprobs,
             )
         )
         if len(payload) > self.ctx.limits.max_payload:
@@ -185,12 +193,16 @@ class Job(JobBase):
         finish: Finish | None = None
         key, hit = await self._cache_lookup()
         events = _replay(hit) if hit is not None else backend.stream(self.request)
+        reasoning: list[str] = []  # kept for the cache, which replays it
         send = self.channel.send
         try:
             async for event in events:
                 if type(event) is Delta:
-                    await send(encoder.encode(StreamChunk(seq, event.text)))
+                    await send(encoder.encode(StreamChunk(seq, event.text, event.reasoning, event.tool_calls,
+                                                          event.logprobs)))  # fmt: skip
                     self._parts.append(event.text)
+                    if event.reasoning is not None:
+                        reasoning.append(event.reasoning)
                     if seq == 0:
                         self._ttft = asyncio.get_running_loop().time() - self.started
                         # nats.py writes from its flusher task; let it run now, or the
@@ -209,7 +221,7 @@ class Job(JobBase):
         if hit is None:
             self._cache_store(
                 key, Completion(model=finish.model, content=text, finish_reason=finish.finish_reason, usage=finish.usage,
-                                degraded=finish.degraded)  # fmt: skip
+                                degraded=finish.degraded, reasoning_content="".join(reasoning) or None)  # fmt: skip
             )
         receipt = await self._receipt(
             "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None
@@ -232,7 +244,9 @@ class Job(JobBase):
 
 
 async def _replay(hit: Completion) -> AsyncIterator[StreamEvent]:
-    """A cached answer as a stream: its text in one chunk, then its end."""
+    """A cached answer as a stream: its reasoning and its text in one chunk each, then its end."""
+    if hit.reasoning_content:
+        yield Delta("", hit.reasoning_content)
     if hit.content:
         yield Delta(hit.content)
     yield Finish(model=hit.model, finish_reason=hit.finish_reason, usage=hit.usage)
