@@ -337,6 +337,8 @@ async def _run_job(args: argparse.Namespace, request: ChatRequest, client: Lloom
                         sys.stdout.write(chunk.delta)
                         sys.stdout.flush()
             assert stream.end is not None
+            if args.show_reasoning and stream.reasoning:
+                sys.stderr.write("\n")
             calls = stream.tool_calls
             if not args.json:
                 cli_chat.print_tool_calls(calls)
@@ -391,7 +393,8 @@ def _finish(args: argparse.Namespace, result: ChatResponse | StreamEnd, content:
 
 def _usage(u: Usage) -> str:
     approx = " (estimated)" if u.estimated else ""
-    return f"tokens prompt {u.prompt_tokens} + completion {u.completion_tokens} = {u.total_tokens}{approx}"
+    reasoning = f" ({u.reasoning_tokens} of them reasoning)" if u.reasoning_tokens else ""
+    return f"tokens prompt {u.prompt_tokens} + completion {u.completion_tokens}{reasoning} = {u.total_tokens}{approx}"
 
 
 if __name__ == "__main__":

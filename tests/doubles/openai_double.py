@@ -414,7 +414,8 @@ class OpenAIDouble:
         if answer is not None:
             pieces, reasoning, finish = answer.texts(pieces), answer.reasoning_pieces(), answer.finish(finish)
         prompt = sum(_words(m.get("content")) for m in body["messages"] if isinstance(m, dict))
-        n = len(pieces) + len(reasoning)
+        # Each streamed piece stands for a token, tool-call pieces included.
+        n = len(pieces) + len(reasoning) + (len(answer.tool_pieces()) if answer is not None else 0)
         usage = None if kind == "no_usage" else {
             "prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
         if usage is not None and reasoning:
