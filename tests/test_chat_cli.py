@@ -98,3 +98,29 @@ async def test_bad_chat_input_gets_a_message_and_a_non_zero_exit(
         assert says in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert "http(s) URL" in out.stderr  # the oversize image: what to do instead
     assert double.requests == []
+
+
+async def test_readme_tools_json_and_images_example_runs_as_written(
+    node: ExecutorNode, nats_server: EmbeddedNats, double: OpenAIDouble
+) -> None:
+    import asyncio
+    import re
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    blocks = re.findall(r"```python\n(.+?)\n```", (root / "README.md").read_text(), flags=re.S)
+    [example] = [b for b in blocks if "get_weather" in b]
+    call = ScriptedCall("call_1", "get_weather", '{"city": "Paris"}')
+    double.answers = [Answer(tool_calls=(call,)), Answer(content="21 degrees in Paris."),
+                      Answer(tool_calls=(call,), interleave=True), Answer(content='{"city": "Paris"}'),
+                      Answer(content="A cat.")]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", example.replace("nats://127.0.0.1:4222", nats_server.url), cwd=root,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert [line.strip() for line in out.decode().splitlines()] == [
+        'get_weather {"city": "Paris"}', "21 degrees in Paris.", "['get_weather']", '{"city": "Paris"}', "A cat."]
+    assert double.requests[1]["messages"][1]["tool_calls"][0]["id"] == "call_1"  # the history, as the example built it
+    assert double.requests[4]["messages"][0]["content"][1]["image_url"]["url"] == "https://example.com/cat.png"
