@@ -101,7 +101,7 @@ from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, 
 from protocol.sealing import ClientSeal, SealError
 from protocol.stream import ChatStream
 from protocol.trust import Trust
-from protocol.verify import ReplyVerifier, sha256_hex
+from protocol.verify import ReplyVerifier, sha256_hex, signed_answer
 
 T = TypeVar("T")
 
@@ -605,7 +605,8 @@ class LloomClient:
     def _verify(self, reply: object, job_id: str, request_sha: str, executor: str | None) -> None:
         """Raise `ReplyForged` unless `reply`'s receipt vouches for it (protocol/verify.py)."""
         if isinstance(reply, ChatResponse):
-            content = reply.content.encode()
+            calls = encoder.encode(reply.tool_calls) if reply.tool_calls else None
+            content = signed_answer(reply.content, reply.reasoning_content, calls)
         elif isinstance(reply, TextResponse):
             content = reply.text.encode()
         else:

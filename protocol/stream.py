@@ -50,7 +50,7 @@ from protocol.chat_types import ToolCall
 from protocol.routing import Candidate, Constraints, ModelRequest, Specific
 from protocol.sealing import ClientSeal, SealError
 from protocol.tool_calls import ToolCallAccumulator
-from protocol.verify import ReplyVerifier, sha256_hex
+from protocol.verify import ReplyVerifier, sha256_hex, signed_answer
 
 Candidates = Callable[[ChatRequest, ModelRequest, Constraints | None], Awaitable[list[Candidate]]]
 NoResponders = Callable[[Target], Awaitable[NoExecutors]]
@@ -266,7 +266,9 @@ class ChatStream:
             return False
         _check_count(end, received, self.job_id, extra_ok=True)  # lost chunks say more than a hash mismatch
         try:
-            self._verifier.check_response(receipt, "".join(self._texts).encode())
+            pieces = self._tool_pieces.pieces
+            calls = encoder.encode(pieces) if pieces else None
+            self._verifier.check_response(receipt, signed_answer("".join(self._texts), self.reasoning, calls))
         except ReplyForged as e:
             self._finished = True
             raise UnverifiedReply(

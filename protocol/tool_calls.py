@@ -30,12 +30,14 @@ class ToolCallAccumulator:
 
     def __init__(self) -> None:
         self._calls: dict[int, _Partial] = {}
+        self.pieces: list[ToolCallDelta] = []  # every piece as it came (the receipt hashes them)
 
     def __bool__(self) -> bool:
         return bool(self._calls)
 
     def add(self, pieces: Iterable[ToolCallDelta]) -> None:
         for piece in pieces:
+            self.pieces.append(piece)
             call = self._calls.get(piece.index)
             if call is None:
                 call = self._calls[piece.index] = _Partial()

@@ -331,3 +331,25 @@ def test_the_cache_key_covers_tools_formats_and_options() -> None:
     keys = {cache_key(r) for r in [base, *variants]}
     assert len(keys) == 1 + len(variants)
     assert cache_key(req(temperature=0, stream=True, cache=True)) == cache_key(base)
+
+
+# -- receipts vouch for the calls, not only the text ------------------------------------------
+
+
+async def test_a_receipt_vouches_for_the_tool_calls_and_reasoning_so_a_swapped_call_is_refused(
+    node: ExecutorNode, client: LloomClient, double: OpenAIDouble
+) -> None:
+    from protocol.errors import ReplyForged
+    from protocol.trust import Trust
+    from protocol.verify import ReplyVerifier, signed_answer
+
+    double.answers = [Answer(tool_calls=(PARIS,), reasoning="look it up")]
+    reply = await client.complete(req(tools=[WEATHER]))  # verified by the client, as every reply
+    assert reply.receipt is not None and reply.content == ""
+    verifier = ReplyVerifier(Trust())
+    calls = encoder.encode(reply.tool_calls)
+    verifier.check_response(reply.receipt, signed_answer("", reply.reasoning_content, calls))
+    swapped = calls.replace(b"Paris", b"Tokyo")
+    for forged in (signed_answer("", reply.reasoning_content, swapped), signed_answer("", "other", calls), b""):
+        with pytest.raises(ReplyForged):
+            verifier.check_response(reply.receipt, forged)

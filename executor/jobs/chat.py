@@ -22,6 +22,7 @@ from executor.cache.memory import cache_key, cacheable
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.context import JobContext, ReplyChannel
 from protocol.chat_checks import check_chat_request
+from protocol.chat_types import ToolCallDelta
 from protocol.errors import (
     BackendError,
     Cancelled,
@@ -35,6 +36,7 @@ from protocol.errors import (
 )
 from protocol.messages import ChatRequest, ChatResponse, FinishReason, StreamChunk, StreamEnd, Usage, encoder
 from protocol.receipts import Outcome, SignedReceipt
+from protocol.verify import signed_answer
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -114,6 +116,7 @@ class Job(JobBase):
         text: str,
         *,
         cached: bool = False,
+        signed: bytes | None = None,
     ) -> SignedReceipt | None:
         receipts = self.ctx.receipts
         if receipts is None:
@@ -131,6 +134,7 @@ class Job(JobBase):
             request=self._payload,
             response_text=text,
             cached=cached,
+            signed=signed,
         )
 
     async def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
@@ -161,8 +165,10 @@ class Job(JobBase):
         result = hit or await backend.complete(self.request)
         if hit is None:
             self._cache_store(key, result)
+        calls = encoder.encode(result.tool_calls) if result.tool_calls else None
         receipt = await self._receipt(
-            "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None
+            "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None,
+            signed=signed_answer(result.content, result.reasoning_content, calls),
         )
         payload = encoder.encode(
             ChatResponse(
@@ -193,7 +199,8 @@ class Job(JobBase):
         finish: Finish | None = None
         key, hit = await self._cache_lookup()
         events = _replay(hit) if hit is not None else backend.stream(self.request)
-        reasoning: list[str] = []  # kept for the cache, which replays it
+        reasoning: list[str] = []  # kept for the cache, which replays it, and the receipt
+        tool_pieces: list[ToolCallDelta] = []  # for the receipt
         send = self.channel.send
         try:
             async for event in events:
@@ -203,6 +210,8 @@ class Job(JobBase):
                     self._parts.append(event.text)
                     if event.reasoning is not None:
                         reasoning.append(event.reasoning)
+                    if event.tool_calls is not None:
+                        tool_pieces += event.tool_calls
                     if seq == 0:
                         self._ttft = asyncio.get_running_loop().time() - self.started
                         # nats.py writes from its flusher task; let it run now, or the
@@ -224,7 +233,8 @@ class Job(JobBase):
                                 degraded=finish.degraded, reasoning_content="".join(reasoning) or None)  # fmt: skip
             )
         receipt = await self._receipt(
-            "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None
+            "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None,
+            signed=signed_answer(text, "".join(reasoning), encoder.encode(tool_pieces) if tool_pieces else None),
         )
         end = StreamEnd(
             job_id=self.id,

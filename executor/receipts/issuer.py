@@ -196,7 +196,10 @@ class ReceiptIssuer:
         request: bytes,
         response_text: str,
         cached: bool = False,
+        signed: bytes | None = None,
     ) -> SignedReceipt:
+        """`signed`: what `response_sha256` hashes when it is not the text alone (protocol/verify.py
+        `signed_answer`)."""
         if not self.outbox.durable:  # fail closed: nothing is numbered, nothing billed
             self.failed += 1
             raise self.unavailable()
@@ -220,7 +223,7 @@ class ReceiptIssuer:
             finished_at_ms=time.time_ns() // 1_000_000,
             ttft_ms=ttft_ms,
             request_sha256=hashlib.sha256(request).hexdigest(),
-            response_sha256=hashlib.sha256(response_text.encode()).hexdigest(),
+            response_sha256=hashlib.sha256(response_text.encode() if signed is None else signed).hexdigest(),
             cached=cached,
         )
         leaf = leaf_hash(receipt)
