@@ -204,10 +204,10 @@ def tool_calls_of(message: _ChoiceMessage) -> list[ToolCall] | None:
 def delta_of(choice: _ChunkChoice) -> Delta | None:
     """The event one stream choice carries, or None when it carries nothing (a role-only or final piece)."""
     d = choice.delta
+    if d.tool_calls is None and d.reasoning_content is None and d.reasoning is None and choice.logprobs is None:
+        return Delta(d.content) if d.content else None  # the plain text path: nothing more to build
     reasoning = d.reasoning_content or d.reasoning
     logprobs = choice.logprobs.content if choice.logprobs is not None else None
-    if d.tool_calls is None and reasoning is None and not logprobs:
-        return Delta(d.content) if d.content else None  # the plain text path: nothing more to build
     pieces = None
     if d.tool_calls:
         pieces = [
