@@ -93,7 +93,7 @@ from protocol.messages import (
     text_reply_decoder,
     unary_reply_decoder,
 )
-from protocol.pending import Pending, may_retry_busy
+from protocol.pending import Pending, may_retry_busy, payload_too_large
 from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.results import open_result
 from protocol.resume import DEFAULT_SILENCE_S
@@ -288,6 +288,9 @@ class LloomClient:
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
         payload = encoder.encode(request)
+        if len(payload) + subj.headers_size(headers) > self._nc.max_payload:  # the server would drop the connection
+            self._pending.forget(job_id)
+            raise payload_too_large(len(payload) + subj.headers_size(headers), self._nc.max_payload)
         try:
             if not self._jobs_stream_ready:
                 await ensure_jobs_stream(js)

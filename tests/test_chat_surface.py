@@ -353,3 +353,12 @@ async def test_a_receipt_vouches_for_the_tool_calls_and_reasoning_so_a_swapped_c
     for forged in (signed_answer("", reply.reasoning_content, swapped), signed_answer("", "other", calls), b""):
         with pytest.raises(ReplyForged):
             verifier.check_response(reply.receipt, forged)
+
+
+async def test_a_queued_job_over_max_payload_is_refused_before_jetstream_and_the_connection_survives(
+    js_client: LloomClient,
+) -> None:
+    big = "data:image/png;base64," + base64.b64encode(bytes(800_000)).decode()
+    with pytest.raises(PayloadTooLarge, match="http\\(s\\) URLs"):
+        await js_client.submit(req([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]))
+    assert await js_client.submit(req())  # the connection is intact: JetStream takes the next job
