@@ -26,6 +26,7 @@ from typing import Self
 
 import msgspec
 
+from protocol.chat_types import ToolCall
 from protocol.errors import (
     DeadlineExceeded,
     InternalError,
@@ -46,7 +47,6 @@ from protocol.messages import (
 )
 from protocol.pending import Pending, may_retry_busy
 from protocol.replies import Target, decode_reply, fails_over
-from protocol.chat_types import ToolCall
 from protocol.routing import Candidate, Constraints, ModelRequest, Specific
 from protocol.sealing import ClientSeal, SealError
 from protocol.tool_calls import ToolCallAccumulator
