@@ -362,3 +362,16 @@ async def test_a_queued_job_over_max_payload_is_refused_before_jetstream_and_the
     with pytest.raises(PayloadTooLarge, match="http\\(s\\) URLs"):
         await js_client.submit(req([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": big}}]}]))
     assert await js_client.submit(req())  # the connection is intact: JetStream takes the next job
+
+
+async def test_a_backend_tool_call_without_an_id_gets_one_and_an_invalid_name_is_a_typed_error(
+    node: ExecutorNode, client: LloomClient, double: OpenAIDouble
+) -> None:
+    from protocol.errors import BackendProtocolError
+
+    double.answers = [Answer(tool_calls=(ScriptedCall("", "get_weather", "{}"),)),
+                      Answer(tool_calls=(ScriptedCall("call_1", "get weather!", "{}"),))]  # fmt: skip
+    reply = await client.complete(req(tools=[WEATHER]))
+    assert [c.id for c in reply.tool_calls] == ["call_0"]  # the caller can answer it
+    with pytest.raises(BackendProtocolError, match="not a valid function name"):
+        await client.complete(req(tools=[WEATHER]))

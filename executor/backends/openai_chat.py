@@ -16,6 +16,8 @@ may interleave); they are relayed as they come, never assembled here.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from executor.backends.base import Delta
@@ -195,10 +197,22 @@ decode_response = msgspec.json.Decoder(WireResponse).decode
 decode_chunk = msgspec.json.Decoder(WireChunk).decode
 
 
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}\Z")
+
+
 def tool_calls_of(message: _ChoiceMessage) -> list[ToolCall] | None:
+    """The calls of a unary answer as the wire carries them. A call without an id gets one
+    (`call_<n>`: the caller must be able to answer it); a function name the wire would refuse
+    (the model wrote it, the backend did not check it) raises ValueError."""
     if not message.tool_calls:
         return None
-    return [ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments)) for c in message.tool_calls]
+    calls = []
+    for n, c in enumerate(message.tool_calls):
+        if not _FUNCTION_NAME.match(c.function.name):
+            raise ValueError(f"a tool call names the function {c.function.name[:80]!r}, not a valid function name")
+        calls.append(ToolCall(id=c.id[:256] or f"call_{n}",
+                              function=FunctionCall(name=c.function.name, arguments=c.function.arguments)))  # fmt: skip
+    return calls
 
 
 def delta_of(choice: _ChunkChoice) -> Delta | None:

@@ -227,12 +227,16 @@ class OpenAICompatibleBackend:
         choice = parsed.choices[0]
         message = choice.message
         content = message.content or ""
+        try:
+            tool_calls = tool_calls_of(message)
+        except ValueError as e:
+            raise BackendProtocolError(f"{self.name}: {e}") from e
         return Completion(
             model=parsed.model or request.model,
             content=content,
             finish_reason=_finish(choice.finish_reason),
             usage=usage_of(parsed.usage, request, content),
-            tool_calls=tool_calls_of(message),
+            tool_calls=tool_calls,
             reasoning_content=message.reasoning_content or message.reasoning or None,
             logprobs=choice.logprobs.content if choice.logprobs is not None else None,
         )
