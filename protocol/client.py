@@ -77,7 +77,8 @@ from protocol.errors import (
     ReplyForged,
     ResultPending,
 )
-from protocol.estimate import estimate_tokens
+from protocol.chat_checks import check_chat_request
+from protocol.estimate import estimate_prompt_tokens
 from protocol.messages import (
     ChatRequest,
     ChatResponse,
@@ -92,7 +93,7 @@ from protocol.messages import (
     text_reply_decoder,
     unary_reply_decoder,
 )
-from protocol.pending import Pending, may_retry_busy
+from protocol.pending import Pending, may_retry_busy, payload_too_large
 from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.results import open_result
 from protocol.resume import DEFAULT_SILENCE_S
@@ -100,7 +101,7 @@ from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, 
 from protocol.sealing import ClientSeal, SealError
 from protocol.stream import ChatStream
 from protocol.trust import Trust
-from protocol.verify import ReplyVerifier, sha256_hex
+from protocol.verify import ReplyVerifier, sha256_hex, signed_answer
 
 T = TypeVar("T")
 
@@ -277,6 +278,7 @@ class LloomClient:
         backend has come back); `result(job_id)` awaits the answer, `fetch` looks.
         Submitting the same job id again stores nothing new. Queued jobs are unary.
         """
+        check_chat_request(request)
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
         job_id = subj.check_id("job id", job_id or self.new_job_id())
@@ -286,6 +288,9 @@ class LloomClient:
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
         payload = encoder.encode(request)
+        if len(payload) + subj.headers_size(headers) > self._nc.max_payload:  # the server would drop the connection
+            self._pending.forget(job_id)
+            raise payload_too_large(len(payload) + subj.headers_size(headers), self._nc.max_payload)
         try:
             if not self._jobs_stream_ready:
                 await ensure_jobs_stream(js)
@@ -388,8 +393,8 @@ class LloomClient:
             catalog.entries(),
             route,
             constraints or Constraints(),
-            prompt_tokens=sum(estimate_tokens(m.content) for m in request.messages),
-            completion_tokens=request.max_tokens or DEFAULT_COMPLETION_ESTIMATE,
+            prompt_tokens=estimate_prompt_tokens(request),
+            completion_tokens=request.max_tokens or request.max_completion_tokens or DEFAULT_COMPLETION_ESTIMATE,
             observed=self.latencies,
             trust=self.trust,
         )
@@ -418,6 +423,7 @@ class LloomClient:
         `sealed`: seal the request to the chosen executor's curve key and have the reply sealed
         back (protocol/sealing.py); routed through the catalogue to executors that announce one
         (`executor` narrows it to one), `NoExecutors` if none does."""
+        check_chat_request(request)  # a bad request fails here, before anything is sent
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
         budget = timeout or self.timeout
@@ -459,6 +465,7 @@ class LloomClient:
         With a route, the stream fails over to the next executor only before its
         first chunk: text already delivered cannot be taken back. `sealed`: as for `complete`.
         """
+        check_chat_request(request)
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
         candidates = self.candidates
@@ -601,7 +608,8 @@ class LloomClient:
     def _verify(self, reply: object, job_id: str, request_sha: str, executor: str | None) -> None:
         """Raise `ReplyForged` unless `reply`'s receipt vouches for it (protocol/verify.py)."""
         if isinstance(reply, ChatResponse):
-            content = reply.content.encode()
+            calls = encoder.encode(reply.tool_calls) if reply.tool_calls else None
+            content = signed_answer(reply.content, reply.reasoning_content, calls)
         elif isinstance(reply, TextResponse):
             content = reply.text.encode()
         else:

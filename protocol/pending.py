@@ -52,6 +52,14 @@ def new_cancel_token() -> str:
     return secrets.token_hex(16)
 
 
+
+def payload_too_large(size: int, limit: int) -> PayloadTooLarge:
+    """The error for a request of `size` bytes (headers included) on a server taking `limit`."""
+    return PayloadTooLarge(
+        f"request is {size} bytes with headers; the NATS server accepts at most {limit}:"
+        " send images as http(s) URLs (the backend fetches them) or smaller, or shorten the prompt"
+    )
+
 class Pending:
     def __init__(self, nc: NATS, *, client_id: str | None = None, silence_s: float = DEFAULT_SILENCE_S) -> None:
         self._nc = nc
@@ -126,9 +134,7 @@ class Pending:
         size = len(payload) + subj.headers_size(headers)
         if size > self._nc.max_payload:
             # The server would close the whole connection for this; refuse it here instead.
-            raise PayloadTooLarge(
-                f"request is {size} bytes with headers; the NATS server accepts at most {self._nc.max_payload}"
-            )
+            raise payload_too_large(size, self._nc.max_payload)
         if subject is None:
             subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
         await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)

@@ -25,6 +25,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
+from executor.backends.presets import PRESETS
 from executor.config import NodeConfig
 from executor.process.embedded_nats import EmbeddedNats
 from executor.jobs.node import ExecutorNode, default_executor_id
@@ -165,11 +166,13 @@ async def make_node(
 
     async def factory(
         *, base_url: str | None = None, timeout_secs: float = 10.0, models: list[str] | None = None,
-        parts: dict[str, object] | None = None, **node_config: object,
+        parts: dict[str, object] | None = None, preset: str = "openai_compatible", **node_config: object,
     ) -> ExecutorNode:
-        """`parts`: the node's collaborators by keyword (receipts, cache, batcher, ...); the rest is NodeConfig."""
+        """`parts`: the node's collaborators by keyword (receipts, cache, batcher, ...); `preset`: the
+        backend preset (executor/backends/presets.py) the double stands for; the rest is NodeConfig."""
         conn = await nats.connect(nats_server.url)
-        backend = OpenAICompatibleBackend(http, base_url=base_url or double.base_url, timeout_secs=timeout_secs)
+        backend = OpenAICompatibleBackend(http, base_url=base_url or double.base_url, timeout_secs=timeout_secs,
+                                          preset=PRESETS[preset])  # fmt: skip
         config = NodeConfig(**node_config)
         parts = dict(parts or {})
         if "receipts" in parts:

@@ -296,8 +296,11 @@ class BackendPool:
         changes: dict[str, object] = {}
         if fb.degrade_model:
             changes["model"] = fb.degrade_model
-        if fb.degrade_max_tokens and (request.max_tokens is None or request.max_tokens > fb.degrade_max_tokens):
-            changes["max_tokens"] = fb.degrade_max_tokens
+        # The limit keeps the name the request gave it (max_tokens or max_completion_tokens).
+        field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        asked = getattr(request, field)
+        if fb.degrade_max_tokens and (asked is None or asked > fb.degrade_max_tokens):
+            changes[field] = fb.degrade_max_tokens
         note = f"{request.model} had no healthy backend; served with " + ", ".join(f"{k}={v}" for k, v in changes.items())
         result, member, _ = await self._serve(msgspec.structs.replace(request, **changes), run, fallback=False)
         return result, member, note

@@ -3,7 +3,9 @@
 A `Job` is created by the node for a decoded request and runs in its own task
 (guarded by `JobBase.run`). The caller gets exactly one terminal message: a
 `ChatResponse`, a `StreamEnd`, or an `ErrorReply`; streams are then closed with
-the empty ADR-47 sentinel. A unary job no backend could serve goes to the durable
+the empty ADR-47 sentinel. A stream's chunks carry text, reasoning and pieces of tool
+calls as the backend sends them (a chunk with only reasoning or tool-call pieces has an
+empty `delta`). A unary job no backend could serve goes to the durable
 queue when its model's fallback says so; a stream cut short is billed for what
 it produced.
 """
@@ -19,6 +21,8 @@ from executor.backends.base import Backend, Completion, Delta, Finish, StreamEve
 from executor.cache.memory import cache_key, cacheable
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.context import JobContext, ReplyChannel
+from protocol.chat_checks import check_chat_request
+from protocol.chat_types import ToolCallDelta
 from protocol.errors import (
     BackendError,
     Cancelled,
@@ -32,6 +36,7 @@ from protocol.errors import (
 )
 from protocol.messages import ChatRequest, ChatResponse, FinishReason, StreamChunk, StreamEnd, Usage, encoder
 from protocol.receipts import Outcome, SignedReceipt
+from protocol.verify import signed_answer
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -50,7 +55,9 @@ class Job(JobBase):
         self._completion_tokens = 0
 
     async def _work(self) -> None:
-        self.ctx.check(self.request.model, self.request.max_tokens)
+        request = self.request
+        check_chat_request(request)  # the rules between fields: the same typed error the client raises
+        self.ctx.check(request.model, request.max_tokens or request.max_completion_tokens)
         if self.request.stream:
             await self._run_stream(self.ctx.backend)
         else:
@@ -109,6 +116,7 @@ class Job(JobBase):
         text: str,
         *,
         cached: bool = False,
+        signed: bytes | None = None,
     ) -> SignedReceipt | None:
         receipts = self.ctx.receipts
         if receipts is None:
@@ -126,6 +134,7 @@ class Job(JobBase):
             request=self._payload,
             response_text=text,
             cached=cached,
+            signed=signed,
         )
 
     async def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
@@ -156,8 +165,10 @@ class Job(JobBase):
         result = hit or await backend.complete(self.request)
         if hit is None:
             self._cache_store(key, result)
+        calls = encoder.encode(result.tool_calls) if result.tool_calls else None
         receipt = await self._receipt(
-            "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None
+            "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None,
+            signed=signed_answer(result.content, result.reasoning_content, calls),
         )
         payload = encoder.encode(
             ChatResponse(
@@ -170,6 +181,9 @@ class Job(JobBase):
                 receipt=receipt,
                 degraded=result.degraded,
                 cached=hit is not None,
+                tool_calls=result.tool_calls,
+                reasoning_content=result.reasoning_content,
+                logprobs=result.logprobs,
             )
         )
         if len(payload) > self.ctx.limits.max_payload:
@@ -185,12 +199,19 @@ class Job(JobBase):
         finish: Finish | None = None
         key, hit = await self._cache_lookup()
         events = _replay(hit) if hit is not None else backend.stream(self.request)
+        reasoning: list[str] = []  # kept for the cache, which replays it, and the receipt
+        tool_pieces: list[ToolCallDelta] = []  # for the receipt
         send = self.channel.send
         try:
             async for event in events:
                 if type(event) is Delta:
-                    await send(encoder.encode(StreamChunk(seq, event.text)))
+                    await send(encoder.encode(StreamChunk(seq, event.text, event.reasoning, event.tool_calls,
+                                                          event.logprobs)))  # fmt: skip
                     self._parts.append(event.text)
+                    if event.reasoning is not None:
+                        reasoning.append(event.reasoning)
+                    if event.tool_calls is not None:
+                        tool_pieces += event.tool_calls
                     if seq == 0:
                         self._ttft = asyncio.get_running_loop().time() - self.started
                         # nats.py writes from its flusher task; let it run now, or the
@@ -209,10 +230,11 @@ class Job(JobBase):
         if hit is None:
             self._cache_store(
                 key, Completion(model=finish.model, content=text, finish_reason=finish.finish_reason, usage=finish.usage,
-                                degraded=finish.degraded)  # fmt: skip
+                                degraded=finish.degraded, reasoning_content="".join(reasoning) or None)  # fmt: skip
             )
         receipt = await self._receipt(
-            "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None
+            "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None,
+            signed=signed_answer(text, "".join(reasoning), encoder.encode(tool_pieces) if tool_pieces else None),
         )
         end = StreamEnd(
             job_id=self.id,
@@ -232,7 +254,9 @@ class Job(JobBase):
 
 
 async def _replay(hit: Completion) -> AsyncIterator[StreamEvent]:
-    """A cached answer as a stream: its text in one chunk, then its end."""
+    """A cached answer as a stream: its reasoning and its text in one chunk each, then its end."""
+    if hit.reasoning_content:
+        yield Delta("", hit.reasoning_content)
     if hit.content:
         yield Delta(hit.content)
     yield Finish(model=hit.model, finish_reason=hit.finish_reason, usage=hit.usage)

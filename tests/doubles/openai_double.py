@@ -5,7 +5,10 @@ depend on a real model. It serves `GET /v1/models`, `GET /health`,
 `POST /v1/completions` (prompt arrays, one choice per prompt, usage) and
 `POST /v1/chat/completions` (plain JSON and SSE streaming) with the real wire
 format, produces deterministic content (`tok0 tok1 ...`) with exact usage
-arithmetic, records what it was sent, and can inject faults (HTTP errors,
+arithmetic, or a scripted answer (tool calls, reasoning: tests/doubles/openai_script.py),
+log probabilities when asked, records what it was sent, refuses what
+api.openai.com refuses (unknown arguments, malformed tools, messages, formats:
+tests/doubles/openai_rules.py) with its error body, and can inject faults (HTTP errors,
 stalls, slowness, connection resets, malformed or truncated bodies) one request
 at a time or persistently. It depends only on the standard library, aiohttp and
 msgspec so that it stays independent of the code it is used to test.
@@ -26,6 +29,9 @@ from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
+
+from tests.doubles.openai_rules import COMPLETION_FIELDS, EMBEDDING_FIELDS, Refused, check_chat, check_fields
+from tests.doubles.openai_script import Answer
 
 FaultKind = Literal["status", "stall", "slow", "reset", "malformed_json", "wrong_shape",
                     "truncated", "malformed_sse", "no_usage"]
@@ -165,6 +171,9 @@ class OpenAIDouble:
         self.faults: list[Fault] = []
         self.fault: Fault | None = None
         self.requests: list[dict[str, Any]] = []
+        # Scripted answers, one per chat request in order (tests/doubles/openai_script.py).
+        self.answers: list[Answer] = []
+        self.array_requests: list[dict[str, Any]] = []  # bodies of /v1/embeddings and /v1/completions
         self.request_headers: list[dict[str, str]] = []
         self.in_flight = 0
         self.started = asyncio.Event()
@@ -271,6 +280,12 @@ class OpenAIDouble:
                                                           headers=dict(fault.headers)))
         if (denied := self._unauthorized(request)) is not None:
             return await self._finish(request, ex, denied)
+        if isinstance(body, dict):
+            self.array_requests.append(body)
+            try:
+                check_fields(body, EMBEDDING_FIELDS if field == "input" else COMPLETION_FIELDS)
+            except Refused as e:
+                return await self._finish(request, ex, _error(400, e.message))
         items = body.get(field) if isinstance(body, dict) else None
         if isinstance(items, str):
             items = [items]
@@ -394,9 +409,18 @@ class OpenAIDouble:
         pieces = [f"tok{i} " for i in range(n)]
         cut_short = max_tokens is not None and max_tokens < self.completion_tokens
         finish = "length" if cut_short else "stop"
+        answer = self.answers.pop(0) if self.answers else None
+        reasoning: list[str] = []
+        if answer is not None:
+            pieces, reasoning, finish = answer.texts(pieces), answer.reasoning_pieces(), answer.finish(finish)
         prompt = sum(_words(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+        # Each streamed piece stands for a token, tool-call pieces included.
+        n = len(pieces) + len(reasoning) + (len(answer.tool_pieces()) if answer is not None else 0)
         usage = None if kind == "no_usage" else {
             "prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        if usage is not None and reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": len(reasoning)}
+        logprobs = _logprobs(pieces, body.get("top_logprobs") or 0) if body.get("logprobs") else None
         head = {"id": f"chatcmpl-double-{next(self._ids)}", "created": int(time.time()),
                 "model": model}
 
@@ -404,12 +428,13 @@ class OpenAIDouble:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
             return await self._stream(request, ex, fault, head, pieces, finish,
-                                      usage, include_usage)
-        completion: dict[str, Any] = {
-            "object": "chat.completion", **head,
-            "choices": [{"index": 0, "message": {"role": "assistant",
-                                                 "content": "".join(pieces)},
-                         "finish_reason": finish}]}
+                                      usage, include_usage, answer, reasoning, logprobs)
+        message = (answer.message("".join(pieces)) if answer is not None
+                   else {"role": "assistant", "content": "".join(pieces)})
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs, "refusal": None}
+        completion: dict[str, Any] = {"object": "chat.completion", **head, "choices": [choice]}
         if usage is not None:
             completion["usage"] = usage
         encoded = msgspec.json.encode(completion)
@@ -421,6 +446,10 @@ class OpenAIDouble:
     def _validate(self, body: Any) -> tuple[str, int | None]:
         if not isinstance(body, dict):
             raise _BadRequest(400, "We could not parse the JSON body of your request.")
+        try:
+            check_chat(body)
+        except Refused as e:
+            raise _BadRequest(400, e.message) from None
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _BadRequest(400, "'messages' must be a non-empty array.")
@@ -476,20 +505,32 @@ class OpenAIDouble:
 
     async def _stream(self, request: web.Request, ex: _Exchange, fault: Fault | None,
                       head: dict[str, Any], pieces: list[str], finish: str,
-                      usage: dict[str, int] | None, include_usage: bool) -> web.StreamResponse:
+                      usage: dict[str, Any] | None, include_usage: bool, answer: Answer | None = None,
+                      reasoning: Sequence[str] = (), logprobs: list[dict[str, Any]] | None = None,
+                      ) -> web.StreamResponse:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             # With include_usage, OpenAI puts usage: null on every other chunk.
             usage_field = {"usage": None} if include_usage else {}
             return msgspec.json.encode({"object": "chat.completion.chunk", **head,
                                         "choices": choices, **usage_field, **extra})
 
-        def delta(d: dict[str, str], finish_reason: str | None = None) -> bytes:
-            return chunk([{"index": 0, "delta": d, "finish_reason": finish_reason}])
+        def delta(d: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> bytes:
+            one: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish_reason}
+            if lp is not None:
+                one["logprobs"] = {"content": [lp], "refusal": None}
+            return chunk([one])
 
         # The whole stream is planned up front so faults are just edits of it;
         # None marks where the connection gets reset.
         events: list[bytes | None] = [delta({"role": "assistant", "content": ""})]
-        events += [delta({"content": p}) for p in pieces]
+        field = answer.reasoning_field if answer is not None else "reasoning_content"
+        events += [delta({field: r}) for r in reasoning]
+        events += [delta({"content": p}, lp=logprobs[i] if logprobs else None) for i, p in enumerate(pieces)]
+        tool_pieces = answer.tool_pieces() if answer is not None else []
+        events += [delta({"tool_calls": [p]}) for p in tool_pieces]
+        if answer is not None and answer.cut_after_tool_pieces is not None:
+            cut_at = len(events) - len(tool_pieces) + answer.cut_after_tool_pieces
+            events[cut_at:] = [None]
         events.append(delta({}, finish))
         if include_usage and usage is not None:
             events.append(chunk([], usage=usage))
@@ -513,6 +554,14 @@ class OpenAIDouble:
         await resp.write_eof()
         self.completed += 1
         return resp
+
+
+def _logprobs(pieces: Sequence[str], top: int) -> list[dict[str, Any]]:
+    """Made-up but well-formed log probabilities, one per piece (each piece is a token here)."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return [{**entry(p, -0.25), "top_logprobs": [entry(p, -0.25 * (k + 1)) for k in range(top)]} for p in pieces]
 
 
 async def _serve(args: argparse.Namespace) -> None:
