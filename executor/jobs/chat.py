@@ -51,6 +51,7 @@ class Job(JobBase):
 
     async def _work(self) -> None:
         self.ctx.check(self.request.model, self.request.max_tokens)
+        self.ctx.check_features(self.request)  # before the cache too: a hit must not serve what is refused
         if self.request.stream:
             await self._run_stream(self.ctx.backend)
         else:
