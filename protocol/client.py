@@ -76,7 +76,9 @@ from protocol.errors import (
     QueueUnavailable,
     ReplyForged,
     ResultPending,
+    UnsupportedFeature,
 )
+from protocol.capabilities import required_capabilities
 from protocol.estimate import estimate_tokens
 from protocol.messages import (
     ChatRequest,
@@ -279,6 +281,11 @@ class LloomClient:
         """
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
+        if required_capabilities(request):
+            # Any executor serving the model may take a queued job: refuse now what none of those
+            # up can do (nobody up: it waits, as any job). See docs/protocol.md, Capabilities.
+            with contextlib.suppress(NoExecutors):
+                await self.candidates(request, Specific(request.model))
         job_id = subj.check_id("job id", job_id or self.new_job_id())
         js = self._nc.jetstream()
         headers = {subj.HDR_MSG_ID: job_id, subj.HDR_JOB_ID: job_id,
@@ -382,21 +389,36 @@ class LloomClient:
     async def candidates(
         self, request: ChatRequest, route: ModelRequest, constraints: Constraints | None = None
     ) -> list[Candidate]:
-        """The executors `route` would try for `request`, best first; `NoExecutors` if none."""
+        """The executors `route` would try for `request`, best first; `NoExecutors` if none.
+
+        Only executors announcing every capability the request needs (tools, vision,
+        json_schema, reasoning: `protocol.capabilities`) are candidates; when executors
+        offer the model but none with them, `UnsupportedFeature` names what is missing
+        and who serves the model without it."""
         catalog = await self.catalog()
-        found = rank(
-            catalog.entries(),
-            route,
-            constraints or Constraints(),
-            prompt_tokens=sum(estimate_tokens(m.content) for m in request.messages),
-            completion_tokens=request.max_tokens or DEFAULT_COMPLETION_ESTIMATE,
-            observed=self.latencies,
-            trust=self.trust,
-        )
+        needs = frozenset(str(c) for c in required_capabilities(request))
+        base = constraints or Constraints()
+
+        def ranked(cons: Constraints) -> list[Candidate]:
+            return rank(
+                catalog.entries(),
+                route,
+                cons,
+                # Text only: an estimate for ranking by cost (parts and tool calls are not text here).
+                prompt_tokens=sum(estimate_tokens(m.content) for m in request.messages if isinstance(m.content, str)),
+                completion_tokens=request.max_tokens or DEFAULT_COMPLETION_ESTIMATE,
+                observed=self.latencies,
+                trust=self.trust,
+            )
+
+        found = ranked(msgspec.structs.replace(base, features=base.features | needs) if needs else base)
         if not found:
             served = catalog.model_names()
             if isinstance(route, Specific) and constraints is None and route.model not in served:
                 raise no_responders((route.model, None), served)  # a typo, most likely: name the served ones
+            without = ranked(base) if needs else []
+            if without:
+                raise UnsupportedFeature(_missing_capability(needs, route, without))
             within = " within the constraints" if constraints else ""
             raise NoExecutors(f"no executor on the network offers {_describe(route)}{within}")
         return found
@@ -425,7 +447,8 @@ class LloomClient:
         if sealed:
             found = await self.sealed_candidates(request, route, constraints, executor)
             return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
-        if route is None and constraints is None:
+        if route is None and constraints is None and (executor is not None or not required_capabilities(request)):
+            # The model's queue group (or the named executor, which refuses what its model cannot do).
             return await self._complete_on((request.model, executor), request, deadline, self.busy_retries)
         found = await self.candidates(request, route or Specific(request.model), constraints)
         return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
@@ -461,6 +484,8 @@ class LloomClient:
         """
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
+        if route is None and executor is None and required_capabilities(request):
+            route = Specific(request.model)  # through the catalogue: only executors announcing what it needs
         candidates = self.candidates
         if sealed:
 
@@ -676,6 +701,14 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+
+
+def _missing_capability(needs: frozenset[str], route: ModelRequest, without: list[Candidate]) -> str:
+    serving = sorted({f"{c.executor_id} ({', '.join(c.offer.features) or 'no features'})" for c in without})
+    return (f"no executor on the network announces {', '.join(sorted(needs))} for {_describe(route)}; it is"
+            f" served without it by: {', '.join(serving)}. Send the request without"
+            f" {', '.join(sorted(needs))}, or serve the model where its backend supports it"
+            " ([[models]] features, docs/protocol.md)")
 
 
 def _describe(route: ModelRequest) -> str:

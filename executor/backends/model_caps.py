@@ -133,11 +133,17 @@ class CapabilityProbe:
                 return {} if caps is None else dict.fromkeys(model_ids, caps)  # one model per server
             if self.kind == "lmstudio":
                 return from_lmstudio_models(await self._get(self._lms, b""))
-            shown = await asyncio.gather(*(self._get(self._show, _encode({"model": m})) for m in model_ids))
-            return {m: c for m, s in zip(model_ids, shown, strict=True) if (c := from_ollama_show(s)) is not None}
+            shown = await asyncio.gather(*(self._show_one(m) for m in model_ids))
+            return {m: c for m, c in zip(model_ids, shown, strict=True) if c is not None}
         except _NoAnswer as e:
             log.debug("capability probe got no answer", kind=self.kind, error=str(e))
             return {}
+
+    async def _show_one(self, model: str) -> frozenset[str] | None:
+        try:  # one model Ollama cannot describe leaves only that one unknown
+            return from_ollama_show(await self._get(self._show, _encode({"model": model})))
+        except _NoAnswer:
+            return None
 
     async def _get(self, endpoint: Any, body: bytes) -> object:
         try:
