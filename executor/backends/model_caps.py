@@ -65,7 +65,7 @@ def from_llama_props(props: object) -> frozenset[str] | None:
     thinks = isinstance(template, str) and any(w in template for w in _THINKING_WORDS)
     if thinks or caps.get("supports_reasoning_effort") is True or caps.get("supports_preserve_reasoning") is True:
         found.add(Capability.REASONING)
-    return frozenset(found)
+    return frozenset(str(c) for c in found)
 
 
 _OLLAMA = {"tools": Capability.TOOLS, "vision": Capability.VISION, "thinking": Capability.REASONING,
@@ -76,7 +76,7 @@ def from_ollama_show(show: object) -> frozenset[str] | None:
     """Capabilities from Ollama's `/api/show`; None if it does not list any (older Ollama)."""
     if not isinstance(show, dict) or not isinstance(show.get("capabilities"), list):
         return None
-    return frozenset(_OLLAMA[c] for c in show["capabilities"] if c in _OLLAMA)
+    return frozenset(str(_OLLAMA[c]) for c in show["capabilities"] if c in _OLLAMA)
 
 
 def from_lmstudio_models(listing: object) -> Detected:
@@ -86,14 +86,14 @@ def from_lmstudio_models(listing: object) -> Detected:
     for entry in data if isinstance(data, list) else []:
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
             continue
-        caps: set[str] = set()
+        caps: set[Capability] = set()
         if entry.get("type") in ("llm", "vlm"):
             caps.add(Capability.JSON_SCHEMA)
         if entry.get("type") == "vlm":
             caps.add(Capability.VISION)
         if "tool_use" in (entry.get("capabilities") or []):
             caps.add(Capability.TOOLS)
-        found[entry["id"]] = frozenset(caps)
+        found[entry["id"]] = frozenset(str(c) for c in caps)
     return found
 
 
