@@ -173,8 +173,10 @@ class LocalBackend:
         if template:
             # A named built-in template; with Jinja on, the name itself would become the prompt.
             args += ["--no-jinja", "--chat-template", template]
-        elif bundled:
-            # The GGUF's own template (SmolLM2's ChatML with its default system prompt), run as written.
+        else:
+            # The GGUF's own template (SmolLM2's ChatML with its default system prompt), run as written:
+            # Jinja is what renders tools and reports the template's caps in /props (said explicitly,
+            # for builds where it is not the default).
             args += ["--jinja"]
         args += ["--ctx-size", str(cfg.context_length or 0)]  # 0: the model's own (GGUF metadata)
         args += ["--n-predict", str(DEFAULT_MAX_TOKENS)]
