@@ -18,11 +18,16 @@ from executor.config import ModelConfig, NodeConfig
 from executor.jobs.node import ExecutorNode
 from executor.process.embedded_nats import EmbeddedNats
 from protocol import subjects as subj
-from protocol.chat_types import FunctionDefinition, JsonSchema, JsonSchemaFormat, Tool
+from executor.cache.memory import ResponseCache
+from executor.config import QueueConfig
+from executor.queue.consumer import JobQueue
+from executor.queue.producer import JobEnqueuer
+from protocol.chat_types import FunctionDefinition, ImagePart, ImageUrl, JsonSchema, JsonSchemaFormat, TextPart, Tool
+from protocol.durable import JOBS_STREAM
 from protocol.client import LloomClient
 from protocol.errors import ErrorCode, NoExecutors, UnsupportedFeature
 from protocol.identity import Identity
-from protocol.messages import ErrorReply, encoder, unary_reply_decoder
+from protocol.messages import ChatRequest, ErrorReply, Message, Role, encoder, unary_reply_decoder
 from tests.conftest import Signing
 from tests.doubles.openai_double import OpenAIDouble, llama_props
 from tests.helpers.jobs import ask
@@ -243,3 +248,90 @@ async def test_tool_choice_none_needs_no_tools_capability(make_executor: MakeExe
     reply = await client.complete(with_tools(tool_choice="none"))
 
     assert reply.executor_id == plain.id and len(plain.double.requests) == 1
+
+
+async def test_explicit_config_features_are_enforced_as_announced(make_executor: MakeExecutor, client: LloomClient) -> None:
+    # The operator knows better than /props: the executor takes tools requests for the model.
+    forced = await make_executor(llama_props(supports_tools=False), configured=features("tools"))
+    denied = await make_executor(llama_props(supports_tools=True), configured=features())
+
+    assert (await client.complete(with_tools())).executor_id == forced.id
+    with pytest.raises(UnsupportedFeature):
+        await client.complete(with_tools(), executor=denied.id)
+    assert len(forced.double.requests) == 1 and denied.double.requests == []
+
+
+async def test_images_go_only_to_an_executor_announcing_vision(make_executor: MakeExecutor, client: LloomClient) -> None:
+    seeing = await make_executor(llama_props(vision=True))
+    blind = await make_executor(llama_props())
+    picture = Message(Role.USER, [TextPart(text="what is in this picture?"),
+                                  ImagePart(image_url=ImageUrl(url="data:image/png;base64,iVBORw0KGgo="))])  # fmt: skip
+
+    for _ in range(4):
+        assert (await client.complete(ChatRequest(model=MODEL, messages=[picture]))).executor_id == seeing.id
+    with pytest.raises(UnsupportedFeature, match="vision"):
+        await client.complete(ChatRequest(model=MODEL, messages=[picture]), executor=blind.id)
+    assert blind.double.requests == []
+
+
+async def test_what_the_backend_says_is_refreshed_with_the_model_list_and_a_cached_answer_is_not_served_past_it(
+    nats_server: EmbeddedNats, client: LloomClient, signing: Signing
+) -> None:
+    async with OpenAIDouble(models=[MODEL]) as double:
+        double.props = llama_props(supports_tools=True)
+        nc = await nats.connect(nats_server.url)
+        backend = OpenAICompatibleBackend(base_url=double.base_url, preset=PRESETS["llamacpp"], timeout_secs=5)
+        node = ExecutorNode(nc, backend, NodeConfig(), cache=ResponseCache(), **signing())
+        await node.start()
+        try:
+            request = with_tools(temperature=0)  # cacheable
+            assert (await client.complete(request, executor=node.id)).cached is False
+            assert (await client.complete(request, executor=node.id)).cached is True
+
+            double.props = llama_props(supports_tools=False)  # the server reloaded another template
+            await node.refresh_models()
+
+            with pytest.raises(UnsupportedFeature):
+                await client.complete(request, executor=node.id)
+            assert len(double.requests) == 1
+        finally:
+            await node.stop(drain_timeout=1)
+            await nc.close()
+            await backend.aclose()
+
+
+async def test_queued_tools_jobs_are_refused_typed_by_an_executor_without_tools_and_submit_checks_the_catalogue(
+    js_server: EmbeddedNats, js_client: LloomClient
+) -> None:
+    async with OpenAIDouble(models=[MODEL]) as double:
+        double.props = llama_props(supports_tools=False)
+        nc = await nats.connect(js_server.url)
+        backend = OpenAICompatibleBackend(base_url=double.base_url, preset=PRESETS["llamacpp"], timeout_secs=5)
+        enqueuer = JobEnqueuer(nc.jetstream(), fallback_models=set(), consume_all=True)
+        identity = Identity.generate()
+        node = ExecutorNode(nc, backend, NodeConfig(), queue=enqueuer)
+        queue = JobQueue(nc, node, enqueuer, QueueConfig(consume_all=True), idle_poll_s=0.02, fetch_wait_s=0.2)
+        await node.start()
+        await queue.start()
+        announcer = Announcer(nc, node, identity, heartbeat_interval=0.5)
+        try:
+            # Nobody announces yet: the job is stored, and the executor that takes it refuses it typed.
+            job = await js_client.submit(with_tools())
+            with pytest.raises(UnsupportedFeature, match="tools"):
+                await js_client.result(job, timeout=10)
+            plain = await js_client.submit(ask(MODEL))
+            assert (await js_client.result(plain, timeout=10)).content  # the node keeps serving
+
+            # Once the executor is in the catalogue, submit refuses at once: nothing is stored.
+            await announcer.start()
+            stored = (await nc.jetstream().stream_info(JOBS_STREAM)).state.last_seq
+            with pytest.raises(UnsupportedFeature, match="tools"):
+                await js_client.submit(with_tools())
+            assert (await nc.jetstream().stream_info(JOBS_STREAM)).state.last_seq == stored
+            assert len(double.requests) == 1  # only the plain job reached the backend
+        finally:
+            await announcer.stop()
+            await node.stop(drain_timeout=1)
+            await queue.stop()
+            await nc.close()
+            await backend.aclose()
