@@ -18,8 +18,10 @@ from executor.config import ModelConfig, NodeConfig
 from executor.jobs.node import ExecutorNode
 from executor.process.embedded_nats import EmbeddedNats
 from protocol import subjects as subj
+from executor.backends.breaker import CircuitBreaker
+from executor.backends.pool import BackendPool, Member
 from executor.cache.memory import ResponseCache
-from executor.config import QueueConfig
+from executor.config import LoadBalancingConfig, QueueConfig, RetryConfig
 from executor.queue.consumer import JobQueue
 from executor.queue.producer import JobEnqueuer
 from protocol.chat_types import FunctionDefinition, ImagePart, ImageUrl, JsonSchema, JsonSchemaFormat, TextPart, Tool
@@ -335,3 +337,21 @@ async def test_queued_tools_jobs_are_refused_typed_by_an_executor_without_tools_
             await queue.stop()
             await nc.close()
             await backend.aclose()
+
+
+async def test_a_pool_announces_for_a_model_what_every_member_serving_it_supports() -> None:
+    async with OpenAIDouble(models=[MODEL]) as a, OpenAIDouble(models=[MODEL]) as b:
+        a.props = llama_props(supports_tools=True, vision=True)
+        b.props = llama_props(supports_tools=True)
+
+        def member(name: str, double: OpenAIDouble) -> Member:
+            backend = OpenAICompatibleBackend(base_url=double.base_url, preset=PRESETS["llamacpp"], timeout_secs=5)
+            return Member(name, backend, None, 1, CircuitBreaker())
+
+        pool = BackendPool([member("a", a), member("b", b)], balancing=LoadBalancingConfig(), retry=RetryConfig())
+        try:
+            assert {m.id: m.capabilities for m in await pool.list_models()} == {MODEL: {"tools", "json_schema"}}
+            b.props = None  # one member says nothing: the pool cannot promise anything
+            assert {m.id: m.capabilities for m in await pool.list_models()} == {MODEL: None}
+        finally:
+            await pool.aclose()
