@@ -5,6 +5,7 @@ model cannot do with `unsupported_feature` before calling its backend."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import nats
@@ -133,18 +134,20 @@ async def make_executor(nats_server: EmbeddedNats, signing: Signing) -> AsyncIte
     """An executor serving MODEL from its own double, as a llama-server (`props`) whose /props says what it can do."""
     made: list[tuple[Executor, Announcer, NATS, OpenAICompatibleBackend]] = []
 
-    async def factory(props: dict[str, Any] | None, *, configured: list[str] | None = None) -> Executor:
+    async def factory(props: dict[str, Any] | None, *, configured: list[str] | None = None,
+                      announced_only: bool = False, price: str = "0") -> Executor:
+        """`announced_only`: `configured` reaches the announcer but not the node (an offer the node does not keep)."""
         double = OpenAIDouble(models=[MODEL])
         double.props = props
         await double.start()
         nc = await nats.connect(nats_server.url)
         backend = OpenAICompatibleBackend(base_url=double.base_url, preset=PRESETS["llamacpp"], timeout_secs=5)
         identity = Identity.generate()
-        explicit = {MODEL: configured} if configured is not None else None
+        explicit = {MODEL: configured} if configured is not None and not announced_only else None
         node = ExecutorNode(nc, backend, NodeConfig(), model_features=explicit, **signing(None, identity))
         await node.start()
-        announcer = Announcer(nc, node, identity, models=[ModelConfig(name=MODEL, features=configured)],
-                              heartbeat_interval=0.5)  # fmt: skip
+        offer = ModelConfig(name=MODEL, features=configured, input_price=Decimal(price), output_price=Decimal(price))
+        announcer = Announcer(nc, node, identity, models=[offer], heartbeat_interval=0.5)
         await announcer.start()
         executor = Executor(node, double)
         made.append((executor, announcer, nc, backend))
@@ -242,6 +245,20 @@ async def test_an_executor_refuses_a_tools_request_for_a_model_without_tools_bef
 
     assert len(plain.double.requests) == 1  # only the structured-output one reached the backend
     assert plain.node.stats.bad_requests == 0  # a refusal of a valid request, not a malformed one
+
+
+async def test_a_routed_job_refused_for_a_feature_fails_over_to_the_next_candidate(
+    make_executor: MakeExecutor, client: LloomClient
+) -> None:
+    # Announces tools, refuses them: what a client sees when an offer changed after its catalogue read it.
+    # Cheaper, so ranked first every time (equal load): every job is tried there first.
+    stale = await make_executor(llama_props(), configured=features("tools"), announced_only=True, price="0")
+    tools = await make_executor(llama_props(supports_tools=True), price="1")
+
+    for _ in range(4):
+        assert (await client.complete(with_tools())).executor_id == tools.id
+    assert stale.node.stats.received == 4 and stale.double.requests == []  # tried, refused, never at its backend
+    assert len(tools.double.requests) == 4
 
 
 async def test_tool_choice_none_needs_no_tools_capability(make_executor: MakeExecutor, client: LloomClient) -> None:
