@@ -14,7 +14,9 @@ from `protocol.routing`) or constraints, the client ranks the executors of its
 live `Catalog` and sends the job to the best one's direct subject; on no
 responders, busy, a timeout of the attempt or a retryable error it fails over to
 the next, within the caller's overall deadline, one executor at a time unless
-`hedge_after` asks for a second one when the first is slow.
+`hedge_after` asks for a second one when the first is slow. A request that needs a
+capability (tools, images, json_schema, reasoning: `protocol.capabilities`) is routed
+that way even without a route, among executors announcing it.
 
 All replies arrive on one wildcard inbox subscription (`<inbox>.*`, owned by
 protocol/pending.py), routed to the waiting call by the last token, which is the
