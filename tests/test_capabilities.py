@@ -22,7 +22,8 @@ from protocol import subjects as subj
 from executor.backends.breaker import CircuitBreaker
 from executor.backends.pool import BackendPool, Member
 from executor.cache.memory import ResponseCache
-from executor.config import LoadBalancingConfig, QueueConfig, RetryConfig
+from executor.config import ExecutorConfig, LlmClientConfig, LoadBalancingConfig, QueueConfig, RetryConfig
+from executor.runtime.cli import _check
 from executor.queue.consumer import JobQueue
 from executor.queue.producer import JobEnqueuer
 from protocol.chat_types import FunctionDefinition, ImagePart, ImageUrl, JsonSchema, JsonSchemaFormat, TextPart, Tool
@@ -372,3 +373,18 @@ async def test_a_pool_announces_for_a_model_what_every_member_serving_it_support
             assert {m.id: m.capabilities for m in await pool.list_models()} == {MODEL: None}
         finally:
             await pool.aclose()
+
+
+async def test_executor_check_prints_what_the_backend_says_each_model_can_do(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with OpenAIDouble(models=[MODEL]) as double:
+        double.props = llama_props(supports_tools=True)
+        config = ExecutorConfig(llm_client=LlmClientConfig(backend="llamacpp", base_url=double.base_url))
+        assert await _check(config) == 0
+        double.props = None
+        assert await _check(config) == 0
+
+    printed = capsys.readouterr().out.splitlines()
+    assert f"  model {MODEL}; backend capabilities: json_schema, tools" in printed
+    assert f"  model {MODEL}; backend capabilities: says nothing" in printed
