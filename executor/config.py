@@ -121,7 +121,10 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     input_price: Decimal = Decimal(0)
     output_price: Decimal = Decimal(0)
     category: ModelCategory | None = None  # fast | balanced | quality; derived from speed when absent
-    features: list[str] = msgspec.field(default_factory=lambda: ["chat", "stream"])
+    # What the model can do, announced as is: "chat", "stream", and the capabilities of
+    # protocol/capabilities.py ("tools", "vision", "json_schema", "reasoning"). Unset: "chat",
+    # "stream" and what the backend says (executor/catalog/features.py); set: exactly this list.
+    features: list[str] | None = None
     context_length: Annotated[int, Meta(ge=1)] | None = None  # overrides what the backend reports
 
     def __post_init__(self) -> None:
@@ -476,7 +479,7 @@ transport = "auto"
 # input_price = "2.50"
 # output_price = "10.00"
 # category = "quality"       # fast | balanced | quality (default: fast if >= 50 tokens/s measured)
-# features = ["chat", "stream"]
+# features = ["chat", "stream", "tools", "json_schema"]  # default: chat, stream + what the backend says
 # context_length = 128000    # default: what the backend reports
 
 [tokens]

@@ -14,7 +14,9 @@ from `protocol.routing`) or constraints, the client ranks the executors of its
 live `Catalog` and sends the job to the best one's direct subject; on no
 responders, busy, a timeout of the attempt or a retryable error it fails over to
 the next, within the caller's overall deadline, one executor at a time unless
-`hedge_after` asks for a second one when the first is slow.
+`hedge_after` asks for a second one when the first is slow. A request that needs a
+capability (tools, images, json_schema, reasoning: `protocol.capabilities`) is routed
+that way even without a route, among executors announcing it.
 
 All replies arrive on one wildcard inbox subscription (`<inbox>.*`, owned by
 protocol/pending.py), routed to the waiting call by the last token, which is the
@@ -76,7 +78,9 @@ from protocol.errors import (
     QueueUnavailable,
     ReplyForged,
     ResultPending,
+    UnsupportedFeature,
 )
+from protocol.capabilities import required_capabilities
 from protocol.chat_checks import check_chat_request
 from protocol.estimate import estimate_prompt_tokens
 from protocol.messages import (
@@ -281,6 +285,11 @@ class LloomClient:
         check_chat_request(request)
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
+        if required_capabilities(request):
+            # Any executor serving the model may take a queued job: refuse now what none of those
+            # up can do (nobody up: it waits, as any job). See docs/protocol.md, Capabilities.
+            with contextlib.suppress(NoExecutors):
+                await self.candidates(request, Specific(request.model))
         job_id = subj.check_id("job id", job_id or self.new_job_id())
         js = self._nc.jetstream()
         headers = {subj.HDR_MSG_ID: job_id, subj.HDR_JOB_ID: job_id,
@@ -387,21 +396,35 @@ class LloomClient:
     async def candidates(
         self, request: ChatRequest, route: ModelRequest, constraints: Constraints | None = None
     ) -> list[Candidate]:
-        """The executors `route` would try for `request`, best first; `NoExecutors` if none."""
+        """The executors `route` would try for `request`, best first; `NoExecutors` if none.
+
+        Only executors announcing every capability the request needs (tools, vision,
+        json_schema, reasoning: `protocol.capabilities`) are candidates; when executors
+        offer the model but none with them, `UnsupportedFeature` names what is missing
+        and who serves the model without it."""
         catalog = await self.catalog()
-        found = rank(
-            catalog.entries(),
-            route,
-            constraints or Constraints(),
-            prompt_tokens=estimate_prompt_tokens(request),
-            completion_tokens=request.max_tokens or request.max_completion_tokens or DEFAULT_COMPLETION_ESTIMATE,
-            observed=self.latencies,
-            trust=self.trust,
-        )
+        needs = frozenset(str(c) for c in required_capabilities(request))
+        base = constraints or Constraints()
+
+        def ranked(cons: Constraints) -> list[Candidate]:
+            return rank(
+                catalog.entries(),
+                route,
+                cons,
+                prompt_tokens=estimate_prompt_tokens(request),
+                completion_tokens=request.max_tokens or request.max_completion_tokens or DEFAULT_COMPLETION_ESTIMATE,
+                observed=self.latencies,
+                trust=self.trust,
+            )
+
+        found = ranked(msgspec.structs.replace(base, features=base.features | needs) if needs else base)
         if not found:
             served = catalog.model_names()
             if isinstance(route, Specific) and constraints is None and route.model not in served:
                 raise no_responders((route.model, None), served)  # a typo, most likely: name the served ones
+            without = ranked(base) if needs else []
+            if without:
+                raise UnsupportedFeature(_missing_capability(needs, route, without))
             within = " within the constraints" if constraints else ""
             raise NoExecutors(f"no executor on the network offers {_describe(route)}{within}")
         return found
@@ -431,7 +454,8 @@ class LloomClient:
         if sealed:
             found = await self.sealed_candidates(request, route, constraints, executor)
             return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
-        if route is None and constraints is None:
+        if route is None and constraints is None and (executor is not None or not required_capabilities(request)):
+            # The model's queue group (or the named executor, which refuses what its model cannot do).
             return await self._complete_on((request.model, executor), request, deadline, self.busy_retries)
         found = await self.candidates(request, route or Specific(request.model), constraints)
         return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
@@ -468,6 +492,8 @@ class LloomClient:
         check_chat_request(request)
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
+        if route is None and executor is None and required_capabilities(request):
+            route = Specific(request.model)  # through the catalogue: only executors announcing what it needs
         candidates = self.candidates
         if sealed:
 
@@ -684,6 +710,14 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+
+
+def _missing_capability(needs: frozenset[str], route: ModelRequest, without: list[Candidate]) -> str:
+    serving = sorted({f"{c.executor_id} ({', '.join(c.offer.features) or 'no features'})" for c in without})
+    return (f"no executor on the network announces {', '.join(sorted(needs))} for {_describe(route)}; it is"
+            f" served without it by: {', '.join(serving)}. Send the request without"
+            f" {', '.join(sorted(needs))}, or serve the model where its backend supports it"
+            " ([[models]] features, docs/protocol.md)")
 
 
 def _describe(route: ModelRequest) -> str:

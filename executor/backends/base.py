@@ -56,6 +56,9 @@ class Finish(msgspec.Struct, frozen=True, kw_only=True):
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     context_length: int | None = None
+    # What the server says the model supports (`protocol.capabilities.Capability` names,
+    # executor/backends/model_caps.py); None: it did not say, so only the config decides.
+    capabilities: frozenset[str] | None = None
 
 
 StreamEvent = Delta | Finish

@@ -26,6 +26,7 @@ import aiohttp
 import msgspec
 import structlog
 
+from executor.backends.model_caps import CapabilityProbe
 from executor.backends.base import (
     Completion,
     Delta,
@@ -194,6 +195,8 @@ class OpenAICompatibleBackend:
         # What error messages must never repeat: the key, and credentials inside base_url.
         self._masker = SecretMasker(url_secrets(self.base_url))
         self._display_url = redact_url(self.base_url)
+        # Asks the server what its models can do, where the preset's server says (model_caps.py).
+        self._caps = CapabilityProbe.for_preset(preset.name, self.base_url)
         self.set_api_key(api_key)
 
     def set_api_key(self, api_key: str | None) -> None:
@@ -208,6 +211,8 @@ class OpenAICompatibleBackend:
         self._models = self._http.endpoint("GET", "/models", headers)
         self._embed = self._http.endpoint("POST", "/embeddings", headers)
         self._text = self._http.endpoint("POST", "/completions", headers)
+        if self._caps is not None:
+            self._caps.set_headers({k: v for k, v in headers.items() if k == "Authorization"})
 
     @property
     def name(self) -> str:
@@ -215,6 +220,8 @@ class OpenAICompatibleBackend:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._caps is not None:
+            await self._caps.aclose()
 
     async def complete(self, request: ChatRequest) -> Completion:
         raw = await self._fetch(self._chat, chat_body(request, self.preset, stream=False), self._timeouts, request.model)
@@ -341,7 +348,9 @@ class OpenAICompatibleBackend:
             listing = _decode_models(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BackendProtocolError(f"{self.name} sent a malformed model list ({e}): {_excerpt(raw)}") from e
-        return [ModelInfo(id=m.id, context_length=_context_length(m)) for m in listing.data]
+        caps = await self._caps.detect([m.id for m in listing.data]) if self._caps is not None else {}
+        return [ModelInfo(id=m.id, context_length=_context_length(m), capabilities=caps.get(m.id))
+                for m in listing.data]  # fmt: skip
 
     async def health_check(self) -> bool:
         try:

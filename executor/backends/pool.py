@@ -191,6 +191,7 @@ class BackendPool:
     async def list_models(self) -> list[ModelInfo]:
         found: dict[str, ModelInfo] = {}
         errors = []
+        said: dict[str, list[frozenset[str] | None]] = {}  # model -> each listing member's capabilities
         for m in self.members:
             if m.models is not None:
                 for name in m.models:
@@ -204,12 +205,19 @@ class BackendPool:
                 continue
             self._listed[m.name] = {i.id for i in listed}
             for info in listed:
+                if m.models is None or info.id in m.models:
+                    said.setdefault(info.id, []).append(info.capabilities)
                 known = found.get(info.id)
                 # The backend's own entry (it may know the context length) unless one already does.
                 if (m.models is None or info.id in m.models) and (known is None or known.context_length is None):
                     found[info.id] = info
         if not found and errors:
             raise BackendUnavailable("no backend of the pool lists models: " + "; ".join(errors))
+        # A job may go to any member serving its model: the pool can do what all of them can
+        # (unknown if any of them did not say).
+        for name, caps in said.items():
+            known_caps = None if None in caps else frozenset.intersection(*caps)  # type: ignore[arg-type]
+            found[name] = msgspec.structs.replace(found[name], capabilities=known_caps)
         return list(found.values())
 
     def available(self, model: str) -> bool:

@@ -58,6 +58,7 @@ class Job(JobBase):
         request = self.request
         check_chat_request(request)  # the rules between fields: the same typed error the client raises
         self.ctx.check(request.model, request.max_tokens or request.max_completion_tokens)
+        self.ctx.check_features(request)  # before the cache too: a hit must not serve what is refused
         if self.request.stream:
             await self._run_stream(self.ctx.backend)
         else:

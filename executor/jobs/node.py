@@ -46,6 +46,7 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
 from executor.backends.base import Backend, ModelInfo
+from executor.catalog.features import model_features
 from executor.catalog.perf import PerfTracker
 from executor.config import NodeConfig
 from executor.jobs.base import JobBase, send_error
@@ -136,8 +137,11 @@ class ExecutorNode:
         queue: Enqueuer | None = None,
         masker: SecretMasker | None = None,
         curve: CurveKeyPair | None = None,
+        model_features: dict[str, list[str]] | None = None,
     ) -> None:
         self.nc = nc
+        # `[[models]] features` set in the config, by model: they override what the backend says.
+        self._explicit_features = dict(model_features or {})
         # Opens sealed jobs (protocol/sealing.py); announced by the catalogue announcer. None: sealed jobs refused.
         self.curve = curve
         self.backend = backend
@@ -272,6 +276,16 @@ class ExecutorNode:
             await self._model_subs.pop(model).unsubscribe()
             for sub in self._batched_subs.pop(model):
                 await sub.unsubscribe()
+        features: dict[str, frozenset[str]] = {}
+        for model in self._model_subs:
+            info = self.model_info.get(model)
+            features[model] = frozenset(model_features(self._explicit_features.get(model),
+                                                       info.capabilities if info else None))  # fmt: skip
+        features_changed = features != self._served.features
+        self._served.features = features
+        if features_changed and wanted == self.models:
+            for listener in self.on_models_changed:  # announced at once: routing depends on it
+                listener()
         if wanted != self.models:
             self._served.names = frozenset(self._model_subs)
             await subscriptions_live(self.nc)

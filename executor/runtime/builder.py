@@ -109,6 +109,8 @@ async def assemble(
         masker=masker or SecretMasker(config_secrets(config)),
         # Derived from the identity: announced with it, so sealed jobs reach only this executor.
         curve=CurveKeyPair.derive(identity.seed) if config.node.sealed_jobs else None,
+        # The same [[models]] the announcer announces from: what is announced is what is enforced.
+        model_features={m.name: m.features for m in config.models if m.features is not None},
     )  # fmt: skip
     if receipts is not None:
 

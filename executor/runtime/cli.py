@@ -227,7 +227,9 @@ async def _check(config: ExecutorConfig) -> int:
         for m in models:
             ctx = f" (context {m.context_length})" if m.context_length else ""
             mark = "" if served is None or m.id in served else " (not served: not in [llm_client] models)"
-            print(f"  model {m.id}{ctx}{mark}")
+            # What detection found, before [[models]] features (which win when set) are applied.
+            caps = "says nothing" if m.capabilities is None else ", ".join(sorted(m.capabilities)) or "none"
+            print(f"  model {m.id}{ctx}{mark}; backend capabilities: {caps}")
         missing = [m for m in served or [] if m not in listed]
         for m in missing:
             print(f"  model {m}: configured but the backend does not list it")

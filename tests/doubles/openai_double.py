@@ -4,7 +4,9 @@ depend on a real model. It serves `GET /v1/models`, `GET /health`,
 `POST /v1/embeddings` (deterministic vectors, inputs arrays, usage), the legacy
 `POST /v1/completions` (prompt arrays, one choice per prompt, usage) and
 `POST /v1/chat/completions` (plain JSON and SSE streaming) with the real wire
-format, produces deterministic content (`tok0 tok1 ...`) with exact usage
+format (and, when set, the model descriptions llama-server, Ollama and LM Studio
+give at the root: `GET /props`, `POST /api/show`, `GET /api/v0/models`), produces
+deterministic content (`tok0 tok1 ...`) with exact usage
 arithmetic, or a scripted answer (tool calls, reasoning: tests/doubles/openai_script.py),
 log probabilities when asked, records what it was sent, refuses what
 api.openai.com refuses (unknown arguments, malformed tools, messages, formats:
@@ -187,6 +189,12 @@ class OpenAIDouble:
         self.text_call_temperatures: list[Any] = []  # and the temperature it asked for
         self.embed_delay_s = 0.0
         self.embed_dimensions = 8
+        # Model descriptions at the server's root, as llama-server (`/props`), Ollama
+        # (`/api/show`) and LM Studio (`/api/v0/models`) give them; None: 404, as vLLM.
+        self.props: dict[str, Any] | None = None  # build with llama_props()
+        self.ollama_capabilities: dict[str, list[str]] | None = None  # model -> /api/show `capabilities`
+        self.lmstudio_models: list[dict[str, Any]] | None = None  # /api/v0/models `data`
+        self.probe_calls: list[str] = []  # the paths of those asked, in order
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -210,6 +218,7 @@ class OpenAIDouble:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/completions", self._text_completions)
         app.router.add_get("/health", self._health)
+        self._add_probe_routes(app)
         # handler_cancellation turns a client disconnect into a CancelledError
         # inside the handler, which is how stalls and slow streams notice it.
         # The short shutdown timeout keeps stop() from waiting on stalls.
@@ -263,6 +272,38 @@ class OpenAIDouble:
                 for m in self.models]
         return web.Response(body=msgspec.json.encode({"object": "list", "data": data}),
                             content_type="application/json")
+
+    # -- model descriptions (capability probes) ---------------------------
+
+    def _add_probe_routes(self, app: web.Application) -> None:
+        app.router.add_get("/props", self._props)
+        app.router.add_post("/api/show", self._ollama_show)
+        app.router.add_get("/api/v0/models", self._lmstudio_models)
+
+    async def _props(self, request: web.Request) -> web.Response:
+        self.probe_calls.append(request.path)
+        if self.props is None:
+            return _error(404, "File Not Found", "not_found")
+        return web.json_response(self.props)
+
+    async def _ollama_show(self, request: web.Request) -> web.Response:
+        self.probe_calls.append(request.path)
+        if self.ollama_capabilities is None:
+            return _error(404, "page not found")
+        try:
+            name = msgspec.json.decode(await request.read()).get("model")
+        except (msgspec.DecodeError, AttributeError):
+            return web.json_response({"error": "invalid request"}, status=400)
+        if name not in self.ollama_capabilities:
+            return web.json_response({"error": f"model '{name}' not found"}, status=404)
+        return web.json_response({"modelfile": "", "details": {"format": "gguf"},
+                                  "capabilities": self.ollama_capabilities[name]})
+
+    async def _lmstudio_models(self, request: web.Request) -> web.Response:
+        self.probe_calls.append(request.path)
+        if self.lmstudio_models is None:
+            return _error(404, "Unexpected endpoint or method.")
+        return web.json_response({"object": "list", "data": self.lmstudio_models})
 
     # -- embeddings --------------------------------------------------------
 
@@ -562,6 +603,25 @@ def _logprobs(pieces: Sequence[str], top: int) -> list[dict[str, Any]]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return [{**entry(p, -0.25), "top_logprobs": [entry(p, -0.25 * (k + 1)) for k in range(top)]} for p in pieces]
+
+
+def llama_props(*, supports_tools: bool = False, vision: bool = False, thinking: bool = False,
+                n_ctx: int = 4096) -> dict[str, Any]:
+    """A `/props` answer shaped like llama-server's (fields as a real build returns them)."""
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    if thinking:
+        template += "{% if enable_thinking %}<think>{% endif %}"
+    return {
+        "default_generation_settings": {"n_ctx": n_ctx, "params": {"reasoning_format": "none"}},
+        "total_slots": 1,
+        "model_alias": "double-model",
+        "modalities": {"vision": vision, "video": False, "audio": False},
+        "chat_template": template,
+        "chat_template_caps": {"supports_tools": supports_tools, "supports_tool_calls": supports_tools,
+                               "supports_parallel_tool_calls": False, "supports_system_role": True,
+                               "supports_reasoning_effort": False, "supports_preserve_reasoning": False},
+        "build_info": "b0-double",
+    }
 
 
 async def _serve(args: argparse.Namespace) -> None:
