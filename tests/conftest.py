@@ -26,7 +26,8 @@ from nats.aio.client import Client as NATS
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS
-from executor.config import NodeConfig
+from executor.catalog.announcer import Announcer
+from executor.config import ModelConfig, NodeConfig
 from executor.process.embedded_nats import EmbeddedNats
 from executor.jobs.node import ExecutorNode, default_executor_id
 from executor.receipts.issuer import ReceiptIssuer
@@ -194,6 +195,24 @@ async def make_node(
 @pytest.fixture
 async def node(make_node: NodeFactory) -> ExecutorNode:
     return await make_node()
+
+
+# Configured, as an operator does for a backend that cannot be asked (vLLM, OpenAI).
+EVERY_FEATURE = ["chat", "stream", "tools", "vision", "json_schema", "reasoning"]
+
+
+@pytest.fixture
+async def capable_node(make_node: NodeFactory, signing: Signing, double: OpenAIDouble) -> AsyncIterator[ExecutorNode]:
+    """A node whose models (the double's) are configured with every capability of the chat surface
+    and announced on the bus, so a client routes requests needing them (tools, images, ...) to it."""
+    identity = Identity.generate()
+    features = {model: EVERY_FEATURE for model in double.models}
+    node = await make_node(parts={**signing(None, identity), "model_features": features})
+    offers = [ModelConfig(name=model, features=EVERY_FEATURE) for model in double.models]
+    announcer = Announcer(node.nc, node, identity, models=offers)
+    await announcer.start()
+    yield node
+    await announcer.stop()
 
 
 @pytest.fixture

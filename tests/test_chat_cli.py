@@ -24,6 +24,11 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(32)
 
 
+@pytest.fixture
+def node(capable_node: ExecutorNode) -> ExecutorNode:
+    return capable_node
+
+
 async def lloom(server: EmbeddedNats, env: dict[str, str], *args: str):  # type: ignore[no-untyped-def]
     return await run(LLOOM, "complete", "--nats", server.url, "--model", MODEL, *args, env=env)
 

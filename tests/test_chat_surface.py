@@ -35,6 +35,11 @@ ASK = [{"role": "user", "content": "weather in Paris?"}]
 PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
 
 
+@pytest.fixture
+def node(capable_node: ExecutorNode) -> ExecutorNode:
+    return capable_node
+
+
 def req(messages: list[dict[str, Any]] | None = None, **fields: Any) -> ChatRequest:
     return msgspec.convert({"model": MODEL, "messages": messages or ASK, **fields}, ChatRequest)
 
