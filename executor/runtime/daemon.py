@@ -75,6 +75,11 @@ async def start_shared_bus(config: ExecutorConfig) -> SharedBus:
     bus = SharedBus(port=config.node.embedded_nats_port, store_dir=data_home() / "nats", leaf=leaf)
     if leaf is not None:
         log.info("joining hub as a leaf node", hub=leaf.link.hub, domain=leaf.domain)
+        queued = [f.model for f in config.executors.fallbacks if f.strategy == "queue"]
+        if queued:
+            # The queue and its results bucket stay in this machine's JetStream domain (process/leaf.py).
+            log.warning("queue fallbacks keep jobs and results on this machine: a hub client whose job is"
+                        " queued here cannot fetch its result; prefer reject or secondary for them", models=queued)  # fmt: skip
     await bus.start()
     return bus
 
