@@ -246,7 +246,7 @@ async def secure_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, str]]:
         env[var] = nkeys.from_seed(bytearray(seed)).public_key.decode()
     h = Hub(tmp_path / "hub-js", conf=HUB_CONF, env=env)
     await h.start()
-    h.env = {**env, "alice": passwords["LLOOM_NATS_ALICE_PASSWORD"]}
+    h.env = {**env, "alice": passwords["LLOOM_NATS_ALICE_PASSWORD"], "admin": passwords["LLOOM_NATS_ADMIN_PASSWORD"]}
     yield h, passwords["LLOOM_NATS_LAPTOP_1_PASSWORD"]
     await h.server.stop()
 
@@ -298,3 +298,40 @@ async def test_a_leaf_on_the_secured_hub_serves_jobs_routed_to_it_and_sees_no_ot
         await spy.flush()
         assert seen.pending_msgs == 0
     assert (tally.completed, tally.failed, tally.lost) == (4, {}, 0)
+
+
+async def test_an_outsider_leaf_cannot_write_receipts_jetstream_or_an_executors_inbox_on_the_hub(
+    start_executor: StartExecutor, env: dict[str, str], tmp_path: Path, backend: OpenAIDouble,
+    secure_hub: tuple[Hub, str],
+) -> None:
+    """Anyone on the laptop's bus speaks through the leaf user: it gets no more than the leaf role."""
+    hub, password = secure_hub
+    env["LAPTOP_HUB_PASSWORD"] = password
+    config = laptop_config(tmp_path, backend, user=LAPTOP, password="${LAPTOP_HUB_PASSWORD}")
+    laptop = await start_executor("--config", str(config), "--hub", hub.leaf_url)
+    local_url = await laptop.started()
+    await laptop.wait_for("joined hub", timeout=LINK_S)
+    async with await nats.connect(hub.url, user="admin", password=hub.env["admin"]) as admin:  # type: ignore[index]
+        forbidden = ["_INBOX_executor-1.forged-ack", subj.receipts_subject(LAPTOP), "$JS.API.STREAM.PURGE.LLOOM_RECEIPTS",
+                     "$KV.LLOOM_RESULTS.forged", subj.jobs_subject(MODEL), subj.complete_subject(MODEL)]  # fmt: skip
+        watch = [await admin.subscribe(s) for s in forbidden]
+        control = await admin.subscribe(subj.CATALOG_ANNOUNCE)
+        await admin.flush()
+        async with await nats.connect(local_url) as outsider:
+            # Wait until the outsider's messages reach the hub at all (the control subject).
+            async def control_arrives() -> bool:
+                await outsider.publish(subj.CATALOG_ANNOUNCE, b"not signed")
+                await outsider.flush()
+                try:
+                    await control.next_msg(timeout=0.2)
+                except nats.errors.TimeoutError:
+                    return False
+                return True
+
+            await eventually(control_arrives, timeout=LINK_S, what="the outsider's allowed message at the hub")
+            for s in forbidden:
+                await outsider.publish(s, b"forged")
+            await outsider.flush()
+            assert await control_arrives()  # published after the forbidden ones, over the same link
+        await admin.flush()
+        assert [w.pending_msgs for w in watch] == [0] * len(forbidden)
