@@ -145,6 +145,11 @@ class HubLink:
             log.warning("lost the hub link; the embedded server reconnects by itself, local clients are still served",
                         hub=self.hub, reason=detail)  # fmt: skip
 
+    @property
+    def confirming(self) -> bool:
+        """A created link is waiting out `confirm_s` before it counts as joined."""
+        return self._confirm is not None
+
     def _cancel_confirm(self) -> None:
         if self._confirm is not None:
             self._confirm.cancel()
