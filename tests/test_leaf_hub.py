@@ -335,3 +335,32 @@ async def test_an_outsider_leaf_cannot_write_receipts_jetstream_or_an_executors_
             assert await control_arrives()  # published after the forbidden ones, over the same link
         await admin.flush()
         assert [w.pending_msgs for w in watch] == [0] * len(forbidden)
+
+
+async def test_a_laptop_joins_an_operator_mode_hub_over_tls_with_a_creds_file(
+    start_executor: StartExecutor, tmp_path: Path, backend: OpenAIDouble
+) -> None:
+    """`[hub] credentials` (a JWT .creds file) and `tls_ca` with a `tls://` URL: the leaf link is up and
+    serves a hub client."""
+    from protocol.connection import NatsConnectOptions
+    from tests.credentials import JwtChain, Pki
+
+    (tmp_path / "jwt").mkdir()
+    pki, chain = Pki(tmp_path / "pki"), JwtChain(tmp_path / "jwt")
+    leaf_port = free_port()
+    conf = (chain.config.read_text()  # operator mode: the operator's and the account's JWTs
+            + f"\nleafnodes {{ port: {leaf_port}, tls {{ cert_file: {json.dumps(pki.server_cert)},"
+            f" key_file: {json.dumps(pki.server_key)} }} }}\n")  # fmt: skip
+    async with EmbeddedNats(conf_extra=conf) as hub:
+        laptop_creds = chain.creds(LAPTOP, subscribe=["lloom.>", f"_INBOX_{LAPTOP}.>"])
+        config = laptop_config(tmp_path, backend, credentials=laptop_creds, tls_ca=pki.ca)
+        laptop = await start_executor("--config", str(config), "--hub", f"tls://127.0.0.1:{leaf_port}")
+        await laptop.started()
+        await laptop.wait_for("joined hub", timeout=LINK_S)
+        client_creds = chain.creds("carol", subscribe=["_INBOX_carol.>", "lloom.v1.catalog.announce"])
+        options = NatsConnectOptions(creds_file=client_creds, inbox_prefix="_INBOX_carol")
+        tally = Tally()
+        async with await LloomClient.connect(hub.url, options=options, timeout=CALL_TIMEOUT_S) as client:
+            await eventually(lambda: serves_laptop(client), timeout=LINK_S, what="the laptop in the hub's catalogue")
+            await tally.run(client, 3)
+    assert (tally.completed, tally.failed, tally.lost) == (3, {}, 0)

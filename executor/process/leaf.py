@@ -20,8 +20,9 @@ What crosses the link, and where the JetStream data lives (docs/deployment.md sa
 
 `HubLink` reads the server's log lines (`EmbeddedNats(on_log=...)`) and turns them into
 the executor's own log events, each once per change: "joined hub" when a link is up
-(`Leafnode connection created` and no refusal within `confirm_s`), "hub refused this
-leaf's credentials", "cannot reach the hub yet", "lost the hub link".
+(`Leafnode connection created` and no refusal within `confirm_s`), "the hub refused this
+leaf's credentials", "the hub closed the leaf link with an error" (any other refusal, e.g.
+an account's leaf connection limit), "cannot reach the hub yet", "lost the hub link".
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class HubLink:
         self.confirm_s = confirm_s
         self.joined = asyncio.Event()
         self.joins = 0  # how many times the link came up (1 + reconnections)
-        self.state = "connecting"  # connecting | joined | refused | unreachable | lost
+        self.state = "connecting"  # connecting | joined | refused | rejected | unreachable | lost
         self._confirm: asyncio.Task[None] | None = None
 
     def on_line(self, line: str) -> None:
@@ -113,10 +114,10 @@ class HubLink:
             self._confirm = asyncio.get_running_loop().create_task(self._confirm_join(), name="hub-link-confirm")
         elif "Leafnode Error" in line:
             self._cancel_confirm()
-            self._down("refused" if any(r in line for r in _REFUSED) else "lost", line)
+            self._down("refused" if any(r in line for r in _REFUSED) else "rejected", line)
         elif CLOSED in line:
             self._cancel_confirm()
-            if self.state != "refused":  # the close that follows a refusal is not news
+            if self.state not in ("refused", "rejected"):  # the close that follows the hub's error is not news
                 self._down("lost", line)
         elif "Error trying to connect as leafnode" in line:
             self._down("unreachable", line)
@@ -132,13 +133,16 @@ class HubLink:
     def _down(self, state: str, line: str) -> None:
         was, self.state = self.state, state
         self.joined.clear()
-        if state == was or (state == "unreachable" and was in ("lost", "refused")):
+        if state == was or (state == "unreachable" and was in ("lost", "refused", "rejected")):
             return  # said once per change; the server keeps retrying every second
         detail = line.split(" - ", 2)[-1] if " - lid:" in line else line.split("] ", 1)[-1]
         detail = redact_url(detail)
         if state == "refused":
             log.error("the hub refused this leaf's credentials", hub=self.hub, error=detail,
                       hint="check [hub] credentials / user / nkey_file with the hub's operator; local clients are still served")  # fmt: skip
+        elif state == "rejected":
+            log.error("the hub closed the leaf link with an error; the embedded server retries", hub=self.hub,
+                      error=detail, hint="ask the hub's operator (account limits, leafnode settings)")  # fmt: skip
         elif state == "unreachable":
             log.warning("cannot reach the hub yet; the embedded server keeps trying", hub=self.hub, error=detail)
         else:
