@@ -159,6 +159,17 @@ async def test_a_laptop_joins_a_hub_serves_its_clients_and_rides_out_a_hub_crash
         await on_laptop.run(local_client, 5)
         assert (on_hub.completed, on_laptop.completed) == (8, 5)
 
+        # A hub client keeps sending jobs, one after another, through the crash below.
+        across, stop = Tally(), asyncio.Event()
+
+        async def keep_sending() -> None:
+            while not stop.is_set():
+                await across.run(hub_client, 1)
+
+        sender = asyncio.create_task(keep_sending())
+        await eventually(lambda: across.completed >= 2, timeout=LINK_S, what="jobs across the link before the crash")
+        before_crash = across.completed
+
         # The hub dies (SIGKILL) and comes back on the same ports; local jobs go on meanwhile.
         hub.server.kill()
         await laptop.wait_for("lost the hub link; the embedded server reconnects by itself, local clients are still served")
@@ -170,24 +181,33 @@ async def test_a_laptop_joins_a_hub_serves_its_clients_and_rides_out_a_hub_crash
         await eventually(lambda: serves_laptop(hub_client), timeout=LINK_S, what="the laptop back in the catalogue")
         await on_hub.run(hub_client, 5)
         await on_hub.run(hub_client, 3, route=Specific(MODEL))
+        await eventually(lambda: across.completed >= before_crash + 2, timeout=LINK_S,
+                         what="the hub client's running jobs completing again after the crash")  # fmt: skip
+        stop.set()
+        await within(sender, "the last job across the crash", CALL_TIMEOUT_S + 10)
 
     assert laptop.proc.returncode is None  # a lost link never stopped the node
     for tally in (on_hub, on_laptop):
         assert (tally.failed, tally.lost) == ({}, 0)
     assert (on_hub.attempted, on_hub.completed, on_laptop.attempted, on_laptop.completed) == (16, 16, 15, 15)
-    # Each job ran once at the backend: none run twice.
-    assert backend.completed == on_hub.completed + on_laptop.completed
+    # Jobs sent while the hub died: each got its answer or a typed error, none was lost.
+    assert across.lost == 0 and across.completed + sum(across.failed.values()) == across.attempted
+    print(f"\nacross the hub crash: attempted {across.attempted}, completed {across.completed},"
+          f" failed typed {across.failed}, lost {across.lost}")
 
     # Receipts: all in the laptop's own JetStream (its domain), each once; none in the hub's stream.
     async with await nats.connect(local_url) as nc:
-        expected = set(on_hub.receipts + on_laptop.receipts)
+        expected = set(on_hub.receipts + on_laptop.receipts + across.receipts)
 
         async def all_stored() -> bool:
             return {s.receipt.job_id for s in await stored_receipts(nc.jetstream())} >= expected
 
         await eventually(all_stored, timeout=LINK_S, what="every receipt in the laptop's stream")
         stored = [s.receipt.job_id for s in await stored_receipts(nc.jetstream())]
-    assert len(expected) == 31 and sorted(stored) == sorted(expected)  # none lost, none duplicated
+    assert len(expected) == 31 + across.completed and set(stored) >= expected  # none lost
+    assert len(stored) == len(set(stored))  # no job id twice: none duplicated, none run twice
+    # Every run at the backend has its one receipt (a job whose answer was lost in the crash too).
+    assert backend.completed == len(stored)
     async with await nats.connect(hub.url) as nc:
         assert (await nc.jetstream().stream_info(subj.RECEIPTS_STREAM)).state.messages == 0
 
