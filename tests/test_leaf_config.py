@@ -17,6 +17,8 @@ from executor.secrets import config_secrets
 CREATED = "[1] 2026/11/29 21:09:13.312819 [INF] 127.0.0.1:17423 - lid:7 - Leafnode connection created for account: $G "
 REFUSED = "[1] 2026/11/29 21:09:13.314109 [ERR] 127.0.0.1:17423 - lid:7 - Leafnode Error 'Authorization Violation'"
 LIMIT = "[1] 2026/11/29 21:19:47.403255 [ERR] 127.0.0.1:42173 - lid:5 - Leafnode Error 'maximum account active connections exceeded'"
+TLS = ("[1] 2026/11/29 21:23:31.604214 [ERR] 127.0.0.1:17440 - lid:7 - TLS leafnode handshake error: tls: failed to"
+       " verify certificate: x509: certificate signed by unknown authority")
 CLOSED = "[1] 2026/11/29 21:09:13.314136 [INF] 127.0.0.1:17423 - lid:7 - Leafnode connection closed: Client Closed - Remote: N"
 UNREACHABLE = ('[1] 2026/11/29 21:09:15.315857 [ERR] Error trying to connect as leafnode to remote server "127.0.0.1:17423"'
                " (attempt 1): dial tcp 127.0.0.1:17423: connect: connection refused")  # fmt: skip
@@ -86,6 +88,10 @@ async def test_the_link_is_reported_joined_refused_lost_and_unreachable_once_per
         link.on_line(CREATED)
         link.on_line(LIMIT)
         link.on_line(CLOSED)
+        link.on_line(CREATED)
+        link.on_line(TLS)
+        link.on_line(CLOSED)
+        link.on_line(UNREACHABLE)
     events = [e["event"] for e in logs]
     assert events == [
         "cannot reach the hub yet; the embedded server keeps trying",
@@ -95,7 +101,8 @@ async def test_the_link_is_reported_joined_refused_lost_and_unreachable_once_per
         "lost the hub link; the embedded server reconnects by itself, local clients are still served",
         "the hub refused this leaf's credentials",
         "the hub closed the leaf link with an error; the embedded server retries",
+        "TLS to the hub failed; the embedded server retries",
     ]
-    assert (link.joins, link.state, link.joined.is_set()) == (2, "rejected", False)
+    assert (link.joins, link.state, link.joined.is_set()) == (2, "tls", False)
     assert all("secret" not in str(e) for e in logs) and logs[1]["hub"] == "nats-leaf://laptop-1:***@hub:7422"
     link.stop()

@@ -22,7 +22,8 @@ What crosses the link, and where the JetStream data lives (docs/deployment.md sa
 the executor's own log events, each once per change: "joined hub" when a link is up
 (`Leafnode connection created` and no refusal within `confirm_s`), "the hub refused this
 leaf's credentials", "the hub closed the leaf link with an error" (any other refusal, e.g.
-an account's leaf connection limit), "cannot reach the hub yet", "lost the hub link".
+an account's leaf connection limit), "TLS to the hub failed", "cannot reach the hub yet",
+"lost the hub link".
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ CREATED = "Leafnode connection created"
 CLOSED = "Leafnode connection closed"
 _LID = re.compile(r" - lid:(\d+) - ")
 _REFUSED = ("Authorization Violation", "authentication error", "Authentication Timeout")
+# States in which the hub (or TLS) said no: the close that follows is not a lost link.
+_REFUSALS = ("refused", "rejected", "tls")
 
 
 def leaf_domain(hub: HubConfig, node_id: str | None) -> str:
@@ -105,7 +108,7 @@ class HubLink:
         self.confirm_s = confirm_s
         self.joined = asyncio.Event()
         self.joins = 0  # how many times the link came up (1 + reconnections)
-        self.state = "connecting"  # connecting | joined | refused | rejected | unreachable | lost
+        self.state = "connecting"  # connecting | joined | refused | rejected | tls | unreachable | lost
         self._confirm: asyncio.Task[None] | None = None
 
     def on_line(self, line: str) -> None:
@@ -115,9 +118,12 @@ class HubLink:
         elif "Leafnode Error" in line:
             self._cancel_confirm()
             self._down("refused" if any(r in line for r in _REFUSED) else "rejected", line)
+        elif "TLS leafnode handshake error" in line:
+            self._cancel_confirm()
+            self._down("tls", line)
         elif CLOSED in line:
             self._cancel_confirm()
-            if self.state not in ("refused", "rejected"):  # the close that follows the hub's error is not news
+            if self.state not in _REFUSALS:  # the close that follows the hub's error is not news
                 self._down("lost", line)
         elif "Error trying to connect as leafnode" in line:
             self._down("unreachable", line)
@@ -131,15 +137,18 @@ class HubLink:
         log.info("joined hub", hub=self.hub, domain=self.domain, joins=self.joins)
 
     def _down(self, state: str, line: str) -> None:
-        was, self.state = self.state, state
         self.joined.clear()
-        if state == was or (state == "unreachable" and was in ("lost", "refused", "rejected")):
-            return  # said once per change; the server keeps retrying every second
+        if state == self.state or (state == "unreachable" and self.state in ("lost", *_REFUSALS)):
+            return  # said once per change (the outage or refusal goes on); the server retries every second
+        self.state = state
         detail = line.split(" - ", 2)[-1] if " - lid:" in line else line.split("] ", 1)[-1]
         detail = redact_url(detail)
         if state == "refused":
             log.error("the hub refused this leaf's credentials", hub=self.hub, error=detail,
                       hint="check [hub] credentials / user / nkey_file with the hub's operator; local clients are still served")  # fmt: skip
+        elif state == "tls":
+            log.error("TLS to the hub failed; the embedded server retries", hub=self.hub, error=detail,
+                      hint="check [hub] tls_ca (the CA of the hub's certificate), tls_cert and tls_key")  # fmt: skip
         elif state == "rejected":
             log.error("the hub closed the leaf link with an error; the embedded server retries", hub=self.hub,
                       error=detail, hint="ask the hub's operator (account limits, leafnode settings)")  # fmt: skip
