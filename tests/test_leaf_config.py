@@ -106,3 +106,11 @@ async def test_the_link_is_reported_joined_refused_lost_and_unreachable_once_per
     assert (link.joins, link.state, link.joined.is_set()) == (2, "tls", False)
     assert all("secret" not in str(e) for e in logs) and logs[1]["hub"] == "nats-leaf://laptop-1:***@hub:7422"
     link.stop()
+
+
+def test_an_nkey_seed_file_goes_into_the_private_server_config_and_a_missing_one_is_a_config_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seed = tmp_path / "laptop.nk"
+    seed.write_text("SUAEXAMPLESEED\n")
+    assert '"nkey": "SUAEXAMPLESEED"' in server_conf(HubConfig(url="nats-leaf://hub:7422", nkey_file=str(seed)))
+    with pytest.raises(ConfigError, match="nkey_file"):
+        server_conf(HubConfig(url="nats-leaf://hub:7422", nkey_file=str(tmp_path / "missing.nk")))

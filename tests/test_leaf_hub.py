@@ -384,3 +384,32 @@ async def test_a_laptop_joins_an_operator_mode_hub_over_tls_with_a_creds_file(
             await eventually(lambda: serves_laptop(client), timeout=LINK_S, what="the laptop in the hub's catalogue")
             await tally.run(client, 3)
     assert (tally.completed, tally.failed, tally.lost) == (3, {}, 0)
+
+
+async def test_a_laptop_joins_with_an_nkey_seed_file(
+    start_executor: StartExecutor, tmp_path: Path, backend: OpenAIDouble
+) -> None:
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    (tmp_path / "laptop.nk").write_bytes(seed + b"\n")
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    client_seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    (tmp_path / "client.nk").write_bytes(client_seed + b"\n")
+    client_public = nkeys.from_seed(bytearray(client_seed)).public_key.decode()
+    leaf_port = free_port()
+    conf = (f'authorization {{ users: [ {{ nkey: "{public}" }}, {{ nkey: "{client_public}" }} ] }}\n'
+            f"leafnodes {{ port: {leaf_port} }}\n")  # fmt: skip
+    async with EmbeddedNats(conf_extra=conf) as hub:
+        config = laptop_config(tmp_path, backend, nkey_file=str(tmp_path / "laptop.nk"))
+        laptop = await start_executor("--config", str(config), "--hub", f"nats-leaf://127.0.0.1:{leaf_port}")
+        await laptop.started()
+        await laptop.wait_for("joined hub", timeout=LINK_S)
+        from protocol.connection import NatsConnectOptions
+
+        tally = Tally()
+        options = NatsConnectOptions(nkey_file=str(tmp_path / "client.nk"))
+        async with await LloomClient.connect(hub.url, options=options, timeout=CALL_TIMEOUT_S) as client:
+            await eventually(lambda: serves_laptop(client), timeout=LINK_S, what="the laptop in the hub's catalogue")
+            await tally.run(client, 2)
+    assert (tally.completed, tally.failed, tally.lost) == (2, {}, 0)

@@ -37,7 +37,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import structlog
 
-from executor.config import HubConfig
+from executor.config import ConfigError, HubConfig
 from protocol import subjects as subj
 from protocol.connection import redact_url
 
@@ -52,7 +52,6 @@ CONFIRM_S = 0.5
 
 CREATED = "Leafnode connection created"
 CLOSED = "Leafnode connection closed"
-_LID = re.compile(r" - lid:(\d+) - ")
 _REFUSED = ("Authorization Violation", "authentication error", "Authentication Timeout")
 # States in which the hub (or TLS) said no: the close that follows is not a lost link.
 _REFUSALS = ("refused", "rejected", "tls")
@@ -82,7 +81,10 @@ def server_conf(hub: HubConfig) -> str:
     if hub.credentials:
         remote["credentials"] = str(Path(hub.credentials).expanduser())
     if hub.nkey_file:
-        remote["nkey"] = Path(hub.nkey_file).expanduser().read_text().strip()
+        try:
+            remote["nkey"] = Path(hub.nkey_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"[hub] nkey_file {hub.nkey_file}: cannot read it: {e.strerror}") from e
     if hub.tls_ca or hub.tls_cert:
         tls: dict[str, str] = {}
         if hub.tls_ca:
