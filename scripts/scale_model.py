@@ -362,8 +362,8 @@ def extrapolate(m: dict[str, Any], *, executors: int, models: int, jobs_per_min:
     lines.append(f"jobs: {jobs_s:,.0f}/s; receipts {jobs_s:,.0f}/s (~2 KB each: {jobs_s * 2e3 / 1e6:,.0f} MB/s)")
     for a in m["appends"]:
         per_msg = a["appends_per_s"]
-        # A batch holds the receipts that waited while earlier ones were in flight: at a couple of jobs
-        # a second per executor that is one receipt per message.
+        # A batch holds the receipts issued within 10 ms of the first (ReceiptPublisher.batch_delay_s):
+        # at a couple of jobs a second per executor that is one receipt per message.
         need = jobs_s
         lines.append(f"  R{a['replicas']} stream here: {per_msg:,.0f} appends/s of {a['bytes_each']} B"
                      f" -> {need:,.0f} receipt messages/s need {need / per_msg:,.1f} such streams"
