@@ -7,7 +7,8 @@ backend; clients on the hub and on the laptop's local bus. Counted: jobs attempt
 completed / failed with a typed error / lost / run twice, receipts expected / stored /
 duplicated, and where the receipts are stored (the laptop's own JetStream domain, never
 the hub's as well). The secured hub (compose/nats/hub.conf) refuses wrong credentials
-with a log line that says so, and an outsider leaf gets no more than the leaf role allows.
+with a log line that says so, and an outsider leaf gets no more than the leaf role allows;
+an nkey seed file, and a .creds file over TLS to an operator-mode hub, join too.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nkeys
 import pytest
 from nats.js.api import StreamConfig
 
 from executor.process.embedded_nats import EmbeddedNats, free_port
 from protocol import subjects as subj
 from protocol.client import LloomClient
+from protocol.connection import NatsConnectOptions
 from protocol.errors import LloomError
 from protocol.routing import Specific
+from tests.credentials import JwtChain, Pki
 from tests.doubles.openai_double import OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
 from tests.helpers.processes import Executor, StartExecutor
@@ -254,8 +258,6 @@ async def _crosses(nc: nats.aio.client.Client, sub: nats.aio.subscription.Subscr
 @pytest.fixture
 async def secure_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, str]]:
     """compose/nats/hub.conf with secrets made up for this run; yields the hub and the leaf's password."""
-    import nkeys
-
     env = dict(os.environ)
     passwords = {v: "pw" + secrets.token_hex(12) for v in (
         "LLOOM_NATS_ADMIN_PASSWORD", "LLOOM_NATS_EXECUTOR_1_PASSWORD", "LLOOM_NATS_ALICE_PASSWORD",
@@ -299,8 +301,6 @@ async def test_a_leaf_on_the_secured_hub_serves_jobs_routed_to_it_and_sees_no_ot
     laptop = await start_executor("--config", str(config), "--hub", hub.leaf_url)
     local_url = await laptop.started()
     await laptop.wait_for("joined hub", timeout=LINK_S)
-    from protocol.connection import NatsConnectOptions
-
     alice = NatsConnectOptions(user="alice", password=hub.env["alice"], inbox_prefix="_INBOX_alice")  # type: ignore[index]
     tally = Tally()
     async with await nats.connect(local_url) as spy:
@@ -362,8 +362,6 @@ async def test_a_laptop_joins_an_operator_mode_hub_over_tls_with_a_creds_file(
 ) -> None:
     """`[hub] credentials` (a JWT .creds file) and `tls_ca` with a `tls://` URL: the leaf link is up and
     serves a hub client."""
-    from protocol.connection import NatsConnectOptions
-    from tests.credentials import JwtChain, Pki
 
     (tmp_path / "jwt").mkdir()
     pki, chain = Pki(tmp_path / "pki"), JwtChain(tmp_path / "jwt")
@@ -389,8 +387,6 @@ async def test_a_laptop_joins_an_operator_mode_hub_over_tls_with_a_creds_file(
 async def test_a_laptop_joins_with_an_nkey_seed_file(
     start_executor: StartExecutor, tmp_path: Path, backend: OpenAIDouble
 ) -> None:
-    import nkeys
-
     seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
     (tmp_path / "laptop.nk").write_bytes(seed + b"\n")
     public = nkeys.from_seed(bytearray(seed)).public_key.decode()
@@ -405,8 +401,6 @@ async def test_a_laptop_joins_with_an_nkey_seed_file(
         laptop = await start_executor("--config", str(config), "--hub", f"nats-leaf://127.0.0.1:{leaf_port}")
         await laptop.started()
         await laptop.wait_for("joined hub", timeout=LINK_S)
-        from protocol.connection import NatsConnectOptions
-
         tally = Tally()
         options = NatsConnectOptions(nkey_file=str(tmp_path / "client.nk"))
         async with await LloomClient.connect(hub.url, options=options, timeout=CALL_TIMEOUT_S) as client:
