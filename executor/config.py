@@ -292,6 +292,41 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     trusted_keys: list[Annotated[str, Meta(pattern=r"^N[A-Z2-7]{55}$")]] = []
 
 
+HUB_SCHEMES = ("nats-leaf", "nats", "tls", "ws", "wss")
+
+
+class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Join a hub as a leaf node: the embedded nats-server keeps serving this machine and links
+    to the hub (executor/process/leaf.py; docs/deployment.md). Only for the embedded server."""
+
+    # nats-leaf://host:7422 (tls:// for TLS; ws:// or wss:// through a websocket port).
+    url: str | None = None
+    # One way to authenticate to the hub: a .creds file (JWT), an nkey seed file, or a user and password.
+    credentials: str | None = None
+    nkey_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+    # TLS to the hub: the CA of its certificate; a client certificate and key for mutual TLS.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # This server's JetStream domain, kept apart from the hub's (default: lloom-leaf-<node id or host>).
+    domain: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
+            if scheme not in HUB_SCHEMES:
+                raise ValueError(f"hub url {self.url.split('@')[-1]!r}: use one of {', '.join(s + '://' for s in HUB_SCHEMES)}")
+        ways = [n for n in ("credentials", "nkey_file", "user") if getattr(self, n)]
+        if len(ways) > 1:
+            raise ValueError(f"use one way to authenticate to the hub, not {' and '.join(ways)}")
+        if self.password and not self.user:
+            raise ValueError("a hub password needs a user")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("a hub TLS client certificate needs its key (tls_cert and tls_key go together)")
+
+
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
     nats: NatsConnectOptions = NatsConnectOptions()
@@ -303,6 +338,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cache: CacheConfig = CacheConfig()
     batching: BatchingConfig = BatchingConfig()
     tokens: TokensConfig = TokensConfig()
+    hub: HubConfig = HubConfig()
 
 
 def default_config_path() -> Path:
@@ -378,8 +414,15 @@ def parse_config(data: bytes | str, *, source: str, environ: dict[str, str] | os
         nats_options = expanded(cfg.nats, strings, "nats")
     except ValueError as e:  # e.g. ${NATS_USER} and ${NATS_TOKEN} both set
         raise ConfigError(f"{source}: [nats]: {e}") from e
+    hub_keys = tuple(f for f in HubConfig.__struct_fields__ if f != "domain")
+    try:
+        hub = expanded(cfg.hub, hub_keys, "hub")
+    except ValueError as e:
+        raise ConfigError(f"{source}: [hub]: {e}") from e
+    if hub.url and cfg.node.nats_url:
+        raise ConfigError(f"{source}: [hub] url links the embedded server to a hub; [node] nats_url uses another server: keep one")
     return msgspec.structs.replace(
-        cfg, llm_client=llm, nats=nats_options, executors=msgspec.structs.replace(cfg.executors, backends=backends)
+        cfg, llm_client=llm, nats=nats_options, hub=hub, executors=msgspec.structs.replace(cfg.executors, backends=backends)
     )
 
 
@@ -438,6 +481,15 @@ heartbeat_interval_secs = 0.5
 # tls_handshake_first = false
 # inbox_prefix = "_INBOX_executor-1"            # what the server's permissions let this user read
 connect_timeout_secs = 5
+
+[hub]
+# Join a shared network from this machine: the embedded nats-server becomes a leaf node of
+# this hub (same as `lloom-executor --hub URL`). Local clients keep using 127.0.0.1; the
+# executor's models appear in the hub's catalogue. See docs/deployment.md.
+# url = "nats-leaf://hub.example.org:7422"   # tls://... for TLS
+# credentials = "/etc/lloom/laptop-1.creds"  # or nkey_file = "...", or user = "..." + password = "${LLOOM_HUB_PASSWORD}"
+# tls_ca = "/etc/lloom/hub-ca.pem"
+# domain = "lloom-leaf-my-laptop"            # this server's JetStream domain (default: from [node] id or the host name)
 
 [llm_client]
 # lmstudio | openai | ollama | vllm | llamacpp | openai_compatible | local (a llama-server
