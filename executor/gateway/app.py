@@ -184,7 +184,7 @@ class Gateway:
             reply = await self.client.embed(body.model, inputs, dimensions=body.dimensions, timeout=self.timeout)
             receipt = reply.receipt
             self.generations.remember(receipt)
-            return _json(convert.embedding_list(reply), _reply_headers(reply.job_id, reply.executor_id, receipt))
+            return _json(convert.embedding_list(reply, body.encoding_format), _reply_headers(reply.job_id, reply.executor_id, receipt))
         except Exception as e:
             return error_response(e, model)
         finally:

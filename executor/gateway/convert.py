@@ -10,7 +10,10 @@ until it is mapped here.
 
 from __future__ import annotations
 
+import array
+import base64
 import re
+import sys
 import time
 
 import msgspec
@@ -38,6 +41,7 @@ from executor.gateway.openai_types import (
 from protocol.messages import ChatRequest, ChatResponse, EmbeddingResponse, TextResponse, Usage
 from protocol.receipts import SignedReceipt
 
+assert sys.byteorder == "little", "base64 embeddings are little-endian float32"
 _AT = re.compile(r"at `\$\.?([^`]*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
@@ -157,9 +161,14 @@ def text_completion(reply: TextResponse) -> TextCompletion:
     )
 
 
-def embedding_list(reply: EmbeddingResponse) -> EmbeddingList:
+def _base64(vector: list[float]) -> str:
+    return base64.b64encode(array.array("f", vector).tobytes()).decode()
+
+
+def embedding_list(reply: EmbeddingResponse, encoding: str = "float") -> EmbeddingList:
+    as_base64 = encoding == "base64"
     return EmbeddingList(
-        data=[EmbeddingItem(embedding=v, index=i) for i, v in enumerate(reply.embeddings)],
+        data=[EmbeddingItem(embedding=_base64(v) if as_base64 else v, index=i) for i, v in enumerate(reply.embeddings)],
         model=reply.model,
         usage=EmbeddingUsage(prompt_tokens=reply.usage.prompt_tokens, total_tokens=reply.usage.total_tokens),
     )

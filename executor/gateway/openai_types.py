@@ -123,7 +123,8 @@ class EmbeddingBody(_Body):
     model: ModelName
     input: Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
     dimensions: Annotated[int, Meta(ge=1, le=65_536)] | None = None
-    encoding_format: Literal["float"] = "float"
+    # The openai SDK asks for base64 (little-endian float32) by default and decodes it itself.
+    encoding_format: Literal["float", "base64"] = "float"
     user: Annotated[str, Meta(max_length=256)] | None = None
 
 
@@ -213,7 +214,7 @@ class TextCompletion(msgspec.Struct, frozen=True):
 
 
 class EmbeddingItem(msgspec.Struct, frozen=True):
-    embedding: list[float]
+    embedding: list[float] | str  # a base64 string when asked for
     index: int
     object: str = "embedding"
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from executor.gateway.errors import BadRequestBody
 from executor.gateway.openai_types import ChatCompletionBody, ProviderPreferences
 from protocol.capabilities import required_capabilities
-from protocol.errors import NoExecutors
+from protocol.errors import NoExecutors, UnsupportedFeature
 from protocol.messages import ChatRequest
 from protocol.replies import no_responders
 from protocol.routing import Candidate, Constraints, Specific
@@ -171,5 +171,19 @@ async def targets_for(client: LloomClient, p: Plan, request: ChatRequest, model:
         served = (await client.catalog()).model_names()
         if model not in served:
             raise no_responders((model, None), served)  # a 404 naming the served models
+        if p.features and await _served_without(client, p, request, model):
+            raise UnsupportedFeature(f"model {model!r} is served, but none of its executors announces"
+                                     f" {', '.join(sorted(p.features))}, which this request needs")  # fmt: skip
         raise NoExecutors(describe(p, model))
     return [Target(c.model, c.executor_id) for c in chosen]
+
+
+async def _served_without(client: LloomClient, p: Plan, request: ChatRequest, model: str) -> bool:
+    """Whether executors would take `model` if the request needed no capabilities (a 422, not a 503)."""
+    c = p.constraints()
+    try:
+        found = await client.candidates(request, Specific(model), Constraints(
+            max_input_price=c.max_input_price, max_output_price=c.max_output_price))
+    except NoExecutors:
+        return False
+    return bool(choose(found, p))
