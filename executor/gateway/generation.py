@@ -94,7 +94,9 @@ class Generations:
         return found
 
     async def _read(self, js, start: int, end: int, needle: bytes, job_id: str) -> bytes | None:  # type: ignore[no-untyped-def]
-        sub = await js.subscribe(subj.RECEIPTS_ALL, ordered_consumer=True, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        # `stream=` spares a stream lookup by subject, which the gateway role may not make.
+        sub = await js.subscribe(subj.RECEIPTS_ALL, stream=subj.RECEIPTS_STREAM, ordered_consumer=True,
+                                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                  config=ConsumerConfig(opt_start_seq=start))  # fmt: skip
         try:
             while True:

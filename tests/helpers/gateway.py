@@ -9,13 +9,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
-import nats
 
 from executor.backends.registry import create_backend
 from executor.config import ExecutorConfig, GatewayConfig, LlmClientConfig, ModelConfig, NodeConfig, ReceiptsConfig
 from executor.gateway.server import GatewayServer
 from executor.runtime.builder import RunningNode, assemble
 from protocol.client import LloomClient
+from protocol.connection import NatsConnectOptions, connect_nats
 from protocol.identity import Identity
 from tests.doubles.openai_double import OpenAIDouble
 
@@ -37,7 +37,7 @@ class Network:
         self.doubles: dict[str, OpenAIDouble] = {}
 
     async def executor(self, executor_id: str, *offers: ModelConfig, double: OpenAIDouble | None = None,
-                       **node: object) -> RunningNode:  # fmt: skip
+                       options: NatsConnectOptions | None = None, **node: object) -> RunningNode:  # fmt: skip
         if self.session is None:
             self.session = aiohttp.ClientSession()
             self.stack.push_async_callback(self.session.close)
@@ -52,7 +52,7 @@ class Network:
             models=list(offers),
             receipts=ReceiptsConfig(outbox_dir=str(self.tmp / f"outbox-{executor_id}")),
         )  # fmt: skip
-        nc = await nats.connect(self.nats_url)
+        nc = await connect_nats(self.nats_url, name=executor_id, options=options)
         self.stack.push_async_callback(nc.close)
         backend = create_backend(config.llm_client, self.session)
         self.stack.push_async_callback(backend.aclose)
@@ -61,8 +61,8 @@ class Network:
         self.doubles[executor_id] = double
         return running
 
-    async def gateway(self, **config: object) -> GatewayServer:
-        client = await LloomClient.connect(self.nats_url, timeout=15, client_id="gateway")
+    async def gateway(self, options: NatsConnectOptions | None = None, **config: object) -> GatewayServer:
+        client = await LloomClient.connect(self.nats_url, timeout=15, client_id="gateway", options=options)
         self.stack.push_async_callback(client.close)
         server = GatewayServer(client, GatewayConfig(listen="127.0.0.1:0", **config))  # type: ignore[arg-type]
         await server.start()
