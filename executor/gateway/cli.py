@@ -91,3 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:  # pragma: no cover - Windows
         runner = asyncio.run
     sys.exit(runner(run(args)))
+
+
+if __name__ == "__main__":
+    main()
