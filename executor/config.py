@@ -596,6 +596,17 @@ window_ms = 0           # 0: no added wait; batches grow while max_calls calls r
 max_inputs = 256
 max_calls = 2
 
+[gateway]
+# The OpenAI-compatible HTTP gateway (docs/gateway.md). Unset `enabled`: on with the embedded
+# NATS (no nats_url) only. Without API keys anyone who can reach `listen` can use it.
+# enabled = true
+listen = "127.0.0.1:8640"
+max_body_mb = 8.0
+default_timeout_secs = 120.0
+drain_secs = 30.0       # on SIGTERM: open requests and streams get this long to finish
+client_id = "gateway"   # named in receipts
+remember_generations = 10000
+
 [logging]
 level = "info"          # debug | info | warning | error
 # targets = ["executor.backends"]   # only these loggers at `level`, the rest at info
