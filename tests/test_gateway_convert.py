@@ -58,3 +58,36 @@ def test_each_error_has_its_status(err: e.LloomError, status: int, retry: float 
 def test_a_model_nobody_serves_is_404_naming_the_served_ones() -> None:
     status, body, _ = error_body(e.NoExecutors("no executor serves model 'x'", available_models=["a", "b"]), "x")
     assert status == 404 and "a, b" in body.error.message and body.error.code == "model_not_found"
+
+
+def test_tool_calls_reasoning_and_logprobs_map_to_openai_shapes_the_sdk_parses() -> None:
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from executor.gateway.openai_types import encoder
+    from executor.gateway.sse import ChunkWriter
+    from protocol.chat_types import FunctionCall, FunctionCallDelta, TokenLogprob, ToolCall, ToolCallDelta
+    from protocol.messages import ChatResponse, FinishReason, StreamChunk, Usage
+
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))
+    reply = ChatResponse(job_id="j1", executor_id="e1", model="m", content="", finish_reason=FinishReason.TOOL_CALLS,
+                         usage=Usage(prompt_tokens=3, completion_tokens=5, total_tokens=8, reasoning_tokens=2),
+                         tool_calls=[call], reasoning_content="thinking",
+                         logprobs=[TokenLogprob(token="a", logprob=-0.5)])  # fmt: skip
+    parsed = ChatCompletion.model_validate_json(encoder.encode(convert.chat_completion(reply)))
+    message = parsed.choices[0].message
+    assert message.content is None and message.tool_calls[0].function.name == "get_weather"
+    assert message.model_extra["reasoning_content"] == "thinking"
+    assert parsed.choices[0].finish_reason == "tool_calls" and parsed.choices[0].logprobs.content[0].token == "a"
+    assert parsed.usage.completion_tokens_details.reasoning_tokens == 2
+
+    writer = ChunkWriter("j1", "m")
+    events = [
+        writer.chunk(StreamChunk(seq=0, delta="", reasoning="hmm")),
+        writer.chunk(StreamChunk(seq=1, delta="", tool_calls=[ToolCallDelta(
+            index=0, id="call_1", type="function", function=FunctionCallDelta(name="get_weather", arguments="{"))])),
+        writer.chunk(StreamChunk(seq=2, delta="plain")),
+    ]  # fmt: skip
+    chunks = [ChatCompletionChunk.model_validate_json(e.removeprefix(b"data: ").strip()) for e in events]
+    assert chunks[0].choices[0].delta.model_extra["reasoning_content"] == "hmm"
+    assert chunks[1].choices[0].delta.tool_calls[0].function.name == "get_weather"
+    assert chunks[2].choices[0].delta.content == "plain"

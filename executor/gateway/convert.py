@@ -30,7 +30,7 @@ from executor.gateway.openai_types import (
     EmbeddingItem,
     EmbeddingList,
     EmbeddingUsage,
-    LogprobsOut,
+    logprobs_out,
     TextChoice,
     TextCompletion,
     UsageOut,
@@ -135,11 +135,12 @@ def usage_out(usage: Usage, receipt: SignedReceipt | None) -> UsageOut:
 
 def chat_completion(reply: ChatResponse) -> ChatCompletion:
     message = AssistantMessage(
+        role="assistant",
         content=reply.content if reply.content or not reply.tool_calls else None,
         tool_calls=reply.tool_calls,
         reasoning_content=reply.reasoning_content,
     )
-    logprobs = LogprobsOut(reply.logprobs) if reply.logprobs is not None else None
+    logprobs = logprobs_out(reply.logprobs)
     return ChatCompletion(
         id=reply.job_id,
         created=int(time.time()),

@@ -143,13 +143,36 @@ class UsageOut(msgspec.Struct, frozen=True, omit_defaults=True):
     cost: str | None = None  # USD, as OpenRouter reports it, from the signed receipt
 
 
+class TopLogprobOut(msgspec.Struct, frozen=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(msgspec.Struct, frozen=True):
+    """OpenAI's shape: every key present (`top_logprobs` even when empty, `bytes` even when null)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobOut]
+
+
 class LogprobsOut(msgspec.Struct, frozen=True):
-    content: list[TokenLogprob]
+    content: list[TokenLogprobOut]
+
+
+def logprobs_out(items: list[TokenLogprob] | None) -> LogprobsOut | None:
+    if items is None:
+        return None
+    return LogprobsOut([TokenLogprobOut(t.token, t.logprob, t.bytes,
+                                        [TopLogprobOut(x.token, x.logprob, x.bytes) for x in t.top_logprobs])
+                        for t in items])  # fmt: skip
 
 
 class AssistantMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: str  # "assistant" (a required field, so omit_defaults keeps it)
     content: str | None
-    role: str = "assistant"
     tool_calls: list[ToolCall] | None = None
     reasoning_content: str | None = None
 

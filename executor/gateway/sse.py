@@ -18,6 +18,7 @@ from executor.gateway.openai_types import (
     LogprobsOut,
     UsageOut,
     encoder,
+    logprobs_out,
 )
 from protocol.messages import StreamChunk
 
@@ -57,7 +58,7 @@ class ChunkWriter:
         if c.reasoning is None and c.tool_calls is None and c.logprobs is None:
             return self._head + _encode(c.delta) + self._tail
         delta = Delta(content=c.delta or None, reasoning_content=c.reasoning, tool_calls=c.tool_calls)
-        logprobs = LogprobsOut(c.logprobs) if c.logprobs is not None else None
+        logprobs = logprobs_out(c.logprobs)
         return b"data: " + _encode(self._chunk(delta, logprobs=logprobs)) + b"\n\n"
 
     def finish(self, reason: str, provider: str) -> bytes:
