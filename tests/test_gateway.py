@@ -330,3 +330,88 @@ async def test_litellm_sdk_as_a_client(net: Network, monkeypatch: pytest.MonkeyP
     stream = await litellm.acompletion(model=f"openai/{MODEL}", api_base=f"{gw.url}/v1", api_key="unused",
                                        messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True)
     assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "tok0 tok1 tok2 "
+
+
+# -- the admission seam (keys, limits and budgets plug in here) and the deadline -------------------
+
+
+class Gate:
+    """An admission that refuses by the key it is shown, and records what it was asked."""
+
+    wants_estimate = True
+
+    def __init__(self) -> None:
+        self.holds: list[object] = []
+        self.settled: list[object] = []
+
+    async def authorize(self, request):  # type: ignore[no-untyped-def]
+        from executor.gateway.errors import TooManyRequests, Unauthorized
+
+        key = request.headers.get("Authorization", "")
+        if key == "Bearer bad":
+            raise Unauthorized("unknown API key")
+        if key == "Bearer hasty":
+            raise TooManyRequests("over 10 requests per minute", retry_after_s=30)
+        return key
+
+    async def hold(self, grant, estimated_cost):  # type: ignore[no-untyped-def]
+        from executor.gateway.errors import PaymentRequired
+
+        if grant == "Bearer broke":
+            raise PaymentRequired("budget spent")
+        self.holds.append(estimated_cost)
+
+    async def settle(self, grant, receipt):  # type: ignore[no-untyped-def]
+        self.settled.append(receipt)
+
+
+async def test_admission_refusals_reach_the_sdk_and_a_served_job_is_held_then_settled(net: Network) -> None:
+    from decimal import Decimal
+
+    from executor.gateway.server import GatewayServer
+    from executor.config import GatewayConfig
+    from protocol.client import LloomClient
+
+    await net.executor("exe-a", offer(MODEL, "1", "2"))
+    gate = Gate()
+    client = await LloomClient.connect(net.nats_url, timeout=15)
+    server = GatewayServer(client, GatewayConfig(listen="127.0.0.1:0"), admission=gate)
+    await server.start()
+    ask = [{"role": "user", "content": "x"}]
+    try:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="bad", max_retries=0) as c:
+            with pytest.raises(openai.AuthenticationError):
+                await c.chat.completions.create(model=MODEL, messages=ask)
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="hasty", max_retries=0) as c:
+            with pytest.raises(openai.RateLimitError) as limited:
+                await c.chat.completions.create(model=MODEL, messages=ask)
+            assert limited.value.response.headers["retry-after"] == "30"
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="broke", max_retries=0) as c:
+            with pytest.raises(openai.APIStatusError) as broke:
+                await c.chat.completions.create(model=MODEL, messages=ask)
+            assert broke.value.status_code == 402
+        assert gate.holds == [] and gate.settled == []  # nothing ran for any of them
+        assert net.doubles["exe-a"].requests == []
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="good", max_retries=0) as c:
+            await c.chat.completions.create(model=MODEL, messages=ask, max_tokens=2)
+            stream = await c.chat.completions.create(model=MODEL, messages=ask, max_tokens=2, stream=True)
+            [_ async for _ in stream]
+        # Held at the dearest price for the estimated prompt + max_tokens, settled with each signed receipt.
+        from protocol.estimate import estimate_tokens
+
+        held = (Decimal(1) * estimate_tokens("x") + Decimal(2) * 2) / 1_000_000
+        assert gate.holds == [held, held]
+        assert [r.receipt.cost for r in gate.settled] == [Decimal("0.000005"), Decimal("0.000005")]
+    finally:
+        await server.stop()
+        await client.close()
+
+
+async def test_a_request_past_its_deadline_is_504(net: Network) -> None:
+    await net.executor("exe-a", offer(MODEL))
+    net.doubles["exe-a"].faults.append(Fault.stall())
+    gw = await net.gateway(default_timeout_secs=0.5)
+    async with sdk(gw.url) as client:
+        with pytest.raises(openai.APIStatusError) as late:
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert late.value.status_code == 504
