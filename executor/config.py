@@ -327,6 +327,29 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ValueError("a hub TLS client certificate needs its key (tls_cert and tls_key go together)")
 
 
+# The gateway's default port: none of the usual local servers' (LiteLLM 4000, Ollama 11434,
+# LM Studio 1234, vLLM 8000, llama.cpp 8080, dev servers 3000/5000/8888/9090, NATS 4222/8222).
+GATEWAY_PORT = 8640
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The OpenAI-compatible HTTP gateway (executor/gateway/, `lloom-gateway`; docs/gateway.md)."""
+
+    # In `lloom-executor`: None runs it with the single-machine start (embedded NATS) only.
+    enabled: bool | None = None
+    # host:port; loopback by default: without API keys, anyone who can reach the port can use it.
+    listen: str = f"127.0.0.1:{GATEWAY_PORT}"
+    max_body_mb: Annotated[float, Meta(gt=0, le=1024)] = 8.0
+    # A request's whole deadline (routing, failover, the answer).
+    default_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 120.0
+    # On SIGTERM: stop accepting, let open requests and streams finish this long, then close.
+    drain_secs: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    # Named in receipts as the client (so `lloom receipts report` shows the gateway's usage).
+    client_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = "gateway"
+    # Receipts of answered jobs kept in memory for /v1/generation (the stream is read otherwise).
+    remember_generations: Annotated[int, Meta(ge=0, le=10_000_000)] = 10_000
+
+
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
     nats: NatsConnectOptions = NatsConnectOptions()
@@ -339,6 +362,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     batching: BatchingConfig = BatchingConfig()
     tokens: TokensConfig = TokensConfig()
     hub: HubConfig = HubConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
 
 def default_config_path() -> Path:
@@ -626,6 +650,17 @@ enabled = true
 window_ms = 0           # 0: no added wait; batches grow while max_calls calls run
 max_inputs = 256
 max_calls = 2
+
+[gateway]
+# The OpenAI-compatible HTTP gateway (docs/gateway.md). Unset `enabled`: on with the embedded
+# NATS (no nats_url) only. Without API keys anyone who can reach `listen` can use it.
+# enabled = true
+listen = "127.0.0.1:8640"
+max_body_mb = 8.0
+default_timeout_secs = 120.0
+drain_secs = 30.0       # on SIGTERM: open requests and streams get this long to finish
+client_id = "gateway"   # named in receipts
+remember_generations = 10000
 
 [logging]
 level = "info"          # debug | info | warning | error

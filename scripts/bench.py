@@ -95,6 +95,36 @@ def start_executor(
     return procs.start(name, [*argv, "--config", str(cfg), "--nats", nats_url], cpus=cpus).pid
 
 
+def start_gateway(procs: Procs, nats_url: str, cpus: set[int] | None) -> tuple[str, int]:
+    """One `lloom-gateway` (the OpenAI-compatible HTTP gateway) in front of the same executor."""
+    from executor.process.embedded_nats import free_port
+
+    port = free_port()
+    exe = Path(sys.executable).parent / "lloom-gateway"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.gateway.cli"]
+    pid = procs.start("gateway", [*argv, "--nats", nats_url, "--listen", f"127.0.0.1:{port}"], cpus=cpus).pid
+    return f"http://127.0.0.1:{port}/v1", pid
+
+
+async def wait_http(url: str, deadline_s: float = 30.0) -> None:
+    """Until `url` answers a chat completion with 200 (the gateway reaches the executor)."""
+    import aiohttp
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "ping"}]}
+    end = time.monotonic() + deadline_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.post(f"{url}/chat/completions", json=body) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError(f"the gateway at {url} did not answer within {deadline_s:g}s")
+            await asyncio.sleep(0.1)
+
+
 def outbox_dir(tmp: Path, idx: int | str) -> Path:
     return tmp / f"outbox-{idx}"
 
@@ -197,6 +227,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     pids["executor-noreceipts"] = start_executor(
         procs, tmp, "nr", backend_url, nats_url, relay_cpus, receipts=False, model=MODEL_NO_RECEIPTS
     )
+    gateway_url, pids["gateway"] = start_gateway(procs, nats_url, relay_cpus)
     litellm_task = None
     if args.no_litellm:
         res["litellm_status"] = "skipped (--no-litellm)"
@@ -209,6 +240,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     if gen_cpus:
         pin(os.getpid(), gen_cpus)
     paths = phases.make_paths(backend_url, nats_url)
+    paths["gateway"] = phases.make_gateway_path(gateway_url)
     lags: list[float] = []
     paths["executor"].settle = outbox_settler(outbox_dir(tmp, 1), paths["executor"], lags)
     ab = {"executor-noreceipts": phases.ExecutorPath(nats_url, name="executor-noreceipts", model=MODEL_NO_RECEIPTS,
@@ -219,6 +251,8 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
         await wait_executor(paths["executor"].client, 1)
         await wait_executor(ab["executor-noreceipts"].client, "nr", model=MODEL_NO_RECEIPTS)
         log("executor 1 (receipts on) and executor nr (receipts off) are serving")
+        await wait_http(gateway_url)
+        log(f"the gateway at {gateway_url} is serving")
         if litellm_task is not None:
             try:
                 litellm_url, pids["litellm"] = await litellm_task

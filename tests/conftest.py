@@ -80,13 +80,14 @@ class SecureBus:
 
 async def start_secure_bus(tmp: Path, *extra_args: str) -> SecureBus:
     """Start the shipped secure config on a free port, secrets made up for this run."""
-    passwords = {user: "pw" + secrets.token_hex(12) for user in ("admin", "executor-1", "alice", "laptop-1")}
+    passwords = {user: "pw" + secrets.token_hex(12) for user in ("admin", "executor-1", "alice", "laptop-1", "gateway")}
     env = dict(os.environ)
     env.update({
         "LLOOM_NATS_ADMIN_PASSWORD": passwords["admin"],
         "LLOOM_NATS_EXECUTOR_1_PASSWORD": passwords["executor-1"],
         "LLOOM_NATS_ALICE_PASSWORD": passwords["alice"],
         "LLOOM_NATS_LAPTOP_1_PASSWORD": passwords["laptop-1"],
+        "LLOOM_NATS_GATEWAY_PASSWORD": passwords["gateway"],
     })  # fmt: skip
     nkey_files = {}
     for user, var in (("executor-2", "LLOOM_NATS_EXECUTOR_2_NKEY"), ("bob", "LLOOM_NATS_BOB_NKEY")):

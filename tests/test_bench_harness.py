@@ -22,7 +22,7 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
     proc = run_script("bench.py", "--smoke", "--no-litellm", "--quiet", "--out", str(out), timeout=SCRIPT_TIMEOUT_S)
     res = json.loads(out.with_suffix(".json").read_text())
-    paths = {"direct", "executor"}
+    paths = {"direct", "executor", "gateway"}
     assert set(res["paths"]) == paths
     for phase in ("c1", "sat", "half"):
         assert paths <= set(res[phase]), phase
@@ -35,7 +35,7 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
         for name in paths:
             assert blk["throughput"][name]["chunks_per_s"] > 0
             assert blk["ttft"][name]["ttft_p50_ms"] > 0
-    for proc_name in ("executor", "nats-server", "backend"):
+    for proc_name in ("executor", "gateway", "nats-server", "backend"):
         assert res["rss_idle_mb"][proc_name] > 0
     # The receipts A/B: a receipts-off executor measured alongside at saturation, returning no receipts.
     off = res["sat"]["executor-noreceipts"]
