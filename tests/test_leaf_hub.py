@@ -261,7 +261,7 @@ async def secure_hub(tmp_path: Path) -> AsyncIterator[tuple[Hub, str]]:
     env = dict(os.environ)
     passwords = {v: "pw" + secrets.token_hex(12) for v in (
         "LLOOM_NATS_ADMIN_PASSWORD", "LLOOM_NATS_EXECUTOR_1_PASSWORD", "LLOOM_NATS_ALICE_PASSWORD",
-        "LLOOM_NATS_LAPTOP_1_PASSWORD")}  # fmt: skip
+        "LLOOM_NATS_LAPTOP_1_PASSWORD", "LLOOM_NATS_GATEWAY_PASSWORD")}  # fmt: skip
     env.update(passwords)
     for var in ("LLOOM_NATS_EXECUTOR_2_NKEY", "LLOOM_NATS_BOB_NKEY"):
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
