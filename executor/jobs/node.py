@@ -64,6 +64,7 @@ from executor.jobs.context import (
 )
 from executor.jobs.pacing import BusyPacer
 from executor.jobs.retained import RetainedReplies
+from executor.telemetry.tracing import trace_headers
 from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
@@ -81,6 +82,8 @@ if TYPE_CHECKING:
     from executor.cache.shared import SharedCache
     from executor.receipts.issuer import ReceiptIssuer
     from executor.secrets import SecretMasker
+    from executor.telemetry.recorder import JobRecorder
+    from executor.telemetry.tracing import JobTracer
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -134,6 +137,8 @@ class ExecutorNode:
         queue: Enqueuer | None = None,
         masker: SecretMasker | None = None,
         curve: CurveKeyPair | None = None,
+        recorder: JobRecorder | None = None,
+        tracer: JobTracer | None = None,
     ) -> None:
         self.nc = nc
         # Opens sealed jobs (protocol/sealing.py); announced by the catalogue announcer. None: sealed jobs refused.
@@ -159,7 +164,7 @@ class ExecutorNode:
             executor_id=self.id, backend=backend, served=self._served,
             limits=Limits(max_tokens_cap=self.config.max_tokens_cap, max_payload=nc.max_payload or 1 << 20),
             stats=self.stats, perf=self.perf, receipts=receipts, cache=cache, shared_cache=shared_cache,
-            batcher=batcher, queue=queue, masker=masker,
+            batcher=batcher, queue=queue, masker=masker, recorder=recorder, tracer=tracer,
         )  # fmt: skip
         self.masker = masker
         self._refresh_error: str | None = None
@@ -385,7 +390,7 @@ class ExecutorNode:
         # The receipt hashes the request as the caller wrote it (the plaintext of a sealed one).
         self._launch(kind.job(self.context, job_id, request, channel, deadline,
                               liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=data,
-                              client=client), cancel_token=token)  # fmt: skip
+                              client=client, trace=trace_headers(headers)), cancel_token=token)  # fmt: skip
 
     def _sealed_box(self, client_key: str, kind: _Kind) -> SealedBox:
         """The box a sealed job's request opens with and its replies are sealed with; `SealError` if none."""

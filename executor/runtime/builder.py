@@ -21,6 +21,7 @@ from pathlib import Path
 
 import structlog
 from nats.aio.client import Client as NATS
+from opentelemetry.sdk.trace import TracerProvider
 
 from executor.backends.base import Backend, EmbeddingBackend, TextBackend
 from executor.batching.coalescer import Batcher
@@ -36,6 +37,7 @@ from executor.receipts.issuer import ReceiptIssuer
 from executor.receipts.outbox import Outbox
 from executor.receipts.publisher import ReceiptPublisher
 from executor.secrets import SecretMasker, config_secrets
+from executor.telemetry.setup import Telemetry
 from executor.tokens import TokenCounter
 from protocol import subjects as subj
 from protocol.announcements import Pricing
@@ -55,6 +57,7 @@ class RunningNode:
     publisher: ReceiptPublisher | None
     healer: ReceiptHealer | None
     queue: JobQueue | None
+    telemetry: Telemetry | None = None
 
 
 def data_home() -> Path:
@@ -69,9 +72,15 @@ async def assemble(
     *,
     identity: Identity | None = None,
     masker: SecretMasker | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> RunningNode:
-    """Build, start and register for shutdown a node and everything the config gives it."""
+    """Build, start and register for shutdown a node and everything the config gives it.
+
+    `tracer_provider`: record the jobs' spans there (tests pass one with an in-memory exporter);
+    by default, one exporting to `[telemetry] otlp_endpoint` when that is set, else none."""
     executor_id = subj.check_id("executor id", config.node.id or default_executor_id())
+    telemetry = Telemetry(config.telemetry, executor_id, tracer_provider=tracer_provider)
+    stack.push_async_callback(telemetry.aclose)  # last of the node's parts: after the drain, the final export
     identity = identity or load_identity(config, executor_id)
     cache = shared_cache = batcher = None
     if config.cache.enabled:
@@ -108,6 +117,7 @@ async def assemble(
         masker=masker or SecretMasker(config_secrets(config)),
         # Derived from the identity: announced with it, so sealed jobs reach only this executor.
         curve=CurveKeyPair.derive(identity.seed) if config.node.sealed_jobs else None,
+        recorder=telemetry.recorder, tracer=telemetry.tracer,
     )  # fmt: skip
     if receipts is not None:
 
@@ -139,6 +149,7 @@ async def assemble(
         stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
     await node.start()
     stack.push_async_callback(node.stop)
+    await telemetry.start(node)
     if queue is not None:
         await queue.start()
     announcer = Announcer(nc, node, identity, models=config.models,
@@ -148,7 +159,7 @@ async def assemble(
     # this executor at once, then in-flight jobs drain.
     stack.push_async_callback(announcer.stop)
     return RunningNode(node=node, identity=identity, announcer=announcer, publisher=publisher, healer=healer,
-                       queue=queue)  # fmt: skip
+                       queue=queue, telemetry=telemetry)  # fmt: skip
 
 
 def receipt_issuer(
