@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -44,6 +46,9 @@ from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
 from tests.helpers.wait import WAIT_S, eventually, within
 
+ROOT = Path(__file__).resolve().parent.parent
+# Exported only by a node with a backend pool (breakers) or the durable queue (its depth); this one has neither.
+ONLY_WITH_A_POOL_OR_QUEUE = {"lloom_backend_breaker_state", "lloom_queue_depth"}
 PROMPT_TOKENS = 3  # the double counts words: "say something short"
 COMPLETION_TOKENS = 8  # the double's default answer length
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
@@ -199,6 +204,29 @@ async def test_prometheus_scraping_a_node_counts_its_requests_tokens_and_errors(
         await eventually(all_scraped, timeout=60, what=lambda: f"PromQL results {got}, expected {expected}")
         # A histogram's buckets are real ones: every job is under the +Inf bucket.
         assert await promql(base, 'sum(gen_ai_server_request_duration_seconds_bucket{le="+Inf"})') == ok + errors
+        # The shipped dashboard's queries are valid PromQL over series this executor exports.
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/label/__name__/values") as r:
+            exported = set((await r.json())["data"])
+        for expr in dashboard_queries():
+            async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/query", params={"query": expr}) as r:
+                assert (await r.json())["status"] == "success", expr
+            used = set(re.findall(r"\b((?:lloom|gen_ai)_[a-z_]+)\{", expr))
+            assert used and used <= exported | ONLY_WITH_A_POOL_OR_QUEUE, (expr, used - exported)
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of compose/grafana/lloom-dashboard.json, its variables filled in."""
+    dashboard = json.loads((ROOT / "compose" / "grafana" / "lloom-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 15
+    return [e.replace("$instance", ".*").replace("$model", ".*").replace("$__rate_interval", "1m") for e in exprs]
+
+
+def test_the_shipped_prometheus_config_is_valid() -> None:
+    promtool = shutil.which("promtool") or pytest.skip("promtool is not installed: apt-get install -y prometheus")
+    checked = subprocess.run([promtool, "check", "config", str(ROOT / "compose" / "prometheus" / "prometheus.yml")],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # -- traces ----------------------------------------------------------------------------
