@@ -44,6 +44,7 @@ from protocol.errors import InvalidRequest
 from protocol.identity import Identity
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
+from tests.helpers.processes import StartExecutor
 from tests.helpers.wait import WAIT_S, eventually, within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,3 +434,54 @@ def test_telemetry_config_is_off_by_default_and_refuses_a_listen_address_without
     assert not TelemetryConfig().enabled
     with pytest.raises(ConfigError, match="prometheus_listen"):
         parse_config('[telemetry]\nprometheus_listen = "0.0.0.0"\n', source="t.toml", environ={})
+
+
+# -- the daemon ------------------------------------------------------------------------
+
+
+def daemon_config(tmp_path: Path, double: OpenAIDouble, listen: str) -> Path:
+    path = tmp_path / "executor.toml"
+    path.write_text(
+        f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{double.base_url}"\nmodels = ["{MODEL}"]\n'
+        f'[receipts]\noutbox_dir = "{tmp_path / "outbox"}"\n[telemetry]\nprometheus_listen = "{listen}"\n'
+        '[logging]\nformat = "json"\n'
+    )
+    return path
+
+
+@pytest.mark.slow
+async def test_the_daemon_serves_metrics_on_its_port_counts_a_job_and_closes_the_port_when_it_stops(
+    start_executor: StartExecutor, nats_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    port = free_port()
+    executor = await start_executor("--config", str(daemon_config(tmp_path, double, f"127.0.0.1:{port}")),
+                                    "--nats", nats_server.url)  # fmt: skip
+    await executor.started()
+    assert (await executor.wait_for("prometheus metrics endpoint"))["url"] == f"http://127.0.0.1:{port}/metrics"
+    async with await LloomClient.connect(nats_server.url, timeout=WAIT_S) as client:
+        await client.complete(ask())
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200 and r.content_type == "text/plain"
+            text = await r.text()
+        async with http.get(f"http://127.0.0.1:{port}/") as r:
+            assert r.status == 404  # the port serves /metrics only
+    assert re.search(r'^lloom_requests_total\{[^}]*lloom_outcome="ok"[^}]*\} 1\.0$', text, re.M), text
+    executor.proc.terminate()
+    assert await executor.exit_code() == 0
+    with pytest.raises(OSError):  # nothing listens there any more
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+@pytest.mark.slow
+async def test_a_metrics_port_already_taken_stops_the_daemon_with_a_message_naming_the_key(
+    start_executor: StartExecutor, nats_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        executor = await start_executor("--config", str(daemon_config(tmp_path, double, listen)),
+                                        "--nats", nats_server.url)  # fmt: skip
+        assert await executor.exit_code() == 2
+    assert f"[telemetry] prometheus_listen = '{listen}'" in executor.stderr
