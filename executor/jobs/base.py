@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
 
 from executor.jobs.context import JobContext, ReplyChannel, error_headers
 from executor.telemetry.recorder import OK
-from executor.telemetry.tracing import JobTrace, passthrough, trace_id_of
+from executor.telemetry.context import passthrough, trace_id_of
 from protocol.errors import Cancelled, DeadlineExceeded, InternalError, LloomError
 from protocol.messages import ErrorReply, encoder, error_to_wire
 from protocol.receipts import SignedReceipt
 from protocol.status import JobStats
+
+if TYPE_CHECKING:  # the SDK is imported only when a tracer is configured
+    from executor.telemetry.tracing import JobTrace
 
 log = structlog.get_logger(logger_name=__name__)
 

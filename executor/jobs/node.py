@@ -64,7 +64,7 @@ from executor.jobs.context import (
 )
 from executor.jobs.pacing import BusyPacer
 from executor.jobs.retained import RetainedReplies
-from executor.telemetry.tracing import trace_headers
+from executor.telemetry.context import trace_headers
 from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown

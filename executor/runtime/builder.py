@@ -18,10 +18,10 @@ import os
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from nats.aio.client import Client as NATS
-from opentelemetry.sdk.trace import TracerProvider
 
 from executor.backends.base import Backend, EmbeddingBackend, TextBackend
 from executor.batching.coalescer import Batcher
@@ -37,13 +37,17 @@ from executor.receipts.issuer import ReceiptIssuer
 from executor.receipts.outbox import Outbox
 from executor.receipts.publisher import ReceiptPublisher
 from executor.secrets import SecretMasker, config_secrets
-from executor.telemetry.setup import Telemetry
 from executor.tokens import TokenCounter
 from protocol import subjects as subj
 from protocol.announcements import Pricing
 from protocol.identity import Identity
 from protocol.sealing import CurveKeyPair
 from protocol.trust import Endorsement, load_endorsement
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when telemetry is on (it costs ~5 MB of RSS)
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from executor.telemetry.setup import Telemetry
 
 log = structlog.get_logger(logger_name=__name__)
 FREE = Pricing()
@@ -79,8 +83,12 @@ async def assemble(
     `tracer_provider`: record the jobs' spans there (tests pass one with an in-memory exporter);
     by default, one exporting to `[telemetry] otlp_endpoint` when that is set, else none."""
     executor_id = subj.check_id("executor id", config.node.id or default_executor_id())
-    telemetry = Telemetry(config.telemetry, executor_id, tracer_provider=tracer_provider)
-    stack.push_async_callback(telemetry.aclose)  # last of the node's parts: after the drain, the final export
+    telemetry = None
+    if config.telemetry.enabled or tracer_provider is not None:
+        from executor.telemetry.setup import Telemetry
+
+        telemetry = Telemetry(config.telemetry, executor_id, tracer_provider=tracer_provider)
+        stack.push_async_callback(telemetry.aclose)  # last of the node's parts: after the drain, the final export
     identity = identity or load_identity(config, executor_id)
     cache = shared_cache = batcher = None
     if config.cache.enabled:
@@ -117,7 +125,7 @@ async def assemble(
         masker=masker or SecretMasker(config_secrets(config)),
         # Derived from the identity: announced with it, so sealed jobs reach only this executor.
         curve=CurveKeyPair.derive(identity.seed) if config.node.sealed_jobs else None,
-        recorder=telemetry.recorder, tracer=telemetry.tracer,
+        recorder=telemetry and telemetry.recorder, tracer=telemetry and telemetry.tracer,
     )  # fmt: skip
     if receipts is not None:
 
@@ -149,7 +157,8 @@ async def assemble(
         stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
     await node.start()
     stack.push_async_callback(node.stop)
-    await telemetry.start(node)
+    if telemetry is not None:
+        await telemetry.start(node)
     if queue is not None:
         await queue.start()
     announcer = Announcer(nc, node, identity, models=config.models,

@@ -7,8 +7,10 @@ server span `chat <model>` that continues the caller's trace, with children for 
 wait before it ran, the cache lookup, the backend call (whose HTTP request carries the
 backend span's `traceparent`; its first token is an event on it) and the receipt, and
 the GenAI attributes on them. Without a provider nothing is recorded: the job only
-passes the caller's context on to the backend unchanged (`passthrough`), which costs
+passes the caller's context on to the backend unchanged (telemetry/context.py), which costs
 a dict and a context variable, so a backend that traces still joins the caller's trace.
+This module imports the OpenTelemetry SDK: only telemetry setup imports it, when a tracer
+is configured.
 
 The backend's HTTP request takes its extra headers from `transport.base.TRACE_HEADERS`,
 a context variable set in the job's own task: a batched call made by the coalescer's
@@ -17,7 +19,6 @@ task carries none.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,38 +31,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from executor.backends.transport.base import TRACE_HEADERS
-from protocol import subjects as subj
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-
-
-# version-traceid-parentid-flags; an all-zero trace or parent id is invalid (W3C).
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
-# list-members of printable ASCII (no CR/LF: it goes into an HTTP request as it is), at most 512 chars.
-_TRACESTATE = re.compile(r"[\x20-\x7e]{0,512}")
-
-
-def trace_headers(headers: Mapping[str, str]) -> dict[str, str] | None:
-    """The W3C trace context among a job's NATS headers, as HTTP header names; None when absent or
-    malformed (the recommendation says to ignore a malformed one, and it must not reach the backend)."""
-    parent = headers.get(subj.HDR_TRACEPARENT)
-    if parent is None or not _TRACEPARENT.fullmatch(parent):
-        return None
-    found = {"traceparent": parent}
-    state = headers.get(subj.HDR_TRACESTATE)
-    if state and _TRACESTATE.fullmatch(state):
-        found["tracestate"] = state
-    return found
-
-
-def trace_id_of(carrier: Mapping[str, str]) -> str:
-    """The trace id (32 hex digits) of a `traceparent` `trace_headers` accepted, for log lines."""
-    return carrier["traceparent"][3:35]
-
-
-def passthrough(carrier: dict[str, str]) -> None:
-    """Without a tracer: the backend request carries the caller's context as it came."""
-    TRACE_HEADERS.set(carrier)
 
 
 class JobTracer:
