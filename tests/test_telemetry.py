@@ -19,12 +19,14 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
 import nats
 import pytest
 import structlog
+from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -483,3 +485,73 @@ async def test_a_metrics_port_already_taken_stops_the_daemon_with_a_message_nami
                                         "--nats", nats_server.url)  # fmt: skip
         assert await executor.exit_code() == 2
     assert f"[telemetry] prometheus_listen = '{listen}'" in executor.stderr
+
+
+# -- OTLP ----------------------------------------------------------------------------
+
+
+class Collector:
+    """An OTLP/HTTP receiver (what an OpenTelemetry collector answers on :4318): it decodes what it gets."""
+
+    def __init__(self) -> None:
+        self.metrics: list[Any] = []
+        self.spans: list[Any] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+        body = ExportMetricsServiceRequest()
+        body.ParseFromString(await request.read())
+        self.metrics += [m for rm in body.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+        return web.Response(content_type="application/x-protobuf")
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        body = ExportTraceServiceRequest()
+        body.ParseFromString(await request.read())
+        self.spans += [s for rs in body.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        return web.Response(content_type="application/x-protobuf")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/metrics", self._metrics)
+        app.router.add_post("/v1/traces", self._traces)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    def last_sum(self, name: str) -> float:
+        """The latest cumulative value of counter `name`, all series added up."""
+        points = [m.sum.data_points for m in self.metrics if m.name == name]
+        return sum(p.as_int or p.as_double for p in points[-1]) if points else 0.0
+
+
+async def test_otlp_export_sends_the_metrics_and_the_spans_to_the_collector(
+    js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="pip install -e '.[otlp]' (CI has it)")
+    collector = Collector()
+    await collector.start()
+    try:
+        async with AsyncExitStack() as stack:
+            await start_node(stack, js_server, double, node_config(double, tmp_path,
+                             f'otlp_endpoint = "{collector.url}"\notlp_interval_secs = 0.2'))  # fmt: skip
+            async with await LloomClient.connect(js_server.url, timeout=WAIT_S) as client:
+                with trace.use_span(caller_span()):
+                    for _ in range(3):
+                        await client.complete(ask())
+            await eventually(lambda: collector.last_sum("lloom.requests") == 3, timeout=WAIT_S,
+                             what=lambda: f"lloom.requests = 3 at the collector (got {collector.last_sum('lloom.requests')})")
+        # Leaving the stack flushed the spans (the batch processor's last export).
+        usage = [m for m in collector.metrics if m.name == "gen_ai.client.token.usage"][-1]
+        assert sum(p.sum for p in usage.histogram.data_points) == 3 * (PROMPT_TOKENS + COMPLETION_TOKENS)
+        jobs = [s for s in collector.spans if s.name == f"chat {MODEL}" and s.kind == s.SPAN_KIND_SERVER]
+        assert len(jobs) == 3 and {s.trace_id.hex() for s in jobs} == {f"{TRACE_ID:032x}"}
+    finally:
+        assert collector.runner is not None
+        await collector.runner.cleanup()

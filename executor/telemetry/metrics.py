@@ -233,6 +233,14 @@ class HistogramProducer:
             return MetricsData(resource_metrics=[ResourceMetrics(resource=self._resource, scope_metrics=[ours],
                                                                  schema_url="")])  # fmt: skip
         first, *rest = data.resource_metrics
-        first = ResourceMetrics(resource=first.resource, scope_metrics=[*first.scope_metrics, ours],
-                                schema_url=first.schema_url)  # fmt: skip
+        # Into the instruments' own scope (same name): the OTLP encoder keys scopes by name, so a
+        # second ScopeMetrics of that scope would replace the first instead of joining it.
+        scopes = list(first.scope_metrics)
+        same = next((i for i, sm in enumerate(scopes) if sm.scope.name == SCOPE.name), None)
+        if same is None:
+            scopes.append(ours)
+        else:
+            sm = scopes[same]
+            scopes[same] = ScopeMetrics(scope=sm.scope, metrics=[*sm.metrics, *ours.metrics], schema_url=sm.schema_url)
+        first = ResourceMetrics(resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url)
         return MetricsData(resource_metrics=[first, *rest])
