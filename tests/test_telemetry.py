@@ -390,6 +390,7 @@ async def test_with_telemetry_off_no_port_listens_no_span_is_kept_and_the_caller
     "00-" + "0" * 32 + "-b7ad6b7169203331-01",  # an all-zero trace id is invalid
     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 X-Evil: 1",
     "not a trace context",
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # version ff is forbidden
 ])  # fmt: skip
 async def test_a_malformed_traceparent_is_ignored_and_never_reaches_the_backend(
     js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path, traceparent: str

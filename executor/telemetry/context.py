@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from executor.backends.transport.base import TRACE_HEADERS
 from protocol import subjects as subj
 
-# version-traceid-parentid-flags; an all-zero trace or parent id is invalid (W3C).
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+# version-traceid-parentid-flags; version ff and an all-zero trace or parent id are invalid (W3C).
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 # list-members of printable ASCII (no CR/LF: it goes into an HTTP request as it is), at most 512 chars.
 _TRACESTATE = re.compile(r"[\x20-\x7e]{0,512}")
 

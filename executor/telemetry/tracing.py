@@ -19,7 +19,6 @@ task carries none.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -95,7 +94,3 @@ class JobTrace:
             span.set_attribute("error.type", error_type)
             span.set_status(Status(StatusCode.ERROR, error_type))
         span.end()
-
-
-def now_ns() -> int:
-    return time.time_ns()
