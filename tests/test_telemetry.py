@@ -232,6 +232,35 @@ def test_the_shipped_prometheus_config_is_valid() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def outside_address() -> str | None:
+    """An address of this machine other than loopback (where another host would connect), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))  # no packet is sent: this only picks the outgoing interface
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+async def test_the_metrics_port_answers_on_loopback_and_nothing_answers_on_the_machines_other_address(
+    js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    outside = outside_address()
+    if outside is None:
+        pytest.skip("this machine has no address but loopback")
+    async with AsyncExitStack() as stack:
+        running = await start_node(stack, js_server, double, node_config(double, tmp_path,
+                                   'prometheus_listen = "127.0.0.1:0"'))  # fmt: skip
+        assert running.telemetry is not None and running.telemetry.endpoint is not None
+        port = running.telemetry.endpoint.port
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:  # the scraper on this host
+                assert r.status == 200
+            with pytest.raises(aiohttp.ClientConnectionError):  # another host, through the machine's address
+                await http.get(f"http://{outside}:{port}/metrics")
+
+
 # -- traces ----------------------------------------------------------------------------
 
 
