@@ -350,6 +350,28 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     remember_generations: Annotated[int, Meta(ge=0, le=10_000_000)] = 10_000
 
 
+class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Metrics and traces (executor/telemetry/, docs/observability.md); everything off by default."""
+
+    # host:port of the Prometheus scrape endpoint (GET /metrics), e.g. "127.0.0.1:9464"; empty: none.
+    # Off by default: a port that opens unasked is a surprise (and a second one on a shared host
+    # collides); it tells who can reach it the served models and the load (docs/security.md).
+    prometheus_listen: Annotated[str, Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):[0-9]{1,5}$")] = ""
+    # An OTLP/HTTP collector base URL (e.g. "http://127.0.0.1:4318"): metrics and traces go there.
+    # Needs the `otlp` extra (pip install 'lloom[otlp]'); empty: nothing is exported.
+    otlp_endpoint: str = ""
+    # service.name of this process's metrics and spans.
+    service_name: Annotated[str, Meta(min_length=1, max_length=128)] = "lloom-executor"
+    # How often metrics are pushed to the OTLP endpoint.
+    otlp_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 15.0
+    # Series per metric beyond which further models are counted as model="other".
+    max_models: Annotated[int, Meta(ge=1, le=10_000)] = 100
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prometheus_listen or self.otlp_endpoint)
+
+
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
     nats: NatsConnectOptions = NatsConnectOptions()
@@ -363,6 +385,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     tokens: TokensConfig = TokensConfig()
     hub: HubConfig = HubConfig()
     gateway: GatewayConfig = GatewayConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
 
 def default_config_path() -> Path:
@@ -661,6 +684,15 @@ default_timeout_secs = 120.0
 drain_secs = 30.0       # on SIGTERM: open requests and streams get this long to finish
 client_id = "gateway"   # named in receipts
 remember_generations = 10000
+[telemetry]
+# Metrics for Prometheus on this address (GET /metrics), e.g. "127.0.0.1:9464"; empty: no port
+# opens. Loopback unless a scraper elsewhere needs it: it shows the served models and the load.
+prometheus_listen = ""
+# An OTLP/HTTP collector (e.g. "http://127.0.0.1:4318") for metrics and traces; needs
+# pip install 'lloom[otlp]'. Empty: nothing is exported and no span is recorded.
+otlp_endpoint = ""
+service_name = "lloom-executor"
+# docs/observability.md lists the metrics and spans.
 
 [logging]
 level = "info"          # debug | info | warning | error

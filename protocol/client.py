@@ -64,6 +64,7 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from protocol import subjects as subj
+from protocol import tracecontext
 from protocol.catalog import Catalog
 from protocol.connection import DEFAULT_CONNECT_TIMEOUT_S, NatsConnectOptions, Violations, close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
@@ -561,6 +562,23 @@ class LloomClient:
         subject: str | None = None,
         sealed_to: str | None = None,
     ) -> T:
+        """`_attempts` inside a client span when the application traces (protocol/tracecontext.py)."""
+        with tracecontext.client_span(_OPERATIONS.get(expected, "chat"), target[0]):
+            return await self._attempts(target, payload, decoder, expected, deadline, retries, subject=subject,
+                                        sealed_to=sealed_to)  # fmt: skip
+
+    async def _attempts(
+        self,
+        target: Target,
+        payload: bytes,
+        decoder: msgspec.json.Decoder,
+        expected: type[T],
+        deadline: float,
+        retries: int,
+        *,
+        subject: str | None = None,
+        sealed_to: str | None = None,
+    ) -> T:
         """One request/reply job on `target` (its model's queue group, or one executor), retried when busy.
 
         `sealed_to`: the executor's public curve key; the job is sealed to it with a fresh key pair per
@@ -704,6 +722,10 @@ class LloomClient:
         if errors:
             raise errors[-1]
         raise DeadlineExceeded("the deadline passed before any executor could be tried")
+
+
+# gen_ai.operation.name of each kind of reply a client waits for.
+_OPERATIONS: dict[type, str] = {ChatResponse: "chat", EmbeddingResponse: "embeddings", TextResponse: "text_completion"}
 
 
 def _why(e: BaseException) -> str:

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from protocol import subjects as subj
+from protocol import tracecontext
 from protocol.backoff import Backoff
 from protocol.errors import (
     Cancelled,
@@ -131,6 +132,7 @@ class Pending:
             headers[subj.HDR_CLIENT] = self.client_id
         if sealed_by is not None:
             headers[subj.HDR_SEALED] = sealed_by
+        tracecontext.inject(headers)
         size = len(payload) + subj.headers_size(headers)
         if size > self._nc.max_payload:
             # The server would close the whole connection for this; refuse it here instead.

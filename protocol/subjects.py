@@ -49,6 +49,10 @@ PING_GONE = b"gone"
 # protocol/resume.py). On a header-only message to a reply subject: the executor (named in
 # the value) is still running the job; a caller that hears none for a while fails the call.
 HDR_KEEPALIVE = "Lloom-Keepalive"
+# W3C trace context (https://www.w3.org/TR/trace-context/) of the caller's span, under the names
+# the recommendation gives them, so the executor's spans (and its backend's) join the caller's trace.
+HDR_TRACEPARENT = "traceparent"
+HDR_TRACESTATE = "tracestate"
 # Reply headers in the nats micro convention, so generic NATS tools see errors.
 HDR_SERVICE_ERROR = "Nats-Service-Error"
 HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import structlog
 
@@ -48,8 +50,10 @@ class Job(JobBase):
     request: ChatRequest
 
     def __init__(self, ctx: JobContext, job_id: str, request: ChatRequest, channel: ReplyChannel, deadline: float,
-                 *, liveness: bool = False, payload: bytes = b"", client: str | None = None) -> None:  # fmt: skip
-        super().__init__(ctx, job_id, request, channel, deadline, liveness=liveness, payload=payload, client=client)
+                 *, liveness: bool = False, payload: bytes = b"", client: str | None = None,
+                 trace: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(ctx, job_id, request, channel, deadline, liveness=liveness, payload=payload, client=client,
+                         trace=trace)  # fmt: skip
         self._parts: list[str] = []  # a stream's text so far, for its receipt
         self._ttft: float | None = None
         self._completion_tokens = 0
@@ -63,6 +67,17 @@ class Job(JobBase):
             await self._run_stream(self.ctx.backend)
         else:
             await self._run_unary(self.ctx.backend)
+
+    def _first_token_s(self) -> float | None:
+        return self._ttft
+
+    def _backend_span(self, hit: Completion | None) -> AbstractContextManager[Any]:
+        """The backend call's client span (its HTTP request carries its trace context), when traced."""
+        if self.trace is None or hit is not None:
+            return _UNTRACED
+        return self.trace.backend_call(f"chat {self.request.model}", **{
+            "gen_ai.operation.name": "chat", "gen_ai.request.model": self.request.model,
+            "gen_ai.system": self.ctx.backend_kind, "server.address": self.ctx.backend.name})  # fmt: skip
 
     def _on_success(self, elapsed: float) -> None:
         self.ctx.perf.record(self.request.model, ok=True, seconds=elapsed, completion_tokens=self._completion_tokens,
@@ -122,7 +137,12 @@ class Job(JobBase):
         receipts = self.ctx.receipts
         if receipts is None:
             return None
-        return await receipts.issue(
+        with _UNTRACED if self.trace is None else self.trace.child("receipt", **{"lloom.receipt.outcome": outcome}):
+            return await self._issue(receipts, outcome, finish_reason, model, usage, text, cached=cached)
+
+    async def _issue(self, receipts: Any, outcome: Outcome, finish_reason: str | None, model: str, usage: Usage | None,
+                     text: str, *, cached: bool) -> SignedReceipt:  # fmt: skip
+        return await receipts.issue(  # type: ignore[no-any-return]
             job_id=self.id,
             client=self._client,
             model=model,
@@ -144,6 +164,14 @@ class Job(JobBase):
         # local hit would tell whoever guesses the prompt that someone asked it.
         if cache is None or not cacheable(self.request) or self.channel.sealed:
             return None, None
+        if self.trace is not None:
+            with self.trace.child("cache lookup") as span:
+                key, hit = await self._cache_get(cache)
+                span.set_attribute("lloom.cache.hit", hit is not None)
+                return key, hit
+        return await self._cache_get(cache)
+
+    async def _cache_get(self, cache: Any) -> tuple[bytes, Completion | None]:
         key = cache_key(self.request)
         hit = cache.get(key)
         if hit is None and self.ctx.shared_cache is not None:
@@ -163,9 +191,14 @@ class Job(JobBase):
 
     async def _run_unary(self, backend: Backend) -> None:
         key, hit = await self._cache_lookup()
-        result = hit or await backend.complete(self.request)
         if hit is None:
+            t0 = asyncio.get_running_loop().time()
+            with self._backend_span(hit):
+                result = await backend.complete(self.request)
+            self.backend_s = asyncio.get_running_loop().time() - t0
             self._cache_store(key, result)
+        else:
+            result = hit
         calls = encoder.encode(result.tool_calls) if result.tool_calls else None
         receipt = await self._receipt(
             "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None,
@@ -194,6 +227,7 @@ class Job(JobBase):
             )
         await self.channel.send(payload)
         self._completion_tokens = result.usage.completion_tokens
+        self.tokens = (result.usage.prompt_tokens, result.usage.completion_tokens)
 
     async def _run_stream(self, backend: Backend) -> None:
         seq = 0
@@ -203,27 +237,33 @@ class Job(JobBase):
         reasoning: list[str] = []  # kept for the cache, which replays it, and the receipt
         tool_pieces: list[ToolCallDelta] = []  # for the receipt
         send = self.channel.send
-        try:
-            async for event in events:
-                if type(event) is Delta:
-                    await send(encoder.encode(StreamChunk(seq, event.text, event.reasoning, event.tool_calls,
-                                                          event.logprobs)))  # fmt: skip
-                    self._parts.append(event.text)
-                    if event.reasoning is not None:
-                        reasoning.append(event.reasoning)
-                    if event.tool_calls is not None:
-                        tool_pieces += event.tool_calls
-                    if seq == 0:
-                        self._ttft = asyncio.get_running_loop().time() - self.started
-                        # nats.py writes from its flusher task; let it run now, or the
-                        # first token waits behind every chunk the backend already sent.
-                        await asyncio.sleep(0)
-                    seq += 1
-                else:
-                    assert isinstance(event, Finish)
-                    finish = event
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
+        t0 = asyncio.get_running_loop().time()
+        with self._backend_span(hit) as span:
+            try:
+                async for event in events:
+                    if type(event) is Delta:
+                        await send(encoder.encode(StreamChunk(seq, event.text, event.reasoning, event.tool_calls,
+                                                              event.logprobs)))  # fmt: skip
+                        self._parts.append(event.text)
+                        if event.reasoning is not None:
+                            reasoning.append(event.reasoning)
+                        if event.tool_calls is not None:
+                            tool_pieces += event.tool_calls
+                        if seq == 0:
+                            self._ttft = asyncio.get_running_loop().time() - self.started
+                            if span is not None:
+                                span.add_event("gen_ai.first_token")
+                            # nats.py writes from its flusher task; let it run now, or the
+                            # first token waits behind every chunk the backend already sent.
+                            await asyncio.sleep(0)
+                        seq += 1
+                    else:
+                        assert isinstance(event, Finish)
+                        finish = event
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+        if hit is None:
+            self.backend_s = asyncio.get_running_loop().time() - t0
         if finish is None:
             raise StreamInterrupted(f"{backend.name} ended the stream without a final event")
         text = "".join(self._parts)
@@ -251,7 +291,11 @@ class Job(JobBase):
         await send(encoder.encode(end))
         await self.channel.end()
         self._completion_tokens = finish.usage.completion_tokens
+        self.tokens = (finish.usage.prompt_tokens, finish.usage.completion_tokens)
 
+
+
+_UNTRACED: AbstractContextManager[Any] = nullcontext()  # reusable: enters as None, holds nothing
 
 
 async def _replay(hit: Completion) -> AsyncIterator[StreamEvent]:

@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # types only: none of these import the jobs package
     from executor.cache.shared import SharedCache
     from executor.receipts.issuer import ReceiptIssuer
     from executor.secrets import SecretMasker
+    from executor.telemetry.recorder import JobRecorder
+    from executor.telemetry.tracing import JobTracer
 
 _SENTINEL = b""  # ADR-47: an empty message ends a multi-message reply
 
@@ -85,6 +87,9 @@ class JobContext:
     queue: Enqueuer | None = None
     # Blanks the process's secrets out of every error message before it goes on the wire.
     masker: SecretMasker | None = None
+    # Telemetry (executor/telemetry/): finished jobs' figures, and spans; None when off.
+    recorder: JobRecorder | None = None
+    tracer: JobTracer | None = None
 
     @property
     def backend_kind(self) -> str:

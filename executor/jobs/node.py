@@ -67,6 +67,7 @@ from executor.jobs.context import (
 from executor.jobs.endpoints import EndpointCounts
 from executor.jobs.pacing import BusyPacer
 from executor.jobs.retained import RetainedReplies
+from executor.telemetry.context import trace_headers
 from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
@@ -84,6 +85,8 @@ if TYPE_CHECKING:
     from executor.cache.shared import SharedCache
     from executor.receipts.issuer import ReceiptIssuer
     from executor.secrets import SecretMasker
+    from executor.telemetry.recorder import JobRecorder
+    from executor.telemetry.tracing import JobTracer
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -138,6 +141,8 @@ class ExecutorNode:
         masker: SecretMasker | None = None,
         curve: CurveKeyPair | None = None,
         model_features: dict[str, list[str]] | None = None,
+        recorder: JobRecorder | None = None,
+        tracer: JobTracer | None = None,
     ) -> None:
         self.nc = nc
         # `[[models]] features` set in the config, by model: they override what the backend says.
@@ -167,7 +172,7 @@ class ExecutorNode:
             executor_id=self.id, backend=backend, served=self._served,
             limits=Limits(max_tokens_cap=self.config.max_tokens_cap, max_payload=nc.max_payload or 1 << 20),
             stats=self.stats, perf=self.perf, receipts=receipts, cache=cache, shared_cache=shared_cache,
-            batcher=batcher, queue=queue, masker=masker,
+            batcher=batcher, queue=queue, masker=masker, recorder=recorder, tracer=tracer,
         )  # fmt: skip
         self.masker = masker
         self._refresh_error: str | None = None
@@ -406,7 +411,7 @@ class ExecutorNode:
         # The receipt hashes the request as the caller wrote it (the plaintext of a sealed one).
         self._launch(kind.job(self.context, job_id, request, channel, deadline,
                               liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=data,
-                              client=client), cancel_token=token, endpoint=ep)  # fmt: skip
+                              client=client, trace=trace_headers(headers)), cancel_token=token, endpoint=ep)  # fmt: skip
 
     def _new_endpoint(self, subject: str) -> EndpointCounts:
         # Only subjects of our own subscriptions arrive here, so the map stays as small as they are.
