@@ -138,10 +138,10 @@ class Job(JobBase):
         if receipts is None:
             return None
         with _UNTRACED if self.trace is None else self.trace.child("receipt", **{"lloom.receipt.outcome": outcome}):
-            return await self._issue(receipts, outcome, finish_reason, model, usage, text, cached=cached)
+            return await self._issue(receipts, outcome, finish_reason, model, usage, text, cached=cached, signed=signed)
 
     async def _issue(self, receipts: Any, outcome: Outcome, finish_reason: str | None, model: str, usage: Usage | None,
-                     text: str, *, cached: bool) -> SignedReceipt:  # fmt: skip
+                     text: str, *, cached: bool, signed: bytes | None) -> SignedReceipt:  # fmt: skip
         return await receipts.issue(  # type: ignore[no-any-return]
             job_id=self.id,
             client=self._client,
