@@ -14,9 +14,14 @@ last, one of the two paths delivers: the executor's own flush when the client wa
 back first, the resume otherwise.
 
 Jobs whose request carried `Lloom-Keepalive` get a header-only keepalive from their
-executor every second while they run. Once one has arrived, a job whose executor
-says nothing (no keepalive, no reply) for `silence_s` of connected time fails with
-`ExecutorLost`, so a SIGKILLed executor is noticed in seconds, not at the deadline.
+executor every second while they run. A job whose executor says nothing (no keepalive,
+no reply) for `silence_s` of connected time fails with `ExecutorLost`, so a SIGKILLed
+executor is noticed in seconds, not at the deadline. The count starts when the job is
+sent, with `FIRST_HEARD_GRACE_S` more for the first keepalive (it comes within two
+keepalive periods of the start): a job whose executor died before its first keepalive,
+or whose request was lost with a NATS node (published to a server that died before
+routing it, so nobody will ever answer or re-send it), fails the same way, and is
+retried where it may be, instead of waiting out its deadline.
 Time while this client is disconnected does not count, and a reconnect restarts
 every job's count (its executor may come back later than we did).
 
@@ -40,8 +45,13 @@ from protocol.replies import Waiter, fail
 
 # Silence (connected time, after the first keepalive) after which a call fails with ExecutorLost.
 DEFAULT_SILENCE_S = 3.0
+# A job just sent may be silent this much longer: an executor's first keepalive comes up to two of its
+# keepalive periods (1 s by default) after the job started.
+FIRST_HEARD_GRACE_S = 2.0
 # How often the ticker looks: silence is noticed within silence_s + TICK_S.
 TICK_S = 0.25
+# A tick this much later than due means this process itself stood still: nobody's silence.
+STALL_S = 1.0
 # Job ids per resume request (a request stays far below any max_payload).
 MAX_RESUME_IDS = 1000
 
@@ -61,7 +71,7 @@ _encode = msgspec.json.Encoder().encode
 class DeliveryWatch:
     """Watches the jobs of one `Pending` inbox: resumes them after a reconnect, fails them when silent.
 
-    `last` maps each watched job id (one whose executor sent a keepalive) to when it was
+    `last` maps each watched job id (every job sent and still waited for) to when it was
     last heard of; `Pending._dispatch` updates it for every message of a watched job."""
 
     def __init__(self, nc: NATS, waiting: dict[str, Waiter], *, silence_s: float = DEFAULT_SILENCE_S) -> None:
@@ -86,6 +96,10 @@ class DeliveryWatch:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self.last.clear()
+
+    def sent(self, job_id: str) -> None:
+        """`job_id` was just sent: watch it from now on, allowing for its first keepalive."""
+        self.last[job_id] = asyncio.get_running_loop().time() + FIRST_HEARD_GRACE_S
 
     def keepalive(self, job_id: str) -> None:
         """The executor of `job_id` says it is alive: watch the job from now on."""
@@ -124,12 +138,17 @@ class DeliveryWatch:
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
+        ticked = loop.time()
         while True:
             await asyncio.sleep(TICK_S)  # the ticker's pace, not a synchronization
             now = loop.time()
-            if not self._nc.is_connected:
+            late, ticked = now - ticked - TICK_S, now
+            if not self._nc.is_connected or late > STALL_S:
+                # Disconnected time is nobody's silence, and neither is time this process did not
+                # run (SIGSTOP, a blocked loop, a suspended laptop): what executors sent meanwhile
+                # waits unread in the socket, behind this tick.
                 for job_id in self.last:
-                    self.last[job_id] = now  # disconnected time is nobody's silence
+                    self.last[job_id] = now
                 continue
             if self._nc.stats.get("reconnects", 0) != self._reconnects:
                 # A connection without our reconnected callback (not made by LloomClient.connect)
