@@ -21,7 +21,10 @@ sent, with `FIRST_HEARD_GRACE_S` more for the first keepalive (it comes within t
 keepalive periods of the start): a job whose executor died before its first keepalive,
 or whose request was lost with a NATS node (published to a server that died before
 routing it, so nobody will ever answer or re-send it), fails the same way, and is
-retried where it may be, instead of waiting out its deadline.
+retried where it may be, instead of waiting out its deadline. Before it fails a job,
+the watch checks that its own server answers a PING: when it does not (the server is
+paused or cut off, the socket still open), the silence is this client's, and a retry
+would only run the job twice.
 Time while this client is disconnected does not count, and a reconnect restarts
 every job's count (its executor may come back later than we did).
 
@@ -38,6 +41,7 @@ import msgspec
 import nats.errors
 from msgspec import Meta
 from nats.aio.client import Client as NATS
+from nats.nuid import NUID
 
 from protocol import subjects as subj
 from protocol.errors import ExecutorLost
@@ -52,6 +56,9 @@ FIRST_HEARD_GRACE_S = 2.0
 TICK_S = 0.25
 # A tick this much later than due means this process itself stood still: nobody's silence.
 STALL_S = 1.0
+# Before a silent job is failed, our own server must answer a PING within this: a server that does not
+# (paused, cut off, its socket still open) silences every executor at once.
+SERVER_CHECK_S = 1.0
 # Job ids per resume request (a request stays far below any max_payload).
 MAX_RESUME_IDS = 1000
 
@@ -82,6 +89,7 @@ class DeliveryWatch:
         self._reconnects = 0
         self._reconnected_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
+        self._nuid = NUID()
         self.resumed = 0  # resume requests sent (for tests and figures)
         self.lost = 0  # calls failed with ExecutorLost
 
@@ -136,6 +144,21 @@ class DeliveryWatch:
         except (nats.errors.Error, OSError):
             pass  # disconnected again: the next reconnect asks again
 
+    async def _server_answers(self) -> bool:
+        """Whether our NATS server answers within `SERVER_CHECK_S` (asked only when a job fell silent).
+
+        The question is a request to a subject nobody serves, which the server answers itself (no
+        responders). Not `nc.flush(timeout)`: a PONG that comes after its timeout ends nats.py's
+        read loop (it sets the result of the cancelled future), leaving the connection deaf."""
+        probe = subj.info_subject(f"lloom-probe-{self._nuid.next().decode()}")
+        try:
+            await self._nc.request(probe, b"", timeout=SERVER_CHECK_S)
+        except nats.errors.NoRespondersError:
+            return True
+        except (nats.errors.Error, TimeoutError):
+            return False
+        return True  # someone answered it: the server works
+
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         ticked = loop.time()
@@ -156,6 +179,13 @@ class DeliveryWatch:
                 await self.reconnected()
                 continue
             silent = [j for j, t in self.last.items() if now - t > self.silence_s]
+            if any(j in self._waiting for j in silent) and not await self._server_answers():
+                # Our own server is stuck (paused, cut off) while the socket looks open: the silence is
+                # ours, and a job sent again would run twice. Wait for it like for a reconnect.
+                now = loop.time()
+                for job_id in self.last:
+                    self.last[job_id] = now
+                continue
             for job_id in silent:
                 del self.last[job_id]
                 waiter = self._waiting.get(job_id)

@@ -400,6 +400,8 @@ async def keepalive_from(url: str, executor_id: str) -> None:
 
 
 PAUSE_S = 5.0  # longer than the client's 3 s silence window and the catalogue's heartbeats
+# Longer than the 5 s a job just sent may go unheard (its first keepalive's grace, then the silence window).
+CLIENT_PAUSE_S = 7.0
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -427,6 +429,28 @@ async def test_pausing_the_node_an_executor_is_on_longer_than_the_heartbeat_wind
         answered = since(paused)
         receipts = await tally.receipts(rig.cluster, ["exec-1", "exec-2"])
     row = tally.record(jobs_on_the_paused_node=on_a, pause_s=PAUSE_S, all_answered_s=answered, **receipts)
+    assert_goals(row, receipts)
+    assert row["completed"] == jobs
+
+
+async def test_pausing_the_node_a_client_is_on_longer_than_the_heartbeat_window(rig: Rig) -> None:
+    tally = Tally(f"client's node SIGSTOPped {CLIENT_PAUSE_S:g} s mid-job", rig.backend)
+    async with await rig.client() as client:
+        a, b = rig.other_nodes(client)
+        on = rig.cluster.node_of(client.nc)
+        await asyncio.gather(rig.executor("exec-1", a), rig.executor("exec-2", b))
+        rig.backend.fault = Fault.slow(2.0)
+        jobs = 10
+        calls = [asyncio.create_task(tally.unary(client, f"job {i}")) for i in range(jobs)]
+        await eventually(lambda: rig.backend.in_flight == jobs, timeout=10, what="every job at the backend")
+        paused = time.monotonic()
+        rig.cluster.pause(on)
+        await asyncio.sleep(CLIENT_PAUSE_S)  # the length of the pause is the fault
+        rig.cluster.cont(on)
+        await all_done(calls)
+        answered = since(paused)
+        receipts = await tally.receipts(rig.cluster, ["exec-1", "exec-2"])
+    row = tally.record(pause_s=CLIENT_PAUSE_S, all_answered_s=answered, **receipts)
     assert_goals(row, receipts)
     assert row["completed"] == jobs
 
