@@ -343,10 +343,10 @@ async def test_restarting_the_whole_cluster_under_load(rig: Rig) -> None:
             await asyncio.sleep(0.05)  # the behaviour: a caller sending a job every 50 ms
         await asyncio.gather(*(rig.cluster.restart(i) for i in range(3)))
         restarted = since(killed)
+        await all_done(calls)  # answers need no JetStream: receipts wait in the outboxes
+        answered = since(killed)
         await rig.cluster.jetstream_ready()
         jetstream = since(killed)
-        await all_done(calls)
-        answered = since(killed)
         receipts = await tally.receipts(rig.cluster, ["exec-1", "exec-2"])
     row = tally.record(outage_s=restarted, jetstream_back_s=jetstream, all_answered_s=answered, **receipts)
     assert_goals(row, receipts)
@@ -451,6 +451,29 @@ async def test_pausing_the_node_a_client_is_on_longer_than_the_heartbeat_window(
         answered = since(paused)
         receipts = await tally.receipts(rig.cluster, ["exec-1", "exec-2"])
     row = tally.record(pause_s=CLIENT_PAUSE_S, all_answered_s=answered, **receipts)
+    assert_goals(row, receipts)
+    assert row["completed"] == jobs
+
+
+async def test_a_client_leaves_its_node_when_it_stays_paused(rig: Rig) -> None:
+    tally = Tally("client's node SIGSTOPped mid-job, not resumed", rig.backend)
+    async with await rig.client() as client:
+        a, b = rig.other_nodes(client)
+        on = rig.cluster.node_of(client.nc)
+        await asyncio.gather(rig.executor("exec-1", a), rig.executor("exec-2", b))
+        rig.backend.fault = Fault.slow(2.0)
+        jobs = 10
+        calls = [asyncio.create_task(tally.unary(client, f"job {i}")) for i in range(jobs)]
+        await eventually(lambda: rig.backend.in_flight == jobs, timeout=10, what="every job at the backend")
+        paused = time.monotonic()
+        rig.cluster.pause(on)  # until the end: the client must leave it (within its ping window)
+        await all_done(calls)
+        answered = since(paused)
+        moved = rig.cluster.node_of(client.nc)
+        rig.cluster.cont(on)
+        receipts = await tally.receipts(rig.cluster, ["exec-1", "exec-2"])
+    row = tally.record(all_answered_s=answered, **receipts)
+    assert moved not in (-1, on)  # answered through another node, while its own was still paused
     assert_goals(row, receipts)
     assert row["completed"] == jobs
 
