@@ -16,6 +16,7 @@ expected (held by callers) / stored in the stream / duplicated, with recovery ti
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import sys
@@ -300,6 +301,14 @@ async def test_pausing_the_node_an_executor_is_on_longer_than_the_heartbeat_wind
     assert row["completed"] == jobs
 
 
+# nats-py 2.16 leaves the socket of a failed reconnect attempt unclosed (Client._select_next_server drops
+# the transport when the paused server accepts the TCP connection but never sends INFO); it is collected
+# here (gc.collect at the end of the test), not in whichever test runs next.
+NATS_PY_UNCLOSED_RECONNECT = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*StreamWriter.__del__:pytest.PytestUnraisableExceptionWarning")
+
+
+@NATS_PY_UNCLOSED_RECONNECT
 async def test_pausing_the_node_a_client_is_on_longer_than_the_heartbeat_window(rig: Rig) -> None:
     tally = Tally(f"client's node SIGSTOPped {CLIENT_PAUSE_S:g} s mid-job", rig.backend)
     async with await rig.client() as client:
@@ -318,10 +327,12 @@ async def test_pausing_the_node_a_client_is_on_longer_than_the_heartbeat_window(
         answered = since(paused)
         receipts = await tally.receipts(rig.cluster, ["exec-1", "exec-2"])
     row = tally.record(pause_s=CLIENT_PAUSE_S, all_answered_s=answered, **receipts)
+    gc.collect()  # see NATS_PY_UNCLOSED_RECONNECT
     assert_goals(row, receipts)
     assert row["completed"] == jobs
 
 
+@NATS_PY_UNCLOSED_RECONNECT
 async def test_a_client_leaves_its_node_when_it_stays_paused(rig: Rig) -> None:
     tally = Tally("client's node SIGSTOPped mid-job, not resumed", rig.backend)
     async with await rig.client() as client:
@@ -340,6 +351,7 @@ async def test_a_client_leaves_its_node_when_it_stays_paused(rig: Rig) -> None:
         rig.cluster.cont(on)
         receipts = await tally.receipts(rig.cluster, ["exec-1", "exec-2"])
     row = tally.record(all_answered_s=answered, **receipts)
+    gc.collect()  # see NATS_PY_UNCLOSED_RECONNECT
     assert moved not in (-1, on)  # answered through another node, while its own was still paused
     assert_goals(row, receipts)
     assert row["completed"] == jobs
