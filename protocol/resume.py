@@ -22,9 +22,9 @@ keepalive periods of the start): a job whose executor died before its first keep
 or whose request was lost with a NATS node (published to a server that died before
 routing it, so nobody will ever answer or re-send it), fails the same way, and is
 retried where it may be, instead of waiting out its deadline. Before it fails a job,
-the watch checks that its own server answers a PING: when it does not (the server is
-paused or cut off, the socket still open), the silence is this client's, and a retry
-would only run the job twice.
+the watch checks that its own server answers a PING within a second: when it does not
+(the server is paused or cut off, the socket still open), the silence is this client's,
+and a retry would only run the job twice.
 Time while this client is disconnected does not count, and a reconnect restarts
 every job's count (its executor may come back later than we did).
 
@@ -41,7 +41,6 @@ import msgspec
 import nats.errors
 from msgspec import Meta
 from nats.aio.client import Client as NATS
-from nats.nuid import NUID
 
 from protocol import subjects as subj
 from protocol.errors import ExecutorLost
@@ -59,6 +58,8 @@ STALL_S = 1.0
 # Before a silent job is failed, our own server must answer a PING within this: a server that does not
 # (paused, cut off, its socket still open) silences every executor at once.
 SERVER_CHECK_S = 1.0
+# How long a PING to our server may stay unanswered before its probe ends (see _server_answers).
+PROBE_MAX_S = 60.0
 # Job ids per resume request (a request stays far below any max_payload).
 MAX_RESUME_IDS = 1000
 
@@ -89,7 +90,7 @@ class DeliveryWatch:
         self._reconnects = 0
         self._reconnected_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
-        self._nuid = NUID()
+        self._probe: asyncio.Task[None] | None = None  # a PING to our server, left to finish (see _server_answers)
         self.resumed = 0  # resume requests sent (for tests and figures)
         self.lost = 0  # calls failed with ExecutorLost
 
@@ -103,6 +104,13 @@ class DeliveryWatch:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            # A healthy server answers at once; cancelling a PING the server may still answer is
+            # what nats-py cannot take (see _server_answers), so it is the last resort.
+            await asyncio.wait({probe}, timeout=SERVER_CHECK_S)
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
         self.last.clear()
 
     def sent(self, job_id: str) -> None:
@@ -130,6 +138,9 @@ class DeliveryWatch:
         if count == self._reconnects:
             return  # this reconnect was handled (by the callback or by a tick)
         self._reconnects = count
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.done():
+            probe.cancel()  # its PING went to the old socket, whose PONGs nats-py forgot: safe to cancel now
         now = asyncio.get_running_loop().time()
         self._reconnected_at = now
         for job_id in self.last:
@@ -145,19 +156,20 @@ class DeliveryWatch:
             pass  # disconnected again: the next reconnect asks again
 
     async def _server_answers(self) -> bool:
-        """Whether our NATS server answers within `SERVER_CHECK_S` (asked only when a job fell silent).
+        """Whether our NATS server answered a PING within `SERVER_CHECK_S` (asked only when a job fell silent).
 
-        The question is a request to a subject nobody serves, which the server answers itself (no
-        responders). Not `nc.flush(timeout)`: a PONG that comes after its timeout ends nats.py's
-        read loop (it sets the result of the cancelled future), leaving the connection deaf."""
-        probe = subj.info_subject(f"lloom-probe-{self._nuid.next().decode()}")
-        try:
-            await self._nc.request(probe, b"", timeout=SERVER_CHECK_S)
-        except nats.errors.NoRespondersError:
-            return True
-        except (nats.errors.Error, TimeoutError):
-            return False
-        return True  # someone answered it: the server works
+        The PING is a `flush()` in a task of its own that is never cancelled early: in nats-py 2.16
+        a PONG that arrives after a flush was given up on ends the client's read loop (it sets the
+        result of the cancelled future) and the connection stays deaf. So a slow answer is waited
+        for by the next tick, and `PROBE_MAX_S` is long past the ping window after which the client
+        leaves an unanswering server (its pending PONGs are then dropped with the old socket)."""
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._nc.flush(timeout=PROBE_MAX_S), name="lloom-server-probe")
+        done, _ = await asyncio.wait({self._probe}, timeout=SERVER_CHECK_S)
+        if not done:
+            return False  # no PONG yet: the probe goes on, the next tick looks again
+        probe, self._probe = self._probe, None
+        return not probe.cancelled() and probe.exception() is None
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()

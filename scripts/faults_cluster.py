@@ -32,9 +32,10 @@ HEADING = "## Cluster"
 # What the same scenarios gave before the fixes they led to (see the notes below the table), for comparison.
 BEFORE = {
     "client's node SIGKILLed with job requests in its socket": "1 of 6 completed, 5 `deadline_exceeded` after 20 s",
-    "executor SIGKILLed mid-job (2 executors)": "19 of 30 completed, 11 `deadline_exceeded` after 20 s",
+    "executor SIGKILLed mid-job (2 executors)": "19-23 of 30 completed, the rest `deadline_exceeded` after 20 s",
     "client's node SIGSTOPped mid-job, not resumed": "0 of 10 completed, 10 `deadline_exceeded` after 20 s on the paused node, 10 receipts unclaimed",
     "client's node SIGSTOPped": "10 of 10 completed, all 10 run twice, 10 receipts unclaimed",
+    "executor's node SIGSTOPped": "the same: still open, the test is an xfail (see the notes)",
 }
 
 DETAILS = {
