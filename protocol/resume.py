@@ -46,7 +46,8 @@ from protocol import subjects as subj
 from protocol.errors import ExecutorLost
 from protocol.replies import Waiter, fail
 
-# Silence (connected time, after the first keepalive) after which a call fails with ExecutorLost.
+# Silence (connected time, since the job's last message, or its send plus FIRST_HEARD_GRACE_S) after which
+# a call fails with ExecutorLost.
 DEFAULT_SILENCE_S = 3.0
 # A job just sent may be silent this much longer: an executor's first keepalive comes up to two of its
 # keepalive periods (1 s by default) after the job started.
