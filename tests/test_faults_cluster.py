@@ -56,6 +56,8 @@ NODE = {"liveness_interval_secs": 1.0}
 
 @dataclass
 class Rig:
+    """One scenario's parts: the cluster, the backend double, executors on chosen nodes, clients with every URL."""
+
     cluster: Cluster
     backend: OpenAIDouble
     start_executor: StartExecutor
