@@ -103,6 +103,7 @@ class Pending:
     def unregister(self, job_id: str) -> None:
         self._waiting.pop(job_id, None)
         self._cancel_tokens.pop(job_id, None)
+        self.watch.forget(job_id)
 
     def cancel_token(self, job_id: str) -> str:
         """The secret that lets this client (only) cancel `job_id`; made on first use."""
@@ -140,6 +141,7 @@ class Pending:
         if subject is None:
             subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
         await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)
+        self.watch.sent(job_id)  # a request lost on the way is noticed like a dead executor
 
     async def cancel(self, job_id: str) -> None:
         """Tell whichever executor runs `job_id` to stop it (best effort, at most once).

@@ -130,6 +130,7 @@ class _Exchange:
     # cancellation is not mistaken for the client going away.
     self_closed: bool = False
     response: web.StreamResponse | None = None
+    body: Any = None  # the request's decoded body, for `completed_requests`
 
 
 def _error(status: int, message: str, code: str | None = None, *,
@@ -182,6 +183,8 @@ class OpenAIDouble:
         self.disconnected = asyncio.Event()
         self.disconnects = 0
         self.completed = 0
+        # The bodies of the chat requests answered in full, so a test can tell which job ran twice.
+        self.completed_requests: list[dict[str, Any]] = []
         # Inputs per /v1/embeddings call, in call order; `embed_delay_s` stands for the
         # forward pass (one per call, whatever its size: that is why batching pays).
         self.embedding_calls: list[int] = []
@@ -415,6 +418,7 @@ class OpenAIDouble:
         except msgspec.DecodeError:
             body = None
         if isinstance(body, dict):
+            ex.body = body
             self.requests.append(body)
             self.request_headers.append(dict(request.headers))
 
@@ -516,6 +520,8 @@ class OpenAIDouble:
         await resp.prepare(request)
         await resp.write_eof()
         self.completed += 1
+        if ex.body is not None:
+            self.completed_requests.append(ex.body)
         return resp
 
     def _abort(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
@@ -594,6 +600,8 @@ class OpenAIDouble:
             await resp.write(b"data: " + event + b"\n\n")
         await resp.write_eof()
         self.completed += 1
+        if ex.body is not None:
+            self.completed_requests.append(ex.body)
         return resp
 
 
