@@ -250,6 +250,8 @@ async def test_on_an_open_network_an_executor_ids_first_key_holds_it_for_replies
                                            request=msg.data, text="forged")  # fmt: skip
             await attacker.publish(msg.reply, fake_response(job_id, executor.id, "forged", receipt))
             await attacker.flush()
+            # NATS orders messages per connection only: let the genuine answer come once the forgery is in.
+            await until(lambda: client.reply_forgeries.get("impostor", 0) >= 1, "the forgery to reach the caller")
             executor.backend.gate.set()
 
         await attacker.subscribe(subj.complete_subject(MODEL), cb=forge)
@@ -445,9 +447,13 @@ async def test_an_executor_id_is_held_by_its_first_key_and_an_impostor_never_ans
             job_id = msg.headers[subj.HDR_JOB_ID]
             receipt = await forged_receipt(impostor, tmp_path / job_id, executor_id="gpu-1", job_id=job_id,
                                            request=msg.data, text="impostor")  # fmt: skip
+            before = client.reply_forgeries.get("impostor", 0)
             await attacker.publish(msg.reply, fake_response(job_id, "gpu-1", "impostor", receipt))
             await attacker.flush()
-            genuine.backend.gate.set()  # only now may the genuine answer come
+            # NATS orders messages per connection, not across the attacker's and the executor's: wait
+            # until the caller has the forgery in hand (and refused it), then let the genuine answer come.
+            await until(lambda: client.reply_forgeries.get("impostor", 0) > before, "the forgery to reach the caller")
+            genuine.backend.gate.set()
 
         await attacker.subscribe(subj.direct_subject("gpu-1"), cb=forge)
         await attacker.flush()
