@@ -18,8 +18,10 @@ import aiohttp
 import pytest
 
 from executor.gateway import keys_cli
+from executor.gateway.errors import PaymentRequired
 from executor.gateway.keys import KeyAdmission
 from executor.gateway.keystore import KeyStore, RedactKeys, hash_key, parse_key
+from executor.gateway.ratelimit import RateLimiter
 from executor.process.embedded_nats import EmbeddedNats
 from protocol import settlements
 from protocol.cli import main as lloom_main
@@ -242,3 +244,45 @@ def test_keys_never_reach_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
     assert key not in record.getMessage() and f"lloom_{key_id}_***" in record.getMessage()
     event = redact_secrets(None, "info", {"event": f"header was {key}", "note": key})
     assert key not in json.dumps(event) and f"lloom_{key_id}_***" in event["note"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_hold_its_gateway_never_settled_stops_counting_after_its_ttl(js_server: EmbeddedNats) -> None:
+    clock = Clock()
+    nc = await connect_nats(js_server.url, name="gw")
+    try:
+        crashed = KeyAdmission(KeyStore(nc, clock=clock), gateway="gw-crashed", hold_ttl_s=60)
+        alive = KeyAdmission(KeyStore(nc, clock=clock), gateway="gw-alive", hold_ttl_s=60)
+        await crashed.start()
+        _, key = await crashed.store.create("ttl", rpm=None, budget=Decimal(1))
+        request = type("Req", (), {"headers": {"Authorization": f"Bearer {key}"}})()
+        await crashed.hold(await crashed.authorize(request), Decimal("0.8"))  # type: ignore[arg-type]
+        # ... and that gateway dies here, never settling.
+        with pytest.raises(PaymentRequired):
+            await alive.hold(await alive.authorize(request), Decimal("0.5"))  # type: ignore[arg-type]
+        clock.now += 61
+        grant = await alive.authorize(request)  # type: ignore[arg-type]
+        await alive.hold(grant, Decimal("0.5"))
+        record, _ = await alive.store.get(grant.key_id)
+        assert list(record.holds) == [grant.hold_id]  # the dead hold was dropped with this write
+    finally:
+        await nc.close()
+
+
+def test_the_rate_limit_refills_at_rpm_per_minute_after_a_burst() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock)
+    assert [limiter.take("k", 3) for _ in range(3)] == [None, None, None]
+    assert limiter.take("k", 3) == pytest.approx(20.0)  # one token every 20 s
+    clock.now += 10
+    assert limiter.take("k", 3) == pytest.approx(10.0)
+    clock.now += 10
+    assert limiter.take("k", 3) is None
+    assert limiter.take("other", 3) is None and limiter.take("k", None) is None
