@@ -50,6 +50,7 @@ async def test_a_gateway_checks_holds_and_settles_keys_on_the_secure_bus(secure_
                                  headers={"Authorization": f"Bearer {key}"}) as r:  # fmt: skip
                 assert r.status == 200, await r.text()
                 cost = Decimal((await r.json())["usage"]["cost"])
+        await gw.admission.drain()  # type: ignore[attr-defined]  # settling runs after the answer
         after, _ = await KeyStore(admin).get(record.id)
         assert after.spend == cost > 0 and after.holds == {}
         [settled] = (await settlements.read_all(admin)).values()

@@ -3,6 +3,8 @@
     admission = KeyAdmission(KeyStore(client.nc), gateway="gateway-1")
     await admission.start()                      # opens the keys bucket and the settlements stream
     app = make_app(client, config, admission=admission)
+    ...
+    await admission.aclose()                     # after the server stopped: finishes pending settlements
 
 Per request, in the order app.py calls it:
 
@@ -14,10 +16,13 @@ Per request, in the order app.py calls it:
   minus its spend and open holds cannot cover the estimate (the most the job can cost), before
   anything is sent to an executor; otherwise records the estimate as a hold in the key's
   record, shared by every gateway. Keys without a budget hold nothing (no write).
-- `settle(grant, receipt | None)`: once per request; removes the hold and adds the signed
+- `settle(grant, receipt | None)`: once per request, in a task this admission owns (the answer
+  does not wait for it; `aclose()` finishes them): removes the hold and adds the signed
   receipt's cost to the key's spend (one optimistic-concurrency write), then appends a
   `Settlement` (protocol/settlements.py) so `lloom receipts report --by-key` can bill the
   receipt to the key. Without a receipt (the job failed before one) the hold is released.
+  Until that write lands the hold still counts, so a pending settlement never lets a key
+  spend past its budget.
 
 The bucket unreachable is `KeysUnavailable` (503): nothing is admitted blind. Keys are never
 logged (only their ids); a hold a crashed gateway never settles stops counting after
@@ -26,6 +31,7 @@ logged (only their ids); a hold a crashed gateway never settles stops counting a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from decimal import Decimal
@@ -71,6 +77,7 @@ class KeyAdmission:
         self.gateway = gateway
         self.limiter = limiter or RateLimiter()
         self.hold_ttl_ms = int(hold_ttl_s * 1000)
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Open the keys bucket and the settlements stream (`KeyStoreError` if the bus refuses)."""
@@ -126,19 +133,36 @@ class KeyAdmission:
             return msgspec.structs.replace(r, holds=holds)
 
         try:
-            grant.record = await self.store.change(grant.key_id, take, known=(grant.record, grant.revision))
+            grant.record, grant.revision = await self.store.change(grant.key_id, take,
+                                                                   known=(grant.record, grant.revision))  # fmt: skip
         except KeyStoreError as e:
             raise KeysUnavailable(f"cannot hold the budget now: {e}", retry_after_s=1) from None
         grant.hold_id, grant.held = hold_id, estimate
 
     async def settle(self, grant: KeyGrant | None, receipt: SignedReceipt | None) -> None:
+        """Bill the request in the background (the answer need not wait for two writes to the bus)."""
         if grant is None or grant.settled:
             return
         grant.settled = True
+        if grant.hold_id is None and receipt is None:
+            return
+        # Safe for the budget while pending: the hold keeps counting until this write removes it.
+        task = asyncio.create_task(self._settle(grant, receipt), name=f"settle-{grant.key_id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Wait for every settlement under way (tests; and `aclose`)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Finish the settlements under way; call after the server stopped taking requests."""
+        await self.drain()
+
+    async def _settle(self, grant: KeyGrant, receipt: SignedReceipt | None) -> None:
         cost = receipt.receipt.cost if receipt is not None else Decimal(0)
         hold_id = grant.hold_id
-        if hold_id is None and cost == 0:
-            return
         now = self.store.now_ms()
 
         def bill(r: KeyRecord) -> KeyRecord:
@@ -146,10 +170,16 @@ class KeyAdmission:
             return msgspec.structs.replace(r, holds=holds, spend=r.spend + cost)
 
         try:
-            await self.store.change(grant.key_id, bill)
+            if hold_id is None and cost == 0:
+                pass  # nothing held, nothing spent: only the settlement below
+            else:
+                # The record as this request's hold left it: one write when no other request wrote since.
+                await self.store.change(grant.key_id, bill, known=(grant.record, grant.revision))
         except KeyStoreError as e:
-            # The answer is already on its way; the receipt and the settlement below still record the cost.
+            # The receipt and the settlement below still record the cost; the hold expires by itself.
             _log.error("could not add %s USD to the spend of API key %s: %s", cost, grant.key_id, e)
+        except Exception:  # a bug: logged, never lost silently in a background task
+            _log.exception("settling a request of API key %s failed", grant.key_id)
         if receipt is not None:
             await self._record(grant, receipt, now)
 

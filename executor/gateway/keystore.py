@@ -181,8 +181,8 @@ class KeyStore:
         return sorted(records, key=lambda r: r.created_ms)
 
     async def change(self, key_id: str, fn: Callable[[KeyRecord], KeyRecord],
-                     known: tuple[KeyRecord, int] | None = None) -> KeyRecord:  # fmt: skip
-        """Apply `fn` to the latest record and store it, retrying on a concurrent write.
+                     known: tuple[KeyRecord, int] | None = None) -> tuple[KeyRecord, int]:  # fmt: skip
+        """Apply `fn` to the latest record and store it, retrying on a concurrent write; the new record and revision.
 
         `fn` may raise to refuse the change (nothing is written). `known` is a record and
         revision already read (saves a read when nobody wrote since)."""
@@ -192,8 +192,7 @@ class KeyStore:
             new = fn(record)
             kv = await self.bucket()
             try:
-                await kv.update(_kv_key(key_id), _encode(new), last=revision)
-                return new
+                return new, await kv.update(_kv_key(key_id), _encode(new), last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass  # another gateway wrote first: recompute on its result
             except (nats.errors.Error, nats.js.errors.Error) as e:
@@ -204,7 +203,8 @@ class KeyStore:
 
     async def revoke(self, key_id: str) -> KeyRecord:
         now = self.now_ms()
-        return await self.change(key_id, lambda r: r if r.revoked else msgspec.structs.replace(r, revoked_ms=now))
+        record, _ = await self.change(key_id, lambda r: r if r.revoked else msgspec.structs.replace(r, revoked_ms=now))
+        return record
 
 
 
