@@ -30,7 +30,8 @@ from protocol.client import DEFAULT_URL, LloomClient
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lloom-gateway", description="OpenAI-compatible HTTP gateway to a Lloom network")
+    p = argparse.ArgumentParser(prog="lloom-gateway", description="OpenAI-compatible HTTP gateway to a Lloom network",
+                                epilog="API keys: lloom-gateway keys create|list|revoke (lloom-gateway keys --help)")
     p.add_argument("--nats", help=f"NATS URL (default: [node] nats_url, $LLOOM_NATS_URL, else {DEFAULT_URL})")
     p.add_argument("--listen", help="host:port to listen on (default: [gateway] listen, 127.0.0.1:8640)")
     p.add_argument("--config", type=Path, help="config file (its [gateway], [nats] and [node] sections)")
