@@ -320,3 +320,20 @@ async def test_two_gateways_share_a_key_and_its_spend_over_http_unary_and_stream
     [row] = json.loads(out)
     assert (Decimal(row["spend"]), Decimal(row["held"])) == (sum(costs), 0)
     assert net.doubles["exe-a"].completed == 20
+
+
+async def test_an_unreadable_key_record_is_refused_with_503_not_guessed(
+    net: Network, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    await net.executor("exe-a", offer(MODEL))
+    gw = await net.gateway(admission=keyed)
+    key = await create(net.nats_url, capsys, "--name", "mangled")
+    nc = await connect_nats(net.nats_url, name="t")
+    try:
+        kv = await nc.jetstream().key_value("LLOOM_GATEWAY_KEYS")
+        await kv.put(f"key.{parse_key(key)}", b'{"id": "x", "surprise": true}')
+    finally:
+        await nc.close()
+    async with aiohttp.ClientSession() as http:
+        status, body, headers = await post(http, gw.url, key)
+    assert (status, body["error"]["code"]) == (503, "keys_unavailable") and "Retry-After" in headers
+    assert net.doubles["exe-a"].completed == 0

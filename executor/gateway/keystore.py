@@ -121,6 +121,14 @@ def _kv_key(key_id: str) -> str:
     return f"key.{key_id}"
 
 
+def _record(key_id: str, data: bytes) -> KeyRecord:
+    try:
+        return _decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        # Refuse rather than guess (and never rewrite a record this gateway cannot read).
+        raise KeyStoreError(f"the record of key {key_id} is unreadable: {e}") from None
+
+
 class KeyStore:
     """The keys bucket over one NATS connection (shared by `Admission` and `lloom-gateway keys`)."""
 
@@ -148,12 +156,13 @@ class KeyStore:
         kv = await self.bucket()
         try:
             entry = await kv.get(_kv_key(key_id))
-        except nats.js.errors.KeyNotFoundError:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             raise UnknownKey(f"no key {key_id}") from None
         except (nats.errors.Error, nats.js.errors.Error) as e:
             raise KeyStoreError(f"cannot read the keys bucket {BUCKET}: {e}") from e
-        assert entry.value is not None and entry.revision is not None
-        return _decode(entry.value), entry.revision
+        if not entry.value or entry.revision is None:
+            raise UnknownKey(f"no key {key_id}")
+        return _record(key_id, entry.value), entry.revision
 
     async def create(self, name: str, *, rpm: int | None, budget: Decimal | None) -> tuple[KeyRecord, str]:
         """A new key: its record and the key itself (shown once, stored nowhere)."""
@@ -161,7 +170,10 @@ class KeyStore:
         record = KeyRecord(id=key_id, name=name, sha256=hash_key(key), created_ms=self.now_ms(), rpm=rpm,
                            budget=budget)  # fmt: skip
         kv = await self.bucket()
-        await kv.create(_kv_key(key_id), _encode(record))
+        try:
+            await kv.create(_kv_key(key_id), _encode(record))
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            raise KeyStoreError(f"cannot write the keys bucket {BUCKET}: {e}") from e
         return record, key
 
     async def list(self) -> list[KeyRecord]:
@@ -170,14 +182,14 @@ class KeyStore:
             names = await kv.keys()
         except nats.js.errors.NoKeysError:
             return []
+        except (nats.errors.Error, nats.js.errors.Error) as e:
+            raise KeyStoreError(f"cannot list the keys bucket {BUCKET}: {e}") from e
         records = []
         for name in names:
             try:
-                entry = await kv.get(name)
-            except nats.js.errors.KeyNotFoundError:
-                continue
-            if entry.value:
-                records.append(_decode(entry.value))
+                records.append((await self.get(name.removeprefix("key.")))[0])
+            except UnknownKey:
+                continue  # deleted meanwhile
         return sorted(records, key=lambda r: r.created_ms)
 
     async def change(self, key_id: str, fn: Callable[[KeyRecord], KeyRecord],
