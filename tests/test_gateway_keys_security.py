@@ -72,6 +72,9 @@ async def test_clients_and_executors_cannot_read_key_hashes_raise_budgets_or_for
         # The gateway (allowed) reads the record; the outsider cannot open the bucket, read the
         # entry through the stream API, or list the keys.
         assert (await KeyStore(gateway).get(record.id))[0].sha256 == record.sha256
+        assert [r.id for r in await KeyStore(gateway).list()] == [record.id]  # `lloom-gateway keys list`
+        with pytest.raises((KeyStoreError, *DENIED)):
+            await KeyStore(other).list()
         with pytest.raises((KeyStoreError, *DENIED)):
             await KeyStore(other).get(record.id)
         with pytest.raises(DENIED):
