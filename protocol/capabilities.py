@@ -1,6 +1,6 @@
 """What a model can do beyond plain chat, and which of it a request needs.
 
-Executors announce each model's capabilities (`ModelOffer.capabilities`); the client
+Executors announce each model's capabilities (in `ModelOffer.features`); the client
 sends a request only to executors whose offer has every capability the request
 needs (as OpenRouter routes by supported parameters), and an executor refuses a
 request its model cannot serve with `UnsupportedFeature` before calling its backend.

@@ -102,7 +102,7 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     user: Annotated[str, Meta(max_length=256)] | None = None
-    # More than one choice is not served: an executor answers n > 1 with unsupported_parameter.
+    # More than one choice is not served: n > 1 is refused with unsupported_feature (protocol/chat_checks.py).
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
     reasoning_effort: ReasoningEffort | None = None
 

@@ -14,9 +14,17 @@ last, one of the two paths delivers: the executor's own flush when the client wa
 back first, the resume otherwise.
 
 Jobs whose request carried `Lloom-Keepalive` get a header-only keepalive from their
-executor every second while they run. Once one has arrived, a job whose executor
-says nothing (no keepalive, no reply) for `silence_s` of connected time fails with
-`ExecutorLost`, so a SIGKILLed executor is noticed in seconds, not at the deadline.
+executor every second while they run. A job whose executor says nothing (no keepalive,
+no reply) for `silence_s` of connected time fails with `ExecutorLost`, so a SIGKILLed
+executor is noticed in seconds, not at the deadline. The count starts when the job is
+sent, with `FIRST_HEARD_GRACE_S` more for the first keepalive (it comes within two
+keepalive periods of the start): a job whose executor died before its first keepalive,
+or whose request was lost with a NATS node (published to a server that died before
+routing it, so nobody will ever answer or re-send it), fails the same way, and is
+retried where it may be, instead of waiting out its deadline. Before it fails a job,
+the watch checks that its own server answers a PING within a second: when it does not
+(the server is paused or cut off, the socket still open), the silence is this client's,
+and a retry would only run the job twice.
 Time while this client is disconnected does not count, and a reconnect restarts
 every job's count (its executor may come back later than we did).
 
@@ -38,10 +46,21 @@ from protocol import subjects as subj
 from protocol.errors import ExecutorLost
 from protocol.replies import Waiter, fail
 
-# Silence (connected time, after the first keepalive) after which a call fails with ExecutorLost.
+# Silence (connected time, since the job's last message, or its send plus FIRST_HEARD_GRACE_S) after which
+# a call fails with ExecutorLost.
 DEFAULT_SILENCE_S = 3.0
+# A job just sent may be silent this much longer: an executor's first keepalive comes up to two of its
+# keepalive periods (1 s by default) after the job started.
+FIRST_HEARD_GRACE_S = 2.0
 # How often the ticker looks: silence is noticed within silence_s + TICK_S.
 TICK_S = 0.25
+# A tick this much later than due means this process itself stood still: nobody's silence.
+STALL_S = 1.0
+# Before a silent job is failed, our own server must answer a PING within this: a server that does not
+# (paused, cut off, its socket still open) silences every executor at once.
+SERVER_CHECK_S = 1.0
+# How long a PING to our server may stay unanswered before its probe ends (see _server_answers).
+PROBE_MAX_S = 60.0
 # Job ids per resume request (a request stays far below any max_payload).
 MAX_RESUME_IDS = 1000
 
@@ -61,7 +80,7 @@ _encode = msgspec.json.Encoder().encode
 class DeliveryWatch:
     """Watches the jobs of one `Pending` inbox: resumes them after a reconnect, fails them when silent.
 
-    `last` maps each watched job id (one whose executor sent a keepalive) to when it was
+    `last` maps each watched job id (every job sent and still waited for) to when it was
     last heard of; `Pending._dispatch` updates it for every message of a watched job."""
 
     def __init__(self, nc: NATS, waiting: dict[str, Waiter], *, silence_s: float = DEFAULT_SILENCE_S) -> None:
@@ -72,6 +91,7 @@ class DeliveryWatch:
         self._reconnects = 0
         self._reconnected_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None  # a PING to our server, left to finish (see _server_answers)
         self.resumed = 0  # resume requests sent (for tests and figures)
         self.lost = 0  # calls failed with ExecutorLost
 
@@ -85,7 +105,18 @@ class DeliveryWatch:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            # A healthy server answers at once; cancelling a PING the server may still answer is
+            # what nats-py cannot take (see _server_answers), so it is the last resort.
+            await asyncio.wait({probe}, timeout=SERVER_CHECK_S)
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
         self.last.clear()
+
+    def sent(self, job_id: str) -> None:
+        """`job_id` was just sent: watch it from now on, allowing for its first keepalive."""
+        self.last[job_id] = asyncio.get_running_loop().time() + FIRST_HEARD_GRACE_S
 
     def keepalive(self, job_id: str) -> None:
         """The executor of `job_id` says it is alive: watch the job from now on."""
@@ -108,6 +139,9 @@ class DeliveryWatch:
         if count == self._reconnects:
             return  # this reconnect was handled (by the callback or by a tick)
         self._reconnects = count
+        probe, self._probe = self._probe, None
+        if probe is not None and not probe.done():
+            probe.cancel()  # its PING went to the old socket, whose PONGs nats-py forgot: safe to cancel now
         now = asyncio.get_running_loop().time()
         self._reconnected_at = now
         for job_id in self.last:
@@ -122,14 +156,35 @@ class DeliveryWatch:
         except (nats.errors.Error, OSError):
             pass  # disconnected again: the next reconnect asks again
 
+    async def _server_answers(self) -> bool:
+        """Whether our NATS server answered a PING within `SERVER_CHECK_S` (asked only when a job fell silent).
+
+        The PING is a `flush()` in a task of its own that is never cancelled early: in nats-py 2.16
+        a PONG that arrives after a flush was given up on ends the client's read loop (it sets the
+        result of the cancelled future) and the connection stays deaf. So a slow answer is waited
+        for by the next tick, and `PROBE_MAX_S` is long past the ping window after which the client
+        leaves an unanswering server (its pending PONGs are then dropped with the old socket)."""
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._nc.flush(timeout=PROBE_MAX_S), name="lloom-server-probe")
+        done, _ = await asyncio.wait({self._probe}, timeout=SERVER_CHECK_S)
+        if not done:
+            return False  # no PONG yet: the probe goes on, the next tick looks again
+        probe, self._probe = self._probe, None
+        return not probe.cancelled() and probe.exception() is None
+
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
+        ticked = loop.time()
         while True:
             await asyncio.sleep(TICK_S)  # the ticker's pace, not a synchronization
             now = loop.time()
-            if not self._nc.is_connected:
+            late, ticked = now - ticked - TICK_S, now
+            if not self._nc.is_connected or late > STALL_S:
+                # Disconnected time is nobody's silence, and neither is time this process did not
+                # run (SIGSTOP, a blocked loop, a suspended laptop): what executors sent meanwhile
+                # waits unread in the socket, behind this tick.
                 for job_id in self.last:
-                    self.last[job_id] = now  # disconnected time is nobody's silence
+                    self.last[job_id] = now
                 continue
             if self._nc.stats.get("reconnects", 0) != self._reconnects:
                 # A connection without our reconnected callback (not made by LloomClient.connect)
@@ -137,6 +192,13 @@ class DeliveryWatch:
                 await self.reconnected()
                 continue
             silent = [j for j, t in self.last.items() if now - t > self.silence_s]
+            if any(j in self._waiting for j in silent) and not await self._server_answers():
+                # Our own server is stuck (paused, cut off) while the socket looks open: the silence is
+                # ours, and a job sent again would run twice. Wait for it like for a reconnect.
+                now = loop.time()
+                for job_id in self.last:
+                    self.last[job_id] = now
+                continue
             for job_id in silent:
                 del self.last[job_id]
                 waiter = self._waiting.get(job_id)

@@ -46,11 +46,17 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
     # JetStream is on: every receipt written to the (temporary) outboxes ended up in the stream, once.
     assert ab["stream"]["written"] > 0 and ab["stream"]["stored"] == ab["stream"]["written"], ab["stream"]
     assert ab["stream"]["duplicates"] == 0 and 0 < ab["stream"]["messages"] <= ab["stream"]["stored"], ab["stream"]
+    # The telemetry A/B: the telemetry-on twin measured at c=1 and c=32, and its metrics counted every request.
+    tel = res["telemetry_ab"]
+    for phase in ("c1", "sat"):
+        for name in ("executor", "executor-telemetry"):
+            assert tel[phase][name]["n"] > 0 and tel[phase][name]["errors"] == 0, (phase, name)
+    assert tel["counted"] == tel["completed_on"] > 0
     assert [r["executors"] for r in res["scaling"]] == [1, 2]
     assert all(r["rps"] > 0 and r["errors"] == 0 for r in res["scaling"])
     text = out.read_text()
     for heading in ("## Goals for the executor path", "## Latency at concurrency 1", "## Saturation", "## Streaming",
-                    "## Memory", "## Scaling", "## Receipts"):  # fmt: skip
+                    "## Memory", "## Scaling", "## Receipts", "## Telemetry"):  # fmt: skip
         assert heading in text
     # Every goal line is judged (LiteLLM's are n/a without it).
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

@@ -415,3 +415,21 @@ async def test_a_request_past_its_deadline_is_504(net: Network) -> None:
         with pytest.raises(openai.APIStatusError) as late:
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert late.value.status_code == 504
+
+
+async def test_stream_errors_before_and_after_the_first_chunk(net: Network) -> None:
+    await net.executor("exe-a", offer(MODEL))
+    gw = await net.gateway()
+    ask = [{"role": "user", "content": "x"}]
+    async with sdk(gw.url) as client:
+        with pytest.raises(openai.NotFoundError):  # before any chunk: a plain HTTP error
+            await client.chat.completions.create(model="gw-modle", messages=ask, stream=True)
+        net.doubles["exe-a"].faults.append(Fault.reset(after_chunks=2))
+        stream = await client.chat.completions.create(model=MODEL, messages=ask, stream=True)
+        got: list[str] = []
+        with pytest.raises(openai.APIError) as broken:  # after: an error event the SDK raises
+            async for chunk in stream:
+                if chunk.choices:
+                    got.append(chunk.choices[0].delta.content or "")
+    assert "".join(got) == "tok0 tok1 "
+    assert "stream" in str(broken.value.message).lower() or "backend" in str(broken.value.message).lower()

@@ -2,9 +2,9 @@
 
 Owns, in order of creation and reverse order of shutdown: the embedded NATS
 bus (when no URL is configured: started, or joined when another executor of this
-machine runs it; see process/shared_bus.py), the NATS connection, the process's one
-aiohttp session (for plugin backends), the backend, the node with its
-collaborators (made by executor/runtime/builder.py), and the OpenAI-compatible
+machine runs it; see process/shared_bus.py; a leaf node of `[hub] url` when set, see process/leaf.py),
+the NATS connection, the process's one aiohttp session (for plugin backends), the backend, the
+node with its collaborators (made by executor/runtime/builder.py), and the OpenAI-compatible
 gateway (executor/gateway/, on by default with the embedded bus), which stops first.
 SIGTERM and SIGINT set the stop event; the node then drains and the process exits 0. The handlers are in
 place before anything else starts, and the start-up steps that wait on the
@@ -32,6 +32,7 @@ from executor.gateway.keystore import KeyStoreError
 from executor.gateway.seams import seams_for
 from executor.gateway.server import GatewayServer
 from executor.jobs.node import ExecutorNode
+from executor.process.leaf import Leaf
 from executor.process.shared_bus import SharedBus
 from executor.runtime.builder import assemble, data_home
 from executor.runtime.keys import KeyRotation
@@ -75,7 +76,15 @@ def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
 async def start_shared_bus(config: ExecutorConfig) -> SharedBus:
     """Own, or join, the embedded NATS bus of this machine (see executor/process/shared_bus.py)."""
     # JetStream keeps the receipts; its data outlives the process, like the outbox.
-    bus = SharedBus(port=config.node.embedded_nats_port, store_dir=data_home() / "nats")
+    leaf = Leaf(config.hub, config.node.id) if config.hub.url else None
+    bus = SharedBus(port=config.node.embedded_nats_port, store_dir=data_home() / "nats", leaf=leaf)
+    if leaf is not None:
+        log.info("joining hub as a leaf node", hub=leaf.link.hub, domain=leaf.domain)
+        queued = [f.model for f in config.executors.fallbacks if f.strategy == "queue"]
+        if queued:
+            # The queue and its results bucket stay in this machine's JetStream domain (process/leaf.py).
+            log.warning("queue fallbacks keep jobs and results on this machine: a hub client whose job is"
+                        " queued here cannot fetch its result; prefer reject or secondary for them", models=queued)  # fmt: skip
     await bus.start()
     return bus
 

@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchkit import env
+from benchkit import env, telemetry_ab
 
 
 def _f(x: float | None, nd: int = 2) -> str:
@@ -261,6 +261,7 @@ def render(res: dict, plot_note: str) -> str:
     L += [_table(["path", "req/s", "vs direct", "p50 ms", "p99 ms", "relay CPU µs/req",
                   "req/s per relay core (incl. nats-server)"], rows), ""]  # fmt: skip
     L += render_receipts(res.get("receipts_ab"))
+    L += telemetry_ab.render(res.get("telemetry_ab"))
     lag = ", ".join(f"{k} {s.get('lag_p99_ms', 0):.1f} ms" for k, s in res["half"].items())
     L += ["## Latency at 50% of saturation (open loop)", "", latency_table(res["half"], with_rate=True), "",
           *errors_note(res["half"]),
