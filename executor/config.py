@@ -348,6 +348,12 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     client_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = "gateway"
     # Receipts of answered jobs kept in memory for /v1/generation (the stream is read otherwise).
     remember_generations: Annotated[int, Meta(ge=0, le=10_000_000)] = 10_000
+    # Require API keys (`Authorization: Bearer`, made with `lloom-gateway keys create`; docs/gateway-keys.md).
+    api_keys: bool = False
+    # How long a request's budget hold counts if its gateway dies before settling it.
+    hold_ttl_secs: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+    # The live status page at GET / (docs/status-page.md).
+    status_page: bool = True
 
 
 class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -684,6 +690,9 @@ default_timeout_secs = 120.0
 drain_secs = 30.0       # on SIGTERM: open requests and streams get this long to finish
 client_id = "gateway"   # named in receipts
 remember_generations = 10000
+api_keys = false        # true: every request needs a key (lloom-gateway keys create)
+status_page = true      # GET /: the live status page of the network
+
 [telemetry]
 # Metrics for Prometheus on this address (GET /metrics), e.g. "127.0.0.1:9464"; empty: no port
 # opens. Loopback unless a scraper elsewhere needs it: it shows the served models and the load.

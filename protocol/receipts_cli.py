@@ -5,6 +5,7 @@
     lloom receipts verify --stream --key NB... --key NC...   # and only these executors' keys
     lloom receipts verify --stream --trust keys.txt   # keys (and operators) of a keyring
     lloom receipts report --stream [--json]       # usage and cost per client, model and executor
+    lloom receipts report --stream --by-key       # and per gateway API key (protocol/settlements.py)
 
 `verify` checks every receipt's hash path and signature, its cost arithmetic,
 whether its key is known, and each executor's chain (a start other than 1, gaps,
@@ -21,7 +22,10 @@ the keys live executors announce now, each for the executor id it holds in the
 catalogue (asked over `--nats`). A receipt signed by any other key is a failure: a
 stranger can sign a receipt naming any client. `--any-key` checks signatures only.
 `report` applies the same checks and leaves out (and names, on stderr) every receipt
-that fails them, so a forged receipt bills nobody.
+that fails them, so a forged receipt bills nobody. `--by-key` adds the cost per gateway
+API key: each verified receipt is billed to the key a gateway's settlement names for it
+(`LLOOM_SETTLEMENTS`, read over `--nats`), or to `(no key)`; a settlement without a
+verified receipt bills nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from protocol import settlements
 from protocol import subjects as subj
 from protocol.catalog import Catalog
 from protocol.cli_common import GlobalOptions
@@ -65,6 +70,8 @@ def add_parser(sub: argparse._SubParsersAction, opts: GlobalOptions) -> None:  #
         p.add_argument("--stream", action="store_true", help=f"read the JetStream stream {STREAM}")
         p.add_argument("--key", action="append", help="accept only receipts signed by this executor key")
         p.add_argument("--any-key", action="store_true", help="accept any key (check signatures only)")
+    report.add_argument("--by-key", action="store_true",
+                        help=f"also sum per gateway API key (reads the stream {settlements.STREAM})")  # fmt: skip
 
 
 class Keys:
@@ -113,7 +120,17 @@ async def run(args: argparse.Namespace, nc: NATS | None) -> int:
     lines = _file_lines(args.file) if args.file else stream_lines(nc)  # type: ignore[arg-type]
     if args.receipts_command == "verify":
         return await _verify(lines, keys)
-    return await _report(lines, args.json, keys)
+    settled = None
+    if getattr(args, "by_key", False):
+        if nc is None:
+            print("lloom: --by-key reads the settlements stream: use it with --stream", file=sys.stderr)
+            return 2
+        try:
+            settled = await settlements.read_all(nc)
+        except nats.errors.Error as e:
+            print(f"lloom: cannot read the stream {settlements.STREAM}: {e}", file=sys.stderr)
+            return 2
+    return await _report(lines, args.json, keys, settled)
 
 
 async def live_keys(nc: NATS) -> dict[str, str] | None:
@@ -214,8 +231,11 @@ async def _verify(lines: AsyncIterator[Line], keys: Keys) -> int:
     return 1 if bad or problems else 0
 
 
-async def _report(lines: AsyncIterator[Line], as_json: bool, keys: Keys) -> int:
+async def _report(lines: AsyncIterator[Line], as_json: bool, keys: Keys,
+                  settled: dict[tuple[str, int], settlements.Settlement] | None = None) -> int:  # fmt: skip
     sums: dict[str, dict[str, list]] = {"client": defaultdict(_zero), "model": defaultdict(_zero), "executor": defaultdict(_zero)}
+    if settled is not None:
+        sums["key"] = defaultdict(_zero)
     seen: set[bytes] = set()
     excluded = 0
     async for where, line, _healed_by in lines:
@@ -232,7 +252,11 @@ async def _report(lines: AsyncIterator[Line], as_json: bool, keys: Keys) -> int:
             continue  # the same receipt stored twice is billed once
         seen.add(leaf)
         r = signed.receipt
-        for axis, key in (("client", r.client or "(unknown)"), ("model", r.model), ("executor", r.executor_id)):
+        axes = [("client", r.client or "(unknown)"), ("model", r.model), ("executor", r.executor_id)]
+        if settled is not None:
+            s = settled.get((r.executor_key, r.seq))
+            axes.append(("key", f"{s.key_id} ({s.key_name})" if s is not None else "(no key)"))
+        for axis, key in axes:
             row = sums[axis][key]
             row[0] += 1
             row[1] += r.usage.prompt_tokens

@@ -243,6 +243,19 @@ HDR_RECEIPT_SEQS = "Lloom-Receipt-Seqs"
 # On a receipts message re-published because the stream had lost it: who re-published it.
 HDR_HEALED_BY = "Lloom-Healed-By"
 
+# API keys of the OpenAI-compatible gateways (executor/gateway/keystore.py), one KV entry per key
+# (`key.<id>`: its hash, limits, spend and open holds), shared by every gateway on the bus.
+GATEWAY_KEYS_BUCKET = "LLOOM_GATEWAY_KEYS"
+# What each gateway billed to which key (protocol/settlements.py): one message per settled job,
+# joined to the signed receipts by `lloom receipts report --by-key`.
+SETTLEMENTS_STREAM = "LLOOM_SETTLEMENTS"
+SETTLEMENTS_ALL = f"{PREFIX}.settlements.>"
+
+
+def settlement_subject(key_id: str) -> str:
+    return f"{PREFIX}.settlements.{check_id('key id', key_id)}"
+
+
 # The durable queue (protocol/durable.py): jobs waiting per model, and results announced per job.
 JOBS_ALL = f"{PREFIX}.jobs.>"
 

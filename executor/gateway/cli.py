@@ -2,6 +2,7 @@
 
     lloom-gateway --nats nats://127.0.0.1:4222 --listen 127.0.0.1:8640
     lloom-gateway --config executor.toml        # its [gateway] and [nats] sections
+    lloom-gateway keys create|list|revoke       # API keys (executor/gateway/keys_cli.py)
 
 Prints its URL when it listens; SIGTERM or SIGINT stops accepting and lets open
 requests and streams finish for `[gateway] drain_secs`, then it exits 0.
@@ -21,16 +22,22 @@ from pathlib import Path
 import msgspec
 
 from executor.config import ConfigError, ExecutorConfig, load_config
+from executor.gateway import keys_cli
+from executor.gateway.keystore import KeyStoreError, RedactKeys
+from executor.gateway.seams import seams_for
 from executor.gateway.server import GatewayServer, ListenError, parse_listen
 from protocol.client import DEFAULT_URL, LloomClient
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lloom-gateway", description="OpenAI-compatible HTTP gateway to a Lloom network")
+    p = argparse.ArgumentParser(prog="lloom-gateway", description="OpenAI-compatible HTTP gateway to a Lloom network",
+                                epilog="API keys: lloom-gateway keys create|list|revoke (lloom-gateway keys --help)")
     p.add_argument("--nats", help=f"NATS URL (default: [node] nats_url, $LLOOM_NATS_URL, else {DEFAULT_URL})")
     p.add_argument("--listen", help="host:port to listen on (default: [gateway] listen, 127.0.0.1:8640)")
     p.add_argument("--config", type=Path, help="config file (its [gateway], [nats] and [node] sections)")
     p.add_argument("--drain-secs", type=float, help="grace for open streams on SIGTERM")
+    p.add_argument("--api-keys", action="store_true", default=None,
+                   help="require API keys ([gateway] api_keys; `lloom-gateway keys create` makes them)")  # fmt: skip
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -47,6 +54,8 @@ async def run(args: argparse.Namespace) -> int:
         changes["listen"] = args.listen
     if args.drain_secs is not None:
         changes["drain_secs"] = args.drain_secs
+    if args.api_keys:
+        changes["api_keys"] = True
     if changes:
         gw = msgspec.structs.replace(gw, **changes)
     try:
@@ -66,13 +75,20 @@ async def run(args: argparse.Namespace) -> int:
         print(f"lloom-gateway: {e}", file=sys.stderr)
         return 2
     try:
-        server = GatewayServer(client, gw)
+        try:
+            admission, routes = await seams_for(client, gw)
+        except KeyStoreError as e:
+            print(f"lloom-gateway: API keys are on ([gateway] api_keys) but {e}", file=sys.stderr)
+            return 2
+        server = GatewayServer(client, gw, admission=admission, extra_routes=routes)
         try:
             await server.start()
         except OSError as e:
             print(f"lloom-gateway: cannot listen on {gw.listen}: {e.strerror or e}", file=sys.stderr)
             return 2
         print(f"lloom-gateway: serving the OpenAI API at {server.url}/v1", flush=True)
+        if gw.status_page:
+            print(f"lloom-gateway: live status page at {server.url}/", file=sys.stderr, flush=True)
         await stop.wait()
         print("lloom-gateway: stopping; draining open requests", file=sys.stderr, flush=True)
         await server.stop()
@@ -82,8 +98,13 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        sys.exit(asyncio.run(keys_cli.run(keys_cli.parse_args(argv[1:]))))
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactKeys())
     try:
         import uvloop
 

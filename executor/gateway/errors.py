@@ -7,12 +7,13 @@ status that makes them do the right thing:
 | error | status | OpenAI `type` |
 |---|---|---|
 | bad request body, `InvalidRequest` | 400 | invalid_request_error |
-| `Unauthorized` (admission: bad key) | 401 | authentication_error |
+| `Unauthorized` (admission: bad key; `MissingKey`, `RevokedKey`) | 401 | authentication_error |
 | `PaymentRequired` (admission: budget spent) | 402 | insufficient_quota |
 | `ModelNotFound`; `NoExecutors` for a model nobody serves | 404 | invalid_request_error (message lists the served models) |
 | `BodyTooLarge` (the body limit), `PayloadTooLarge` (over NATS max_payload) | 413 | invalid_request_error |
 | `UnsupportedFeature` | 422 | invalid_request_error |
 | `TooManyRequests` (admission), `RateLimited` (a backend's 429) | 429 + Retry-After | rate_limit_error |
+| `KeysUnavailable` (admission: the keys bucket unreachable) | 503 + Retry-After | service_unavailable |
 | `NoExecutors` (none within the constraints), busy, shutting down, lost, receipts or queue unavailable | 503 + Retry-After | service_unavailable |
 | `DeadlineExceeded`, `BackendTimeout` | 504 | timeout |
 | backend and verification failures | 502 | upstream_error |
@@ -72,6 +73,20 @@ class BodyTooLarge(GatewayError):
 
 class TooManyRequests(GatewayError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+# The API keys' refusals (executor/gateway/keys.py): 401 for each way a key is wrong, 503 when
+# the keys bucket cannot be read (nothing is admitted blind).
+class MissingKey(Unauthorized):
+    code = "missing_api_key"
+
+
+class RevokedKey(Unauthorized):
+    code = "revoked_api_key"
+
+
+class KeysUnavailable(GatewayError):
+    status, type, code = 503, "service_unavailable", "keys_unavailable"
 
 
 # LloomError subclasses -> (status, type). Looked up along the MRO, so a new subclass lands on its parent's row.

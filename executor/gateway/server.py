@@ -85,3 +85,7 @@ class GatewayServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        # Then the admission's own work for the requests just finished (API keys: settlements).
+        close = getattr(self.admission, "aclose", None)
+        if close is not None:
+            await close()

@@ -24,6 +24,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _SECRET_KEYS = re.compile(r"(?:^|_)(?:api_?key|authorization|token|secret|password|passwd|credentials?|seed)$", re.I)
 _BEARER = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+")
 _SK = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
+# The gateway's API keys (executor/gateway/keystore.py): the id may show, the secret never.
+_LLOOM_KEY = re.compile(r"\b(lloom_[0-9a-f]{12}_)[A-Za-z0-9_-]{43}")
 
 
 def redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -31,8 +33,8 @@ def redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[st
     for key, value in event.items():
         if _SECRET_KEYS.search(key) and value:
             event[key] = "***"
-        elif isinstance(value, str) and ("Bearer" in value or "sk-" in value):
-            event[key] = _SK.sub("sk-***", _BEARER.sub(r"\1***", value))
+        elif isinstance(value, str) and ("Bearer" in value or "sk-" in value or "lloom_" in value):
+            event[key] = _LLOOM_KEY.sub(r"\1***", _SK.sub("sk-***", _BEARER.sub(r"\1***", value)))
     return event
 
 

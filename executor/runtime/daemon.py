@@ -28,6 +28,8 @@ import structlog
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ConfigError, ExecutorConfig
+from executor.gateway.keystore import KeyStoreError
+from executor.gateway.seams import seams_for
 from executor.gateway.server import GatewayServer
 from executor.jobs.node import ExecutorNode
 from executor.process.leaf import Leaf
@@ -185,7 +187,13 @@ async def start_gateway(config: ExecutorConfig, url: str, stack: AsyncExitStack)
         log.warning("OpenAI-compatible gateway not started: it cannot connect to NATS as a client", error=str(e))
         return None
     stack.push_async_callback(client.close)
-    server = GatewayServer(client, gw)
+    try:
+        admission, routes = await seams_for(client, gw)
+    except KeyStoreError as e:
+        log.warning("OpenAI-compatible gateway not started: [gateway] api_keys is on but the keys are"
+                    " unreachable", error=str(e))  # fmt: skip
+        return None
+    server = GatewayServer(client, gw, admission=admission, extra_routes=routes)
     try:
         await server.start()
     except OSError as e:

@@ -4,9 +4,11 @@ and real gateways on free ports."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -61,10 +63,15 @@ class Network:
         self.doubles[executor_id] = double
         return running
 
-    async def gateway(self, options: NatsConnectOptions | None = None, **config: object) -> GatewayServer:
+    async def gateway(self, options: NatsConnectOptions | None = None, *, admission: Any = None,
+                      extra_routes: Iterable[Any] = (), **config: object) -> GatewayServer:  # fmt: skip
+        """A gateway on a free port; `admission` may be a factory taking the gateway's client (keys)."""
         client = await LloomClient.connect(self.nats_url, timeout=15, client_id="gateway", options=options)
         self.stack.push_async_callback(client.close)
-        server = GatewayServer(client, GatewayConfig(listen="127.0.0.1:0", **config))  # type: ignore[arg-type]
+        seams: dict[str, Any] = {"extra_routes": extra_routes}
+        if admission is not None:
+            seams["admission"] = await admission(client) if callable(admission) else admission
+        server = GatewayServer(client, GatewayConfig(listen="127.0.0.1:0", **config), **seams)  # type: ignore[arg-type]
         await server.start()
         self.stack.push_async_callback(server.stop)
         return server
