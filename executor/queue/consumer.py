@@ -29,6 +29,7 @@ one job id, which `lloom receipts verify` names).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 import nats.errors
@@ -200,6 +201,11 @@ class JobQueue:
                     self._handlers.add(task)
                     task.add_done_callback(self._handlers.discard)
             except asyncio.CancelledError:
+                # A pull subscription left behind holds the connection's drain at shutdown until
+                # its timeout (30 s: `docker compose stop` SIGKILLed the executor after 10 s).
+                if psub is not None and not self._nc.is_closed:
+                    with contextlib.suppress(nats.errors.Error, ValueError):
+                        await psub.unsubscribe()
                 raise
             except (nats.errors.Error, OSError) as e:  # NATS or JetStream away: try again, slower each time
                 delay = retry.next_delay()
