@@ -25,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
 from compose.cluster import Deployment
+from executor.process.embedded_nats import EmbeddedNats, free_port
 from executor.receipts.publisher import STREAM
 from protocol.client import LloomClient
 from protocol.connection import NatsConnectOptions, connect_nats
@@ -244,6 +247,33 @@ def assert_goals(figures: dict[str, object]) -> None:
     assert isinstance(failed, dict) and attempted == completed + sum(failed.values()), figures
 
 
+async def assert_outsiders_refused(cluster: Cluster, project: ComposeProject) -> None:
+    """The compose cluster runs the shipped permissions (compose/nats/secure.conf): each denial next to its allowance."""
+    url = cluster.urls[0]
+    with pytest.raises(ConnectionError):  # no credentials, no bus
+        await connect_nats(url, name="outsider", options=NatsConnectOptions(connect_timeout_secs=2), initial_attempts=1)
+    admin = await connect_nats(url, name="lloom-test-admin", options=cluster.admin_options)
+    alice = await connect_nats(url, name="lloom-test-alice", options=cluster.client_options)
+    try:
+        info = await admin.jetstream(timeout=5).stream_info(STREAM)
+        assert info.config.num_replicas == 3 and info.config.deny_purge and info.config.deny_delete
+        # A client may not even look at the ledger (its request is dropped by the server: no answer).
+        with pytest.raises((TimeoutError, nats.errors.TimeoutError)):
+            await alice.jetstream(timeout=1).stream_info(STREAM)
+        # Nobody purges it, not even the admin: the stream itself refuses.
+        with pytest.raises(nats.js.errors.APIError):
+            await admin.jetstream(timeout=5).purge_stream(STREAM)
+    finally:
+        await alice.close()
+        await admin.close()
+    # A server that offers itself as a route without the route password is refused.
+    intruder = EmbeddedNats(extra_args=["--cluster_name", "lloom", "--cluster", f"nats://127.0.0.1:{free_port()}",
+                                        "--routes", f"nats://127.0.0.1:{project.ports['LLOOM_NATS_1_CLUSTER_PORT']}"])  # fmt: skip
+    async with intruder:
+        await eventually(lambda: any("Authorization Violation" in line for line in intruder.log_tail), timeout=SETTLE_S,
+                         what="the cluster refusing a route without its password")  # fmt: skip
+
+
 async def healthz(port: int) -> bool:
     try:
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as r:
@@ -253,7 +283,7 @@ async def healthz(port: int) -> bool:
 
 
 @pytest.fixture
-async def compose_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+async def compose_cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, ComposeProject]]:
     why = docker_unavailable()
     if why is not None:
         if os.environ.get("CI") == "true":
@@ -279,7 +309,7 @@ async def compose_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                                               inbox_prefix="_INBOX_alice"),
             admin_options=NatsConnectOptions(user="admin", password=creds["LLOOM_NATS_ADMIN_PASSWORD"]),
             kill=kill, start=start,
-        )  # fmt: skip
+        ), project  # fmt: skip
     except BaseException:
         print(project.logs())
         raise
@@ -304,10 +334,12 @@ async def local_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 
 
 @pytest.mark.docker
-async def test_compose_deployment_loses_no_job_and_doubles_no_receipt_when_nodes_are_killed(
-    compose_cluster: Cluster,
+async def test_compose_deployment_refuses_outsiders_and_loses_no_job_nor_doubles_a_receipt_when_nodes_are_killed(
+    compose_cluster: tuple[Cluster, ComposeProject],
 ) -> None:
-    assert_goals(await run_scenario(compose_cluster, "docker"))
+    cluster, project = compose_cluster
+    await assert_outsiders_refused(cluster, project)
+    assert_goals(await run_scenario(cluster, "docker"))
 
 
 async def test_the_same_scenario_on_local_processes_loses_no_job_and_doubles_no_receipt(local_cluster: Cluster) -> None:
