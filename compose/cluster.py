@@ -61,7 +61,7 @@ class NatsCluster:
         find_nats_server()  # fail early, with the install hint, when the binary is missing
         ports = distinct_free_ports(2 * size)
         # The routes authenticate (compose/nats/cluster.conf): a fresh password per deployment.
-        password = secrets.token_urlsafe(24)
+        password = "r" + secrets.token_hex(16)  # a letter first: the server parses it as a config value
         routes = json.dumps([f"nats://route:{password}@127.0.0.1:{p}" for p in ports[size:]])
         self.nodes: list[EmbeddedNats] = []
         for i in range(size):
@@ -69,8 +69,9 @@ class NatsCluster:
             # The config file compose/docker-compose.yml runs too; passed last, it is the one the
             # server reads (EmbeddedNats's own -c only sets the store, given again by -sd).
             args = ["-c", str(CLUSTER_CONF), "-sd", str(store)]
-            env = {**os.environ, "LLOOM_NATS_SERVER_NAME": f"nats-{i + 1}", "LLOOM_NATS_CLUSTER_PORT": str(ports[size + i]),
-                   "LLOOM_NATS_ROUTES": routes, "LLOOM_NATS_ROUTE_PASSWORD": password}  # fmt: skip
+            env = {**os.environ, "LLOOM_NATS_SERVER_NAME": f"nats-{i + 1}",
+                   "LLOOM_NATS_CLUSTER_PORT": str(ports[size + i]), "LLOOM_NATS_ROUTES": routes,
+                   "LLOOM_NATS_ROUTE_PASSWORD": password}  # fmt: skip
             self.nodes.append(
                 EmbeddedNats(port=ports[i], jetstream=True, store_dir=str(store), extra_args=args, env=env)
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import string
 import sys
 from pathlib import Path
 
@@ -22,14 +23,21 @@ import nkeys
 HERE = Path(__file__).resolve().parent
 PASSWORDS = ("LLOOM_NATS_ROUTE_PASSWORD", "LLOOM_NATS_ADMIN_PASSWORD", "LLOOM_NATS_EXECUTOR_1_PASSWORD",
              "LLOOM_NATS_ALICE_PASSWORD")  # fmt: skip
+ALPHABET = string.ascii_letters + string.digits
 NKEY_USERS = {"LLOOM_NATS_EXECUTOR_2_NKEY": "executor-2", "LLOOM_NATS_BOB_NKEY": "bob"}
+
+
+def password() -> str:
+    """32 letters and digits, starting with a letter: nats-server parses a variable's value as a
+    config value, so one starting with a digit could be read as a number (docs/security.md)."""
+    return secrets.choice(string.ascii_letters) + "".join(secrets.choice(ALPHABET) for _ in range(31))
 
 
 def generate(secrets_dir: Path) -> dict[str, str]:
     """New passwords and nkeys as compose variables; the seeds go to `secrets_dir/<user>.nk`."""
     secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
-    env = {name: secrets.token_urlsafe(24) for name in PASSWORDS}
+    env = {name: password() for name in PASSWORDS}
     for name, user in NKEY_USERS.items():
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
         env[name] = nkeys.from_seed(bytearray(seed)).public_key.decode()

@@ -136,7 +136,8 @@ async def queue_jobs(client: LloomClient, counts: Counts, n: int) -> list[str]:
                 return False
             return True
 
-        await eventually(once, timeout=SETTLE_S, interval=0.2, what=lambda: f"queued job accepted ({counts.submit_refused})")
+        await eventually(once, timeout=SETTLE_S, interval=0.2,
+                         what=lambda: f"queued job accepted ({counts.submit_refused})")  # fmt: skip
         ids.append(job_id)
     return ids
 
@@ -218,8 +219,10 @@ async def run_scenario(cluster: Cluster, name: str) -> dict[str, object]:
             stored = await stored_receipts(admin)
             return expected <= set(stored)
 
-        await eventually(all_stored, timeout=SETTLE_S, interval=0.5,
-                         what=lambda: f"receipts for {len(expected - set(stored))} of {len(expected)} jobs missing")  # fmt: skip
+        def missing() -> str:
+            return f"receipts missing for {len(expected - set(stored))} of {len(expected)} jobs"
+
+        await eventually(all_stored, timeout=SETTLE_S, interval=0.5, what=missing)
     finally:
         await client.close()
         await admin.close()
@@ -227,7 +230,8 @@ async def run_scenario(cluster: Cluster, name: str) -> dict[str, object]:
     figures: dict[str, object] = {
         "jobs attempted": counts.attempted, "completed": counts.completed, "failed typed": dict(counts.failed),
         "lost": counts.lost, "untyped errors": counts.untyped,
-        "queued": len(queued), "submissions refused then retried": dict(counts.submit_refused), "queued results": sum(1 for r in results if r.content),
+        "queued": len(queued), "submissions refused then retried": dict(counts.submit_refused),
+        "queued results": sum(1 for r in results if r.content),
         "receipts expected": len(expected), "stored": len(expected & set(stored)),
         "duplicated": sum(n - 1 for n in stored.values() if n > 1),
         "recovery s": {k: round(v, 2) for k, v in recovery.items()},
@@ -248,7 +252,7 @@ def assert_goals(figures: dict[str, object]) -> None:
 
 
 async def assert_outsiders_refused(cluster: Cluster, project: ComposeProject) -> None:
-    """The compose cluster runs the shipped permissions (compose/nats/secure.conf): each denial next to its allowance."""
+    """The cluster runs the shipped permissions (compose/nats/secure.conf): each denial beside its allowance."""
     url = cluster.urls[0]
     with pytest.raises(ConnectionError):  # no credentials, no bus
         await connect_nats(url, name="outsider", options=NatsConnectOptions(connect_timeout_secs=2), initial_attempts=1)
@@ -267,8 +271,9 @@ async def assert_outsiders_refused(cluster: Cluster, project: ComposeProject) ->
         await alice.close()
         await admin.close()
     # A server that offers itself as a route without the route password is refused.
+    route = f"nats://127.0.0.1:{project.ports['LLOOM_NATS_1_CLUSTER_PORT']}"
     intruder = EmbeddedNats(extra_args=["--cluster_name", "lloom", "--cluster", f"nats://127.0.0.1:{free_port()}",
-                                        "--routes", f"nats://127.0.0.1:{project.ports['LLOOM_NATS_1_CLUSTER_PORT']}"])  # fmt: skip
+                                        "--routes", route])  # fmt: skip
     async with intruder:
         await eventually(lambda: any("Authorization Violation" in line for line in intruder.log_tail), timeout=SETTLE_S,
                          what="the cluster refusing a route without its password")  # fmt: skip
