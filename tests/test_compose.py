@@ -315,10 +315,9 @@ async def compose_cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, Compos
             admin_options=NatsConnectOptions(user="admin", password=creds["LLOOM_NATS_ADMIN_PASSWORD"]),
             kill=kill, start=start,
         ), project  # fmt: skip
-    except BaseException:
-        print(project.logs())
-        raise
     finally:
+        # Every service's last log lines go to compose.log in the test's tmp_path, whatever happened.
+        await asyncio.to_thread(project.logs)
         await asyncio.to_thread(project.down)
 
 
