@@ -159,12 +159,30 @@ async def receipts_stream_whole(admin: NATS) -> bool:
     return len(replicas) == 2 and all(r.current and not r.offline for r in replicas)
 
 
-async def stored_receipts(admin: NATS) -> Counter[str]:
-    """Job id -> receipts for it in the stream."""
-    found: Counter[str] = Counter()
+@dataclass
+class Ledger:
+    """What the receipts stream holds: each job's distinct receipts, and identical copies.
+
+    A copy of the same receipt (same executor, same seq: the outbox re-sent it, or the healer
+    raced the original) is billed once (`lloom receipts report` counts it once); two distinct
+    receipts for one job mean it ran twice."""
+
+    receipts: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # job id -> {(executor, seq)}
+    copies: int = 0
+
+    def doubled(self) -> dict[str, list[tuple[str, int]]]:
+        return {job: sorted(r) for job, r in self.receipts.items() if len(r) > 1}
+
+
+async def stored_receipts(admin: NATS) -> Ledger:
+    ledger = Ledger()
     async for _, line, _ in stream_lines(admin):
-        found[signed_receipt_decoder.decode(line).receipt.job_id] += 1
-    return found
+        receipt = signed_receipt_decoder.decode(line).receipt
+        held = ledger.receipts.setdefault(receipt.job_id, set())
+        key = (receipt.executor_id, receipt.seq)
+        ledger.copies += key in held
+        held.add(key)
+    return ledger
 
 
 async def run_scenario(cluster: Cluster, name: str) -> dict[str, object]:
@@ -212,15 +230,15 @@ async def run_scenario(cluster: Cluster, name: str) -> dict[str, object]:
 
         results = [await client.result(job, timeout=SETTLE_S) for job in queued]
         expected = set(counts.job_ids) | {r.job_id for r in results}
-        stored: Counter[str] = Counter()
+        stored = Ledger()
 
         async def all_stored() -> bool:
             nonlocal stored
             stored = await stored_receipts(admin)
-            return expected <= set(stored)
+            return expected <= stored.receipts.keys()
 
         def missing() -> str:
-            return f"receipts missing for {len(expected - set(stored))} of {len(expected)} jobs"
+            return f"receipts missing for {len(expected - stored.receipts.keys())} of {len(expected)} jobs"
 
         await eventually(all_stored, timeout=SETTLE_S, interval=0.5, what=missing)
     finally:
@@ -232,8 +250,9 @@ async def run_scenario(cluster: Cluster, name: str) -> dict[str, object]:
         "lost": counts.lost, "untyped errors": counts.untyped,
         "queued": len(queued), "submissions refused then retried": dict(counts.submit_refused),
         "queued results": sum(1 for r in results if r.content),
-        "receipts expected": len(expected), "stored": len(expected & set(stored)),
-        "duplicated": sum(n - 1 for n in stored.values() if n > 1),
+        "receipts expected": len(expected), "stored": len(expected & stored.receipts.keys()),
+        "duplicated": sum(len(r) - 1 for r in stored.doubled().values()), "doubled jobs": stored.doubled(),
+        "identical copies (billed once)": stored.copies,
         "recovery s": {k: round(v, 2) for k, v in recovery.items()},
     }  # fmt: skip
     print(f"{name}: {figures}")
