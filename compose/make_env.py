@@ -2,7 +2,7 @@
 
 Owns the one place the compose deployment's secrets are made. It writes `compose/.env` (read by
 `docker compose` for `${...}` in the compose file; mode 0600) with a random password for the NATS
-routes, the admin, executor-1 and alice, and the public nkeys of executor-2 and bob, and writes
+routes, the admin, executor-1, alice, the gateway and laptop-1 (a leaf node's user), and the public nkeys of executor-2 and bob, and writes
 their nkey seeds to `compose/secrets/` (a 0700 directory: the executor container reads
 executor-2.nk through a bind mount, other users of the host cannot). Nothing here is a default to
 keep: every run makes new ones, and an existing `.env` is kept unless `--force` is given.
@@ -21,8 +21,9 @@ from pathlib import Path
 import nkeys
 
 HERE = Path(__file__).resolve().parent
+# Every password variable of compose/nats/secure.conf (the server refuses to start without each).
 PASSWORDS = ("LLOOM_NATS_ROUTE_PASSWORD", "LLOOM_NATS_ADMIN_PASSWORD", "LLOOM_NATS_EXECUTOR_1_PASSWORD",
-             "LLOOM_NATS_ALICE_PASSWORD")  # fmt: skip
+             "LLOOM_NATS_ALICE_PASSWORD", "LLOOM_NATS_GATEWAY_PASSWORD", "LLOOM_NATS_LAPTOP_1_PASSWORD")  # fmt: skip
 ALPHABET = string.ascii_letters + string.digits
 NKEY_USERS = {"LLOOM_NATS_EXECUTOR_2_NKEY": "executor-2", "LLOOM_NATS_BOB_NKEY": "bob"}
 

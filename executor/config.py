@@ -121,7 +121,10 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     input_price: Decimal = Decimal(0)
     output_price: Decimal = Decimal(0)
     category: ModelCategory | None = None  # fast | balanced | quality; derived from speed when absent
-    features: list[str] = msgspec.field(default_factory=lambda: ["chat", "stream"])
+    # What the model can do, announced as is: "chat", "stream", and the capabilities of
+    # protocol/capabilities.py ("tools", "vision", "json_schema", "reasoning"). Unset: "chat",
+    # "stream" and what the backend says (executor/catalog/features.py); set: exactly this list.
+    features: list[str] | None = None
     context_length: Annotated[int, Meta(ge=1)] | None = None  # overrides what the backend reports
 
     def __post_init__(self) -> None:
@@ -289,6 +292,86 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     trusted_keys: list[Annotated[str, Meta(pattern=r"^N[A-Z2-7]{55}$")]] = []
 
 
+HUB_SCHEMES = ("nats-leaf", "nats", "tls", "ws", "wss")
+
+
+class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Join a hub as a leaf node: the embedded nats-server keeps serving this machine and links
+    to the hub (executor/process/leaf.py; docs/deployment.md). Only for the embedded server."""
+
+    # nats-leaf://host:7422 (tls:// for TLS; ws:// or wss:// through a websocket port).
+    url: str | None = None
+    # One way to authenticate to the hub: a .creds file (JWT), an nkey seed file, or a user and password.
+    credentials: str | None = None
+    nkey_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+    # TLS to the hub: the CA of its certificate; a client certificate and key for mutual TLS.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    # This server's JetStream domain, kept apart from the hub's (default: lloom-leaf-<node id or host>).
+    domain: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
+            if scheme not in HUB_SCHEMES:
+                raise ValueError(f"hub url {self.url.split('@')[-1]!r}: use one of {', '.join(s + '://' for s in HUB_SCHEMES)}")
+        ways = [n for n in ("credentials", "nkey_file", "user") if getattr(self, n)]
+        if len(ways) > 1:
+            raise ValueError(f"use one way to authenticate to the hub, not {' and '.join(ways)}")
+        if self.password and not self.user:
+            raise ValueError("a hub password needs a user")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("a hub TLS client certificate needs its key (tls_cert and tls_key go together)")
+
+
+# The gateway's default port: none of the usual local servers' (LiteLLM 4000, Ollama 11434,
+# LM Studio 1234, vLLM 8000, llama.cpp 8080, dev servers 3000/5000/8888/9090, NATS 4222/8222).
+GATEWAY_PORT = 8640
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The OpenAI-compatible HTTP gateway (executor/gateway/, `lloom-gateway`; docs/gateway.md)."""
+
+    # In `lloom-executor`: None runs it with the single-machine start (embedded NATS) only.
+    enabled: bool | None = None
+    # host:port; loopback by default: without API keys, anyone who can reach the port can use it.
+    listen: str = f"127.0.0.1:{GATEWAY_PORT}"
+    max_body_mb: Annotated[float, Meta(gt=0, le=1024)] = 8.0
+    # A request's whole deadline (routing, failover, the answer).
+    default_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 120.0
+    # On SIGTERM: stop accepting, let open requests and streams finish this long, then close.
+    drain_secs: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    # Named in receipts as the client (so `lloom receipts report` shows the gateway's usage).
+    client_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = "gateway"
+    # Receipts of answered jobs kept in memory for /v1/generation (the stream is read otherwise).
+    remember_generations: Annotated[int, Meta(ge=0, le=10_000_000)] = 10_000
+
+
+class TelemetryConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Metrics and traces (executor/telemetry/, docs/observability.md); everything off by default."""
+
+    # host:port of the Prometheus scrape endpoint (GET /metrics), e.g. "127.0.0.1:9464"; empty: none.
+    # Off by default: a port that opens unasked is a surprise (and a second one on a shared host
+    # collides); it tells who can reach it the served models and the load (docs/security.md).
+    prometheus_listen: Annotated[str, Meta(pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):[0-9]{1,5}$")] = ""
+    # An OTLP/HTTP collector base URL (e.g. "http://127.0.0.1:4318"): metrics and traces go there.
+    # Needs the `otlp` extra (pip install 'lloom[otlp]'); empty: nothing is exported.
+    otlp_endpoint: str = ""
+    # service.name of this process's metrics and spans.
+    service_name: Annotated[str, Meta(min_length=1, max_length=128)] = "lloom-executor"
+    # How often metrics are pushed to the OTLP endpoint.
+    otlp_interval_secs: Annotated[float, Meta(gt=0, le=3_600)] = 15.0
+    # Series per metric beyond which further models are counted as model="other".
+    max_models: Annotated[int, Meta(ge=1, le=10_000)] = 100
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prometheus_listen or self.otlp_endpoint)
+
+
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     node: NodeConfig = NodeConfig()
     nats: NatsConnectOptions = NatsConnectOptions()
@@ -300,6 +383,9 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cache: CacheConfig = CacheConfig()
     batching: BatchingConfig = BatchingConfig()
     tokens: TokensConfig = TokensConfig()
+    hub: HubConfig = HubConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
 
 def default_config_path() -> Path:
@@ -375,8 +461,15 @@ def parse_config(data: bytes | str, *, source: str, environ: dict[str, str] | os
         nats_options = expanded(cfg.nats, strings, "nats")
     except ValueError as e:  # e.g. ${NATS_USER} and ${NATS_TOKEN} both set
         raise ConfigError(f"{source}: [nats]: {e}") from e
+    hub_keys = tuple(f for f in HubConfig.__struct_fields__ if f != "domain")
+    try:
+        hub = expanded(cfg.hub, hub_keys, "hub")
+    except ValueError as e:
+        raise ConfigError(f"{source}: [hub]: {e}") from e
+    if hub.url and cfg.node.nats_url:
+        raise ConfigError(f"{source}: [hub] url links the embedded server to a hub; [node] nats_url uses another server: keep one")
     return msgspec.structs.replace(
-        cfg, llm_client=llm, nats=nats_options, executors=msgspec.structs.replace(cfg.executors, backends=backends)
+        cfg, llm_client=llm, nats=nats_options, hub=hub, executors=msgspec.structs.replace(cfg.executors, backends=backends)
     )
 
 
@@ -436,6 +529,15 @@ heartbeat_interval_secs = 0.5
 # inbox_prefix = "_INBOX_executor-1"            # what the server's permissions let this user read
 connect_timeout_secs = 5
 
+[hub]
+# Join a shared network from this machine: the embedded nats-server becomes a leaf node of
+# this hub (same as `lloom-executor --hub URL`). Local clients keep using 127.0.0.1; the
+# executor's models appear in the hub's catalogue. See docs/deployment.md.
+# url = "nats-leaf://hub.example.org:7422"   # tls://... for TLS
+# credentials = "/etc/lloom/laptop-1.creds"  # or nkey_file = "...", or user = "..." + password = "${LLOOM_HUB_PASSWORD}"
+# tls_ca = "/etc/lloom/hub-ca.pem"
+# domain = "lloom-leaf-my-laptop"            # this server's JetStream domain (default: from [node] id or the host name)
+
 [llm_client]
 # lmstudio | openai | ollama | vllm | llamacpp | openai_compatible | local (a llama-server
 # child process) | auto (probe local servers; when none answers, run "local" if it is set up)
@@ -476,7 +578,7 @@ transport = "auto"
 # input_price = "2.50"
 # output_price = "10.00"
 # category = "quality"       # fast | balanced | quality (default: fast if >= 50 tokens/s measured)
-# features = ["chat", "stream"]
+# features = ["chat", "stream", "tools", "json_schema"]  # default: chat, stream + what the backend says
 # context_length = 128000    # default: what the backend reports
 
 [tokens]
@@ -571,6 +673,26 @@ enabled = true
 window_ms = 0           # 0: no added wait; batches grow while max_calls calls run
 max_inputs = 256
 max_calls = 2
+
+[gateway]
+# The OpenAI-compatible HTTP gateway (docs/gateway.md). Unset `enabled`: on with the embedded
+# NATS (no nats_url) only. Without API keys anyone who can reach `listen` can use it.
+# enabled = true
+listen = "127.0.0.1:8640"
+max_body_mb = 8.0
+default_timeout_secs = 120.0
+drain_secs = 30.0       # on SIGTERM: open requests and streams get this long to finish
+client_id = "gateway"   # named in receipts
+remember_generations = 10000
+[telemetry]
+# Metrics for Prometheus on this address (GET /metrics), e.g. "127.0.0.1:9464"; empty: no port
+# opens. Loopback unless a scraper elsewhere needs it: it shows the served models and the load.
+prometheus_listen = ""
+# An OTLP/HTTP collector (e.g. "http://127.0.0.1:4318") for metrics and traces; needs
+# pip install 'lloom[otlp]'. Empty: nothing is exported and no span is recorded.
+otlp_endpoint = ""
+service_name = "lloom-executor"
+# docs/observability.md lists the metrics and spans.
 
 [logging]
 level = "info"          # debug | info | warning | error

@@ -134,3 +134,6 @@ def config_secrets(config: ExecutorConfig) -> Iterator[str]:
     for secret in (config.nats.password, config.nats.token):
         if secret:
             yield secret
+    if config.hub.password:
+        yield config.hub.password
+    yield from url_secrets(config.hub.url)

@@ -37,7 +37,7 @@ import msgspec
 import structlog
 
 from executor.config import TokensConfig
-from protocol.estimate import estimate_tokens
+from protocol.estimate import estimate_tokens, image_tokens, message_text
 from protocol.messages import Message, Role, Usage
 
 log = structlog.get_logger(logger_name=__name__)
@@ -62,6 +62,9 @@ class Count(msgspec.Struct, frozen=True):
     tokens: int
     # "tiktoken:<encoding>", "hf:<file name>", "sentencepiece:<file name>" or "estimate".
     method: str
+    # Part of `tokens` is an estimate whatever the method: images and tool definitions,
+    # whose cost only the backend knows (its chat template, the image's size).
+    estimated: bool = False
 
 
 def mismatch(reported: int, counted: int, tolerance: float) -> bool:
@@ -288,25 +291,33 @@ class TokenCounter:
             return Count(estimate_tokens(text), ESTIMATE)
         return Count(tokenizer.count(text), tokenizer.method)
 
-    def count_messages(self, model: str, messages: Sequence[Message]) -> Count:
-        """Prompt tokens of a chat request.
+    def count_messages(self, model: str, messages: Sequence[Message], *, tools: str = "") -> Count:
+        """Prompt tokens of a chat request; `tools` is its tool definitions as text
+        (`protocol.estimate.tools_text`).
 
-        With a tiktoken encoding: each message's role and content, plus OpenAI's
-        documented format cost of 3 tokens per message and 3 priming the reply; this
-        matches OpenAI's reported `prompt_tokens` for plain text messages. Not counted:
-        tools, function definitions, images and names (the protocol carries none).
-        With a configured Hugging Face or SentencePiece tokenizer: the contents only;
+        With a tiktoken encoding: each message's role and text (text parts, tool calls'
+        names and arguments), plus OpenAI's documented format cost of 3 tokens per
+        message and 3 priming the reply; this matches OpenAI's reported `prompt_tokens`
+        for plain text messages. Images (OpenAI's per-image figures) and tool
+        definitions (their JSON; each backend renders them its own way) are estimates
+        whatever the tokenizer: the count says so (`estimated`).
+        With a configured Hugging Face or SentencePiece tokenizer: the texts only;
         the model's chat template (its role markers, BOS) is not known here, so the
         count is below the backend's by a few tokens per message. With the estimate:
-        the design document's heuristic over the contents, as `estimate_usage` does.
+        the design document's heuristic over the texts, as `estimate_usage` does.
         """
         tokenizer = self._tokenizer(model)
+        images = sum(image_tokens(m) for m in messages)
+        estimated = bool(images or tools)
         if tokenizer is None:
-            return Count(sum(estimate_tokens(m.content) for m in messages), ESTIMATE)
-        tokens = sum(tokenizer.count(m.content) for m in messages)
+            tokens = sum(estimate_tokens(message_text(m)) for m in messages) + images
+            return Count(tokens + (estimate_tokens(tools) if tools else 0), ESTIMATE, estimated)
+        tokens = sum(tokenizer.count(message_text(m)) for m in messages) + images
+        if tools:
+            tokens += tokenizer.count(tools)
         if (roles := tokenizer.role_tokens) is not None:
             tokens += sum(TOKENS_PER_MESSAGE + roles[m.role] for m in messages) + TOKENS_PER_REPLY
-        return Count(tokens, tokenizer.method)
+        return Count(tokens, tokenizer.method, estimated)
 
     def should_verify(self, key: str) -> bool:
         """Whether the job `key` (its id) gets its reported usage checked by a local count:

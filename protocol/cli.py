@@ -9,6 +9,7 @@
     lloom complete --model qwen2.5:7b --queue "hi"     # durable: prints the job id
     lloom result <job id> [--timeout 600 | --no-wait]
     lloom embed --model nomic-embed-text "first text" "second text"   # one JSON line per input
+    lloom complete -m M --tools tools.json | --json-schema s.json | --image cat.png "..."  # protocol/cli_chat.py
 
 The global options `--nats`, `--timeout`, `--json` and `--trust FILE` (a keyring:
 only the executors it names or its operators endorse are used and believed; see
@@ -31,8 +32,9 @@ from decimal import Decimal
 
 import msgspec
 
-from protocol import receipts_cli
+from protocol import cli_chat, receipts_cli
 from protocol.announcements import ModelCategory
+from protocol.chat_checks import check_chat_request
 from protocol.catalog import ExecutorEntry
 from protocol.cli_common import GlobalOption, GlobalOptions, connect_options, run
 from protocol.client import DEFAULT_TIMEOUT_S, DEFAULT_URL, LloomClient
@@ -84,6 +86,7 @@ def _parser(opts: GlobalOptions) -> argparse.ArgumentParser:
     r.add_argument("--min-context", type=int, help="minimum context length")
     r.add_argument("--feature", action="append", default=[], help="a required feature (repeatable)")
     r.add_argument("--hedge-after", type=float, help="seconds before also asking a second executor")
+    cli_chat.add_options(c)
     e = sub.add_parser("embed", help="embeddings for one or more texts", parents=[opts.parent("nats", "timeout", "trust")])
     e.add_argument("texts", nargs="+", help="the texts; - reads one per line from stdin")
     e.add_argument("--model", "-m", required=True)
@@ -121,8 +124,14 @@ def _main(argv: list[str] | None) -> int:
         print("lloom: complete needs --model, or --route to let the network choose one", file=sys.stderr)
         return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        content = cli_chat.user_content(prompt, args.image)
+        chat_fields = {k: v for k, v in cli_chat.chat_fields(args).items() if v is not None}
+    except cli_chat.ChatInputError as e:
+        print(f"lloom: {e}", file=sys.stderr)
+        return 2
     messages = [Message(Role.SYSTEM, args.system)] if args.system else []
-    messages.append(Message(Role.USER, prompt))
+    messages.append({"role": "user", "content": content})  # type: ignore[arg-type]
     try:
         request = msgspec.convert(
             {
@@ -132,12 +141,17 @@ def _main(argv: list[str] | None) -> int:
                 "temperature": args.temperature,
                 "top_p": args.top_p,
                 "stream": args.stream,
+                **chat_fields,
             },
             ChatRequest,
             from_attributes=True,
         )
+        check_chat_request(request)
     except msgspec.ValidationError as e:
         print(f"lloom: invalid request: {e}", file=sys.stderr)
+        return 2
+    except InvalidRequest as e:
+        print(f"lloom: {e.code.value}: {e.message}", file=sys.stderr)
         return 2
     return asyncio.run(_complete(args, request))
 
@@ -316,18 +330,29 @@ async def _run_job(args: argparse.Namespace, request: ChatRequest, client: Lloom
                 parts = []
                 async for chunk in stream:
                     parts.append(chunk.delta)
+                    if args.show_reasoning and chunk.reasoning:
+                        sys.stderr.write(chunk.reasoning)
+                        sys.stderr.flush()
                     if not args.json:
                         sys.stdout.write(chunk.delta)
                         sys.stdout.flush()
             assert stream.end is not None
-            _finish(args, stream.end, "".join(parts))
+            if args.show_reasoning and stream.reasoning:
+                sys.stderr.write("\n")
+            calls = stream.tool_calls
+            if not args.json:
+                cli_chat.print_tool_calls(calls)
+            _finish(args, stream.end, "".join(parts), {"tool_calls": msgspec.to_builtins(calls)} if calls else None)
         else:
             reply = await client.complete(
                 request, timeout=args.timeout, executor=args.executor, hedge_after=args.hedge_after,
                 sealed=args.sealed, **routing,
             )  # fmt: skip
+            if args.show_reasoning:
+                cli_chat.print_reasoning(reply.reasoning_content)
             if not args.json:
                 sys.stdout.write(reply.content)
+                cli_chat.print_tool_calls(reply.tool_calls)
             _finish(args, reply, reply.content)
     except (LloomError, asyncio.CancelledError) as e:
         if request.stream and not args.json:
@@ -354,10 +379,12 @@ def _print_error(e: LloomError) -> None:
         print(f"lloom: available models: {', '.join(e.available_models)}", file=sys.stderr)
 
 
-def _finish(args: argparse.Namespace, result: ChatResponse | StreamEnd, content: str) -> None:
+def _finish(args: argparse.Namespace, result: ChatResponse | StreamEnd, content: str,
+            more: dict[str, object] | None = None) -> None:  # fmt: skip
     if args.json:
         data = msgspec.to_builtins(result)
         data["content"] = content
+        data.update(more or {})
         sys.stdout.write(msgspec.json.encode(data).decode() + "\n")
         return
     sys.stdout.write("\n")
@@ -366,7 +393,8 @@ def _finish(args: argparse.Namespace, result: ChatResponse | StreamEnd, content:
 
 def _usage(u: Usage) -> str:
     approx = " (estimated)" if u.estimated else ""
-    return f"tokens prompt {u.prompt_tokens} + completion {u.completion_tokens} = {u.total_tokens}{approx}"
+    reasoning = f" ({u.reasoning_tokens} of them reasoning)" if u.reasoning_tokens else ""
+    return f"tokens prompt {u.prompt_tokens} + completion {u.completion_tokens}{reasoning} = {u.total_tokens}{approx}"
 
 
 if __name__ == "__main__":

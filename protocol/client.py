@@ -14,7 +14,9 @@ from `protocol.routing`) or constraints, the client ranks the executors of its
 live `Catalog` and sends the job to the best one's direct subject; on no
 responders, busy, a timeout of the attempt or a retryable error it fails over to
 the next, within the caller's overall deadline, one executor at a time unless
-`hedge_after` asks for a second one when the first is slow.
+`hedge_after` asks for a second one when the first is slow. A request that needs a
+capability (tools, images, json_schema, reasoning: `protocol.capabilities`) is routed
+that way even without a route, among executors announcing it.
 
 All replies arrive on one wildcard inbox subscription (`<inbox>.*`, owned by
 protocol/pending.py), routed to the waiting call by the last token, which is the
@@ -62,6 +64,7 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from protocol import subjects as subj
+from protocol import tracecontext
 from protocol.catalog import Catalog
 from protocol.connection import DEFAULT_CONNECT_TIMEOUT_S, NatsConnectOptions, Violations, close_nats, connect_nats
 from protocol.durable import ensure_jobs_stream, jobs_subject, result_subject, results_bucket
@@ -76,8 +79,11 @@ from protocol.errors import (
     QueueUnavailable,
     ReplyForged,
     ResultPending,
+    UnsupportedFeature,
 )
-from protocol.estimate import estimate_tokens
+from protocol.capabilities import required_capabilities
+from protocol.chat_checks import check_chat_request
+from protocol.estimate import estimate_prompt_tokens
 from protocol.messages import (
     ChatRequest,
     ChatResponse,
@@ -92,7 +98,7 @@ from protocol.messages import (
     text_reply_decoder,
     unary_reply_decoder,
 )
-from protocol.pending import Pending, may_retry_busy
+from protocol.pending import Pending, may_retry_busy, payload_too_large
 from protocol.replies import Target, decode_reply, fails_over, no_responders
 from protocol.results import open_result
 from protocol.resume import DEFAULT_SILENCE_S
@@ -100,7 +106,7 @@ from protocol.routing import Candidate, Constraints, LatencyBook, ModelRequest, 
 from protocol.sealing import ClientSeal, SealError
 from protocol.stream import ChatStream
 from protocol.trust import Trust
-from protocol.verify import ReplyVerifier, sha256_hex
+from protocol.verify import ReplyVerifier, sha256_hex, signed_answer
 
 T = TypeVar("T")
 
@@ -277,8 +283,14 @@ class LloomClient:
         backend has come back); `result(job_id)` awaits the answer, `fetch` looks.
         Submitting the same job id again stores nothing new. Queued jobs are unary.
         """
+        check_chat_request(request)
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
+        if required_capabilities(request):
+            # Any executor serving the model may take a queued job: refuse now what none of those
+            # up can do (nobody up: it waits, as any job). See docs/protocol.md, Capabilities.
+            with contextlib.suppress(NoExecutors):
+                await self.candidates(request, Specific(request.model))
         job_id = subj.check_id("job id", job_id or self.new_job_id())
         js = self._nc.jetstream()
         headers = {subj.HDR_MSG_ID: job_id, subj.HDR_JOB_ID: job_id,
@@ -286,6 +298,9 @@ class LloomClient:
         if self.client_id:
             headers[subj.HDR_CLIENT] = self.client_id
         payload = encoder.encode(request)
+        if len(payload) + subj.headers_size(headers) > self._nc.max_payload:  # the server would drop the connection
+            self._pending.forget(job_id)
+            raise payload_too_large(len(payload) + subj.headers_size(headers), self._nc.max_payload)
         try:
             if not self._jobs_stream_ready:
                 await ensure_jobs_stream(js)
@@ -382,21 +397,35 @@ class LloomClient:
     async def candidates(
         self, request: ChatRequest, route: ModelRequest, constraints: Constraints | None = None
     ) -> list[Candidate]:
-        """The executors `route` would try for `request`, best first; `NoExecutors` if none."""
+        """The executors `route` would try for `request`, best first; `NoExecutors` if none.
+
+        Only executors announcing every capability the request needs (tools, vision,
+        json_schema, reasoning: `protocol.capabilities`) are candidates; when executors
+        offer the model but none with them, `UnsupportedFeature` names what is missing
+        and who serves the model without it."""
         catalog = await self.catalog()
-        found = rank(
-            catalog.entries(),
-            route,
-            constraints or Constraints(),
-            prompt_tokens=sum(estimate_tokens(m.content) for m in request.messages),
-            completion_tokens=request.max_tokens or DEFAULT_COMPLETION_ESTIMATE,
-            observed=self.latencies,
-            trust=self.trust,
-        )
+        needs = frozenset(str(c) for c in required_capabilities(request))
+        base = constraints or Constraints()
+
+        def ranked(cons: Constraints) -> list[Candidate]:
+            return rank(
+                catalog.entries(),
+                route,
+                cons,
+                prompt_tokens=estimate_prompt_tokens(request),
+                completion_tokens=request.max_tokens or request.max_completion_tokens or DEFAULT_COMPLETION_ESTIMATE,
+                observed=self.latencies,
+                trust=self.trust,
+            )
+
+        found = ranked(msgspec.structs.replace(base, features=base.features | needs) if needs else base)
         if not found:
             served = catalog.model_names()
             if isinstance(route, Specific) and constraints is None and route.model not in served:
                 raise no_responders((route.model, None), served)  # a typo, most likely: name the served ones
+            without = ranked(base) if needs else []
+            if without:
+                raise UnsupportedFeature(_missing_capability(needs, route, without))
             within = " within the constraints" if constraints else ""
             raise NoExecutors(f"no executor on the network offers {_describe(route)}{within}")
         return found
@@ -418,6 +447,7 @@ class LloomClient:
         `sealed`: seal the request to the chosen executor's curve key and have the reply sealed
         back (protocol/sealing.py); routed through the catalogue to executors that announce one
         (`executor` narrows it to one), `NoExecutors` if none does."""
+        check_chat_request(request)  # a bad request fails here, before anything is sent
         if request.stream:
             request = msgspec.structs.replace(request, stream=False)
         budget = timeout or self.timeout
@@ -425,7 +455,8 @@ class LloomClient:
         if sealed:
             found = await self.sealed_candidates(request, route, constraints, executor)
             return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
-        if route is None and constraints is None:
+        if route is None and constraints is None and (executor is not None or not required_capabilities(request)):
+            # The model's queue group (or the named executor, which refuses what its model cannot do).
             return await self._complete_on((request.model, executor), request, deadline, self.busy_retries)
         found = await self.candidates(request, route or Specific(request.model), constraints)
         return await self._failover(found, request, deadline, attempt_timeout, hedge_after)
@@ -459,8 +490,11 @@ class LloomClient:
         With a route, the stream fails over to the next executor only before its
         first chunk: text already delivered cannot be taken back. `sealed`: as for `complete`.
         """
+        check_chat_request(request)
         if not request.stream:
             request = msgspec.structs.replace(request, stream=True)
+        if route is None and executor is None and required_capabilities(request):
+            route = Specific(request.model)  # through the catalogue: only executors announcing what it needs
         candidates = self.candidates
         if sealed:
 
@@ -517,6 +551,23 @@ class LloomClient:
                                    sealed_to=sealed_to)  # fmt: skip
 
     async def _request(
+        self,
+        target: Target,
+        payload: bytes,
+        decoder: msgspec.json.Decoder,
+        expected: type[T],
+        deadline: float,
+        retries: int,
+        *,
+        subject: str | None = None,
+        sealed_to: str | None = None,
+    ) -> T:
+        """`_attempts` inside a client span when the application traces (protocol/tracecontext.py)."""
+        with tracecontext.client_span(_OPERATIONS.get(expected, "chat"), target[0]):
+            return await self._attempts(target, payload, decoder, expected, deadline, retries, subject=subject,
+                                        sealed_to=sealed_to)  # fmt: skip
+
+    async def _attempts(
         self,
         target: Target,
         payload: bytes,
@@ -601,7 +652,8 @@ class LloomClient:
     def _verify(self, reply: object, job_id: str, request_sha: str, executor: str | None) -> None:
         """Raise `ReplyForged` unless `reply`'s receipt vouches for it (protocol/verify.py)."""
         if isinstance(reply, ChatResponse):
-            content = reply.content.encode()
+            calls = encoder.encode(reply.tool_calls) if reply.tool_calls else None
+            content = signed_answer(reply.content, reply.reasoning_content, calls)
         elif isinstance(reply, TextResponse):
             content = reply.text.encode()
         else:
@@ -672,10 +724,22 @@ class LloomClient:
         raise DeadlineExceeded("the deadline passed before any executor could be tried")
 
 
+# gen_ai.operation.name of each kind of reply a client waits for.
+_OPERATIONS: dict[type, str] = {ChatResponse: "chat", EmbeddingResponse: "embeddings", TextResponse: "text_completion"}
+
+
 def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+
+
+def _missing_capability(needs: frozenset[str], route: ModelRequest, without: list[Candidate]) -> str:
+    serving = sorted({f"{c.executor_id} ({', '.join(c.offer.features) or 'no features'})" for c in without})
+    return (f"no executor on the network announces {', '.join(sorted(needs))} for {_describe(route)}; it is"
+            f" served without it by: {', '.join(serving)}. Send the request without"
+            f" {', '.join(sorted(needs))}, or serve the model where its backend supports it"
+            " ([[models]] features, docs/protocol.md)")
 
 
 def _describe(route: ModelRequest) -> str:

@@ -8,6 +8,7 @@ catch `ModelNotFound` whether it happened locally or three hops away.
     LloomError
     ├── InvalidRequest          bad_request          the request itself is wrong
     │   ├── PayloadTooLarge     payload_too_large    over the server's max_payload
+    │   ├── UnsupportedFeature  unsupported_feature  the model here cannot do what was asked (tools, images, n>1)
     │   └── ModelNotFound       model_not_found      not served here / not on the backend
     ├── NoExecutors             no_executors         nobody listens for that model
     ├── ExecutorBusy            busy                 at max_concurrent_jobs; try another (retry_after_s)
@@ -40,6 +41,7 @@ class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     MODEL_NOT_FOUND = "model_not_found"
+    UNSUPPORTED_FEATURE = "unsupported_feature"
     NO_EXECUTORS = "no_executors"
     BUSY = "busy"
     EXECUTOR_LOST = "executor_lost"
@@ -105,6 +107,15 @@ class InvalidRequest(LloomError):
 class PayloadTooLarge(InvalidRequest):
     code = ErrorCode.PAYLOAD_TOO_LARGE
     status = 413
+
+
+class UnsupportedFeature(InvalidRequest):
+    """The request uses something this executor's model does not support (tools, image
+    input, json_schema output, reasoning, n > 1), refused before any backend call. Another
+    executor announcing the capability may serve it: clients route by announced capabilities."""
+
+    code = ErrorCode.UNSUPPORTED_FEATURE
+    status = 422
 
 
 class ModelNotFound(InvalidRequest):

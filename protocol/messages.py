@@ -18,6 +18,18 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from protocol.chat_types import (
+    MAX_TOOLS,
+    ContentPart,
+    ReasoningEffort,
+    ResponseFormat,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallId,
+    ToolChoice,
+)
 from protocol.errors import ERROR_TYPES, ErrorCode, LloomError
 from protocol.receipts import SignedReceipt
 from protocol.subjects import MAX_MODEL_NAME
@@ -31,6 +43,8 @@ class Role(enum.StrEnum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
+    TOOL = "tool"  # a tool's result, answering the assistant's call `tool_call_id`
+    DEVELOPER = "developer"  # OpenAI's newer name for system instructions
 
 
 class FinishReason(enum.StrEnum):
@@ -44,9 +58,17 @@ class FinishReason(enum.StrEnum):
     OTHER = "other"
 
 
-class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One turn of a conversation. `content` is text or a list of parts (text, images);
+    an assistant turn that called tools has `tool_calls` and may have no content; a
+    `tool` turn answers one call and names it in `tool_call_id`. The rules between
+    fields (which role may carry what) are checked by `protocol.chat_checks`."""
+
     role: Role
-    content: str
+    content: str | list[ContentPart] | None = None
+    name: Annotated[str, Meta(max_length=256)] | None = None
+    tool_calls: Annotated[list[ToolCall], Meta(min_length=1)] | None = None
+    tool_call_id: ToolCallId | None = None
 
 
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -60,16 +82,42 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     stop: Annotated[list[str], Meta(max_length=4)] | None = None
     stream: bool = False
     # Whether an executor may answer from its response cache: by default only at
-    # temperature 0; true opts in, false opts out.
+    # temperature 0; true opts in, false opts out. Never sent to a backend.
     cache: bool | None = None
+    # OpenAI's newer name for max_tokens (reasoning models count their reasoning in it);
+    # a request gives one or the other, and each backend gets the name it expects.
+    max_completion_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    # -- tools (function calling)
+    tools: Annotated[list[Tool], Meta(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # -- structured output
+    response_format: ResponseFormat | None = None
+    # -- sampling and output options, as OpenAI defines them
+    seed: int | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    # token id (as a string, JSON object keys are strings) -> bias
+    logit_bias: Annotated[dict[str, Annotated[float, Meta(ge=-100, le=100)]], Meta(max_length=1024)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    user: Annotated[str, Meta(max_length=256)] | None = None
+    # More than one choice is not served: n > 1 is refused with unsupported_feature (protocol/chat_checks.py).
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    # True when the backend reported no usage and the executor estimated it.
+    # True when a count was estimated by the executor rather than reported by the
+    # backend (no usage reported; or tool definitions and images, which only the
+    # backend can count exactly).
     estimated: bool = False
+    # Of completion_tokens, those the model spent reasoning (OpenAI's
+    # completion_tokens_details.reasoning_tokens), where the backend reports it.
+    reasoning_tokens: int = 0
 
 
 class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="response", tag_field="type"):
@@ -86,13 +134,23 @@ class ChatResponse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     # model, fewer max_tokens) because nothing could serve it as asked.
     degraded: str | None = None
     cached: bool = False  # answered from the executor's response cache
+    # The calls the model asked for (finish_reason tool_calls).
+    tool_calls: list[ToolCall] | None = None
+    # The model's reasoning, apart from its answer (vLLM, llama.cpp, DeepSeek: reasoning_content).
+    reasoning_content: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
-class StreamChunk(msgspec.Struct, frozen=True, tag="chunk", tag_field="type"):
-    """One piece of generated text; `seq` counts from 0 so a gap is detectable."""
+class StreamChunk(msgspec.Struct, frozen=True, omit_defaults=True, tag="chunk", tag_field="type"):
+    """One piece of the answer; `seq` counts from 0 so a gap is detectable. `delta` is
+    answer text (empty when the piece is only reasoning or tool calls); `reasoning` is
+    reasoning text, kept apart from the answer; `tool_calls` are pieces of tool calls."""
 
     seq: int
     delta: str
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class StreamEnd(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag="end", tag_field="type"):

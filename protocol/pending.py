@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.nuid import NUID
 
 from protocol import subjects as subj
+from protocol import tracecontext
 from protocol.backoff import Backoff
 from protocol.errors import (
     Cancelled,
@@ -51,6 +52,14 @@ MAX_HINTED_RETRIES = 20
 def new_cancel_token() -> str:
     return secrets.token_hex(16)
 
+
+
+def payload_too_large(size: int, limit: int) -> PayloadTooLarge:
+    """The error for a request of `size` bytes (headers included) on a server taking `limit`."""
+    return PayloadTooLarge(
+        f"request is {size} bytes with headers; the NATS server accepts at most {limit}:"
+        " send images as http(s) URLs (the backend fetches them) or smaller, or shorten the prompt"
+    )
 
 class Pending:
     def __init__(self, nc: NATS, *, client_id: str | None = None, silence_s: float = DEFAULT_SILENCE_S) -> None:
@@ -123,12 +132,11 @@ class Pending:
             headers[subj.HDR_CLIENT] = self.client_id
         if sealed_by is not None:
             headers[subj.HDR_SEALED] = sealed_by
+        tracecontext.inject(headers)
         size = len(payload) + subj.headers_size(headers)
         if size > self._nc.max_payload:
             # The server would close the whole connection for this; refuse it here instead.
-            raise PayloadTooLarge(
-                f"request is {size} bytes with headers; the NATS server accepts at most {self._nc.max_payload}"
-            )
+            raise payload_too_large(size, self._nc.max_payload)
         if subject is None:
             subject = subj.direct_subject(executor) if executor else subj.complete_subject(model)
         await self._nc.publish(subject, payload, reply=f"{self._prefix}.{job_id}", headers=headers)

@@ -19,6 +19,7 @@ from protocol.errors import (
     ModelNotFound,
     NoExecutors,
     ReplyForged,
+    UnsupportedFeature,
 )
 
 Waiter = asyncio.Future[bytes] | asyncio.Queue[bytes | LloomError]
@@ -28,7 +29,9 @@ Target = tuple[str, str | None]  # (model, executor id or None for the model's q
 def fails_over(err: LloomError) -> bool:
     """Whether another executor may succeed where this one failed."""
     # ReplyForged: only forgeries came from (or in the name of) that executor; another may answer genuinely.
-    return err.retryable or isinstance(err, (NoExecutors, ExecutorBusy, ModelNotFound, DeadlineExceeded, ReplyForged))
+    # UnsupportedFeature: refused before it ran, by an executor whose offer changed since the catalogue saw it.
+    return err.retryable or isinstance(err, (NoExecutors, ExecutorBusy, ModelNotFound, UnsupportedFeature,
+                                             DeadlineExceeded, ReplyForged))
 
 
 def no_responders(target: Target, served: list[str] | None = None) -> NoExecutors:

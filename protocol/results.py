@@ -15,16 +15,16 @@ caller knows what it submitted) does not hash the request sent.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Collection
 
 import msgspec
 
 from protocol.errors import ForgedResult
 from protocol.identity import Identity, verify
-from protocol.messages import ChatResponse, ErrorReply, unary_reply_decoder
+from protocol.messages import ChatResponse, ErrorReply, encoder, unary_reply_decoder
 from protocol.receipts import ReceiptInvalid, verify_receipt
 from protocol.trust import Trust
+from protocol.verify import sha256_hex, signed_answer
 
 DOMAIN = b"lloom-result-v1:"
 
@@ -103,7 +103,8 @@ def _check_receipt(reply: ChatResponse, job_id: str, key: str, request_sha256: s
         problem = f"is for job {r.job_id!r}"
     elif r.executor_key != key:
         problem = "is signed by another key than the result"
-    elif r.response_sha256 != hashlib.sha256(reply.content.encode()).hexdigest():
+    elif r.response_sha256 != sha256_hex(signed_answer(
+            reply.content, reply.reasoning_content, encoder.encode(reply.tool_calls) if reply.tool_calls else None)):
         problem = "does not match the text returned"
     elif request_sha256 is not None and r.request_sha256 != request_sha256:
         problem = "is for another request than the one submitted"

@@ -26,6 +26,7 @@ from typing import Self
 
 import msgspec
 
+from protocol.chat_types import ToolCall
 from protocol.errors import (
     DeadlineExceeded,
     InternalError,
@@ -48,7 +49,8 @@ from protocol.pending import Pending, may_retry_busy
 from protocol.replies import Target, decode_reply, fails_over
 from protocol.routing import Candidate, Constraints, ModelRequest, Specific
 from protocol.sealing import ClientSeal, SealError
-from protocol.verify import ReplyVerifier, sha256_hex
+from protocol.tool_calls import ToolCallAccumulator
+from protocol.verify import ReplyVerifier, sha256_hex, signed_answer
 
 Candidates = Callable[[ChatRequest, ModelRequest, Constraints | None], Awaitable[list[Candidate]]]
 NoResponders = Callable[[Target], Awaitable[NoExecutors]]
@@ -60,7 +62,8 @@ async def _no_binding(_target: Target) -> None:
 
 
 class ChatStream:
-    """An async iterator of `StreamChunk`s and an async context manager; `end` holds the final message."""
+    """An async iterator of `StreamChunk`s and an async context manager; `end` holds the final message,
+    `reasoning` the reasoning text and `tool_calls` the assembled tool calls."""
 
     def __init__(
         self,
@@ -98,9 +101,22 @@ class ChatStream:
         self._constraints = constraints
         self.job_id = pending.new_job_id()
         self.end: StreamEnd | None = None
+        self._reasoning: list[str] = []
+        self._tool_pieces = ToolCallAccumulator()
         self._queue: asyncio.Queue[bytes | LloomError] = asyncio.Queue()
         self._started = False
         self._finished = False
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning text received so far (each chunk's `reasoning` joined)."""
+        return "".join(self._reasoning)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls the model asked for, whole, once the stream has ended; `StreamInterrupted`
+        if it ended mid call (protocol/tool_calls.py). The chunks carry the same calls in pieces."""
+        return self._tool_pieces.calls(finished=self.end is not None)
 
     async def __aenter__(self) -> Self:
         return self
@@ -200,6 +216,10 @@ class ChatStream:
                             expected_seq += 1
                             if self._verifier is not None:
                                 self._texts.append(msg.delta)
+                            if msg.reasoning is not None:
+                                self._reasoning.append(msg.reasoning)
+                            if msg.tool_calls is not None:
+                                self._tool_pieces.add(msg.tool_calls)
                             yield msg
                             continue
                         if type(msg) is StreamEnd:
@@ -246,7 +266,9 @@ class ChatStream:
             return False
         _check_count(end, received, self.job_id, extra_ok=True)  # lost chunks say more than a hash mismatch
         try:
-            self._verifier.check_response(receipt, "".join(self._texts).encode())
+            pieces = self._tool_pieces.pieces
+            calls = encoder.encode(pieces) if pieces else None
+            self._verifier.check_response(receipt, signed_answer("".join(self._texts), self.reasoning, calls))
         except ReplyForged as e:
             self._finished = True
             raise UnverifiedReply(

@@ -49,6 +49,10 @@ PING_GONE = b"gone"
 # protocol/resume.py). On a header-only message to a reply subject: the executor (named in
 # the value) is still running the job; a caller that hears none for a while fails the call.
 HDR_KEEPALIVE = "Lloom-Keepalive"
+# W3C trace context (https://www.w3.org/TR/trace-context/) of the caller's span, under the names
+# the recommendation gives them, so the executor's spans (and its backend's) join the caller's trace.
+HDR_TRACEPARENT = "traceparent"
+HDR_TRACESTATE = "tracestate"
 # Reply headers in the nats micro convention, so generic NATS tools see errors.
 HDR_SERVICE_ERROR = "Nats-Service-Error"
 HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
@@ -197,6 +201,34 @@ def status_subject(executor_id: str) -> str:
 def info_subject(executor_id: str) -> str:
     """Where one executor answers with its current announcement."""
     return f"{PREFIX}.exec.{check_id('executor id', executor_id)}.info"
+
+
+# NATS micro discovery (ADR-32): every executor answers `$SRV.<VERB>`, `$SRV.<VERB>.<name>` and
+# `$SRV.<VERB>.<name>.<id>` as a service of this name whose id is its executor id
+# (protocol/micro.py has the replies, executor/catalog/micro.py answers them).
+MICRO_PREFIX = "$SRV"
+MICRO_SERVICE = "lloom-executor"
+MICRO_VERBS = ("PING", "INFO", "STATS")
+
+
+def micro_subject(verb: str, name: str | None = None, service_id: str | None = None) -> str:
+    """`$SRV.<verb>`, narrowed to one service name, then to one instance of it."""
+    if verb not in MICRO_VERBS:
+        raise SubjectError(f"micro verb must be one of {', '.join(MICRO_VERBS)}, got {verb!r}")
+    if name is None:
+        if service_id is not None:
+            raise SubjectError("a micro service id needs its service name")
+        return f"{MICRO_PREFIX}.{verb}"
+    check_id("micro service name", name)
+    if service_id is None:
+        return f"{MICRO_PREFIX}.{verb}.{name}"
+    return f"{MICRO_PREFIX}.{verb}.{name}.{check_id('micro service id', service_id)}"
+
+
+def micro_subjects(verb: str, executor_id: str) -> tuple[str, str, str]:
+    """The three subjects on which an executor answers `verb`: all services, ours by name, ours by id."""
+    return (micro_subject(verb), micro_subject(verb, MICRO_SERVICE),
+            micro_subject(verb, MICRO_SERVICE, executor_id))  # fmt: skip
 
 
 # Signed usage receipts, kept by JetStream in the stream RECEIPTS_STREAM. One message

@@ -13,7 +13,8 @@ the executor's signed receipt. `ReplyVerifier.check_identity` accepts a reply on
 
 `check_response` then compares `response_sha256` with the hash of what arrived: the
 content (unary), the joined chunk texts (streams, at the end), the JSON of the vectors
-(embeddings). Any failure raises `ReplyForged` with the reason; the caller decides what
+(embeddings); for a chat answer with reasoning or tool calls, `signed_answer` of them all
+(so a relay cannot swap the calls an agent will run). Any failure raises `ReplyForged` with the reason; the caller decides what
 that means (unary calls ignore the reply and keep waiting, see protocol/client.py).
 
 Signature checks dominate the cost (~50 µs); receipts signed in one batch share a root
@@ -38,6 +39,15 @@ MAX_BINDINGS = 10_000
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def signed_answer(content: str, reasoning: str | None = None, tool_calls: bytes | None = None) -> bytes:
+    """What a chat receipt's `response_sha256` is the hash of: the answer text alone when that is
+    all there is (so plain answers hash as they always did); else the text, the reasoning text and
+    the tool calls' JSON (unary: the calls; streams: every piece, in order), apart by NUL markers."""
+    if not reasoning and not tool_calls:
+        return content.encode()
+    return b"\x00".join((content.encode(), b"reasoning", (reasoning or "").encode(), b"tool_calls", tool_calls or b""))
 
 
 class ReplyVerifier:

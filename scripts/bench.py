@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit import env, phases, report  # noqa: E402
+from benchkit import env, phases, report, telemetry_ab  # noqa: E402
 from benchkit.harness import Progress, cpu_plan, start_fast_backend  # noqa: E402
 from benchkit.procs import Procs, pin, run_all_stopped  # noqa: E402
 
@@ -37,6 +37,8 @@ MODEL = "bench-model"
 # The receipts-off executor of the A/B serves its own model name, so it joins no queue group of the
 # executor under test and is reached the same way (queue group by model, no direct addressing).
 MODEL_NO_RECEIPTS = "bench-model-nr"
+# Likewise the telemetry-on executor of the telemetry A/B (the executor under test has it off, the default).
+MODEL_TELEMETRY = "bench-model-tel"
 
 MODES = {
     "full": dict(rounds=5, c1_s=3.0, c1_cap=5000, sat_s=4.0, sat_cap=50000, half_s=3.0, half_cap=20000, stream_lens=[16, 256],
@@ -79,7 +81,7 @@ async def start_nats(procs: Procs, cpus: set[int] | None, tmp: Path) -> tuple[st
 
 def start_executor(
     procs: Procs, tmp: Path, idx: int | str, backend_url: str, nats_url: str, cpus: set[int] | None,
-    *, receipts: bool = True, model: str = MODEL,
+    *, receipts: bool = True, model: str = MODEL, telemetry: str = "", name: str | None = None,
 ) -> int:  # fmt: skip
     """One `lloom-executor`; its receipts outbox and identity key live in the run's temp dir."""
     cfg = tmp / f"executor-{idx}.toml"
@@ -87,12 +89,42 @@ def start_executor(
         f'[node]\nid = "bench-exec-{idx}"\nnats_url = "{nats_url}"\nidentity_file = "{tmp / f"executor-{idx}.nk"}"\n\n'
         f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{backend_url}"\nmodels = ["{model}"]\n\n'
         f'[receipts]\nenabled = {"true" if receipts else "false"}\noutbox_dir = "{outbox_dir(tmp, idx)}"\n\n'
-        '[logging]\nformat = "json"\n'
+        f'[telemetry]\n{telemetry}\n\n[logging]\nformat = "json"\n'
     )
     exe = Path(sys.executable).parent / "lloom-executor"
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.runtime.cli"]
-    name = "executor-noreceipts" if not receipts else f"executor-{idx}"
+    name = name or ("executor-noreceipts" if not receipts else f"executor-{idx}")
     return procs.start(name, [*argv, "--config", str(cfg), "--nats", nats_url], cpus=cpus).pid
+
+
+def start_gateway(procs: Procs, nats_url: str, cpus: set[int] | None) -> tuple[str, int]:
+    """One `lloom-gateway` (the OpenAI-compatible HTTP gateway) in front of the same executor."""
+    from executor.process.embedded_nats import free_port
+
+    port = free_port()
+    exe = Path(sys.executable).parent / "lloom-gateway"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "executor.gateway.cli"]
+    pid = procs.start("gateway", [*argv, "--nats", nats_url, "--listen", f"127.0.0.1:{port}"], cpus=cpus).pid
+    return f"http://127.0.0.1:{port}/v1", pid
+
+
+async def wait_http(url: str, deadline_s: float = 30.0) -> None:
+    """Until `url` answers a chat completion with 200 (the gateway reaches the executor)."""
+    import aiohttp
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "ping"}]}
+    end = time.monotonic() + deadline_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.post(f"{url}/chat/completions", json=body) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > end:
+                raise RuntimeError(f"the gateway at {url} did not answer within {deadline_s:g}s")
+            await asyncio.sleep(0.1)
 
 
 def outbox_dir(tmp: Path, idx: int | str) -> Path:
@@ -193,10 +225,12 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     log(f"backend at {backend_url}, nats-server at {nats_url}")
     pids = {"backend": backend_pid, "nats-server": nats_pid}
     pids["executor"] = start_executor(procs, tmp, 1, backend_url, nats_url, relay_cpus)
+    tel_path, metrics_url = await start_telemetry_ab(procs, tmp, backend_url, nats_url, pids, relay_cpus)
     # The A/B of the saturation phase: the same executor with `[receipts] enabled = false`.
     pids["executor-noreceipts"] = start_executor(
         procs, tmp, "nr", backend_url, nats_url, relay_cpus, receipts=False, model=MODEL_NO_RECEIPTS
     )
+    gateway_url, pids["gateway"] = start_gateway(procs, nats_url, relay_cpus)
     litellm_task = None
     if args.no_litellm:
         res["litellm_status"] = "skipped (--no-litellm)"
@@ -209,6 +243,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     if gen_cpus:
         pin(os.getpid(), gen_cpus)
     paths = phases.make_paths(backend_url, nats_url)
+    paths["gateway"] = phases.make_gateway_path(gateway_url)
     lags: list[float] = []
     paths["executor"].settle = outbox_settler(outbox_dir(tmp, 1), paths["executor"], lags)
     ab = {"executor-noreceipts": phases.ExecutorPath(nats_url, name="executor-noreceipts", model=MODEL_NO_RECEIPTS,
@@ -219,6 +254,8 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
         await wait_executor(paths["executor"].client, 1)
         await wait_executor(ab["executor-noreceipts"].client, "nr", model=MODEL_NO_RECEIPTS)
         log("executor 1 (receipts on) and executor nr (receipts off) are serving")
+        await wait_http(gateway_url)
+        log(f"the gateway at {gateway_url} is serving")
         if litellm_task is not None:
             try:
                 litellm_url, pids["litellm"] = await litellm_task
@@ -238,6 +275,12 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
         runner = phases.Runner(paths, pids, p, log, cpus=(relay_cpus, gen_cpus), ab_paths=ab)
         await runner.run_all(res)
         res["receipts_ab"]["publisher_lag_s"] = {"max": max(lags, default=0.0), "mean": sum(lags) / max(1, len(lags))}
+        await tel_path.open()
+        try:
+            res["telemetry_ab"] = await run_telemetry_ab((pids, (relay_cpus, gen_cpus)), paths["executor"], tel_path,
+                                                         metrics_url, p, log)  # fmt: skip
+        finally:
+            await tel_path.close()
         if p["profile_s"] > 0:
             res["profile"] = await phases.profile_executor(runner, pids["executor"], p["profile_s"], tmp, log)
         res["scaling"] = await phases.scaling(
@@ -251,13 +294,62 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     return res
 
 
+async def start_telemetry_ab(procs: Procs, tmp: Path, backend_url: str, nats_url: str, pids: dict,
+                             relay_cpus: set[int] | None) -> tuple[phases.ExecutorPath, str]:  # fmt: skip
+    """The telemetry-on twin of executor 1 (`[telemetry] prometheus_listen`): its path and metrics URL."""
+    from executor.process.embedded_nats import free_port
+
+    listen = f"127.0.0.1:{free_port()}"
+    pids[telemetry_ab.ON] = start_executor(procs, tmp, "tel", backend_url, nats_url, relay_cpus, model=MODEL_TELEMETRY,
+                                           telemetry=f'prometheus_listen = "{listen}"', name=telemetry_ab.ON)  # fmt: skip
+    path = phases.ExecutorPath(nats_url, name=telemetry_ab.ON, model=MODEL_TELEMETRY)
+    path.settle = outbox_settler(outbox_dir(tmp, "tel"), path, [])
+    return path, f"http://{listen}/metrics"
+
+
+async def run_telemetry_ab(runner_args: tuple, off: phases.ExecutorPath, on: phases.ExecutorPath, metrics_url: str,
+                           p: dict, log: Progress) -> dict:  # fmt: skip
+    """Warm the telemetry-on path up, then both paths, interleaved (benchkit/telemetry_ab.py)."""
+    await wait_executor(on.client, "tel", model=MODEL_TELEMETRY)
+    await phases.closed_loop(on, 4, 30.0, p["warmup"])
+    pids, cpus = runner_args
+    runner = phases.Runner({telemetry_ab.OFF: off, telemetry_ab.ON: on}, pids, p, log, cpus=cpus)
+    return await telemetry_ab.run(runner, p, metrics_url, log)
+
+
+async def telemetry_only(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress) -> dict:
+    """`--telemetry-ab`: only the two executors of the telemetry A/B, and only that phase."""
+    p = MODES[args.mode]
+    relay_cpus, gen_cpus = cpu_plan()
+    backend_url, backend_pid = await start_fast_backend(procs, gen_cpus)
+    nats_url, nats_pid = await start_nats(procs, gen_cpus, tmp)
+    pids = {"backend": backend_pid, "nats-server": nats_pid}
+    pids["executor"] = start_executor(procs, tmp, 1, backend_url, nats_url, relay_cpus)
+    on, metrics_url = await start_telemetry_ab(procs, tmp, backend_url, nats_url, pids, relay_cpus)
+    if gen_cpus:
+        pin(os.getpid(), gen_cpus)
+    off = phases.ExecutorPath(nats_url)
+    off.settle = outbox_settler(outbox_dir(tmp, 1), off, [])
+    await off.open()
+    await on.open()
+    try:
+        await wait_executor(off.client, 1)
+        await phases.closed_loop(off, 4, 30.0, p["warmup"])
+        return {"mode": args.mode, "machine": env.machine(),
+                "telemetry_ab": await run_telemetry_ab((pids, (relay_cpus, gen_cpus)), off, on, metrics_url, p, log)}
+    finally:
+        await off.close()
+        await on.close()
+
+
 async def receipts_stream_check(nats_url: str, tmp: Path, n_executors: int) -> dict:
     """After the run: JetStream holds every receipt the executors wrote, each once."""
     import nats
 
     from protocol.receipts_cli import stream_lines
 
-    states = {i: outbox_state(outbox_dir(tmp, i)) for i in range(1, max(1, n_executors) + 1)}
+    # The executors of the scaling phase, and the telemetry A/B's telemetry-on one.
+    states = {i: outbox_state(outbox_dir(tmp, i)) for i in [*range(1, max(1, n_executors) + 1), "tel"]}
     nc = await nats.connect(nats_url)
     try:
         written = sum(last for last, _ in states.values())
@@ -320,12 +412,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM path (and the bench venv)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown report to write")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--telemetry-ab", action="store_true",
+                    help="only the telemetry A/B ([telemetry] off vs on, c=1 and c=32); its table goes to --out")
     args = ap.parse_args(argv)
     args.mode = args.mode or "full"
     log = Progress(args.quiet)
     with tempfile.TemporaryDirectory(prefix="lloom-bench-") as tmp_s:
         tmp = Path(tmp_s)
         procs = Procs(tmp)
+        if args.telemetry_ab:
+            res = run_all_stopped(telemetry_only(args, procs, tmp, log), procs, uvloop_loop=True)
+            lines = telemetry_ab.render(res["telemetry_ab"])
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text("\n".join(lines) + "\n")
+            print("\n".join(lines))
+            return 0
         res = run_all_stopped(amain(args, procs, tmp, log), procs, uvloop_loop=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report.write(res, args.out, log)

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
-"$venv/bin/pip" install -q '.[local,test,tokenizers]'
+"$venv/bin/pip" install -q '.[local,otlp,test,tokenizers]'
 {
   echo "# Tested versions of every dependency, used by the README's commands and .ci/run"
   echo "# (pip install -c constraints.txt ...). Refresh on purpose: bash scripts/refresh_constraints.sh"

@@ -27,11 +27,13 @@ from protocol.messages import (
     TextRequest,
     TextResponse,
 )
+from protocol.micro import InfoResponse, PingResponse, StatsResponse
 from protocol.results import SignedResult
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "wire-schema.json"
 MESSAGES = (ChatRequest, ChatResponse, StreamChunk, StreamEnd, ErrorReply, EmbeddingRequest, EmbeddingResponse,
-            TextRequest, TextResponse, Announcement, Heartbeat, SignedResult, ResumeRequest)
+            TextRequest, TextResponse, Announcement, Heartbeat, SignedResult, ResumeRequest,
+            PingResponse, InfoResponse, StatsResponse)  # the last three: NATS micro discovery (ADR-32)
 
 
 def normalized(node: object) -> object:

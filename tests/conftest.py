@@ -25,7 +25,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from executor.backends.openai_compat import OpenAICompatibleBackend
-from executor.config import NodeConfig
+from executor.backends.presets import PRESETS
+from executor.catalog.announcer import Announcer
+from executor.config import ModelConfig, NodeConfig
 from executor.process.embedded_nats import EmbeddedNats
 from executor.jobs.node import ExecutorNode, default_executor_id
 from executor.receipts.issuer import ReceiptIssuer
@@ -78,12 +80,14 @@ class SecureBus:
 
 async def start_secure_bus(tmp: Path, *extra_args: str) -> SecureBus:
     """Start the shipped secure config on a free port, secrets made up for this run."""
-    passwords = {user: "pw" + secrets.token_hex(12) for user in ("admin", "executor-1", "alice")}
+    passwords = {user: "pw" + secrets.token_hex(12) for user in ("admin", "executor-1", "alice", "laptop-1", "gateway")}
     env = dict(os.environ)
     env.update({
         "LLOOM_NATS_ADMIN_PASSWORD": passwords["admin"],
         "LLOOM_NATS_EXECUTOR_1_PASSWORD": passwords["executor-1"],
         "LLOOM_NATS_ALICE_PASSWORD": passwords["alice"],
+        "LLOOM_NATS_LAPTOP_1_PASSWORD": passwords["laptop-1"],
+        "LLOOM_NATS_GATEWAY_PASSWORD": passwords["gateway"],
     })  # fmt: skip
     nkey_files = {}
     for user, var in (("executor-2", "LLOOM_NATS_EXECUTOR_2_NKEY"), ("bob", "LLOOM_NATS_BOB_NKEY")):
@@ -165,11 +169,13 @@ async def make_node(
 
     async def factory(
         *, base_url: str | None = None, timeout_secs: float = 10.0, models: list[str] | None = None,
-        parts: dict[str, object] | None = None, **node_config: object,
+        parts: dict[str, object] | None = None, preset: str = "openai_compatible", **node_config: object,
     ) -> ExecutorNode:
-        """`parts`: the node's collaborators by keyword (receipts, cache, batcher, ...); the rest is NodeConfig."""
+        """`parts`: the node's collaborators by keyword (receipts, cache, batcher, ...); `preset`: the
+        backend preset (executor/backends/presets.py) the double stands for; the rest is NodeConfig."""
         conn = await nats.connect(nats_server.url)
-        backend = OpenAICompatibleBackend(http, base_url=base_url or double.base_url, timeout_secs=timeout_secs)
+        backend = OpenAICompatibleBackend(http, base_url=base_url or double.base_url, timeout_secs=timeout_secs,
+                                          preset=PRESETS[preset])  # fmt: skip
         config = NodeConfig(**node_config)
         parts = dict(parts or {})
         if "receipts" in parts:
@@ -191,6 +197,24 @@ async def make_node(
 @pytest.fixture
 async def node(make_node: NodeFactory) -> ExecutorNode:
     return await make_node()
+
+
+# Configured, as an operator does for a backend that cannot be asked (vLLM, OpenAI).
+EVERY_FEATURE = ["chat", "stream", "tools", "vision", "json_schema", "reasoning"]
+
+
+@pytest.fixture
+async def capable_node(make_node: NodeFactory, signing: Signing, double: OpenAIDouble) -> AsyncIterator[ExecutorNode]:
+    """A node whose models (the double's) are configured with every capability of the chat surface
+    and announced on the bus, so a client routes requests needing them (tools, images, ...) to it."""
+    identity = Identity.generate()
+    features = {model: EVERY_FEATURE for model in double.models}
+    node = await make_node(parts={**signing(None, identity), "model_features": features})
+    offers = [ModelConfig(name=model, features=EVERY_FEATURE) for model in double.models]
+    announcer = Announcer(node.nc, node, identity, models=offers)
+    await announcer.start()
+    yield node
+    await announcer.stop()
 
 
 @pytest.fixture

@@ -93,7 +93,8 @@ class JwtChain:
         _, self.account, self.account_pub = self.new_keys(nkeys.PREFIX_BYTE_ACCOUNT)
         operator_jwt = self._jwt(self.operator, {"iss": self.operator_pub, "sub": self.operator_pub, "name": "test",
                                                  "nats": {"type": "operator", "version": 2}})  # fmt: skip
-        limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1}
+        limits = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1,
+                  "leaf": -1}  # leaf nodes too (tests/test_leaf_hub.py)
         account_jwt = self._jwt(self.operator, {"iss": self.operator_pub, "sub": self.account_pub, "name": "LLOOM",
                                                 "nats": {"limits": limits, "type": "account", "version": 2}})  # fmt: skip
         self.config = directory / "operator.conf"

@@ -75,3 +75,13 @@ def test_protocol_depends_on_nothing_of_the_executor() -> None:
     wrong = {m: sorted(t for t in targets if t.startswith("executor")) for m, targets in graph.items()
              if m.startswith("protocol")}  # fmt: skip
     assert {m: t for m, t in wrong.items() if t} == {}
+
+
+def test_the_gateway_uses_only_protocol_and_the_config() -> None:
+    # executor/gateway is a daemon of its own: it knows the protocol and its config, never jobs or backends.
+    graph = import_graph()
+    allowed = ("protocol", "executor.config", "executor.gateway")
+    wrong = {m: sorted(t for t in targets if not t.startswith(allowed)) for m, targets in graph.items()
+             if m.startswith("executor.gateway")}  # fmt: skip
+    assert any(m.startswith("executor.gateway") for m in graph)
+    assert {m: t for m, t in wrong.items() if t} == {}

@@ -22,7 +22,7 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
     out = tmp_path / "bench.md"
     proc = run_script("bench.py", "--smoke", "--no-litellm", "--quiet", "--out", str(out), timeout=SCRIPT_TIMEOUT_S)
     res = json.loads(out.with_suffix(".json").read_text())
-    paths = {"direct", "executor"}
+    paths = {"direct", "executor", "gateway"}
     assert set(res["paths"]) == paths
     for phase in ("c1", "sat", "half"):
         assert paths <= set(res[phase]), phase
@@ -35,7 +35,7 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
         for name in paths:
             assert blk["throughput"][name]["chunks_per_s"] > 0
             assert blk["ttft"][name]["ttft_p50_ms"] > 0
-    for proc_name in ("executor", "nats-server", "backend"):
+    for proc_name in ("executor", "gateway", "nats-server", "backend"):
         assert res["rss_idle_mb"][proc_name] > 0
     # The receipts A/B: a receipts-off executor measured alongside at saturation, returning no receipts.
     off = res["sat"]["executor-noreceipts"]
@@ -46,11 +46,17 @@ def test_smoke_run_reports_every_path(tmp_path: Path) -> None:
     # JetStream is on: every receipt written to the (temporary) outboxes ended up in the stream, once.
     assert ab["stream"]["written"] > 0 and ab["stream"]["stored"] == ab["stream"]["written"], ab["stream"]
     assert ab["stream"]["duplicates"] == 0 and 0 < ab["stream"]["messages"] <= ab["stream"]["stored"], ab["stream"]
+    # The telemetry A/B: the telemetry-on twin measured at c=1 and c=32, and its metrics counted every request.
+    tel = res["telemetry_ab"]
+    for phase in ("c1", "sat"):
+        for name in ("executor", "executor-telemetry"):
+            assert tel[phase][name]["n"] > 0 and tel[phase][name]["errors"] == 0, (phase, name)
+    assert tel["counted"] == tel["completed_on"] > 0
     assert [r["executors"] for r in res["scaling"]] == [1, 2]
     assert all(r["rps"] > 0 and r["errors"] == 0 for r in res["scaling"])
     text = out.read_text()
     for heading in ("## Goals for the executor path", "## Latency at concurrency 1", "## Saturation", "## Streaming",
-                    "## Memory", "## Scaling", "## Receipts"):  # fmt: skip
+                    "## Memory", "## Scaling", "## Receipts", "## Telemetry"):  # fmt: skip
         assert heading in text
     # Every goal line is judged (LiteLLM's are n/a without it).
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

@@ -298,6 +298,16 @@ async def assert_outsiders_refused(cluster: Cluster, project: ComposeProject) ->
                          what="the cluster refusing a route without its password")  # fmt: skip
 
 
+async def gateway_answers(port: int) -> None:
+    """The compose file's HTTP gateway serves a chat completion from the cluster's executors."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            reply = await r.json()
+    assert reply["choices"][0]["message"]["content"] and reply["provider"] in ("executor-1", "executor-2"), reply
+
+
 async def healthz(port: int) -> bool:
     try:
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as r:
@@ -357,12 +367,14 @@ async def local_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 
 
 @pytest.mark.docker
-async def test_compose_deployment_refuses_outsiders_and_loses_no_job_nor_doubles_a_receipt_when_nodes_are_killed(
+async def test_compose_deployment_refuses_outsiders_serves_http_and_loses_no_job_nor_doubles_a_receipt_when_nodes_die(
     compose_cluster: tuple[Cluster, ComposeProject],
 ) -> None:
     cluster, project = compose_cluster
     await assert_outsiders_refused(cluster, project)
+    await gateway_answers(project.ports["LLOOM_GATEWAY_PORT"])
     assert_goals(await run_scenario(cluster, "docker"))
+    await gateway_answers(project.ports["LLOOM_GATEWAY_PORT"])  # after nats-1 and nats-2 were killed
 
 
 async def test_the_same_scenario_on_local_processes_loses_no_job_and_doubles_no_receipt(local_cluster: Cluster) -> None:

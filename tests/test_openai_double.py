@@ -291,3 +291,59 @@ async def test_stop_does_not_hang_on_a_stall(http: aiohttp.ClientSession) -> Non
     with pytest.raises(aiohttp.ClientError):
         await pending
     assert double.disconnects == 0  # the server left, not the client
+
+
+# -- as strict as api.openai.com ---------------------------------------------------------
+
+
+def _openai_error(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("chat/completions", {"model": MODEL, "messages": HELLO, "cache": True}),
+    ("completions", {"model": MODEL, "prompt": "hi", "cache": True}),
+    ("embeddings", {"model": MODEL, "input": ["hi"], "cache": True}),
+], ids=["chat", "completions", "embeddings"])  # fmt: skip
+async def test_lloom_only_arguments_get_openais_400(
+    double: OpenAIDouble, http: aiohttp.ClientSession, path: str, body: dict[str, Any]
+) -> None:
+    async with http.post(f"{double.base_url}/{path}", json=body) as resp:
+        assert resp.status == 400
+        assert await resp.json() == _openai_error("Unrecognized request argument supplied: cache")
+    del body["cache"]
+    async with http.post(f"{double.base_url}/{path}", json=body) as resp:
+        assert resp.status == 200
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "schema must be a JSON Schema of 'type: \"object\"'"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "does not match pattern"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+    ({"tool_choice": "auto"}, "only allowed when 'tools' are specified"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "not one of the tools"),
+    ({"response_format": {"type": "xml"}}, "Invalid value: 'xml'"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "json_schema.name"),
+    ({"messages": [{"role": "tool", "content": "1"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "Invalid value: 'video'"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "Invalid value: 'wizard'"),
+    ({"top_logprobs": 2}, "'logprobs' must be set to true"),
+])  # fmt: skip
+async def test_malformed_tools_formats_and_messages_are_refused(
+    double: OpenAIDouble, http: aiohttp.ClientSession, fields: dict[str, Any], says: str
+) -> None:
+    async with chat(double, http, **fields) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert says in error["message"] and error["type"] == "invalid_request_error"
+
+
+async def test_well_formed_tools_and_images_are_accepted(double: OpenAIDouble, http: aiohttp.ClientSession) -> None:
+    parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x.invalid/a.png"}}]
+    async with chat(double, http, tools=[TOOL], tool_choice="required", parallel_tool_calls=True,
+                    response_format={"type": "json_object"}, messages=[{"role": "user", "content": parts}]) as resp:
+        assert resp.status == 200, await resp.text()

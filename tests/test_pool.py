@@ -50,6 +50,7 @@ async def make_rig(nats_server: EmbeddedNats, signing: Signing) -> AsyncIterator
         retry: RetryConfig | None = None,
         clock: FakeClock | None = None,
         real_sleep: bool = False,
+        model_features: dict[str, list[str]] | None = None,
     ) -> Rig:
         doubles = {}
         members = []
@@ -74,7 +75,7 @@ async def make_rig(nats_server: EmbeddedNats, signing: Signing) -> AsyncIterator
             sleep=asyncio.sleep if real_sleep else record_sleep,  # real: the backoff itself is under test
         )
         nc = await nats.connect(nats_server.url)
-        node = ExecutorNode(nc, pool, NodeConfig(), **signing())
+        node = ExecutorNode(nc, pool, NodeConfig(), model_features=model_features, **signing())
         await node.start()
         rig = Rig(pool, doubles, node)
         rig.sleeps = sleeps
@@ -372,3 +373,32 @@ async def test_a_backend_killed_mid_load_fails_no_request_and_takes_traffic_agai
     for _ in range(30):
         await client.complete(ask(model="m"))
     assert victim.completed - before == 10  # round robin: its third again
+
+
+async def test_a_pool_passes_tools_and_tool_calls_through_and_degrades_max_completion_tokens(
+    make_rig: MakeRig, client: LloomClient
+) -> None:
+    import msgspec
+
+    from protocol.messages import ChatRequest, FinishReason
+    from tests.doubles.openai_script import Answer, ScriptedCall
+
+    rig = await make_rig(
+        "big", "small", models={"big": ["gpt-4"], "small": ["gpt-3.5-turbo"]},
+        fallbacks=[FallbackConfig(model="gpt-4", strategy="degrade", degrade_model="gpt-3.5-turbo", degrade_max_tokens=4)],
+        # Configured as for a backend that cannot be asked: the pool's members are doubles.
+        model_features={"gpt-4": ["chat", "stream", "tools"]},
+    )  # fmt: skip
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    request = msgspec.convert({"model": "gpt-4", "messages": [{"role": "user", "content": "call f"}], "tools": [tool],
+                               "max_completion_tokens": 50}, ChatRequest)  # fmt: skip
+    rig.doubles["big"].answers = [Answer(tool_calls=(ScriptedCall("call_1", "f", "{}"),))]
+    # Straight to the node: nothing announces here, and a routed tools request needs an announcement.
+    reply = await client.complete(request, executor=rig.node.id)
+    assert reply.finish_reason is FinishReason.TOOL_CALLS and reply.tool_calls[0].function.name == "f"
+    assert rig.doubles["big"].requests[-1]["tools"] == [tool]
+    rig.doubles["big"].fault = Fault.status(500, "down")
+    async with client.stream(request, executor=rig.node.id) as stream:
+        assert "".join([c.delta async for c in stream]) == "tok0 tok1 tok2 tok3 "
+    assert stream.end.degraded and "max_completion_tokens=4" in stream.end.degraded
+    assert rig.doubles["small"].requests[-1]["max_tokens"] == 4 and rig.doubles["small"].requests[-1]["tools"] == [tool]

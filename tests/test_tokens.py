@@ -275,3 +275,31 @@ def test_ci_sets_up_the_encodings_before_running_the_readme_test_command() -> No
     lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
     assert lines[-1] == run_tests
     assert any("lloom-executor setup-tokenizers" in line for line in lines[:-1])
+
+
+def test_content_parts_tool_calls_and_tool_messages_are_counted_images_and_tools_estimated(
+    counter: TokenCounter,
+) -> None:
+    import msgspec
+
+    from protocol.chat_types import FunctionCall, ImagePart, ImageUrl, TextPart, Tool, ToolCall
+    from protocol.estimate import IMAGE_TOKENS, tools_text
+    from protocol.messages import ChatRequest
+
+    plain = [Message(Role.SYSTEM, "You are a helpful assistant."), Message(Role.USER, "Hello!")]
+    as_parts = [plain[0], Message(Role.USER, [TextPart(text="Hello!")])]
+    assert counter.count_messages("gpt-4o", as_parts) == counter.count_messages("gpt-4o", plain)  # text parts: exact
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city": "Paris"}'))
+    turns = [*plain, Message(Role.ASSISTANT, tool_calls=[call]), Message(Role.TOOL, '{"celsius": 21}', tool_call_id="c")]
+    with_calls = counter.count_messages("gpt-4o", turns)
+    extra = counter.count_text("gpt-4o", 'get_weather\n{"city": "Paris"}').tokens + counter.count_text(
+        "gpt-4o", '{"celsius": 21}').tokens  # fmt: skip
+    assert with_calls.tokens == 19 + extra + 2 * 3 + 2  # each new message: its text, 3 format tokens, its role
+    assert not with_calls.estimated
+    image = Message(Role.USER, [TextPart(text="Hello!"), ImagePart(image_url=ImageUrl(url="https://x.invalid/a.png"))])
+    seen = counter.count_messages("gpt-4o", [plain[0], image])
+    assert seen.tokens == 19 + IMAGE_TOKENS and seen.estimated
+    request = ChatRequest(model="gpt-4o", messages=plain, tools=[msgspec.convert(
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}, Tool)])  # fmt: skip
+    tooled = counter.count_messages("gpt-4o", plain, tools=tools_text(request))
+    assert tooled.tokens == 19 + counter.count_text("gpt-4o", tools_text(request)).tokens and tooled.estimated

@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from protocol.chat_types import TokenLogprob, ToolCall, ToolCallDelta
 from protocol.messages import ChatRequest, FinishReason, Usage
 
 
@@ -27,12 +28,20 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage
     # Set when a fallback served the job differently from what was asked (a pool's `degrade`).
     degraded: str | None = None
+    tool_calls: list[ToolCall] | None = None  # the calls the model asked for
+    reasoning_content: str | None = None  # the model's reasoning, apart from `content`
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Delta(msgspec.Struct, frozen=True):
-    """A piece of generated text, in order."""
+    """A piece of the answer, in order: generated text, and (rarer) reasoning text, pieces of
+    tool calls, the log probabilities of the piece's tokens. `text` is "" when the piece
+    carries only reasoning or tool calls."""
 
     text: str
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Finish(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +56,9 @@ class Finish(msgspec.Struct, frozen=True, kw_only=True):
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     context_length: int | None = None
+    # What the server says the model supports (`protocol.capabilities.Capability` names,
+    # executor/backends/model_caps.py); None: it did not say, so only the config decides.
+    capabilities: frozenset[str] | None = None
 
 
 StreamEvent = Delta | Finish

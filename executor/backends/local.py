@@ -12,7 +12,8 @@ supervises it. When the child dies the backend raises `BackendUnavailable`
 model loaded again. The model is a `model_path` GGUF, else one of `local_models.py`
 (`local_model`, by default SmolLM2-135M-Instruct); it is served as the config's
 `model_name`, else the local model's name, else the GGUF file's stem. Its context
-length is the one the running server reports (`/props`), not a guess.
+length is the one the running server reports (`/props`), not a guess, and so
+are its capabilities (tools, vision, json_schema, reasoning: `model_caps.from_llama_props`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import structlog
 
 from executor.backends import llama_build, local_models
 from executor.backends.base import Completion, ModelInfo, StreamEvent
+from executor.backends.model_caps import from_llama_props
 from executor.backends.openai_compat import OpenAICompatibleBackend
 from executor.backends.presets import PRESETS
 from executor.process.child import ChildProcess
@@ -107,15 +109,14 @@ class LocalModelServer:
                 pass  # not listening yet, or still loading (503)
             await asyncio.sleep(HEALTH_POLL_S)
 
-    async def context_length(self) -> int | None:
-        """The context the server runs with per request (`/props`), when it says."""
+    async def props(self) -> dict[str, object]:
+        """The server's `/props` (context, chat template caps, modalities); {} if it does not answer."""
         try:
             async with self._session.get(f"{self.base_url}/props", timeout=aiohttp.ClientTimeout(total=5)) as r:
                 props = await r.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
-        return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
+            return {}
+        return props if isinstance(props, dict) else {}
 
     async def wait(self) -> int:
         assert self._child is not None
@@ -148,6 +149,7 @@ class LocalBackend:
         self._server: LocalModelServer | None = None
         self._inner: OpenAICompatibleBackend | None = None
         self._context_length: int | None = None
+        self._capabilities: frozenset[str] | None = None  # from the running server's /props
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
@@ -171,8 +173,10 @@ class LocalBackend:
         if template:
             # A named built-in template; with Jinja on, the name itself would become the prompt.
             args += ["--no-jinja", "--chat-template", template]
-        elif bundled:
-            # The GGUF's own template (SmolLM2's ChatML with its default system prompt), run as written.
+        else:
+            # The GGUF's own template (SmolLM2's ChatML with its default system prompt), run as written:
+            # Jinja is what renders tools and reports the template's caps in /props (said explicitly,
+            # for builds where it is not the default).
             args += ["--jinja"]
         args += ["--ctx-size", str(cfg.context_length or 0)]  # 0: the model's own (GGUF metadata)
         args += ["--n-predict", str(DEFAULT_MAX_TOKENS)]
@@ -206,7 +210,9 @@ class LocalBackend:
             await server.start()
         except (LocalServerError, OSError) as e:
             raise BackendUnavailable(f"the local model server did not start: {e}") from e
-        self._context_length = await server.context_length()
+        props = await server.props()
+        self._context_length = _n_ctx(props)
+        self._capabilities = from_llama_props(props)
         self._inner = OpenAICompatibleBackend(
             self._session,
             base_url=f"{server.base_url}/v1",
@@ -217,7 +223,8 @@ class LocalBackend:
         self._down_reason = None
         log.info(
             "local model server ready", model=self.model_name, url=server.base_url, pid=server.pid,
-            context_length=self._context_length, seconds=round(time.monotonic() - began, 2),
+            context_length=self._context_length, capabilities=sorted(self._capabilities or ()),
+            seconds=round(time.monotonic() - began, 2),
         )  # fmt: skip
 
     async def _supervise(self) -> None:
@@ -287,7 +294,7 @@ class LocalBackend:
 
     async def list_models(self) -> list[ModelInfo]:
         await self._ready()
-        return [ModelInfo(id=self.model_name, context_length=self._context_length)]
+        return [ModelInfo(id=self.model_name, context_length=self._context_length, capabilities=self._capabilities)]
 
     async def health_check(self) -> bool:
         return self._inner is not None and await self._inner.health_check()
@@ -300,6 +307,12 @@ class LocalBackend:
             await asyncio.gather(self._supervisor, return_exceptions=True)
             self._supervisor = None
         await self._drop_inner()
+
+
+def _n_ctx(props: dict[str, object]) -> int | None:
+    settings = props.get("default_generation_settings")
+    n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+    return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
 
 
 def local_available(config: LlmClientConfig) -> bool:

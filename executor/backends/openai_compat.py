@@ -2,8 +2,9 @@
 
 LM Studio, OpenAI, Ollama, vLLM and llama.cpp's server all answer
 `POST {base_url}/chat/completions` (JSON, or SSE with `stream: true`) and
-`GET {base_url}/models`. This module sends the normalized request, decodes the
-answer with typed decoders built once, and translates every failure into one of
+`GET {base_url}/models`. This module sends the request body `openai_chat.chat_body`
+builds (OpenAI's fields only, never lloom's own), decodes the answer with typed
+decoders built once (`openai_chat`), and translates every failure into one of
 the typed errors of `protocol.errors` through `_status_error` and `_io_error`,
 with a message that says what to do about it.
 
@@ -25,6 +26,7 @@ import aiohttp
 import msgspec
 import structlog
 
+from executor.backends.model_caps import CapabilityProbe
 from executor.backends.base import (
     Completion,
     Delta,
@@ -46,6 +48,15 @@ from executor.backends.transport.base import (
     Transport,
     TransportError,
 )
+from executor.backends.openai_chat import (
+    WireUsage,
+    chat_body,
+    decode_chunk,
+    decode_response,
+    delta_of,
+    tool_calls_of,
+    usage_of,
+)
 from executor.backends.transport.choose import choose_transport
 from executor.backends.transport.http1 import Http1Transport
 from executor.backends.presets import PRESETS, Preset
@@ -64,70 +75,17 @@ from protocol.errors import (
     RateLimited,
     StreamInterrupted,
 )
-from protocol.messages import ChatRequest, FinishReason, Message, Usage
+from protocol.messages import ChatRequest, FinishReason
 
 log = structlog.get_logger(logger_name=__name__)
 
 # -- the OpenAI wire format, as much of it as we read --------------------------
 
 
-class _StreamOptions(msgspec.Struct):
-    include_usage: bool = True
-
-
-class _StreamBody(msgspec.Struct, omit_defaults=True):
-    model: str
-    messages: list[Message]
-    stream: bool
-    stream_options: _StreamOptions
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] | None = None
-
-
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-
-
-class _ErrorBody(msgspec.Struct):
-    message: str = ""
-    type: str | None = None
-    code: str | int | None = None
-
-
-class _ChoiceMessage(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    message: _ChoiceMessage
-    finish_reason: str | None = None
-
-
-class _Response(msgspec.Struct):
-    choices: list[_Choice]
-    model: str = ""
-    usage: _Usage | None = None
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-
-
-class _ChunkChoice(msgspec.Struct):
-    delta: _Delta = msgspec.field(default_factory=_Delta)
-    finish_reason: str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_ChunkChoice] = []
-    model: str = ""
-    usage: _Usage | None = None
-    # vLLM and OpenAI report a failure inside a started stream this way.
-    error: _ErrorBody | None = None
 
 
 class _EmbeddingItem(msgspec.Struct):
@@ -184,8 +142,6 @@ class _ModelList(msgspec.Struct):
 
 
 _encode = msgspec.json.Encoder().encode
-_decode_response = msgspec.json.Decoder(_Response).decode
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_models = msgspec.json.Decoder(_ModelList).decode
 _decode_embeddings = msgspec.json.Decoder(_EmbeddingList).decode
 _decode_texts = msgspec.json.Decoder(_TextList).decode
@@ -202,13 +158,6 @@ _FINISH = {
 
 def _finish(reason: str | None) -> FinishReason:
     return _FINISH.get(reason, FinishReason.OTHER) if reason else FinishReason.OTHER
-
-
-def _usage(u: _Usage | None, request: ChatRequest, content: str, chunks: int | None = None) -> Usage:
-    if u is None:
-        return estimate_usage((m.content for m in request.messages), content, completion_tokens=chunks)
-    total = u.total_tokens or u.prompt_tokens + u.completion_tokens
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=total)
 
 
 # -- the backend ---------------------------------------------------------------
@@ -246,6 +195,8 @@ class OpenAICompatibleBackend:
         # What error messages must never repeat: the key, and credentials inside base_url.
         self._masker = SecretMasker(url_secrets(self.base_url))
         self._display_url = redact_url(self.base_url)
+        # Asks the server what its models can do, where the preset's server says (model_caps.py).
+        self._caps = CapabilityProbe.for_preset(preset.name, self.base_url)
         self.set_api_key(api_key)
 
     def set_api_key(self, api_key: str | None) -> None:
@@ -260,6 +211,8 @@ class OpenAICompatibleBackend:
         self._models = self._http.endpoint("GET", "/models", headers)
         self._embed = self._http.endpoint("POST", "/embeddings", headers)
         self._text = self._http.endpoint("POST", "/completions", headers)
+        if self._caps is not None:
+            self._caps.set_headers({k: v for k, v in headers.items() if k == "Authorization"})
 
     @property
     def name(self) -> str:
@@ -267,23 +220,32 @@ class OpenAICompatibleBackend:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._caps is not None:
+            await self._caps.aclose()
 
     async def complete(self, request: ChatRequest) -> Completion:
-        body = _encode(msgspec.structs.replace(request, stream=False) if request.stream else request)
-        raw = await self._fetch(self._chat, body, self._timeouts, request.model)
+        raw = await self._fetch(self._chat, chat_body(request, self.preset, stream=False), self._timeouts, request.model)
         try:
-            parsed = _decode_response(raw)
+            parsed = decode_response(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BackendProtocolError(f"{self.name} sent a malformed completion ({e}): {_excerpt(raw)}") from e
         if not parsed.choices:
             raise BackendProtocolError(f"{self.name} sent a completion with no choices: {_excerpt(raw)}")
         choice = parsed.choices[0]
-        content = choice.message.content or ""
+        message = choice.message
+        content = message.content or ""
+        try:
+            tool_calls = tool_calls_of(message)
+        except ValueError as e:
+            raise BackendProtocolError(f"{self.name}: {e}") from e
         return Completion(
             model=parsed.model or request.model,
             content=content,
             finish_reason=_finish(choice.finish_reason),
-            usage=_usage(parsed.usage, request, content),
+            usage=usage_of(parsed.usage, request, content),
+            tool_calls=tool_calls,
+            reasoning_content=message.reasoning_content or message.reasoning or None,
+            logprobs=choice.logprobs.content if choice.logprobs is not None else None,
         )
 
     async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
@@ -322,23 +284,13 @@ class OpenAICompatibleBackend:
                                completion_tokens=parsed.usage.completion_tokens)  # fmt: skip
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        body = _encode(
-            _StreamBody(
-                model=request.model,
-                messages=request.messages,
-                stream=True,
-                stream_options=_StreamOptions(),
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                stop=request.stop,
-            )
-        )
+        body = chat_body(request, self.preset, stream=True)
         started = False
         finish: str | None = None
-        usage: _Usage | None = None
+        usage: WireUsage | None = None
         model = request.model
         parts: list[str] = []
+        events = 0  # pieces relayed (text, reasoning or tool calls): a token each, for an estimate
         try:
             # A stream may run long; what must not happen is silence for timeout_secs.
             async with self._http.stream(self._stream, body, self._timeouts) as resp:
@@ -354,7 +306,7 @@ class OpenAICompatibleBackend:
                         done = True
                         break
                     try:
-                        chunk = _decode_chunk(data)
+                        chunk = decode_chunk(data)
                     except (msgspec.DecodeError, msgspec.ValidationError) as e:
                         raise BackendProtocolError(
                             f"{self.name} sent a malformed stream event ({e}): {_excerpt(data)}"
@@ -370,11 +322,13 @@ class OpenAICompatibleBackend:
                     for choice in chunk.choices[:1]:
                         if choice.finish_reason:
                             finish = choice.finish_reason
-                        text = choice.delta.content
-                        if text:
+                        delta = delta_of(choice)
+                        if delta is not None:
                             started = True
-                            parts.append(text)
-                            yield Delta(text)
+                            events += 1
+                            if delta.text:
+                                parts.append(delta.text)
+                            yield delta
                 if not done and finish is None:
                     raise StreamInterrupted(f"{self.name} closed the stream before it finished")
                 if done:
@@ -386,7 +340,7 @@ class OpenAICompatibleBackend:
         except TransportError as e:
             raise self._io_error(e, started=started) from e
         content = "".join(parts)
-        yield Finish(model=model, finish_reason=_finish(finish), usage=_usage(usage, request, content, len(parts)))
+        yield Finish(model=model, finish_reason=_finish(finish), usage=usage_of(usage, request, content, events))
 
     async def list_models(self) -> list[ModelInfo]:
         raw = await self._fetch(self._models, b"", self._probe_timeouts, None)
@@ -394,7 +348,9 @@ class OpenAICompatibleBackend:
             listing = _decode_models(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BackendProtocolError(f"{self.name} sent a malformed model list ({e}): {_excerpt(raw)}") from e
-        return [ModelInfo(id=m.id, context_length=_context_length(m)) for m in listing.data]
+        caps = await self._caps.detect([m.id for m in listing.data]) if self._caps is not None else {}
+        return [ModelInfo(id=m.id, context_length=_context_length(m), capabilities=caps.get(m.id))
+                for m in listing.data]  # fmt: skip
 
     async def health_check(self) -> bool:
         try:

@@ -191,6 +191,7 @@ class BackendPool:
     async def list_models(self) -> list[ModelInfo]:
         found: dict[str, ModelInfo] = {}
         errors = []
+        said: dict[str, list[frozenset[str] | None]] = {}  # model -> each listing member's capabilities
         for m in self.members:
             if m.models is not None:
                 for name in m.models:
@@ -204,12 +205,19 @@ class BackendPool:
                 continue
             self._listed[m.name] = {i.id for i in listed}
             for info in listed:
+                if m.models is None or info.id in m.models:
+                    said.setdefault(info.id, []).append(info.capabilities)
                 known = found.get(info.id)
                 # The backend's own entry (it may know the context length) unless one already does.
                 if (m.models is None or info.id in m.models) and (known is None or known.context_length is None):
                     found[info.id] = info
         if not found and errors:
             raise BackendUnavailable("no backend of the pool lists models: " + "; ".join(errors))
+        # A job may go to any member serving its model: the pool can do what all of them can
+        # (unknown if any of them did not say).
+        for name, caps in said.items():
+            known_caps = None if None in caps else frozenset.intersection(*caps)  # type: ignore[arg-type]
+            found[name] = msgspec.structs.replace(found[name], capabilities=known_caps)
         return list(found.values())
 
     def available(self, model: str) -> bool:
@@ -296,8 +304,11 @@ class BackendPool:
         changes: dict[str, object] = {}
         if fb.degrade_model:
             changes["model"] = fb.degrade_model
-        if fb.degrade_max_tokens and (request.max_tokens is None or request.max_tokens > fb.degrade_max_tokens):
-            changes["max_tokens"] = fb.degrade_max_tokens
+        # The limit keeps the name the request gave it (max_tokens or max_completion_tokens).
+        field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+        asked = getattr(request, field)
+        if fb.degrade_max_tokens and (asked is None or asked > fb.degrade_max_tokens):
+            changes[field] = fb.degrade_max_tokens
         note = f"{request.model} had no healthy backend; served with " + ", ".join(f"{k}={v}" for k, v in changes.items())
         result, member, _ = await self._serve(msgspec.structs.replace(request, **changes), run, fallback=False)
         return result, member, note

@@ -7,6 +7,8 @@ reachable. The order of `PRESETS` is the probing order of `backend = "auto"`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 
@@ -17,6 +19,10 @@ class Preset(msgspec.Struct, frozen=True, kw_only=True):
     start_hint: str
     # Local servers are probed by `backend = "auto"`; remote ones never are.
     local: bool = True
+    # The name the server takes for the output token limit: OpenAI deprecated `max_tokens`
+    # for `max_completion_tokens` (its reasoning models refuse the old name); local servers
+    # know only `max_tokens`. A request's limit, whichever name it used, goes under this one.
+    token_limit_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
 
 PRESETS: dict[str, Preset] = {
@@ -47,6 +53,7 @@ PRESETS: dict[str, Preset] = {
             name="openai",
             base_url="https://api.openai.com/v1",
             needs_api_key=True,
+            token_limit_field="max_completion_tokens",
             start_hint="check network access to the API and that api_key is set (e.g. api_key = \"${OPENAI_API_KEY}\")",
             local=False,
         ),

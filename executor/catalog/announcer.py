@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from executor.catalog.features import model_features
 from executor.config import ModelConfig
 from executor.jobs.node import ExecutorNode
 from protocol import subjects as subj
@@ -105,7 +106,7 @@ class Announcer:
                     backend=node.backend_kind,
                     pricing=Pricing(input=cfg.input_price, output=cfg.output_price),
                     context_length=cfg.context_length or (info.context_length if info else None),
-                    features=list(cfg.features),
+                    features=model_features(cfg.features, info.capabilities if info else None),
                     category=cfg.category,
                     available=node.model_available(name),
                     perf=node.perf.snapshot(name),

@@ -49,6 +49,7 @@ class BatchedJob(JobBase):
         ctx = self.ctx
         ctx.check(self.model, getattr(self.request, "max_tokens", None))
         done = await self._result()
+        self.tokens = (done.prompt_tokens, done.completion_tokens)
         if len(done.content) + _ENVELOPE > ctx.limits.max_payload:  # before the receipt: nothing is billed
             raise ResponseTooLarge(
                 f"the result is {len(done.content)} bytes, over the NATS max_payload of {ctx.limits.max_payload};"
@@ -83,6 +84,7 @@ def _counted_by(estimated: bool, apportioned: bool) -> str:
 
 class EmbedJob(BatchedJob):
     __slots__ = ("_share",)
+    operation = "embeddings"
     _share: Share
 
     async def _result(self) -> _Done:
@@ -111,6 +113,7 @@ class EmbedJob(BatchedJob):
 
 class TextJob(BatchedJob):
     __slots__ = ("_share",)
+    operation = "text_completion"
     _share: TextShare
 
     async def _result(self) -> _Done:

@@ -3,7 +3,9 @@
 A `Job` is created by the node for a decoded request and runs in its own task
 (guarded by `JobBase.run`). The caller gets exactly one terminal message: a
 `ChatResponse`, a `StreamEnd`, or an `ErrorReply`; streams are then closed with
-the empty ADR-47 sentinel. A unary job no backend could serve goes to the durable
+the empty ADR-47 sentinel. A stream's chunks carry text, reasoning and pieces of tool
+calls as the backend sends them (a chunk with only reasoning or tool-call pieces has an
+empty `delta`). A unary job no backend could serve goes to the durable
 queue when its model's fallback says so; a stream cut short is billed for what
 it produced.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import structlog
 
@@ -19,6 +23,8 @@ from executor.backends.base import Backend, Completion, Delta, Finish, StreamEve
 from executor.cache.memory import cache_key, cacheable
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.context import JobContext, ReplyChannel
+from protocol.chat_checks import check_chat_request
+from protocol.chat_types import ToolCallDelta
 from protocol.errors import (
     BackendError,
     Cancelled,
@@ -32,6 +38,7 @@ from protocol.errors import (
 )
 from protocol.messages import ChatRequest, ChatResponse, FinishReason, StreamChunk, StreamEnd, Usage, encoder
 from protocol.receipts import Outcome, SignedReceipt
+from protocol.verify import signed_answer
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -43,18 +50,34 @@ class Job(JobBase):
     request: ChatRequest
 
     def __init__(self, ctx: JobContext, job_id: str, request: ChatRequest, channel: ReplyChannel, deadline: float,
-                 *, liveness: bool = False, payload: bytes = b"", client: str | None = None) -> None:  # fmt: skip
-        super().__init__(ctx, job_id, request, channel, deadline, liveness=liveness, payload=payload, client=client)
+                 *, liveness: bool = False, payload: bytes = b"", client: str | None = None,
+                 trace: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(ctx, job_id, request, channel, deadline, liveness=liveness, payload=payload, client=client,
+                         trace=trace)  # fmt: skip
         self._parts: list[str] = []  # a stream's text so far, for its receipt
         self._ttft: float | None = None
         self._completion_tokens = 0
 
     async def _work(self) -> None:
-        self.ctx.check(self.request.model, self.request.max_tokens)
+        request = self.request
+        check_chat_request(request)  # the rules between fields: the same typed error the client raises
+        self.ctx.check(request.model, request.max_tokens or request.max_completion_tokens)
+        self.ctx.check_features(request)  # before the cache too: a hit must not serve what is refused
         if self.request.stream:
             await self._run_stream(self.ctx.backend)
         else:
             await self._run_unary(self.ctx.backend)
+
+    def _first_token_s(self) -> float | None:
+        return self._ttft
+
+    def _backend_span(self, hit: Completion | None) -> AbstractContextManager[Any]:
+        """The backend call's client span (its HTTP request carries its trace context), when traced."""
+        if self.trace is None or hit is not None:
+            return _UNTRACED
+        return self.trace.backend_call(f"chat {self.request.model}", **{
+            "gen_ai.operation.name": "chat", "gen_ai.request.model": self.request.model,
+            "gen_ai.system": self.ctx.backend_kind, "server.address": self.ctx.backend.name})  # fmt: skip
 
     def _on_success(self, elapsed: float) -> None:
         self.ctx.perf.record(self.request.model, ok=True, seconds=elapsed, completion_tokens=self._completion_tokens,
@@ -109,11 +132,17 @@ class Job(JobBase):
         text: str,
         *,
         cached: bool = False,
+        signed: bytes | None = None,
     ) -> SignedReceipt | None:
         receipts = self.ctx.receipts
         if receipts is None:
             return None
-        return await receipts.issue(
+        with _UNTRACED if self.trace is None else self.trace.child("receipt", **{"lloom.receipt.outcome": outcome}):
+            return await self._issue(receipts, outcome, finish_reason, model, usage, text, cached=cached, signed=signed)
+
+    async def _issue(self, receipts: Any, outcome: Outcome, finish_reason: str | None, model: str, usage: Usage | None,
+                     text: str, *, cached: bool, signed: bytes | None) -> SignedReceipt:  # fmt: skip
+        return await receipts.issue(  # type: ignore[no-any-return]
             job_id=self.id,
             client=self._client,
             model=model,
@@ -126,6 +155,7 @@ class Job(JobBase):
             request=self._payload,
             response_text=text,
             cached=cached,
+            signed=signed,
         )
 
     async def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
@@ -134,6 +164,14 @@ class Job(JobBase):
         # local hit would tell whoever guesses the prompt that someone asked it.
         if cache is None or not cacheable(self.request) or self.channel.sealed:
             return None, None
+        if self.trace is not None:
+            with self.trace.child("cache lookup") as span:
+                key, hit = await self._cache_get(cache)
+                span.set_attribute("lloom.cache.hit", hit is not None)
+                return key, hit
+        return await self._cache_get(cache)
+
+    async def _cache_get(self, cache: Any) -> tuple[bytes, Completion | None]:
         key = cache_key(self.request)
         hit = cache.get(key)
         if hit is None and self.ctx.shared_cache is not None:
@@ -153,11 +191,18 @@ class Job(JobBase):
 
     async def _run_unary(self, backend: Backend) -> None:
         key, hit = await self._cache_lookup()
-        result = hit or await backend.complete(self.request)
         if hit is None:
+            t0 = asyncio.get_running_loop().time()
+            with self._backend_span(hit):
+                result = await backend.complete(self.request)
+            self.backend_s = asyncio.get_running_loop().time() - t0
             self._cache_store(key, result)
+        else:
+            result = hit
+        calls = encoder.encode(result.tool_calls) if result.tool_calls else None
         receipt = await self._receipt(
-            "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None
+            "completed", result.finish_reason.value, result.model, result.usage, result.content, cached=hit is not None,
+            signed=signed_answer(result.content, result.reasoning_content, calls),
         )
         payload = encoder.encode(
             ChatResponse(
@@ -170,6 +215,9 @@ class Job(JobBase):
                 receipt=receipt,
                 degraded=result.degraded,
                 cached=hit is not None,
+                tool_calls=result.tool_calls,
+                reasoning_content=result.reasoning_content,
+                logprobs=result.logprobs,
             )
         )
         if len(payload) > self.ctx.limits.max_payload:
@@ -179,29 +227,43 @@ class Job(JobBase):
             )
         await self.channel.send(payload)
         self._completion_tokens = result.usage.completion_tokens
+        self.tokens = (result.usage.prompt_tokens, result.usage.completion_tokens)
 
     async def _run_stream(self, backend: Backend) -> None:
         seq = 0
         finish: Finish | None = None
         key, hit = await self._cache_lookup()
         events = _replay(hit) if hit is not None else backend.stream(self.request)
+        reasoning: list[str] = []  # kept for the cache, which replays it, and the receipt
+        tool_pieces: list[ToolCallDelta] = []  # for the receipt
         send = self.channel.send
-        try:
-            async for event in events:
-                if type(event) is Delta:
-                    await send(encoder.encode(StreamChunk(seq, event.text)))
-                    self._parts.append(event.text)
-                    if seq == 0:
-                        self._ttft = asyncio.get_running_loop().time() - self.started
-                        # nats.py writes from its flusher task; let it run now, or the
-                        # first token waits behind every chunk the backend already sent.
-                        await asyncio.sleep(0)
-                    seq += 1
-                else:
-                    assert isinstance(event, Finish)
-                    finish = event
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
+        t0 = asyncio.get_running_loop().time()
+        with self._backend_span(hit) as span:
+            try:
+                async for event in events:
+                    if type(event) is Delta:
+                        await send(encoder.encode(StreamChunk(seq, event.text, event.reasoning, event.tool_calls,
+                                                              event.logprobs)))  # fmt: skip
+                        self._parts.append(event.text)
+                        if event.reasoning is not None:
+                            reasoning.append(event.reasoning)
+                        if event.tool_calls is not None:
+                            tool_pieces += event.tool_calls
+                        if seq == 0:
+                            self._ttft = asyncio.get_running_loop().time() - self.started
+                            if span is not None:
+                                span.add_event("gen_ai.first_token")
+                            # nats.py writes from its flusher task; let it run now, or the
+                            # first token waits behind every chunk the backend already sent.
+                            await asyncio.sleep(0)
+                        seq += 1
+                    else:
+                        assert isinstance(event, Finish)
+                        finish = event
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+        if hit is None:
+            self.backend_s = asyncio.get_running_loop().time() - t0
         if finish is None:
             raise StreamInterrupted(f"{backend.name} ended the stream without a final event")
         text = "".join(self._parts)
@@ -209,10 +271,11 @@ class Job(JobBase):
         if hit is None:
             self._cache_store(
                 key, Completion(model=finish.model, content=text, finish_reason=finish.finish_reason, usage=finish.usage,
-                                degraded=finish.degraded)  # fmt: skip
+                                degraded=finish.degraded, reasoning_content="".join(reasoning) or None)  # fmt: skip
             )
         receipt = await self._receipt(
-            "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None
+            "completed", finish.finish_reason.value, finish.model, finish.usage, text, cached=hit is not None,
+            signed=signed_answer(text, "".join(reasoning), encoder.encode(tool_pieces) if tool_pieces else None),
         )
         end = StreamEnd(
             job_id=self.id,
@@ -228,11 +291,17 @@ class Job(JobBase):
         await send(encoder.encode(end))
         await self.channel.end()
         self._completion_tokens = finish.usage.completion_tokens
+        self.tokens = (finish.usage.prompt_tokens, finish.usage.completion_tokens)
 
+
+
+_UNTRACED: AbstractContextManager[Any] = nullcontext()  # reusable: enters as None, holds nothing
 
 
 async def _replay(hit: Completion) -> AsyncIterator[StreamEvent]:
-    """A cached answer as a stream: its text in one chunk, then its end."""
+    """A cached answer as a stream: its reasoning and its text in one chunk each, then its end."""
+    if hit.reasoning_content:
+        yield Delta("", hit.reasoning_content)
     if hit.content:
         yield Delta(hit.content)
     yield Finish(model=hit.model, finish_reason=hit.finish_reason, usage=hit.usage)

@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Protocol
 from nats.aio.client import Client as NATS
 
 from executor.backends.base import Backend
+from executor.catalog.features import model_features
 from executor.catalog.perf import PerfTracker
 from protocol import subjects as subj
-from protocol.errors import InvalidRequest, ModelNotFound
+from protocol.capabilities import required_capabilities
+from protocol.errors import InvalidRequest, ModelNotFound, UnsupportedFeature
+from protocol.messages import ChatRequest
 from protocol.sealing import SealedBox
 from protocol.status import JobStats, QueueStatus
 
@@ -29,6 +32,8 @@ if TYPE_CHECKING:  # types only: none of these import the jobs package
     from executor.cache.shared import SharedCache
     from executor.receipts.issuer import ReceiptIssuer
     from executor.secrets import SecretMasker
+    from executor.telemetry.recorder import JobRecorder
+    from executor.telemetry.tracing import JobTracer
 
 _SENTINEL = b""  # ADR-47: an empty message ends a multi-message reply
 
@@ -44,12 +49,18 @@ class Enqueuer(Protocol):
 
 
 class ServedModels:
-    """The models the node serves now; the node replaces `names` when the backend's list changes."""
+    """The models the node serves now, and what each can do (executor/catalog/features.py);
+    the node replaces `names` and `features` when the backend's list changes."""
 
-    __slots__ = ("names",)
+    __slots__ = ("features", "names")
 
     def __init__(self) -> None:
         self.names: frozenset[str] = frozenset()
+        self.features: dict[str, frozenset[str]] = {}
+
+    def features_of(self, model: str) -> frozenset[str]:
+        found = self.features.get(model)
+        return found if found is not None else frozenset(model_features(None, None))
 
     def __contains__(self, model: object) -> bool:
         return model in self.names
@@ -76,6 +87,9 @@ class JobContext:
     queue: Enqueuer | None = None
     # Blanks the process's secrets out of every error message before it goes on the wire.
     masker: SecretMasker | None = None
+    # Telemetry (executor/telemetry/): finished jobs' figures, and spans; None when off.
+    recorder: JobRecorder | None = None
+    tracer: JobTracer | None = None
 
     @property
     def backend_kind(self) -> str:
@@ -90,6 +104,17 @@ class JobContext:
         if max_tokens is not None and max_tokens > self.limits.max_tokens_cap:
             raise InvalidRequest(
                 f"max_tokens={max_tokens} is over this executor's limit of {self.limits.max_tokens_cap}"
+            )
+
+    def check_features(self, request: ChatRequest) -> None:
+        """Refuse, typed, a request needing what this executor's model cannot do (before any backend call)."""
+        has = self.served.features_of(request.model)
+        missing = sorted(str(c) for c in required_capabilities(request) if c not in has)
+        if missing:
+            raise UnsupportedFeature(
+                f"model {request.model!r} on executor {self.executor_id} does not support {', '.join(missing)}"
+                f" (it announces: {', '.join(sorted(has))}); other executors may announce it:"
+                " send the request without naming an executor and the client routes it to one that does"
             )
 
 

@@ -46,6 +46,7 @@ from nats.aio.subscription import Subscription
 from nats.nuid import NUID
 
 from executor.backends.base import Backend, ModelInfo
+from executor.catalog.features import model_features
 from executor.catalog.perf import PerfTracker
 from executor.config import NodeConfig
 from executor.jobs.base import JobBase, send_error
@@ -57,13 +58,16 @@ from executor.jobs.context import (
     JobContext,
     Limits,
     NatsReply,
+    ReplyChannel,
     SealedReply,
     ServedModels,
     backend_kind,
     chosen_backend,
 )
+from executor.jobs.endpoints import EndpointCounts
 from executor.jobs.pacing import BusyPacer
 from executor.jobs.retained import RetainedReplies
+from executor.telemetry.context import trace_headers
 from protocol import subjects as subj
 from protocol.connection import subscriptions_live
 from protocol.errors import Cancelled, ExecutorBusy, InvalidRequest, LloomError, ShuttingDown
@@ -81,6 +85,8 @@ if TYPE_CHECKING:
     from executor.cache.shared import SharedCache
     from executor.receipts.issuer import ReceiptIssuer
     from executor.secrets import SecretMasker
+    from executor.telemetry.recorder import JobRecorder
+    from executor.telemetry.tracing import JobTracer
 
 log = structlog.get_logger(logger_name=__name__)
 
@@ -134,8 +140,13 @@ class ExecutorNode:
         queue: Enqueuer | None = None,
         masker: SecretMasker | None = None,
         curve: CurveKeyPair | None = None,
+        model_features: dict[str, list[str]] | None = None,
+        recorder: JobRecorder | None = None,
+        tracer: JobTracer | None = None,
     ) -> None:
         self.nc = nc
+        # `[[models]] features` set in the config, by model: they override what the backend says.
+        self._explicit_features = dict(model_features or {})
         # Opens sealed jobs (protocol/sealing.py); announced by the catalogue announcer. None: sealed jobs refused.
         self.curve = curve
         self.backend = backend
@@ -154,12 +165,14 @@ class ExecutorNode:
         self.batcher = batcher
         self.queue = queue
         self.stats = JobStats()
+        # Per job subject, for NATS micro discovery's endpoint stats (executor/catalog/micro.py).
+        self.endpoints: dict[str, EndpointCounts] = {}
         # Everything a job may use, fixed for the node's life (the served set changes inside).
         self.context = JobContext(
             executor_id=self.id, backend=backend, served=self._served,
             limits=Limits(max_tokens_cap=self.config.max_tokens_cap, max_payload=nc.max_payload or 1 << 20),
             stats=self.stats, perf=self.perf, receipts=receipts, cache=cache, shared_cache=shared_cache,
-            batcher=batcher, queue=queue, masker=masker,
+            batcher=batcher, queue=queue, masker=masker, recorder=recorder, tracer=tracer,
         )  # fmt: skip
         self.masker = masker
         self._refresh_error: str | None = None
@@ -268,6 +281,16 @@ class ExecutorNode:
             await self._model_subs.pop(model).unsubscribe()
             for sub in self._batched_subs.pop(model):
                 await sub.unsubscribe()
+        features: dict[str, frozenset[str]] = {}
+        for model in self._model_subs:
+            info = self.model_info.get(model)
+            features[model] = frozenset(model_features(self._explicit_features.get(model),
+                                                       info.capabilities if info else None))  # fmt: skip
+        features_changed = features != self._served.features
+        self._served.features = features
+        if features_changed and wanted == self.models:
+            for listener in self.on_models_changed:  # announced at once: routing depends on it
+                listener()
         if wanted != self.models:
             self._served.names = frozenset(self._model_subs)
             await subscriptions_live(self.nc)
@@ -325,10 +348,13 @@ class ExecutorNode:
     async def _admit(self, msg: Msg, kind: _Kind) -> None:
         """Decode, validate, check capacity and the job id, then start the job in its own task."""
         self.stats.received += 1
+        ep = self.endpoints.get(msg.subject) or self._new_endpoint(msg.subject)
+        ep.requests += 1
         if not msg.reply or not subj.is_reply_inbox(msg.reply):
             # Nobody to answer, or a reply-to aimed elsewhere (a JetStream API or another peer's
             # subject: see subjects.is_reply_inbox). Answering it could be the attack.
             self.stats.bad_requests += 1
+            ep.failed(InvalidRequest("a job without an inbox to answer was dropped"))
             return
         channel = NatsReply(self.nc, msg.reply)
         headers = msg.headers or {}
@@ -352,12 +378,12 @@ class ExecutorNode:
             request = kind.decoder.decode(data)
         except SealError as e:
             self.stats.bad_requests += 1
-            await send_error(self.context, channel, InvalidRequest(f"sealed {kind.what} refused: {e}"), job_id=None,
-                             stream=False)  # fmt: skip
+            await self._refuse(ep, channel, InvalidRequest(f"sealed {kind.what} refused: {e}"), job_id=None,
+                               stream=False)  # fmt: skip
             return
         except (msgspec.DecodeError, msgspec.ValidationError, subj.SubjectError) as e:
             self.stats.bad_requests += 1
-            await send_error(self.context, channel, InvalidRequest(f"invalid {kind.what}: {e}"), job_id=None, stream=False)
+            await self._refuse(ep, channel, InvalidRequest(f"invalid {kind.what}: {e}"), job_id=None, stream=False)
             return
         stream = getattr(request, "stream", False)
         if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
@@ -367,14 +393,14 @@ class ExecutorNode:
             wait = self._pacer.retry_after(now, oldest)
             busy = ExecutorBusy(f"executor {self.id} is running {len(self._jobs)} jobs, its limit; retry in {wait:g}s",
                                 retry_after_s=wait)  # fmt: skip
-            await send_error(self.context, channel, busy, job_id=job_id, stream=stream)
+            await self._refuse(ep, channel, busy, job_id=job_id, stream=stream)
             return
         if self.state is not State.RUNNING and self.state is not State.DRAINING:
-            await send_error(self.context, channel, ShuttingDown("executor stopped"), job_id=job_id, stream=stream)
+            await self._refuse(ep, channel, ShuttingDown("executor stopped"), job_id=job_id, stream=stream)
             return
         if self.receipts is not None and not self.receipts.durable:  # fail closed: no job it could not bill
             self.receipts.refused += 1
-            await send_error(self.context, channel, self.receipts.unavailable(self.id), job_id=job_id, stream=stream)
+            await self._refuse(ep, channel, self.receipts.unavailable(self.id), job_id=job_id, stream=stream)
             return
         deadline = asyncio.get_running_loop().time() + _timeout_s(
             headers.get(subj.HDR_TIMEOUT_MS), self.config.default_timeout_secs
@@ -385,7 +411,18 @@ class ExecutorNode:
         # The receipt hashes the request as the caller wrote it (the plaintext of a sealed one).
         self._launch(kind.job(self.context, job_id, request, channel, deadline,
                               liveness=kind.liveness and subj.HDR_LIVENESS in headers, payload=data,
-                              client=client), cancel_token=token)  # fmt: skip
+                              client=client, trace=trace_headers(headers)), cancel_token=token, endpoint=ep)  # fmt: skip
+
+    def _new_endpoint(self, subject: str) -> EndpointCounts:
+        # Only subjects of our own subscriptions arrive here, so the map stays as small as they are.
+        ep = self.endpoints[subject] = EndpointCounts()
+        return ep
+
+    async def _refuse(self, ep: EndpointCounts, channel: ReplyChannel, err: LloomError, *, job_id: str | None,
+                      stream: bool) -> None:  # fmt: skip
+        """Answer a job refused at admission with `err`, counted against the subject it came on."""
+        ep.failed(err)
+        await send_error(self.context, channel, err, job_id=job_id, stream=stream)
 
     def _sealed_box(self, client_key: str, kind: _Kind) -> SealedBox:
         """The box a sealed job's request opens with and its replies are sealed with; `SealError` if none."""
@@ -395,13 +432,14 @@ class ExecutorNode:
             raise SealError("only chat completions may be sealed")
         return self.curve.box_for(client_key)
 
-    def _launch(self, job: JobBase, *, cancel_token: str | None) -> asyncio.Task[None]:
+    def _launch(self, job: JobBase, *, cancel_token: str | None,
+                endpoint: EndpointCounts | None = None) -> asyncio.Task[None]:
         self._jobs[job.id] = job
         if cancel_token is not None:
             self._cancel_tokens[job.id] = cancel_token.encode()
         self._idle.clear()
         job.task = asyncio.get_running_loop().create_task(job.run())
-        job.task.add_done_callback(lambda _t, jid=job.id: self._job_done(jid))
+        job.task.add_done_callback(lambda _t, jid=job.id, ep=endpoint: self._job_done(jid, ep))
         return job.task
 
     def has_room(self) -> bool:
@@ -423,10 +461,15 @@ class ExecutorNode:
                             cancel_token=cancel_token)
         return task, collected
 
-    def _job_done(self, job_id: str) -> None:
+    def _job_done(self, job_id: str, endpoint: EndpointCounts | None = None) -> None:
         job = self._jobs.pop(job_id, None)
         if job is not None:
-            self._pacer.record(asyncio.get_running_loop().time() - job.started)
+            elapsed = asyncio.get_running_loop().time() - job.started
+            self._pacer.record(elapsed)
+            if endpoint is not None:  # micro discovery's endpoint stats, inline: this runs per job
+                endpoint.processing_s += elapsed
+                if job.error is not None:
+                    endpoint.failed(job.error)
         self.retained.finished(job_id)
         self._cancel_tokens.pop(job_id, None)
         if not self._jobs:

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from asyncio.subprocess import DEVNULL, PIPE, Process
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -79,8 +79,12 @@ async def terminate(proc: Process | None, timeout: float) -> None:
 class ChildProcess:
     """One tied child whose stderr is drained into `log_tail`; create with `await ChildProcess.spawn(...)`."""
 
-    def __init__(self, proc: Process, *, name: str, ready_line: bytes | None, log_tail: list[str]) -> None:
+    def __init__(
+        self, proc: Process, *, name: str, ready_line: bytes | None, log_tail: list[str],
+        on_line: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
         self._proc = proc
+        self._on_line = on_line  # sees every stderr line (e.g. the embedded server's leaf link events)
         self._ready_line = ready_line
         self._ready = False
         self._settled = asyncio.Event()  # the readiness line appeared, or stderr closed
@@ -98,10 +102,12 @@ class ChildProcess:
         log_tail: list[str] | None = None,
         pass_fds: tuple[int, ...] = (),
         env: Mapping[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> ChildProcess:
         """Start `argv` tied to us; `log_tail` is the list to keep the last 50 stderr lines in."""
         proc = await spawn_tied(*argv, death_signal=death_signal, pass_fds=pass_fds, env=env)
-        return cls(proc, name=name, ready_line=ready_line, log_tail=[] if log_tail is None else log_tail)
+        return cls(proc, name=name, ready_line=ready_line, log_tail=[] if log_tail is None else log_tail,
+                   on_line=on_line)  # fmt: skip
 
     @property
     def pid(self) -> int:
@@ -124,8 +130,11 @@ class ChildProcess:
         # Keep reading so the child never blocks on a full pipe; keep a short tail for errors.
         assert self._proc.stderr is not None
         while line := await self._proc.stderr.readline():
-            self.log_tail.append(line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            self.log_tail.append(text)
             del self.log_tail[:-50]
+            if self._on_line is not None:
+                self._on_line(text)
             if self._ready_line is not None and not self._ready and self._ready_line in line:
                 self._ready = True
                 self._settled.set()

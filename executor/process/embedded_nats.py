@@ -26,7 +26,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from executor.process.child import ChildProcess
@@ -164,8 +164,15 @@ class EmbeddedNats:
         ready_timeout: float = 10.0,
         store_lock: StoreLock | None = None,
         env: Mapping[str, str] | None = None,
+        jetstream_domain: str | None = None,
+        conf_extra: str = "",
+        on_log: Callable[[str], None] | None = None,
     ) -> None:
-        """`store_lock`: the store's lock, already taken by the caller (it is released by `stop()`)."""
+        """`store_lock`: the store's lock, already taken by the caller (it is released by `stop()`).
+
+        `jetstream_domain`, `conf_extra` (more config blocks, e.g. a leaf node's `leafnodes`,
+        written to a private file) and `on_log` (sees every log line) serve the leaf node of
+        executor/process/leaf.py."""
         self.host = host
         self.port = port
         self.jetstream = jetstream
@@ -177,6 +184,9 @@ class EmbeddedNats:
         self._child: ChildProcess | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._lock = store_lock
+        self.jetstream_domain = jetstream_domain
+        self.conf_extra = conf_extra
+        self.on_log = on_log
         self.log_tail: list[str] = []
 
     @property
@@ -215,14 +225,24 @@ class EmbeddedNats:
             inherit = (self._lock.fd,)  # held by the server itself: free only once it has exited
             # fsync every write: a PubAck for a receipt must mean it is on disk
             # (Jepsen lost acknowledged writes with the default interval).
-            conf = Path(self._tmp.name) / "jetstream.conf"
-            conf.write_text(f"jetstream {{\n  store_dir: {json.dumps(self.store_dir)}\n  sync_interval: always\n}}\n")
+            domain = f"  domain: {json.dumps(self.jetstream_domain)}\n" if self.jetstream_domain else ""
+            conf_text = f"jetstream {{\n  store_dir: {json.dumps(self.store_dir)}\n  sync_interval: always\n{domain}}}\n"
+        else:
+            conf_text = ""
+        if conf_text or self.conf_extra:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="lloom-nats-")
+            conf = Path(self._tmp.name) / "server.conf"
+            # Private: a hub password or nkey seed may be in it.
+            conf.touch(mode=0o600)
+            conf.write_text(conf_text + self.conf_extra)
             args += ["-c", str(conf)]
         args += self.extra_args
         # Its own session (as every ChildProcess): a Ctrl-C in the terminal reaches only the
         # node, which drains through this server before stopping it.
         self._child = await ChildProcess.spawn(
-            args, name="nats-server", ready_line=READY_LINE, log_tail=self.log_tail, pass_fds=inherit, env=self.env
+            args, name="nats-server", ready_line=READY_LINE, log_tail=self.log_tail, pass_fds=inherit, env=self.env,
+            on_line=self.on_log,
         )
         if self._lock is not None:
             self._lock.note_holder(self._child.pid, self.host, self.port)

@@ -15,6 +15,9 @@ who runs the server there, so two servers never share the store:
   executor stopping;
 - a NATS server that holds no lock (one the user runs) is joined and never taken over; a
   port taken by something that is not NATS gets a server on a free port, with a warning.
+
+With `leaf` (executor/process/leaf.py), a server this executor starts, or takes over, is a
+leaf node of a hub; an executor that joins another's server uses that server's link (if any).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import structlog
 
+from executor.process.leaf import Leaf
 from executor.process.embedded_nats import (
     EmbeddedNats,
     EmbeddedNatsError,
@@ -50,11 +54,13 @@ class SharedBus:
         store_dir: Path,
         takeover_interval_s: float = 0.5,
         start_timeout_s: float = 15.0,
+        leaf: Leaf | None = None,
     ) -> None:
         self.port = port  # 0: a free port, not shared with anyone (found only through the store's lock)
         self.store_dir = store_dir
         self.takeover_interval_s = takeover_interval_s
         self.start_timeout_s = start_timeout_s
+        self.leaf = leaf
         self.server: EmbeddedNats | None = None
         self.url = ""
         self._watch: asyncio.Task[None] | None = None
@@ -97,15 +103,23 @@ class SharedBus:
                 hint="something that is not NATS listens there; set [node] embedded_nats_port or nats_url",
             )  # fmt: skip
             port = chosen
-        server = EmbeddedNats(host=HOST, port=port, jetstream=True, store_dir=str(self.store_dir), store_lock=lock)
+        server = self._server(port, lock)
         await server.start()  # on failure it releases the lock
         self.server, self.url = server, server.url
         log.info("embedded NATS server listening", url=self.url, store=str(self.store_dir),
                  clients=f"lloom --nats {self.url} complete ...")  # fmt: skip
 
+    def _server(self, port: int, lock: StoreLock) -> EmbeddedNats:
+        more = self.leaf.server_options() if self.leaf is not None else {}
+        return EmbeddedNats(host=HOST, port=port, jetstream=True, store_dir=str(self.store_dir), store_lock=lock,
+                            **more)  # type: ignore[arg-type]  # fmt: skip
+
     def _join(self, port: int, event: str) -> None:
         self.url = f"nats://{HOST}:{port}"
         log.info(event, url=self.url, takeover="this executor starts the server here if its owner stops")
+        if self.leaf is not None:
+            log.warning("this executor's hub applies only if it takes the embedded server over; until then the"
+                        " server's own hub link (if any) carries it", hub=self.leaf.link.hub)  # fmt: skip
         self._watch = asyncio.create_task(self._take_over_when_free(port), name="embedded-nats-takeover")
 
     async def _take_over_when_free(self, port: int) -> None:
@@ -118,7 +132,7 @@ class SharedBus:
             if not port_is_free(HOST, port):
                 lock.release()  # a server without the store lock (the user's own): keep joining it
                 continue
-            server = EmbeddedNats(host=HOST, port=port, jetstream=True, store_dir=str(self.store_dir), store_lock=lock)
+            server = self._server(port, lock)
             try:
                 await server.start()
             except asyncio.CancelledError:
@@ -139,3 +153,5 @@ class SharedBus:
         server, self.server = self.server, None
         if server is not None:
             await server.stop()
+        if self.leaf is not None:
+            self.leaf.link.stop()

@@ -30,7 +30,7 @@ from executor.receipts.outbox import Outbox, OutboxUnwritable
 from executor.tokens import TokenCounter, mismatch
 from protocol.announcements import Pricing
 from protocol.errors import InternalError, LloomError, ReceiptsUnavailable
-from protocol.estimate import estimate_tokens
+from protocol.estimate import estimate_prompt_tokens, estimate_tokens, tools_text
 from protocol.identity import Identity
 from protocol.trust import Endorsement
 from protocol.messages import ChatRequest, Usage
@@ -140,14 +140,17 @@ class ReceiptIssuer:
         """
         local_prompt = local_completion = None
         method = "estimate"
+        exact = False
         has_report = reported is not None and not reported.estimated
         if self._counter is not None and (not has_report or self._counter.should_verify(job_id)):
-            prompt_count = self._counter.count_messages(request.model, request.messages)
+            prompt_count = self._counter.count_messages(request.model, request.messages, tools=tools_text(request))
             local_prompt, method = prompt_count.tokens, prompt_count.method
+            # Images or tool definitions: part of the count is a guess, not comparable with the backend's.
+            exact = not prompt_count.estimated
             local_completion = self._counter.count_text(request.model, text).tokens
         if has_report:
             assert reported is not None
-            off = local_prompt is not None and method != "estimate" and (
+            off = local_prompt is not None and method != "estimate" and exact and (
                 mismatch(reported.prompt_tokens, local_prompt, self._tolerance)
                 or mismatch(reported.completion_tokens, local_completion or 0, self._tolerance)
             )  # fmt: skip
@@ -165,7 +168,7 @@ class ReceiptIssuer:
                 mismatch=off,
             )
         # No report (a stream cut short, or a backend that sends none): our own count.
-        prompt = local_prompt if local_prompt is not None else sum(estimate_tokens(m.content) for m in request.messages)
+        prompt = local_prompt if local_prompt is not None else estimate_prompt_tokens(request)
         if local_completion is None or method == "estimate":
             # A streamed chunk is one token on every server we know; the text heuristic is worse.
             local_completion = chunks if chunks else estimate_tokens(text)
@@ -193,7 +196,10 @@ class ReceiptIssuer:
         request: bytes,
         response_text: str,
         cached: bool = False,
+        signed: bytes | None = None,
     ) -> SignedReceipt:
+        """`signed`: what `response_sha256` hashes when it is not the text alone (protocol/verify.py
+        `signed_answer`)."""
         if not self.outbox.durable:  # fail closed: nothing is numbered, nothing billed
             self.failed += 1
             raise self.unavailable()
@@ -217,7 +223,7 @@ class ReceiptIssuer:
             finished_at_ms=time.time_ns() // 1_000_000,
             ttft_ms=ttft_ms,
             request_sha256=hashlib.sha256(request).hexdigest(),
-            response_sha256=hashlib.sha256(response_text.encode()).hexdigest(),
+            response_sha256=hashlib.sha256(response_text.encode() if signed is None else signed).hexdigest(),
             cached=cached,
         )
         leaf = leaf_hash(receipt)

@@ -4,9 +4,9 @@
 shared level, batcher, receipt issuer with its outbox and publisher, the durable
 queue's producer and consumer, the announcer), hands them to the node through its
 constructor, starts them in order, and registers their shutdown on the caller's
-`AsyncExitStack` in the reverse order that keeps guarantees: the announcer leaves first
-(clients stop choosing this executor), then jobs drain, then queued runs store their
-results, then the last receipts are published.
+`AsyncExitStack` in the reverse order that keeps guarantees: NATS micro discovery and the
+announcer leave first (clients stop choosing this executor), then jobs drain, then queued
+runs store their results, then the last receipts are published.
 
     async with AsyncExitStack() as stack:
         running = await assemble(config, nc, backend, stack)
@@ -18,6 +18,7 @@ import os
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -27,6 +28,7 @@ from executor.batching.coalescer import Batcher
 from executor.cache.memory import ResponseCache
 from executor.cache.shared import SharedCache
 from executor.catalog.announcer import Announcer
+from executor.catalog.micro import MicroResponder
 from executor.config import ExecutorConfig
 from executor.jobs.node import ExecutorNode, default_executor_id
 from executor.queue.consumer import JobQueue
@@ -43,6 +45,11 @@ from protocol.identity import Identity
 from protocol.sealing import CurveKeyPair
 from protocol.trust import Endorsement, load_endorsement
 
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when telemetry is on (it costs ~5 MB of RSS)
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from executor.telemetry.setup import Telemetry
+
 log = structlog.get_logger(logger_name=__name__)
 FREE = Pricing()
 
@@ -55,6 +62,7 @@ class RunningNode:
     publisher: ReceiptPublisher | None
     healer: ReceiptHealer | None
     queue: JobQueue | None
+    telemetry: Telemetry | None = None
 
 
 def data_home() -> Path:
@@ -69,9 +77,19 @@ async def assemble(
     *,
     identity: Identity | None = None,
     masker: SecretMasker | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> RunningNode:
-    """Build, start and register for shutdown a node and everything the config gives it."""
+    """Build, start and register for shutdown a node and everything the config gives it.
+
+    `tracer_provider`: record the jobs' spans there (tests pass one with an in-memory exporter);
+    by default, one exporting to `[telemetry] otlp_endpoint` when that is set, else none."""
     executor_id = subj.check_id("executor id", config.node.id or default_executor_id())
+    telemetry = None
+    if config.telemetry.enabled or tracer_provider is not None:
+        from executor.telemetry.setup import Telemetry
+
+        telemetry = Telemetry(config.telemetry, executor_id, tracer_provider=tracer_provider)
+        stack.push_async_callback(telemetry.aclose)  # last of the node's parts: after the drain, the final export
     identity = identity or load_identity(config, executor_id)
     cache = shared_cache = batcher = None
     if config.cache.enabled:
@@ -108,6 +126,9 @@ async def assemble(
         masker=masker or SecretMasker(config_secrets(config)),
         # Derived from the identity: announced with it, so sealed jobs reach only this executor.
         curve=CurveKeyPair.derive(identity.seed) if config.node.sealed_jobs else None,
+        # The same [[models]] the announcer announces from: what is announced is what is enforced.
+        model_features={m.name: m.features for m in config.models if m.features is not None},
+        recorder=telemetry and telemetry.recorder, tracer=telemetry and telemetry.tracer,
     )  # fmt: skip
     if receipts is not None:
 
@@ -139,6 +160,8 @@ async def assemble(
         stack.push_async_callback(queue.stop)  # after the drain: the last queued runs store their results
     await node.start()
     stack.push_async_callback(node.stop)
+    if telemetry is not None:
+        await telemetry.start(node)
     if queue is not None:
         await queue.start()
     announcer = Announcer(nc, node, identity, models=config.models,
@@ -147,8 +170,13 @@ async def assemble(
     # Runs before node.stop (the stack unwinds in reverse): clients stop choosing
     # this executor at once, then in-flight jobs drain.
     stack.push_async_callback(announcer.stop)
+    # NATS micro discovery ($SRV.PING/INFO/STATS); registered last, so it stops first: an
+    # executor that leaves is no longer listed by `nats micro ls`.
+    micro = MicroResponder(nc, node)
+    await micro.start()
+    stack.push_async_callback(micro.stop)
     return RunningNode(node=node, identity=identity, announcer=announcer, publisher=publisher, healer=healer,
-                       queue=queue)  # fmt: skip
+                       queue=queue, telemetry=telemetry)  # fmt: skip
 
 
 def receipt_issuer(

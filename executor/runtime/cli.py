@@ -30,7 +30,7 @@ from protocol.status import ExecutorStatus, status_decoder
 # How long `status` waits for the first executor's answer.
 STATUS_TIMEOUT_S = 2.0
 # The options every subcommand takes (they override the config file).
-NODE_OPTIONS = ("config", "nats", "log_level")
+NODE_OPTIONS = ("config", "nats", "hub", "log_level")
 
 
 def _options() -> GlobalOptions:
@@ -40,6 +40,8 @@ def _options() -> GlobalOptions:
                      "help": f"config file (default: {default_config_path()}, if it exists)"}),
         GlobalOption("--nats", None, {"metavar": "URL",
                      "help": "join this NATS server instead of starting an embedded one"}),
+        GlobalOption("--hub", None, {"metavar": "URL",
+                     "help": "link the embedded NATS server to this hub as a leaf node (nats-leaf://host:7422)"}),
         GlobalOption("--log-level", None, {"choices": ["debug", "info", "warning", "error"]}),
         GlobalOption("--timeout", STATUS_TIMEOUT_S, {"type": float, "metavar": "S",
                      "help": f"seconds `status` waits for the first answer (default {STATUS_TIMEOUT_S:g})"}),
@@ -86,6 +88,15 @@ def _load(args: argparse.Namespace) -> ExecutorConfig:
     node = config.node
     if args.nats:
         node = msgspec.structs.replace(node, nats_url=args.nats)
+    hub = config.hub
+    if getattr(args, "hub", None):
+        try:
+            hub = msgspec.structs.replace(hub, url=args.hub)
+        except ValueError as e:
+            raise ConfigError(f"--hub: {e}") from e
+    if hub.url and node.nats_url:
+        raise ConfigError("--hub links the embedded NATS server to a hub; --nats / [node] nats_url uses another"
+                          " server instead: keep one")  # fmt: skip
     try:
         nats_options = connect_options(args, config.nats)
     except ValueError as e:
@@ -93,7 +104,7 @@ def _load(args: argparse.Namespace) -> ExecutorConfig:
     logging = config.logging
     if args.log_level:
         logging = msgspec.structs.replace(logging, level=args.log_level)
-    return msgspec.structs.replace(config, node=node, nats=nats_options, logging=logging)
+    return msgspec.structs.replace(config, node=node, nats=nats_options, logging=logging, hub=hub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +238,9 @@ async def _check(config: ExecutorConfig) -> int:
         for m in models:
             ctx = f" (context {m.context_length})" if m.context_length else ""
             mark = "" if served is None or m.id in served else " (not served: not in [llm_client] models)"
-            print(f"  model {m.id}{ctx}{mark}")
+            # What detection found, before [[models]] features (which win when set) are applied.
+            caps = "says nothing" if m.capabilities is None else ", ".join(sorted(m.capabilities)) or "none"
+            print(f"  model {m.id}{ctx}{mark}; backend capabilities: {caps}")
         missing = [m for m in served or [] if m not in listed]
         for m in missing:
             print(f"  model {m}: configured but the backend does not list it")

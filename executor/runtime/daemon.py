@@ -2,10 +2,11 @@
 
 Owns, in order of creation and reverse order of shutdown: the embedded NATS
 bus (when no URL is configured: started, or joined when another executor of this
-machine runs it; see process/shared_bus.py), the NATS connection, the process's one
-aiohttp session (for plugin backends), the backend, and the node with its
-collaborators (made by executor/runtime/builder.py). SIGTERM and SIGINT set the
-stop event; the node then drains and the process exits 0. The handlers are in
+machine runs it; see process/shared_bus.py; a leaf node of `[hub] url` when set, see process/leaf.py),
+the NATS connection, the process's one aiohttp session (for plugin backends), the backend, the
+node with its collaborators (made by executor/runtime/builder.py), and the OpenAI-compatible
+gateway (executor/gateway/, on by default with the embedded bus), which stops first.
+SIGTERM and SIGINT set the stop event; the node then drains and the process exits 0. The handlers are in
 place before anything else starts, and the start-up steps that wait on the
 network (connecting to NATS) are abandoned when the stop event is set, so a
 SIGTERM ends the process even while it is still trying to connect. SIGHUP reads
@@ -27,11 +28,14 @@ import structlog
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ConfigError, ExecutorConfig
+from executor.gateway.server import GatewayServer
 from executor.jobs.node import ExecutorNode
+from executor.process.leaf import Leaf
 from executor.process.shared_bus import SharedBus
 from executor.runtime.builder import assemble, data_home
 from executor.runtime.keys import KeyRotation
 from executor.secrets import SecretMasker, config_secrets
+from protocol.client import LloomClient
 from protocol.connection import Violations, close_nats, connect_nats, redact
 
 log = structlog.get_logger(logger_name=__name__)
@@ -70,7 +74,15 @@ def http_session(config: ExecutorConfig) -> aiohttp.ClientSession:
 async def start_shared_bus(config: ExecutorConfig) -> SharedBus:
     """Own, or join, the embedded NATS bus of this machine (see executor/process/shared_bus.py)."""
     # JetStream keeps the receipts; its data outlives the process, like the outbox.
-    bus = SharedBus(port=config.node.embedded_nats_port, store_dir=data_home() / "nats")
+    leaf = Leaf(config.hub, config.node.id) if config.hub.url else None
+    bus = SharedBus(port=config.node.embedded_nats_port, store_dir=data_home() / "nats", leaf=leaf)
+    if leaf is not None:
+        log.info("joining hub as a leaf node", hub=leaf.link.hub, domain=leaf.domain)
+        queued = [f.model for f in config.executors.fallbacks if f.strategy == "queue"]
+        if queued:
+            # The queue and its results bucket stay in this machine's JetStream domain (process/leaf.py).
+            log.warning("queue fallbacks keep jobs and results on this machine: a hub client whose job is"
+                        " queued here cannot fetch its result; prefer reject or secondary for them", models=queued)  # fmt: skip
     await bus.start()
     return bus
 
@@ -145,6 +157,8 @@ async def serve(
             running = await assemble(config, nc, backend, stack, masker=masker)
             node = running.node
             _report_backend(node)
+            if gateway_enabled(config):
+                await start_gateway(config, url, stack)
             if on_ready is not None:
                 on_ready(node, url)
             await stop.wait()
@@ -152,6 +166,35 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def gateway_enabled(config: ExecutorConfig) -> bool:
+    """`[gateway] enabled`; unset, it runs with the single-machine start (the embedded NATS) only."""
+    return config.gateway.enabled if config.gateway.enabled is not None else not config.node.nats_url
+
+
+async def start_gateway(config: ExecutorConfig, url: str, stack: AsyncExitStack) -> GatewayServer | None:
+    """The OpenAI-compatible gateway in this process, on its own client connection; stopped (drained)
+    by `stack` before the node drains. A taken port (another executor of this machine runs one) is
+    logged and skipped: the executor serves jobs all the same."""
+    gw = config.gateway
+    try:
+        client = await LloomClient.connect(url, timeout=gw.default_timeout_secs, client_id=gw.client_id,
+                                           options=config.nats)  # fmt: skip
+    except ConnectionError as e:
+        log.warning("OpenAI-compatible gateway not started: it cannot connect to NATS as a client", error=str(e))
+        return None
+    stack.push_async_callback(client.close)
+    server = GatewayServer(client, gw)
+    try:
+        await server.start()
+    except OSError as e:
+        log.warning("OpenAI-compatible gateway not started: its address is taken (another gateway on this"
+                    " machine?); set [gateway] listen", listen=gw.listen, error=e.strerror or str(e))  # fmt: skip
+        return None
+    stack.push_async_callback(server.stop)
+    log.info("OpenAI-compatible gateway ready", url=f"{server.url}/v1")
+    return server
 
 
 def _report_backend(node: ExecutorNode) -> None:

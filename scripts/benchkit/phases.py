@@ -26,6 +26,11 @@ def make_paths(backend_url: str, nats_url: str) -> dict:
     return {"direct": HttpPath("direct", backend_url), "executor": ExecutorPath(nats_url)}
 
 
+def make_gateway_path(url: str) -> HttpPath:
+    """HTTP client -> lloom-gateway -> NATS -> executor -> backend (OpenAI's wire, like direct and LiteLLM)."""
+    return HttpPath("gateway", url)
+
+
 def make_litellm_path(url: str) -> HttpPath:
     return HttpPath("litellm", url, api_key=env.MASTER_KEY)
 
@@ -183,7 +188,7 @@ class Runner:
         res["rss_peak_mb"] = {name: rss_mb(pid, "VmHWM") for name, pid in self.pids.items()}
 
     def move_relays(self, cpus: set[int] | None) -> None:
-        for name in ("executor", "litellm"):
+        for name in ("executor", "gateway", "litellm"):
             if name in self.pids and cpus:
                 pin(self.pids[name], cpus)
 
@@ -193,6 +198,8 @@ class Runner:
         p = self.p
         sat = res["sat"]
         rates = {"direct": 0.5 * sat["executor"]["rps"], "executor": 0.5 * sat["executor"]["rps"]}
+        if "gateway" in sat:
+            rates["gateway"] = 0.5 * sat["gateway"]["rps"]
         if "litellm" in sat:
             rates["litellm"] = 0.5 * sat["litellm"]["rps"]
             self.paths["direct@litellm-rate"] = self.paths["direct"]

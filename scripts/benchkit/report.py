@@ -7,7 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchkit import env
+from benchkit import env, telemetry_ab
 
 
 def _f(x: float | None, nd: int = 2) -> str:
@@ -33,7 +33,41 @@ def relay_cpu(s: dict, path: str) -> float | None:
         return cpu.get("executor-noreceipts")
     if path == "litellm":
         return cpu.get("litellm")
+    if path == "gateway":  # the gateway's relay is two processes: the gateway and the executor behind it
+        return cpu.get("gateway", 0.0) + cpu.get("executor", 0.0)
     return None
+
+
+def gateway_goals(res: dict) -> list[tuple[str, str, bool | None]]:
+    """The gateway's goals (issue #17): added latency over direct, req/s per core vs LiteLLM, chunks, idle RSS."""
+    c1, sat = res["c1"], res["sat"]
+    if "gateway" not in c1:
+        return []
+    g, d = c1["gateway"], c1["direct"]
+    a50, a99 = g["p50_ms"] - d["p50_ms"], g["p99_ms"] - d["p99_ms"]
+    out: list[tuple[str, str, bool | None]] = [
+        ("added p50 at c=1 over direct <= 0.7 ms", f"{a50:.3f} ms", a50 <= 0.7),
+        ("added p99 at c=1 over direct <= 2 ms", f"{a99:.3f} ms", a99 <= 2.0),
+    ]
+    gc = sat["gateway"]["cpu_us"]
+    g_us = gc.get("gateway", 0.0) + gc.get("executor", 0.0) + gc.get("nats-server", 0.0)
+    if "litellm" in sat and g_us:
+        l_us = sat["litellm"]["cpu_us"].get("litellm") or 0.0
+        ratio = l_us / g_us if l_us else 0.0
+        out.append((">= 50x LiteLLM's req/s per core (gateway + executor + nats-server CPU)",
+                    f"{1e6 / g_us:.0f} vs {1e6 / l_us if l_us else 0:.0f} req/s per core: {ratio:.1f}x", ratio >= 50))
+    else:
+        out.append((">= 50x LiteLLM's req/s per core", f"{1e6 / g_us if g_us else 0:.0f} req/s per core; LiteLLM not measured", None))
+    best = None
+    for blk in res.get("stream", {}).values():
+        us = blk["throughput"].get("gateway", {}).get("cpu_us_per_chunk", {}).get("gateway")
+        if us:
+            best = max(best or 0.0, 1e6 / us)
+    out.append((">= 50,000 streamed chunks/s per gateway process (per gateway CPU-second)",
+                f"{best:.0f}" if best else "n/a", best >= 50_000 if best else None))
+    idle = res["rss_idle_mb"].get("gateway")
+    out.append(("gateway idle RSS <= 60 MB", f"{idle:.1f} MB" if idle else "n/a", idle <= 60 if idle else None))
+    return out
 
 
 def goals(res: dict) -> list[tuple[str, str, bool | None]]:
@@ -112,7 +146,7 @@ def errors_note(block: dict) -> list[str]:
 
 
 def cpu_table(block: dict, label: str) -> str:
-    procs = ["executor", "nats-server", "litellm", "backend", "generator"]
+    procs = ["executor", "gateway", "nats-server", "litellm", "backend", "generator"]
     rows = []
     for name, s in block.items():
         cpu = dict(s["cpu_us"])
@@ -195,6 +229,11 @@ def render(res: dict, plot_note: str) -> str:
     ]
     L += ["## Goals for the executor path", "", _table(["goal", "measured", "result"],
           [[n, val, "PASS" if ok else "MISS" if ok is False else "n/a"] for n, val, ok in goals(res)]), ""]  # fmt: skip
+    if gateway_goals(res):
+        L += ["## Goals for the gateway path (HTTP -> lloom-gateway -> NATS -> executor -> backend)", "",
+              _table(["goal", "measured", "result"],
+                     [[n, val, "PASS" if ok else "MISS" if ok is False else "n/a"] for n, val, ok in gateway_goals(res)]),
+              ""]  # fmt: skip
     L += ["## Latency at concurrency 1", "",
           "A request at concurrency 1 is a serial chain of processes, so a second core cannot make it faster; on this "
           "VM, though, a few per cent of the requests that cross to the other vCPU are delayed by 2-6 ms, spread "
@@ -215,13 +254,14 @@ def render(res: dict, plot_note: str) -> str:
     rows = []
     for name, s in sat.items():
         relay = relay_cpu(s, name)
-        nats = s["cpu_us"].get("nats-server") if name.startswith("executor") else 0.0
+        nats = s["cpu_us"].get("nats-server") if name.startswith(("executor", "gateway")) else 0.0
         per_core = 1e6 / (relay + (nats or 0)) if relay else None
         rows.append([name, _f(s["rps"], 0), _ratio(s["rps"], d_rps), _f(s["p50_ms"], 2), _f(s["p99_ms"], 2),
                      _f(relay, 1), _f(per_core, 0)])  # fmt: skip
     L += [_table(["path", "req/s", "vs direct", "p50 ms", "p99 ms", "relay CPU µs/req",
                   "req/s per relay core (incl. nats-server)"], rows), ""]  # fmt: skip
     L += render_receipts(res.get("receipts_ab"))
+    L += telemetry_ab.render(res.get("telemetry_ab"))
     lag = ", ".join(f"{k} {s.get('lag_p99_ms', 0):.1f} ms" for k, s in res["half"].items())
     L += ["## Latency at 50% of saturation (open loop)", "", latency_table(res["half"], with_rate=True), "",
           *errors_note(res["half"]),
@@ -235,7 +275,8 @@ def render(res: dict, plot_note: str) -> str:
         rows = []
         for name, s in thr.items():
             ec = s["cpu_us_per_chunk"]
-            relay = ec.get("executor") if name == "executor" else ec.get("litellm") if name == "litellm" else None
+            relay = (ec.get("executor") if name == "executor" else ec.get("litellm") if name == "litellm"
+                     else ec.get("gateway") if name == "gateway" else None)  # fmt: skip
             rows.append([name, _f(s.get("chunks_per_s"), 0), _f(relay, 2), _f(1e6 / relay if relay else None, 0),
                          _f(ec.get("nats-server"), 2), _f(t[name]["ttft_p50_ms"], 3), _f(t[name]["ttft_p99_ms"], 3),
                          "–" if name == "direct" else _f(t[name]["ttft_p50_ms"] - t["direct"]["ttft_p50_ms"], 3)])  # fmt: skip

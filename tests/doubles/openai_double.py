@@ -4,8 +4,13 @@ depend on a real model. It serves `GET /v1/models`, `GET /health`,
 `POST /v1/embeddings` (deterministic vectors, inputs arrays, usage), the legacy
 `POST /v1/completions` (prompt arrays, one choice per prompt, usage) and
 `POST /v1/chat/completions` (plain JSON and SSE streaming) with the real wire
-format, produces deterministic content (`tok0 tok1 ...`) with exact usage
-arithmetic, records what it was sent, and can inject faults (HTTP errors,
+format (and, when set, the model descriptions llama-server, Ollama and LM Studio
+give at the root: `GET /props`, `POST /api/show`, `GET /api/v0/models`), produces
+deterministic content (`tok0 tok1 ...`) with exact usage
+arithmetic, or a scripted answer (tool calls, reasoning: tests/doubles/openai_script.py),
+log probabilities when asked, records what it was sent, refuses what
+api.openai.com refuses (unknown arguments, malformed tools, messages, formats:
+tests/doubles/openai_rules.py) with its error body, and can inject faults (HTTP errors,
 stalls, slowness, connection resets, malformed or truncated bodies) one request
 at a time or persistently. It depends only on the standard library, aiohttp and
 msgspec so that it stays independent of the code it is used to test.
@@ -26,6 +31,9 @@ from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
+
+from tests.doubles.openai_rules import COMPLETION_FIELDS, EMBEDDING_FIELDS, Refused, check_chat, check_fields
+from tests.doubles.openai_script import Answer
 
 FaultKind = Literal["status", "stall", "slow", "reset", "malformed_json", "wrong_shape",
                     "truncated", "malformed_sse", "no_usage"]
@@ -165,6 +173,9 @@ class OpenAIDouble:
         self.faults: list[Fault] = []
         self.fault: Fault | None = None
         self.requests: list[dict[str, Any]] = []
+        # Scripted answers, one per chat request in order (tests/doubles/openai_script.py).
+        self.answers: list[Answer] = []
+        self.array_requests: list[dict[str, Any]] = []  # bodies of /v1/embeddings and /v1/completions
         self.request_headers: list[dict[str, str]] = []
         self.in_flight = 0
         self.started = asyncio.Event()
@@ -178,6 +189,12 @@ class OpenAIDouble:
         self.text_call_temperatures: list[Any] = []  # and the temperature it asked for
         self.embed_delay_s = 0.0
         self.embed_dimensions = 8
+        # Model descriptions at the server's root, as llama-server (`/props`), Ollama
+        # (`/api/show`) and LM Studio (`/api/v0/models`) give them; None: 404, as vLLM.
+        self.props: dict[str, Any] | None = None  # build with llama_props()
+        self.ollama_capabilities: dict[str, list[str]] | None = None  # model -> /api/show `capabilities`
+        self.lmstudio_models: list[dict[str, Any]] | None = None  # /api/v0/models `data`
+        self.probe_calls: list[str] = []  # the paths of those asked, in order
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -201,6 +218,7 @@ class OpenAIDouble:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/completions", self._text_completions)
         app.router.add_get("/health", self._health)
+        self._add_probe_routes(app)
         # handler_cancellation turns a client disconnect into a CancelledError
         # inside the handler, which is how stalls and slow streams notice it.
         # The short shutdown timeout keeps stop() from waiting on stalls.
@@ -255,6 +273,38 @@ class OpenAIDouble:
         return web.Response(body=msgspec.json.encode({"object": "list", "data": data}),
                             content_type="application/json")
 
+    # -- model descriptions (capability probes) ---------------------------
+
+    def _add_probe_routes(self, app: web.Application) -> None:
+        app.router.add_get("/props", self._props)
+        app.router.add_post("/api/show", self._ollama_show)
+        app.router.add_get("/api/v0/models", self._lmstudio_models)
+
+    async def _props(self, request: web.Request) -> web.Response:
+        self.probe_calls.append(request.path)
+        if self.props is None:
+            return _error(404, "File Not Found", "not_found")
+        return web.json_response(self.props)
+
+    async def _ollama_show(self, request: web.Request) -> web.Response:
+        self.probe_calls.append(request.path)
+        if self.ollama_capabilities is None:
+            return _error(404, "page not found")
+        try:
+            name = msgspec.json.decode(await request.read()).get("model")
+        except (msgspec.DecodeError, AttributeError):
+            return web.json_response({"error": "invalid request"}, status=400)
+        if name not in self.ollama_capabilities:
+            return web.json_response({"error": f"model '{name}' not found"}, status=404)
+        return web.json_response({"modelfile": "", "details": {"format": "gguf"},
+                                  "capabilities": self.ollama_capabilities[name]})
+
+    async def _lmstudio_models(self, request: web.Request) -> web.Response:
+        self.probe_calls.append(request.path)
+        if self.lmstudio_models is None:
+            return _error(404, "Unexpected endpoint or method.")
+        return web.json_response({"object": "list", "data": self.lmstudio_models})
+
     # -- embeddings --------------------------------------------------------
 
     async def _array_request(self, request: web.Request, ex: _Exchange, field: str,
@@ -271,6 +321,12 @@ class OpenAIDouble:
                                                           headers=dict(fault.headers)))
         if (denied := self._unauthorized(request)) is not None:
             return await self._finish(request, ex, denied)
+        if isinstance(body, dict):
+            self.array_requests.append(body)
+            try:
+                check_fields(body, EMBEDDING_FIELDS if field == "input" else COMPLETION_FIELDS)
+            except Refused as e:
+                return await self._finish(request, ex, _error(400, e.message))
         items = body.get(field) if isinstance(body, dict) else None
         if isinstance(items, str):
             items = [items]
@@ -394,9 +450,18 @@ class OpenAIDouble:
         pieces = [f"tok{i} " for i in range(n)]
         cut_short = max_tokens is not None and max_tokens < self.completion_tokens
         finish = "length" if cut_short else "stop"
+        answer = self.answers.pop(0) if self.answers else None
+        reasoning: list[str] = []
+        if answer is not None:
+            pieces, reasoning, finish = answer.texts(pieces), answer.reasoning_pieces(), answer.finish(finish)
         prompt = sum(_words(m.get("content")) for m in body["messages"] if isinstance(m, dict))
+        # Each streamed piece stands for a token, tool-call pieces included.
+        n = len(pieces) + len(reasoning) + (len(answer.tool_pieces()) if answer is not None else 0)
         usage = None if kind == "no_usage" else {
             "prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        if usage is not None and reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": len(reasoning)}
+        logprobs = _logprobs(pieces, body.get("top_logprobs") or 0) if body.get("logprobs") else None
         head = {"id": f"chatcmpl-double-{next(self._ids)}", "created": int(time.time()),
                 "model": model}
 
@@ -404,12 +469,13 @@ class OpenAIDouble:
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
             return await self._stream(request, ex, fault, head, pieces, finish,
-                                      usage, include_usage)
-        completion: dict[str, Any] = {
-            "object": "chat.completion", **head,
-            "choices": [{"index": 0, "message": {"role": "assistant",
-                                                 "content": "".join(pieces)},
-                         "finish_reason": finish}]}
+                                      usage, include_usage, answer, reasoning, logprobs)
+        message = (answer.message("".join(pieces)) if answer is not None
+                   else {"role": "assistant", "content": "".join(pieces)})
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs, "refusal": None}
+        completion: dict[str, Any] = {"object": "chat.completion", **head, "choices": [choice]}
         if usage is not None:
             completion["usage"] = usage
         encoded = msgspec.json.encode(completion)
@@ -421,6 +487,10 @@ class OpenAIDouble:
     def _validate(self, body: Any) -> tuple[str, int | None]:
         if not isinstance(body, dict):
             raise _BadRequest(400, "We could not parse the JSON body of your request.")
+        try:
+            check_chat(body)
+        except Refused as e:
+            raise _BadRequest(400, e.message) from None
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _BadRequest(400, "'messages' must be a non-empty array.")
@@ -476,20 +546,32 @@ class OpenAIDouble:
 
     async def _stream(self, request: web.Request, ex: _Exchange, fault: Fault | None,
                       head: dict[str, Any], pieces: list[str], finish: str,
-                      usage: dict[str, int] | None, include_usage: bool) -> web.StreamResponse:
+                      usage: dict[str, Any] | None, include_usage: bool, answer: Answer | None = None,
+                      reasoning: Sequence[str] = (), logprobs: list[dict[str, Any]] | None = None,
+                      ) -> web.StreamResponse:
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             # With include_usage, OpenAI puts usage: null on every other chunk.
             usage_field = {"usage": None} if include_usage else {}
             return msgspec.json.encode({"object": "chat.completion.chunk", **head,
                                         "choices": choices, **usage_field, **extra})
 
-        def delta(d: dict[str, str], finish_reason: str | None = None) -> bytes:
-            return chunk([{"index": 0, "delta": d, "finish_reason": finish_reason}])
+        def delta(d: dict[str, Any], finish_reason: str | None = None, lp: Any = None) -> bytes:
+            one: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish_reason}
+            if lp is not None:
+                one["logprobs"] = {"content": [lp], "refusal": None}
+            return chunk([one])
 
         # The whole stream is planned up front so faults are just edits of it;
         # None marks where the connection gets reset.
         events: list[bytes | None] = [delta({"role": "assistant", "content": ""})]
-        events += [delta({"content": p}) for p in pieces]
+        field = answer.reasoning_field if answer is not None else "reasoning_content"
+        events += [delta({field: r}) for r in reasoning]
+        events += [delta({"content": p}, lp=logprobs[i] if logprobs else None) for i, p in enumerate(pieces)]
+        tool_pieces = answer.tool_pieces() if answer is not None else []
+        events += [delta({"tool_calls": [p]}) for p in tool_pieces]
+        if answer is not None and answer.cut_after_tool_pieces is not None:
+            cut_at = len(events) - len(tool_pieces) + answer.cut_after_tool_pieces
+            events[cut_at:] = [None]
         events.append(delta({}, finish))
         if include_usage and usage is not None:
             events.append(chunk([], usage=usage))
@@ -513,6 +595,33 @@ class OpenAIDouble:
         await resp.write_eof()
         self.completed += 1
         return resp
+
+
+def _logprobs(pieces: Sequence[str], top: int) -> list[dict[str, Any]]:
+    """Made-up but well-formed log probabilities, one per piece (each piece is a token here)."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return [{**entry(p, -0.25), "top_logprobs": [entry(p, -0.25 * (k + 1)) for k in range(top)]} for p in pieces]
+
+
+def llama_props(*, supports_tools: bool = False, vision: bool = False, thinking: bool = False,
+                n_ctx: int = 4096) -> dict[str, Any]:
+    """A `/props` answer shaped like llama-server's (fields as a real build returns them)."""
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    if thinking:
+        template += "{% if enable_thinking %}<think>{% endif %}"
+    return {
+        "default_generation_settings": {"n_ctx": n_ctx, "params": {"reasoning_format": "none"}},
+        "total_slots": 1,
+        "model_alias": "double-model",
+        "modalities": {"vision": vision, "video": False, "audio": False},
+        "chat_template": template,
+        "chat_template_caps": {"supports_tools": supports_tools, "supports_tool_calls": supports_tools,
+                               "supports_parallel_tool_calls": False, "supports_system_role": True,
+                               "supports_reasoning_effort": False, "supports_preserve_reasoning": False},
+        "build_info": "b0-double",
+    }
 
 
 async def _serve(args: argparse.Namespace) -> None:

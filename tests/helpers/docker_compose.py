@@ -68,7 +68,7 @@ class ComposeProject:
             "LLOOM_NATS_1_PORT", "LLOOM_NATS_2_PORT", "LLOOM_NATS_3_PORT",
             "LLOOM_NATS_1_CLUSTER_PORT", "LLOOM_NATS_2_CLUSTER_PORT", "LLOOM_NATS_3_CLUSTER_PORT",
             "LLOOM_NATS_1_MONITOR_PORT", "LLOOM_NATS_2_MONITOR_PORT", "LLOOM_NATS_3_MONITOR_PORT",
-            "LLOOM_DOUBLE_PORT",
+            "LLOOM_DOUBLE_PORT", "LLOOM_GATEWAY_PORT",
         )}  # fmt: skip
         # Throw-away credentials, as compose/make_env.py makes them, given to compose by environment.
         self.credentials = generate(workdir / "secrets")

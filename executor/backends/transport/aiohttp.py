@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from executor.backends.transport.base import (
+    TRACE_HEADERS,
     ConnectFailed,
     ConnectionDropped,
     HttpTimeout,
@@ -125,8 +126,10 @@ class AiohttpTransport:
                 sock_read=timeouts.idle_read if streamed else None,
             )
             self._client_timeouts[key] = client_timeout
+        extra = TRACE_HEADERS.get()
         return await self._session.request(
-            endpoint.method, endpoint.url, data=body or None, headers=endpoint.headers,
+            endpoint.method, endpoint.url, data=body or None,
+            headers={**endpoint.headers, **extra} if extra else endpoint.headers,
             proxy=self.proxy, timeout=client_timeout,
         )  # fmt: skip
 

@@ -32,9 +32,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
+
+
+# Headers the request being made now adds to its endpoint's fixed ones: the W3C trace context
+# of the job it serves (executor/telemetry/tracing.py sets it in the job's task). A context
+# variable, so the seam's signature stays as it is and a call made outside a job adds nothing.
+TRACE_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("lloom_trace_headers", default=None)
 
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True):

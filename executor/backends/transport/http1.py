@@ -27,6 +27,7 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 from executor.backends.transport.base import (
+    TRACE_HEADERS,
     ConnectFailed,
     ConnectionDropped,
     PoolTimeout,
@@ -238,4 +239,7 @@ class Http1Stream:
 
 
 def _frame(head: bytes, body: bytes) -> bytes:
+    extra = TRACE_HEADERS.get()
+    if extra:
+        head += "".join(f"{k}: {v}\r\n" for k, v in extra.items()).encode("latin-1")
     return b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
