@@ -302,6 +302,15 @@ async def gateway_answers(port: int) -> None:
     """The compose file's HTTP gateway serves a chat completion from the cluster's executors."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
     async with aiohttp.ClientSession() as http:
+
+        async def lists_the_model() -> bool:  # `up` returns before the gateway listens: nothing waits for it
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/v1/models") as r:
+                    return r.status == 200 and MODEL in {m["id"] for m in (await r.json())["data"]}
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(lists_the_model, timeout=SETTLE_S, interval=0.2, what=f"the gateway listing {MODEL}")
         async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
             assert r.status == 200, await r.text()
             reply = await r.json()
