@@ -18,6 +18,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -25,7 +27,6 @@ from asyncio.subprocess import PIPE, Process
 from pathlib import Path
 from typing import IO
 
-import nats
 import nats.errors
 from nats.js.api import StorageType, StreamConfig
 
@@ -34,9 +35,12 @@ from executor.config import ReceiptsConfig
 from executor.process.embedded_nats import EmbeddedNats, find_nats_server, free_port
 from executor.receipts.publisher import STREAM
 from protocol import subjects as subj
+from protocol.connection import NatsConnectOptions, connect_nats
 from protocol.durable import ensure_jobs_stream, results_bucket
 
 REPO = Path(__file__).resolve().parent.parent
+# Every node's nats-server config, the same file compose/docker-compose.yml runs (with secure.conf).
+CLUSTER_CONF = REPO / "compose" / "nats" / "cluster.conf"
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 30.0  # any one start (a server, the meta group, an executor); a hang becomes an error
 STOP_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL
@@ -56,15 +60,21 @@ class NatsCluster:
     def __init__(self, size: int, workdir: Path) -> None:
         find_nats_server()  # fail early, with the install hint, when the binary is missing
         ports = distinct_free_ports(2 * size)
-        routes = [f"nats://127.0.0.1:{p}" for p in ports[size:]]
+        # The routes authenticate (compose/nats/cluster.conf): a fresh password per deployment.
+        password = "r" + secrets.token_hex(16)  # a letter first: the server parses it as a config value
+        routes = json.dumps([f"nats://route:{password}@127.0.0.1:{p}" for p in ports[size:]])
         self.nodes: list[EmbeddedNats] = []
         for i in range(size):
-            args = ["--server_name", f"nats-{i + 1}"]
-            if size > 1:
-                others = ",".join(r for j, r in enumerate(routes) if j != i)
-                args += ["--cluster_name", "lloom", "--cluster", routes[i], "--routes", others]
             store = workdir / f"nats-{i + 1}"
-            self.nodes.append(EmbeddedNats(port=ports[i], jetstream=True, store_dir=str(store), extra_args=args))
+            # The config file compose/docker-compose.yml runs too; passed last, it is the one the
+            # server reads (EmbeddedNats's own -c only sets the store, given again by -sd).
+            args = ["-c", str(CLUSTER_CONF), "-sd", str(store)]
+            env = {**os.environ, "LLOOM_NATS_SERVER_NAME": f"nats-{i + 1}",
+                   "LLOOM_NATS_CLUSTER_PORT": str(ports[size + i]), "LLOOM_NATS_ROUTES": routes,
+                   "LLOOM_NATS_ROUTE_PASSWORD": password}  # fmt: skip
+            self.nodes.append(
+                EmbeddedNats(port=ports[i], jetstream=True, store_dir=str(store), extra_args=args, env=env)
+            )
 
     @property
     def urls(self) -> list[str]:
@@ -80,7 +90,7 @@ class NatsCluster:
         await asyncio.gather(*(node.stop() for node in self.nodes))
 
 
-async def create_receipts_stream(url: str, *, replicas: int) -> None:
+async def create_receipts_stream(url: str, *, replicas: int, options: NatsConnectOptions | None = None) -> None:
     """Create `LLOOM_RECEIPTS` with `replicas` copies, retrying until the JetStream meta group has formed.
 
     Placing an R3 stream needs a meta leader that knows three peers, so success is the check that
@@ -89,8 +99,10 @@ async def create_receipts_stream(url: str, *, replicas: int) -> None:
     config = StreamConfig(
         name=STREAM, subjects=[subj.RECEIPTS_ALL], storage=StorageType.FILE,
         num_replicas=replicas, duplicate_window=ReceiptsConfig().duplicate_window_secs,
+        # A ledger, as executors make it (executor/receipts/publisher.py): no one deletes or purges receipts.
+        deny_delete=True, deny_purge=True,
     )  # fmt: skip
-    nc = await nats.connect(url, name="lloom-cluster")
+    nc = await connect_nats(url, name="lloom-cluster", options=options)
     try:
         js = nc.jetstream(timeout=2.0)
         async with asyncio.timeout(START_TIMEOUT_S):
@@ -106,9 +118,9 @@ async def create_receipts_stream(url: str, *, replicas: int) -> None:
         await nc.close()
 
 
-async def create_queue(url: str, *, replicas: int) -> None:
+async def create_queue(url: str, *, replicas: int, options: NatsConnectOptions | None = None) -> None:
     """The durable job queue and its results bucket, replicated like the receipts (after the meta group formed)."""
-    nc = await nats.connect(url, name="lloom-cluster")
+    nc = await connect_nats(url, name="lloom-cluster", options=options)
     try:
         js = nc.jetstream(timeout=5.0)
         await ensure_jobs_stream(js, replicas=replicas)

@@ -225,6 +225,24 @@ async def test_sigint_stops_an_idle_executor_with_exit_0(start_executor: StartEx
 
 
 @pytest.mark.slow
+async def test_sigterm_stops_an_executor_taking_queued_jobs_within_a_container_stop_grace(
+    start_executor: StartExecutor, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    # Its idle pull subscriptions once held the connection's drain for nats.py's 30 s, past
+    # `docker stop`'s 10 s grace: every compose stop ended in SIGKILL (exit 137).
+    cfg = durable_config(tmp_path, base_url=double.base_url, executor_id="queue-stop",
+                         extra="\n[executors.queue]\nconsume_all = true\n")  # fmt: skip
+    async with EmbeddedNats(jetstream=True) as server:
+        executor = await start_executor("--config", str(cfg), "--nats", server.url)
+        await executor.started()
+
+        executor.proc.send_signal(signal.SIGTERM)
+
+        assert await within(executor.exit_code(), "the executor's exit after SIGTERM", timeout=10.0) == 0
+    await executor.wait_for("executor node stopped")
+
+
+@pytest.mark.slow
 async def test_ctrl_c_in_a_terminal_still_drains_the_job_in_flight(
     start_executor: StartExecutor, config: Path, double: OpenAIDouble, connect: Callable[[str], Awaitable[LloomClient]]
 ) -> None:

@@ -29,6 +29,7 @@ one job id, which `lloom receipts verify` names).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 import nats.errors
@@ -47,6 +48,7 @@ from protocol import subjects as subj
 from protocol.backoff import Backoff, Retry
 from protocol.durable import (
     JOBS_STREAM,
+    RESULTS_BUCKET,
     consumer_name,
     ensure_jobs_stream,
     jobs_subject,
@@ -110,6 +112,9 @@ class JobQueue:
         self._preparing: asyncio.Task[None] | None = None
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
+        # Jobs that ran here and whose result is still being stored (through a NATS outage, say):
+        # a redelivery meanwhile finds no result in the bucket, and must not run the job again.
+        self._storing: set[str] = set()
 
     async def start(self) -> None:
         """Start pulling; the stream and bucket are made ready in the background (JetStream may be
@@ -200,6 +205,11 @@ class JobQueue:
                     self._handlers.add(task)
                     task.add_done_callback(self._handlers.discard)
             except asyncio.CancelledError:
+                # A pull subscription left behind holds the connection's drain at shutdown until
+                # its timeout (30 s: `docker compose stop` SIGKILLed the executor after 10 s).
+                if psub is not None and not self._nc.is_closed:
+                    with contextlib.suppress(nats.errors.Error, ValueError):
+                        await psub.unsubscribe()
                 raise
             except (nats.errors.Error, OSError) as e:  # NATS or JetStream away: try again, slower each time
                 delay = retry.next_delay()
@@ -224,6 +234,8 @@ class JobQueue:
                                                                        job_id=job_id, executor_id=self.node.id)))  # fmt: skip
             await _quietly(msg.term())
             return
+        if job_id in self._storing:
+            return  # ran here; the run storing its result acks it (a 3-node cluster test ran it twice)
         if not self.node.has_room():  # filled (or draining) since the fetch: give it straight back
             await _quietly(msg.nak())
             return
@@ -260,8 +272,12 @@ class JobQueue:
             self.stats.failed += 1
         else:
             self.stats.ran += 1
-        await self._store(job_id, result, keep_alive=msg)
-        await _quietly(msg.ack_sync())
+        self._storing.add(job_id)
+        try:
+            await self._store(job_id, result, keep_alive=msg)
+            await _quietly(msg.ack_sync())
+        finally:
+            self._storing.discard(job_id)
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         """A job JetStream gave up on: file why as its result (unless it has one) and drop it."""
@@ -285,13 +301,17 @@ class JobQueue:
             log.warning("max-deliveries advisory not handled", error=str(e) or type(e).__name__)
 
     async def _has_result(self, job_id: str) -> bool:
-        assert self._kv is not None
+        # Asked of the stream's leader, not with a direct get: any replica answers a direct get,
+        # and one still catching up (after a node's loss) said "no result" for a stored one, so
+        # another executor ran the job again (tests/test_compose.py counted it).
         try:
-            entry = await self._kv.get(job_id)
-        except nats.js.errors.KeyNotFoundError:
+            entry = await self._js.get_msg(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{job_id}")
+        except nats.js.errors.NotFoundError:
+            return False
+        if (entry.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
             return False
         try:
-            open_result(entry.value or b"", job_id)
+            open_result(entry.data or b"", job_id)
         except ForgedResult:
             log.warning("unsigned or forged result in the results bucket; the job runs", job_id=job_id)
             return False  # planted by someone else: run the job and file a real result over it
