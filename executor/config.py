@@ -340,6 +340,11 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # host:port; loopback by default: without API keys, anyone who can reach the port can use it.
     listen: str = f"127.0.0.1:{GATEWAY_PORT}"
     max_body_mb: Annotated[float, Meta(gt=0, le=1024)] = 8.0
+    # Seconds a client has to send a request's body; a trickled body (slowloris) gets 408 after.
+    body_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    # Host names, besides loopback ones, a loopback-bound gateway answers to (e.g. a reverse
+    # proxy's public name): any other Host is refused (DNS rebinding, executor/gateway/guard.py).
+    allowed_hosts: Annotated[list[Annotated[str, Meta(min_length=1, max_length=253)]], Meta(max_length=64)] = []
     # A request's whole deadline (routing, failover, the answer).
     default_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 120.0
     # On SIGTERM: stop accepting, let open requests and streams finish this long, then close.

@@ -14,10 +14,16 @@ subject and no header: there is no direct get by job. The lookup is therefore, c
    beyond `max_scan`.
 
 Either way the receipt is checked (Merkle path and signature) before it is returned.
+
+Anyone who reaches the gateway may ask, and an id nobody answered costs a whole scan; so the
+handler refuses ids that are not job ids (1-64 of A-Z a-z 0-9 _ -) before any I/O, and one
+scan runs at a time per gateway (`scans_waiting` are queued behind it): a flood of made-up ids
+costs at most one reader of the stream, never one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections import OrderedDict
 
@@ -43,6 +49,10 @@ class Generations:
         self._remember = remember
         self.max_scan = max_scan
         self.scanned = 0  # stream messages read by lookups, for status and tests
+        self.scans = 0  # stream lookups made (the memory did not have the id)
+        self.most_concurrent_scans = 0
+        self._scanning = 0
+        self._one_scan = asyncio.Lock()
 
     def remember(self, receipt: SignedReceipt | None) -> None:
         if receipt is None or not self._remember:
@@ -53,7 +63,7 @@ class Generations:
 
     async def find(self, job_id: str) -> Generation | None:
         signed = self._recent.get(job_id)
-        raw = _encode(signed) if signed is not None else await self._scan(job_id)
+        raw = _encode(signed) if signed is not None else await self._scan_one_at_a_time(job_id)
         if raw is None:
             return None
         signed = signed_receipt_decoder.decode(raw)
@@ -71,6 +81,16 @@ class Generations:
             generation_time=r.finished_at_ms - r.started_at_ms, latency=r.ttft_ms, outcome=r.outcome,
             verified=verified, receipt=msgspec.Raw(raw),
         )  # fmt: skip
+
+    async def _scan_one_at_a_time(self, job_id: str) -> bytes | None:
+        async with self._one_scan:
+            self.scans += 1
+            self._scanning += 1
+            self.most_concurrent_scans = max(self.most_concurrent_scans, self._scanning)
+            try:
+                return await self._scan(job_id)
+            finally:
+                self._scanning -= 1
 
     async def _scan(self, job_id: str) -> bytes | None:
         js = self._nc.jetstream()
