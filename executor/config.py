@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
@@ -295,6 +296,20 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 HUB_SCHEMES = ("nats-leaf", "nats", "tls", "ws", "wss")
 
 
+def _check_hub_url(url: str) -> None:
+    """A hub URL goes into the embedded server's config file: no quotes, spaces or braces (percent-encode them)."""
+    shown = url.split("@")[-1]
+    if any(c.isspace() or not c.isprintable() or c in "\"'\\{}<>`" for c in url):
+        raise ValueError(f"hub url {shown!r}: spaces, quotes, braces and control characters must be percent-encoded")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError as e:
+        raise ValueError(f"hub url {shown!r}: {e}") from None
+    if not parts.hostname:
+        raise ValueError(f"hub url {shown!r}: give the hub's host (nats-leaf://host:7422)")
+
+
 class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Join a hub as a leaf node: the embedded nats-server keeps serving this machine and links
     to the hub (executor/process/leaf.py; docs/deployment.md). Only for the embedded server."""
@@ -318,6 +333,7 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
             if scheme not in HUB_SCHEMES:
                 raise ValueError(f"hub url {self.url.split('@')[-1]!r}: use one of {', '.join(s + '://' for s in HUB_SCHEMES)}")
+            _check_hub_url(self.url)
         ways = [n for n in ("credentials", "nkey_file", "user") if getattr(self, n)]
         if len(ways) > 1:
             raise ValueError(f"use one way to authenticate to the hub, not {' and '.join(ways)}")
