@@ -178,6 +178,23 @@ async def test_generation_ids_that_are_not_job_ids_are_refused_without_reading_t
     assert data["verified"] is True and data["provider_name"] == "exe-a"
 
 
+async def test_a_users_job_id_tells_nothing_about_the_next_users_job_id(net: Network) -> None:
+    """All of a gateway's jobs come from its one client: with sequential ids (NUIDs share a prefix
+    and step by a small increment) one user's id would lead to the next user's receipt."""
+    await net.executor("exe-a", offer(MODEL))
+    gw = await net.gateway()
+    async with aiohttp.ClientSession() as http:
+        ids = []
+        for _ in range(2):
+            async with http.post(f"{gw.url}/v1/chat/completions", json=ASK) as r:
+                ids.append(r.headers["X-Lloom-Job-Id"])
+    mine, theirs = ids
+    shared = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
+    assert shared < 6  # chance: 16**-6; a NUID shares 12 characters
+    many = [gw.client.new_job_id() for _ in range(10_000)]
+    assert len({j[:8] for j in many}) > 9_900 and all(len(j) == 32 and j.isalnum() for j in many)
+
+
 # -- what comes from the network into events and headers --------------------------------------
 
 

@@ -19,8 +19,8 @@ pages from anywhere on the same machine. Two ways a web page could use it:
   public name). Bound to another address, the Host is not checked (its names are the
   operator's to know); API keys are what guards such a gateway.
 
-Refusals are OpenAI error bodies (403 `forbidden_host` / `forbidden_origin`), sent before
-any work. The body deadline (`[gateway] body_timeout_secs`): a client that sends headers
+Refusals are OpenAI error bodies (403 `forbidden_host` / `forbidden_origin`, errors.py's
+table), sent before any work. The body deadline (`[gateway] body_timeout_secs`): a client that sends headers
 and then trickles its body (slowloris) holds a handler; after the deadline it gets 408 and
 the connection closes. The body is read here, once (aiohttp keeps it for the handler).
 
@@ -40,8 +40,14 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from executor.config import GatewayConfig
-from executor.gateway.errors import BodyTooLarge, error_response
-from executor.gateway.openai_types import ErrorBody, ErrorDetail, encoder
+from executor.gateway.errors import (
+    BodyTooLarge,
+    ForbiddenHost,
+    ForbiddenOrigin,
+    GatewayError,
+    RequestTimeout,
+    error_response,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
@@ -71,9 +77,8 @@ def _host_name(host_header: str) -> str:
     return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
-def _refuse(status: int, code: str, message: str) -> web.Response:
-    body = encoder.encode(ErrorBody(ErrorDetail(message, "invalid_request_error", code)))
-    resp = web.Response(status=status, body=body, content_type="application/json")
+def _refuse(err: GatewayError) -> web.Response:
+    resp = error_response(err)
     resp.force_close()  # the rest of a refused request is not read: the connection cannot be reused
     return resp
 
@@ -111,23 +116,20 @@ class Guard:
     async def check(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
         if not self.host_ok(host):
-            return _refuse(403, "forbidden_host", "this gateway answers only requests addressed to it by a loopback"
-                           " name (127.0.0.1, localhost); add the name to [gateway] allowed_hosts to use another")  # fmt: skip
+            return _refuse(ForbiddenHost("this gateway answers only requests addressed to it by a loopback name"
+                                         " (127.0.0.1, localhost); add the name to [gateway] allowed_hosts to use another"))  # fmt: skip
         if not self.origin_ok(request.headers.get("Origin"), host):
-            return _refuse(403, "forbidden_origin", "cross-origin requests are refused: a web page may not use"
-                           " this gateway")  # fmt: skip
+            return _refuse(ForbiddenOrigin("cross-origin requests are refused: a web page may not use this gateway"))
         if request.body_exists:
             try:
                 async with asyncio.timeout(self.body_timeout):
                     await request.read()  # kept by aiohttp: the handler's read() returns it
             except TimeoutError:
-                return _refuse(408, "request_timeout", f"the request body did not arrive within"
-                               f" {self.body_timeout:g} s ([gateway] body_timeout_secs)")  # fmt: skip
+                return _refuse(RequestTimeout(f"the request body did not arrive within {self.body_timeout:g} s"
+                                              " ([gateway] body_timeout_secs)"))  # fmt: skip
             except web.HTTPRequestEntityTooLarge:
-                resp = error_response(BodyTooLarge(f"the request body is over the gateway's limit of"
-                                                   f" {self.max_body_mb:g} MB ([gateway] max_body_mb)"))  # fmt: skip
-                resp.force_close()
-                return resp
+                return _refuse(BodyTooLarge(f"the request body is over the gateway's limit of {self.max_body_mb:g} MB"
+                                            " ([gateway] max_body_mb)"))  # fmt: skip
         return await handler(request)
 
 
