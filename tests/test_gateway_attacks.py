@@ -118,6 +118,34 @@ async def test_a_trickled_body_gets_408_and_the_gateway_serves_others_meanwhile(
     assert len(net.doubles["exe-a"].requests) == 1
 
 
+async def test_request_smuggling_framings_are_refused_and_no_smuggled_job_runs(net: Network) -> None:
+    await net.executor("exe-a", offer(MODEL))
+    gw = await net.gateway()
+    port = _port(gw.url)
+    job = msgspec.json.encode(ASK)
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    smuggled = f"{head}Content-Length: {len(job)}\r\n\r\n".encode() + job
+    framings = {
+        "content-length and chunked": f"{head}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode() + smuggled,
+        "two content-lengths": f"{head}Content-Length: 5\r\nContent-Length: {len(job)}\r\n\r\n".encode() + job,
+        "an odd transfer-encoding": f"{head}Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n".encode() + smuggled,
+        "bare line feeds": smuggled.replace(b"\r\n", b"\n"),
+    }
+    for what, raw in framings.items():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(raw)
+            await writer.drain()
+            answer = await within(reader.read(), f"the answer to {what}", timeout=10)  # closed after the 400
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.0 400"), (what, answer[:100])
+        assert b"HTTP/1.1 200" not in answer and b"chat.completion" not in answer, what  # no second answer
+    assert net.doubles["exe-a"].requests == []
+    async with aiohttp.ClientSession() as http, http.post(f"{gw.url}/v1/chat/completions", json=ASK) as r:
+        assert r.status == 200  # the allowed framing
+
+
 async def test_deep_nesting_huge_lists_and_bad_json_are_400s_and_the_gateway_keeps_serving(net: Network) -> None:
     await net.executor("exe-a", offer(MODEL, "0", "0", "tools"))
     gw = await net.gateway(max_body_mb=2)
