@@ -284,3 +284,42 @@ async def test_image_urls_reach_the_backend_untouched_and_nothing_on_the_executo
         assert hits == []  # nobody on the gateway's or executor's side fetched the URL
     finally:
         await runner.cleanup()
+
+
+async def test_a_web_page_posting_nats_protocol_to_the_loopback_bus_publishes_nothing(
+    nats_server: EmbeddedNats,
+) -> None:
+    """The single-machine start's bus listens on loopback with no credentials. A page can make the
+    browser POST a text/plain body holding NATS protocol lines to it; the server stops at the HTTP
+    request line, so the job inside is never published. The allowed case: a real NATS client."""
+    import nats
+
+    nc = await nats.connect(nats_server.url)
+    got: list[bytes] = []
+
+    async def keep(msg) -> None:  # type: ignore[no-untyped-def]
+        got.append(msg.data)
+
+    await nc.subscribe("lloom.v1.complete.x", cb=keep)
+    await nc.flush()
+    host, port = nats_server.url.rsplit("//", 1)[1].split(":")
+    job = b"PUB lloom.v1.complete.x 3\r\nweb\r\n"
+    post = (f"POST / HTTP/1.1\r\nHost: {host}:{port}\r\nOrigin: http://evil.example\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(job)}\r\n\r\n").encode()  # fmt: skip
+    for first, body in ((post, job), (b"CONNECT {}\r\n", b"PUB lloom.v1.complete.x 3\r\nraw\r\nPING\r\n")):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(first + body)
+            await writer.drain()
+            answer = b""
+            while b"-ERR" not in answer and b"PONG" not in answer:
+                chunk = await within(reader.read(4096), "the bus's answer", timeout=10)
+                if not chunk:
+                    break
+                answer += chunk
+        finally:
+            writer.close()
+        assert (b"-ERR 'Unknown Protocol Operation'" in answer) == (first is post), answer[-200:]
+    await nc.flush()
+    await eventually(lambda: got == [b"raw"] or None, timeout=5, what=lambda: f"only the raw client's message, got {got}")
+    await nc.close()
