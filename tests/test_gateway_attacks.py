@@ -223,6 +223,43 @@ async def test_a_users_job_id_tells_nothing_about_the_next_users_job_id(net: Net
     assert len({j[:8] for j in many}) > 9_900 and all(len(j) == 32 and j.isalnum() for j in many)
 
 
+async def test_a_receipt_naming_another_executor_stored_under_the_forgers_subject_is_not_the_generation(
+    net: Network,
+) -> None:
+    """Mallory re-signs exe-a's receipt for a job with her own key (still naming "exe-a"; it verifies),
+    stores it under her own receipts subject after enough filler that a scan meets it first: the
+    gateway still answers with exe-a's genuine receipt."""
+    from executor.receipts.issuer import BatchSigner
+    from protocol import subjects as subj
+    from protocol.identity import Identity
+    from protocol.receipts import SignedReceipt, canonical, leaf_hash, signed_receipt_decoder
+
+    await net.executor("exe-a", offer(MODEL, "1", "1"))
+    gw = await net.gateway(remember_generations=0)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=ASK) as r:
+            job = (await r.json())["id"]
+
+        async def generation() -> dict | None:
+            async with http.get(f"{gw.url}/v1/generation", params={"id": job}) as r:
+                return (await r.json())["data"] if r.status == 200 else None
+
+        genuine = await eventually(generation, timeout=15, what="the genuine generation")
+        signed = signed_receipt_decoder.decode(msgspec.json.encode(genuine["receipt"]))
+        mallory = Identity.generate()
+        forged = msgspec.structs.replace(signed.receipt, executor_key=mallory.public_key)
+        [proof] = BatchSigner(mallory).sign([leaf_hash(forged)])
+        line = msgspec.json.encode(SignedReceipt(forged, proof))
+        js = gw.client.nc.jetstream()
+        for i in range(300):  # past the first window the gateway reads
+            await js.publish("lloom.v1.receipts.filler", b'{"filler": %d}' % i)
+        await js.publish(subj.receipts_subject("mallory"), line)
+        assert canonical(forged) != canonical(signed.receipt)
+        found = await generation()
+    assert found is not None and found["verified"] is True
+    assert found["receipt"]["receipt"]["executor_key"] == signed.receipt.executor_key != mallory.public_key
+
+
 # -- what comes from the network into events and headers --------------------------------------
 
 

@@ -13,7 +13,10 @@ subject and no header: there is no direct get by job. The lookup is therefore, c
    grows with the number of receipt messages stored since the job, never with the stream's size
    beyond `max_scan`.
 
-Either way the receipt is checked (Merkle path and signature) before it is returned.
+Either way the receipt is checked (Merkle path and signature) before it is returned, and one
+read from the stream counts only if it was stored under its own executor's subject
+(`lloom.v1.receipts.<executor id>`, where only that executor may publish under the shipped
+permissions), so no one can shadow a job's receipt with one naming another executor.
 
 Anyone who reaches the gateway may ask, and an id nobody answered costs a whole scan; so the
 handler refuses ids that are not job ids (1-64 of A-Z a-z 0-9 _ -) before any I/O, and one
@@ -128,10 +131,13 @@ class Generations:
                     for line in receipt_lines(msg.data):
                         if needle in line:
                             try:
-                                if signed_receipt_decoder.decode(line).receipt.job_id == job_id:
-                                    return line
+                                r = signed_receipt_decoder.decode(line).receipt
                             except msgspec.MsgspecError:
                                 continue
+                            # Only from its executor's own subject, which the shipped permissions let
+                            # no one else publish to: a receipt naming executor A stored by B is B's forgery.
+                            if r.job_id == job_id and msg.subject == subj.receipts_subject(r.executor_id):
+                                return line
                 if msg.metadata.sequence.stream >= end or msg.metadata.num_pending == 0:
                     return None
         finally:
