@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
@@ -295,6 +296,20 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 HUB_SCHEMES = ("nats-leaf", "nats", "tls", "ws", "wss")
 
 
+def _check_hub_url(url: str) -> None:
+    """A hub URL goes into the embedded server's config file: no quotes, spaces or braces (percent-encode them)."""
+    shown = url.split("@")[-1]
+    if any(c.isspace() or not c.isprintable() or c in "\"'\\{}<>`" for c in url):
+        raise ValueError(f"hub url {shown!r}: spaces, quotes, braces and control characters must be percent-encoded")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError as e:
+        raise ValueError(f"hub url {shown!r}: {e}") from None
+    if not parts.hostname:
+        raise ValueError(f"hub url {shown!r}: give the hub's host (nats-leaf://host:7422)")
+
+
 class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Join a hub as a leaf node: the embedded nats-server keeps serving this machine and links
     to the hub (executor/process/leaf.py; docs/deployment.md). Only for the embedded server."""
@@ -318,6 +333,7 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
             if scheme not in HUB_SCHEMES:
                 raise ValueError(f"hub url {self.url.split('@')[-1]!r}: use one of {', '.join(s + '://' for s in HUB_SCHEMES)}")
+            _check_hub_url(self.url)
         ways = [n for n in ("credentials", "nkey_file", "user") if getattr(self, n)]
         if len(ways) > 1:
             raise ValueError(f"use one way to authenticate to the hub, not {' and '.join(ways)}")
@@ -340,6 +356,11 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # host:port; loopback by default: without API keys, anyone who can reach the port can use it.
     listen: str = f"127.0.0.1:{GATEWAY_PORT}"
     max_body_mb: Annotated[float, Meta(gt=0, le=1024)] = 8.0
+    # Seconds a client has to send a request's body; a trickled body (slowloris) gets 408 after.
+    body_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    # Host names, besides loopback ones, a loopback-bound gateway answers to (e.g. a reverse
+    # proxy's public name): any other Host is refused (DNS rebinding, executor/gateway/guard.py).
+    allowed_hosts: Annotated[list[Annotated[str, Meta(min_length=1, max_length=253)]], Meta(max_length=64)] = []
     # A request's whole deadline (routing, failover, the answer).
     default_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 120.0
     # On SIGTERM: stop accepting, let open requests and streams finish this long, then close.
@@ -686,6 +707,8 @@ max_calls = 2
 # enabled = true
 listen = "127.0.0.1:8640"
 max_body_mb = 8.0
+body_timeout_secs = 30.0  # to send a request's body; a trickled one gets 408
+allowed_hosts = []      # Host names besides loopback a loopback gateway answers (a reverse proxy's)
 default_timeout_secs = 120.0
 drain_secs = 30.0       # on SIGTERM: open requests and streams get this long to finish
 client_id = "gateway"   # named in receipts

@@ -22,7 +22,6 @@ import secrets
 import nats.aio.subscription
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.nuid import NUID
 
 from protocol import subjects as subj
 from protocol import tracecontext
@@ -69,7 +68,6 @@ class Pending:
         self._prefix_len = len(self._prefix) + 1
         self._waiting: dict[str, Waiter] = {}
         self._cancel_tokens: dict[str, str] = {}  # job id -> its cancel secret, while the call waits
-        self._nuid = NUID()
         self._sub: nats.aio.subscription.Subscription | None = None
         self.watch = DeliveryWatch(nc, self._waiting, silence_s=silence_s)
 
@@ -95,7 +93,11 @@ class Pending:
         return self._prefix
 
     def new_job_id(self) -> str:
-        return self._nuid.next().decode()
+        # 128 random bits, not a NUID: NUIDs of one client share a prefix and step by a small
+        # random increment, so one job id would let its holder guess its neighbours, whose
+        # receipts (/v1/generation) and queued results are read by job id. Hex: a subject
+        # token, a KV key, and never an id starting with "-" that a command line takes for an option.
+        return secrets.token_hex(16)
 
     def register(self, job_id: str, waiter: Waiter) -> None:
         self._waiting[job_id] = waiter

@@ -40,10 +40,17 @@ async def raw_request(nc: NATS, payload: bytes, *, subject: str | None = None, h
         (encoder.encode({**GOOD, "max_tokens": 10**12}), "`$.max_tokens`"),
         (encoder.encode({**GOOD, "tempreature": 0.5}), "unknown field `tempreature`"),
         (encoder.encode({"messages": GOOD["messages"]}), "missing required field `model`"),
+        # A tool's free-form `parameters` nested deeper than msgspec recurses (an attack: 300 KB).
+        (encoder.encode({**GOOD, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
+         .replace(b'"parameters":{}', b'"parameters":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+         "nested too deeply"),
+        # An image URL the executor's host could read (SSRF): only http(s) and data: URLs pass.
+        (encoder.encode({**GOOD, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}), "neither an http(s) URL"),
     ],
     ids=[
         "malformed-json", "empty", "wrong-type", "no-messages", "bad-role", "temperature-range",
-        "zero-max-tokens", "absurd-max-tokens", "unknown-field", "no-model",
+        "zero-max-tokens", "absurd-max-tokens", "unknown-field", "no-model", "nested-too-deeply", "file-url",
     ],
 )  # fmt: skip
 async def test_malformed_requests_get_bad_request(node: ExecutorNode, nc: NATS, payload: bytes, says: str) -> None:

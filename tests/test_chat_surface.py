@@ -360,6 +360,42 @@ async def test_a_receipt_vouches_for_the_tool_calls_and_reasoning_so_a_swapped_c
             verifier.check_response(reply.receipt, forged)
 
 
+async def test_a_relay_that_swaps_the_tool_call_of_a_genuine_reply_on_the_way_is_refused(
+    node: ExecutorNode, double: OpenAIDouble
+) -> None:
+    """A man in the middle between two buses (a relay that takes the executor's direct subject on the
+    caller's bus and forwards to the real executor) passes the genuine reply, receipt and all, but
+    with the agent's tool call changed: the client refuses it (`wrong_response`) and never runs it."""
+    import nats
+
+    from executor.process.embedded_nats import EmbeddedNats
+    from protocol.errors import ReplyForged
+
+    double.answers = [Answer(tool_calls=(PARIS,)), Answer(tool_calls=(PARIS,))]
+    tamper = False
+    async with EmbeddedNats() as callers_bus:
+        to_executor = node.nc  # the executor's own bus (the relay holds a connection there)
+        relay_nc = await nats.connect(callers_bus.url)
+
+        async def relay(msg) -> None:  # type: ignore[no-untyped-def]
+            genuine = await to_executor.request(msg.subject, msg.data, headers=msg.headers, timeout=10)
+            data = genuine.data.replace(b"Paris", b"Tokyo") if tamper else genuine.data
+            await relay_nc.publish(msg.reply, data, headers=genuine.headers)
+
+        await relay_nc.subscribe(subj.direct_subject(node.id), cb=relay)
+        await relay_nc.flush()
+        try:
+            async with await LloomClient.connect(callers_bus.url, timeout=10.0) as client:
+                reply = await client.complete(req(tools=[WEATHER]), executor=node.id)  # relayed faithfully: fine
+                assert reply.tool_calls is not None and "Paris" in reply.tool_calls[0].function.arguments
+                tamper = True
+                with pytest.raises(ReplyForged):
+                    await client.complete(req(tools=[WEATHER]), executor=node.id, timeout=3)
+                assert client.reply_forgeries == {"wrong_response": 1}
+        finally:
+            await relay_nc.close()
+
+
 async def test_a_queued_job_over_max_payload_is_refused_before_jetstream_and_the_connection_survives(
     js_client: LloomClient,
 ) -> None:

@@ -4,11 +4,15 @@ the executor's own events, once per change (the process tests are in tests/test_
 from __future__ import annotations
 
 import asyncio
+import socket
+import stat
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from executor.config import ConfigError, HubConfig, parse_config
+from executor.process.embedded_nats import EmbeddedNats
 from executor.process.leaf import LINK_DENY, HubLink, leaf_domain, server_conf
 from executor.runtime.cli import main
 from executor.secrets import config_secrets
@@ -41,6 +45,12 @@ def test_a_hub_with_a_password_from_the_environment_is_expanded_and_masked() -> 
     ('[hub]\nurl = "nats-leaf://hub:7422"\npassword = "x"\n', "needs a user"),
     ('[hub]\nurl = "nats-leaf://hub:7422"\n[node]\nnats_url = "nats://other:4222"\n', "keep one"),
     ('[hub]\nurl = "nats-leaf://hub:7422"\ndomain = "a.b"\n', "domain"),
+    # What would break out of the quoted url in the embedded server's config file, or crash the parser.
+    ('[hub]\nurl = "nats-leaf://hub:7422\\"]}\\nhttp: 8222"\n', "percent-encoded"),
+    ('[hub]\nurl = "nats-leaf://hub:7422 {"\n', "percent-encoded"),
+    ('[hub]\nurl = "nats-leaf://[hub:7422"\n', "hub url"),
+    ('[hub]\nurl = "nats-leaf://hub:port"\n', "hub url"),
+    ('[hub]\nurl = "nats-leaf://:7422"\n', "host"),
 ])  # fmt: skip
 def test_a_hub_config_that_cannot_work_is_refused_naming_the_key(toml: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -114,3 +124,33 @@ def test_an_nkey_seed_file_goes_into_the_private_server_config_and_a_missing_one
     assert '"nkey": "SUAEXAMPLESEED"' in server_conf(HubConfig(url="nats-leaf://hub:7422", nkey_file=str(seed)))
     with pytest.raises(ConfigError, match="nkey_file"):
         server_conf(HubConfig(url="nats-leaf://hub:7422", nkey_file=str(tmp_path / "missing.nk")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("field", ["user", "password", "credentials"])
+async def test_values_with_quotes_newlines_and_braces_cannot_add_config_to_the_leaf_server(
+    tmp_path: Path, field: str
+) -> None:
+    """Each value lands in the embedded server's config file as one quoted string (or percent-encoded in
+    the URL): a value written to add a monitoring port adds nothing, and the server starts with it."""
+    port = _free_port()
+    evil = f'x"}}]\n}}\nhttp: {port}\nleafnodes {{ remotes: [ {{url: "nats-leaf://127.0.0.1:1"}} ] }}\n{{é$HOME'
+    values = {"user": {"user": evil}, "password": {"user": "laptop-1", "password": evil},
+              "credentials": {"credentials": str(tmp_path / evil.replace("/", "_"))}}[field]  # fmt: skip
+    hub = HubConfig(url="nats-leaf://127.0.0.1:1", **values)  # nobody there: the link keeps trying
+    store = tmp_path / "störe dir"  # and a store directory a user's home might have
+    server = EmbeddedNats(jetstream=True, store_dir=str(store), conf_extra=server_conf(hub), jetstream_domain="lloom-leaf-x")
+    try:
+        await server.start()
+        assert server._tmp is not None
+        conf = Path(server._tmp.name) / "server.conf"
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600  # it may hold the hub password or nkey seed
+        with pytest.raises(OSError):  # the injected monitoring port is not there
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        await server.stop()

@@ -407,3 +407,46 @@ async def test_a_laptop_joins_with_an_nkey_seed_file(
             await eventually(lambda: serves_laptop(client), timeout=LINK_S, what="the laptop in the hub's catalogue")
             await tally.run(client, 2)
     assert (tally.completed, tally.failed, tally.lost) == (2, {}, 0)
+
+
+@pytest.mark.parametrize("user", ["executor-1", "alice"])
+async def test_an_executor_or_client_user_logging_in_as_a_leaf_reads_no_jobs_of_the_model_subjects(
+    secure_hub: tuple[Hub, str], tmp_path: Path, user: str
+) -> None:
+    """The leafnodes port takes any user of the account. Over a leaf link a subscribe permission tied
+    to a queue group does not carry: an executor user (allowed only `lloom.v1.complete.*` in
+    `lloom-executors`) must not turn into a reader of every job there, nor a client user. Control:
+    a subject the user may read (its own inbox) crosses the same link."""
+    from executor.config import HubConfig
+    from executor.process.leaf import server_conf
+
+    hub, _ = secure_hub
+    password = hub.env[{"executor-1": "LLOOM_NATS_EXECUTOR_1_PASSWORD", "alice": "alice"}[user]]  # type: ignore[index]
+    leaf = EmbeddedNats(conf_extra=server_conf(HubConfig(url=hub.leaf_url, user=user, password=password)))
+    await leaf.start()
+    try:
+        async with await nats.connect(leaf.url) as spy, \
+                await nats.connect(hub.url, user="admin", password=hub.env["admin"]) as admin:  # type: ignore[index]  # fmt: skip
+            readers = [await spy.subscribe(s) for s in ("lloom.v1.complete.>", "lloom.v1.complete.*",
+                                                       subj.complete_subject(MODEL))]  # fmt: skip
+            own = f"_INBOX_{user}.control"
+            control = await spy.subscribe(own)
+            await spy.flush()
+
+            async def control_arrives() -> bool:
+                await admin.publish(own, b"control")
+                await admin.flush()
+                try:
+                    await control.next_msg(timeout=0.2)
+                except nats.errors.TimeoutError:
+                    return False
+                return True
+
+            await eventually(control_arrives, timeout=LINK_S, what=f"the {user} leaf's link carrying its own inbox")
+            for model in (MODEL, "other-model"):
+                await admin.publish(subj.complete_subject(model), b"a job")
+            assert await control_arrives()  # sent after the jobs, over the same link
+            await spy.flush()
+            assert [r.pending_msgs for r in readers] == [0, 0, 0]
+    finally:
+        await leaf.stop()

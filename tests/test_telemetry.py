@@ -42,7 +42,7 @@ from executor.telemetry.recorder import OTHER_MODEL, JobRecorder
 from executor.telemetry.setup import OTLP_MISSING, Telemetry
 from protocol import subjects as subj
 from protocol.client import LloomClient
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, LloomError
 from protocol.identity import Identity
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
@@ -259,6 +259,30 @@ async def test_the_metrics_port_answers_on_loopback_and_nothing_answers_on_the_m
                 assert r.status == 200
             with pytest.raises(aiohttp.ClientConnectionError):  # another host, through the machine's address
                 await http.get(f"http://{outside}:{port}/metrics")
+
+
+async def test_model_names_a_caller_makes_up_create_no_series_on_the_metrics_port(
+    js_server: EmbeddedNats, double: OpenAIDouble, tmp_path: Path
+) -> None:
+    """A label cardinality attack: jobs for 40 made-up model names, sent to the executor's direct
+    subject (which takes any model name), are counted under `other`, never as series of their own."""
+    async with AsyncExitStack() as stack:
+        running = await start_node(stack, js_server, double, node_config(double, tmp_path,
+                                   'prometheus_listen = "127.0.0.1:0"'))  # fmt: skip
+        assert running.telemetry is not None and running.telemetry.endpoint is not None
+        made_up = [f"attacker-model-{i}" for i in range(40)]
+        async with await LloomClient.connect(js_server.url, timeout=WAIT_S) as client:
+            await client.complete(ask(), executor=running.node.id)  # the allowed case: a served model
+            for name in made_up:
+                with pytest.raises(LloomError):
+                    await client.complete(ask(model=name), executor=running.node.id)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{running.telemetry.endpoint.port}/metrics") as r:
+                text = await r.text()
+    assert f'gen_ai_request_model="{MODEL}"' in text and f'gen_ai_request_model="{OTHER_MODEL}"' in text
+    assert "attacker-model" not in text
+    models = set(re.findall(r'gen_ai_request_model="([^"]*)"', text))
+    assert models == {MODEL, OTHER_MODEL}
 
 
 # -- traces ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from executor.gateway import convert, dispatch
 from executor.gateway.admission import OPEN, Admission
 from executor.gateway.errors import BadRequestBody, BodyTooLarge, NotFound, error_body, error_response
 from executor.gateway.generation import Generations
+from executor.gateway.guard import guard, header_token
 from executor.gateway.models_list import model_cards, model_list
 from executor.gateway.openai_types import ErrorBody, ErrorDetail, GenerationBody, encoder
 from executor.gateway.routing import plan, split_suffix
@@ -49,12 +50,12 @@ def _json(obj: object, headers: dict[str, str] | None = None) -> web.Response:
 
 
 def _reply_headers(job_id: str, executor: str | None, receipt: SignedReceipt | None) -> dict[str, str]:
+    # Ids come from the network (a reply, an announcement): only well-formed ones become headers.
     headers = {"X-Lloom-Job-Id": job_id}
-    if executor:
-        headers["X-Lloom-Executor"] = executor
-    rid = convert.receipt_id(receipt)
-    if rid:
-        headers["X-Lloom-Receipt"] = rid
+    if header_token(executor):
+        headers["X-Lloom-Executor"] = executor  # type: ignore[assignment]
+    if receipt is not None and header_token(receipt.receipt.executor_id):
+        headers["X-Lloom-Receipt"] = f"{receipt.receipt.executor_id}#{receipt.receipt.seq}"
     return headers
 
 
@@ -261,6 +262,8 @@ class Gateway:
         job_id = request.query.get("id", "")
         if not job_id:
             return error_response(BadRequestBody("give the generation's id: /v1/generation?id=...", param="id"))
+        if header_token(job_id) is None:  # not a job id: no scan of the stream for it
+            return error_response(BadRequestBody("a generation id is 1-64 characters of A-Z a-z 0-9 _ -", param="id"))
         try:
             found = await self.generations.find(job_id)
         except Exception as e:  # the stream unreachable: say so, typed
@@ -284,7 +287,7 @@ def make_app(
     extra_routes: Iterable[RouteRegistrar] = (),
     generations: Generations | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=int(config.max_body_mb * 2**20))
+    app = web.Application(client_max_size=int(config.max_body_mb * 2**20), middlewares=[guard(config)])
     app[CLIENT_KEY] = client
     gw = Gateway(client, config, admission, generations or Generations(client.nc))
     app.router.add_post("/v1/chat/completions", gw.chat)

@@ -43,6 +43,7 @@ from protocol.receipts import SignedReceipt
 
 assert sys.byteorder == "little", "base64 embeddings are little-endian float32"
 _AT = re.compile(r"at `\$\.?([^`]*)`")
+TOO_DEEP = "the request body is nested too deeply"
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
 
@@ -64,6 +65,8 @@ def decode_chat(data: bytes) -> ChatCompletionBody:
         return chat_body_decoder.decode(data)
     except msgspec.MsgspecError as e:
         raise _bad_body(e) from None
+    except RecursionError:  # msgspec's depth guard: JSON nested deeper than Python recurses
+        raise BadRequestBody(TOO_DEEP) from None
 
 
 def decode_completion(data: bytes) -> CompletionBody:
@@ -71,6 +74,8 @@ def decode_completion(data: bytes) -> CompletionBody:
         return completion_body_decoder.decode(data)
     except msgspec.MsgspecError as e:
         raise _bad_body(e) from None
+    except RecursionError:  # msgspec's depth guard: JSON nested deeper than Python recurses
+        raise BadRequestBody(TOO_DEEP) from None
 
 
 def decode_embedding(data: bytes) -> EmbeddingBody:
@@ -78,6 +83,8 @@ def decode_embedding(data: bytes) -> EmbeddingBody:
         return embedding_body_decoder.decode(data)
     except msgspec.MsgspecError as e:
         raise _bad_body(e) from None
+    except RecursionError:  # msgspec's depth guard: JSON nested deeper than Python recurses
+        raise BadRequestBody(TOO_DEEP) from None
 
 
 def stop_list(stop: str | list[str] | None) -> list[str] | None:

@@ -9,6 +9,8 @@ status that makes them do the right thing:
 | bad request body, `InvalidRequest` | 400 | invalid_request_error |
 | `Unauthorized` (admission: bad key; `MissingKey`, `RevokedKey`) | 401 | authentication_error |
 | `PaymentRequired` (admission: budget spent) | 402 | insufficient_quota |
+| `ForbiddenHost`, `ForbiddenOrigin` (guard.py: DNS rebinding, a web page's request) | 403 | invalid_request_error |
+| `RequestTimeout` (guard.py: the body did not arrive in time) | 408 | invalid_request_error |
 | `ModelNotFound`; `NoExecutors` for a model nobody serves | 404 | invalid_request_error (message lists the served models) |
 | `BodyTooLarge` (the body limit), `PayloadTooLarge` (over NATS max_payload) | 413 | invalid_request_error |
 | `UnsupportedFeature` | 422 | invalid_request_error |
@@ -65,6 +67,19 @@ class PaymentRequired(GatewayError):
 
 class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "not_found"
+
+
+# The request edge's refusals (executor/gateway/guard.py): a web page's request, a trickled body.
+class ForbiddenHost(GatewayError):
+    status, type, code = 403, "invalid_request_error", "forbidden_host"
+
+
+class ForbiddenOrigin(GatewayError):
+    status, type, code = 403, "invalid_request_error", "forbidden_origin"
+
+
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class BodyTooLarge(GatewayError):

@@ -13,11 +13,20 @@ subject and no header: there is no direct get by job. The lookup is therefore, c
    grows with the number of receipt messages stored since the job, never with the stream's size
    beyond `max_scan`.
 
-Either way the receipt is checked (Merkle path and signature) before it is returned.
+Either way the receipt is checked (Merkle path and signature) before it is returned, and one
+read from the stream counts only if it was stored under its own executor's subject
+(`lloom.v1.receipts.<executor id>`, where only that executor may publish under the shipped
+permissions), so no one can shadow a job's receipt with one naming another executor.
+
+Anyone who reaches the gateway may ask, and an id nobody answered costs a whole scan; so the
+handler refuses ids that are not job ids (1-64 of A-Z a-z 0-9 _ -) before any I/O, and one
+scan runs at a time per gateway (`scans_waiting` are queued behind it): a flood of made-up ids
+costs at most one reader of the stream, never one per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections import OrderedDict
 
@@ -43,6 +52,10 @@ class Generations:
         self._remember = remember
         self.max_scan = max_scan
         self.scanned = 0  # stream messages read by lookups, for status and tests
+        self.scans = 0  # stream lookups made (the memory did not have the id)
+        self.most_concurrent_scans = 0
+        self._scanning = 0
+        self._one_scan = asyncio.Lock()
 
     def remember(self, receipt: SignedReceipt | None) -> None:
         if receipt is None or not self._remember:
@@ -53,7 +66,7 @@ class Generations:
 
     async def find(self, job_id: str) -> Generation | None:
         signed = self._recent.get(job_id)
-        raw = _encode(signed) if signed is not None else await self._scan(job_id)
+        raw = _encode(signed) if signed is not None else await self._scan_one_at_a_time(job_id)
         if raw is None:
             return None
         signed = signed_receipt_decoder.decode(raw)
@@ -71,6 +84,16 @@ class Generations:
             generation_time=r.finished_at_ms - r.started_at_ms, latency=r.ttft_ms, outcome=r.outcome,
             verified=verified, receipt=msgspec.Raw(raw),
         )  # fmt: skip
+
+    async def _scan_one_at_a_time(self, job_id: str) -> bytes | None:
+        async with self._one_scan:
+            self.scans += 1
+            self._scanning += 1
+            self.most_concurrent_scans = max(self.most_concurrent_scans, self._scanning)
+            try:
+                return await self._scan(job_id)
+            finally:
+                self._scanning -= 1
 
     async def _scan(self, job_id: str) -> bytes | None:
         js = self._nc.jetstream()
@@ -108,10 +131,13 @@ class Generations:
                     for line in receipt_lines(msg.data):
                         if needle in line:
                             try:
-                                if signed_receipt_decoder.decode(line).receipt.job_id == job_id:
-                                    return line
+                                r = signed_receipt_decoder.decode(line).receipt
                             except msgspec.MsgspecError:
                                 continue
+                            # Only from its executor's own subject, which the shipped permissions let
+                            # no one else publish to: a receipt naming executor A stored by B is B's forgery.
+                            if r.job_id == job_id and msg.subject == subj.receipts_subject(r.executor_id):
+                                return line
                 if msg.metadata.sequence.stream >= end or msg.metadata.num_pending == 0:
                     return None
         finally:

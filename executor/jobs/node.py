@@ -385,6 +385,11 @@ class ExecutorNode:
             self.stats.bad_requests += 1
             await self._refuse(ep, channel, InvalidRequest(f"invalid {kind.what}: {e}"), job_id=None, stream=False)
             return
+        except RecursionError:  # JSON nested deeper than msgspec recurses (a tool's `parameters` is free-form)
+            self.stats.bad_requests += 1
+            await self._refuse(ep, channel, InvalidRequest(f"invalid {kind.what}: nested too deeply"), job_id=None,
+                               stream=False)  # fmt: skip
+            return
         stream = getattr(request, "stream", False)
         if len(self._jobs) >= self.config.max_concurrent_jobs or job_id in self._jobs:
             self.stats.busy += 1

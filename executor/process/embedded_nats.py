@@ -225,8 +225,8 @@ class EmbeddedNats:
             inherit = (self._lock.fd,)  # held by the server itself: free only once it has exited
             # fsync every write: a PubAck for a receipt must mean it is on disk
             # (Jepsen lost acknowledged writes with the default interval).
-            domain = f"  domain: {json.dumps(self.jetstream_domain)}\n" if self.jetstream_domain else ""
-            conf_text = f"jetstream {{\n  store_dir: {json.dumps(self.store_dir)}\n  sync_interval: always\n{domain}}}\n"
+            domain = f"  domain: {json.dumps(self.jetstream_domain, ensure_ascii=False)}\n" if self.jetstream_domain else ""
+            conf_text = f"jetstream {{\n  store_dir: {json.dumps(self.store_dir, ensure_ascii=False)}\n  sync_interval: always\n{domain}}}\n"
         else:
             conf_text = ""
         if conf_text or self.conf_extra:

@@ -94,7 +94,7 @@ def server_conf(hub: HubConfig) -> str:
             tls["key_file"] = str(Path(hub.tls_key).expanduser())
         remote["tls"] = tls
     # JSON is valid nats-server config syntax, and quotes every value safely.
-    return f"leafnodes {{\n  reconnect: {RECONNECT_S}\n  remotes: [{json.dumps(remote)}]\n}}\n"
+    return f"leafnodes {{\n  reconnect: {RECONNECT_S}\n  remotes: [{json.dumps(remote, ensure_ascii=False)}]\n}}\n"
 
 
 class HubLink:
