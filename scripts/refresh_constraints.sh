@@ -13,7 +13,8 @@ python3 -m venv "$venv"
   echo "# Tested versions of every dependency, used by the README's commands and .ci/run"
   echo "# (pip install -c constraints.txt ...). Refresh on purpose: bash scripts/refresh_constraints.sh"
   echo "# Generated $(date -u +%Y-%m-%d) with $("$venv/bin/python" --version) on $(uname -m)."
-  "$venv/bin/pip" freeze --exclude lloom | LC_ALL=C sort -f
+  # --all: setuptools is a test dependency (the wheel test builds offline), so it is pinned too.
+  "$venv/bin/pip" freeze --all --exclude lloom --exclude pip | LC_ALL=C sort -f
 } > constraints.txt
 rm -rf "$(dirname "$venv")"
 echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) pins)"
