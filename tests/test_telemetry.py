@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from protocol.identity import Identity
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
 from tests.helpers.processes import StartExecutor
+from tests.helpers.prometheus import free_port, prometheus, promql, start_prometheus  # noqa: F401 (a fixture)
 from tests.helpers.wait import WAIT_S, eventually, within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,12 +75,6 @@ async def start_node(stack: AsyncExitStack, server: EmbeddedNats, double: OpenAI
     return await assemble(config, nc, backend, stack, identity=Identity.generate(), tracer_provider=tracer_provider)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def listening_ports() -> set[int]:
     """The TCP ports this process listens on: its sockets' inodes looked up in /proc/net/tcp(6)."""
     mine = set()
@@ -98,70 +92,6 @@ def listening_ports() -> set[int]:
             if fields[3] == "0A" and fields[9] in mine:  # TCP_LISTEN, ours
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
-
-
-# -- a real Prometheus --------------------------------------------------------------
-
-
-def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        message = "Prometheus is not installed: apt-get install -y prometheus (Debian's package)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
-@pytest.fixture
-async def prometheus(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
-    """(the binary, a working directory) for a Prometheus the test starts once it knows its target."""
-    yield prometheus_binary(), tmp_path / "prometheus"
-
-
-async def start_prometheus(stack: AsyncExitStack, binary: str, workdir: Path, target: str) -> str:
-    """Prometheus scraping `target` every second; returns its HTTP API's base URL once it is ready."""
-    workdir.mkdir()
-    config = workdir / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        f"scrape_configs:\n  - job_name: lloom-executor\n    static_configs:\n      - targets: ['{target}']\n"
-    )
-    listen = f"127.0.0.1:{free_port()}"
-    proc = await asyncio.create_subprocess_exec(
-        binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address={listen}",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-
-    async def stop() -> None:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-    stack.push_async_callback(stop)
-    http = await stack.enter_async_context(aiohttp.ClientSession())
-    base = f"http://{listen}"
-
-    async def ready() -> bool:
-        if proc.returncode is not None:
-            pytest.fail(f"prometheus exited {proc.returncode}: {(await proc.stderr.read()).decode()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            async with http.get(f"{base}/-/ready") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await eventually(ready, timeout=60, what="prometheus ready")
-    return base
-
-
-async def promql(base: str, query: str) -> float | None:
-    """The single value of an instant query, or None while it has no result."""
-    async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/query", params={"query": query}) as r:
-        body = await r.json()
-    assert body["status"] == "success", body
-    result = body["data"]["result"]
-    return float(result[0]["value"][1]) if result else None
 
 
 @pytest.mark.slow
