@@ -1,11 +1,14 @@
 """`lloom-gateway`: run the OpenAI-compatible HTTP gateway against a NATS bus.
 
     lloom-gateway --nats nats://127.0.0.1:4222 --listen 127.0.0.1:8640
-    lloom-gateway --config executor.toml        # its [gateway] and [nats] sections
+    lloom-gateway --config executor.toml        # its [gateway], [nats] and [telemetry] sections
 
 Prints its URL when it listens; SIGTERM or SIGINT stops accepting and lets open
 requests and streams finish for `[gateway] drain_secs`, then it exits 0.
-Exit codes: 0 stopped, 2 bad usage, config or no connection.
+`[telemetry]` gives it metrics (a Prometheus endpoint, OTLP) and spans like an executor's
+(executor/gateway/telemetry.py, docs/observability.md); its service.name is `lloom-gateway`
+unless `service_name` says otherwise.
+Exit codes: 0 stopped, 2 bad usage, config, metrics port taken or no connection.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lloom-gateway", description="OpenAI-compatible HTTP gateway to a Lloom network")
     p.add_argument("--nats", help=f"NATS URL (default: [node] nats_url, $LLOOM_NATS_URL, else {DEFAULT_URL})")
     p.add_argument("--listen", help="host:port to listen on (default: [gateway] listen, 127.0.0.1:8640)")
-    p.add_argument("--config", type=Path, help="config file (its [gateway], [nats] and [node] sections)")
+    p.add_argument("--config", type=Path, help="config file (its [gateway], [nats], [node] and [telemetry] sections)")
     p.add_argument("--drain-secs", type=float, help="grace for open streams on SIGTERM")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
@@ -65,8 +68,16 @@ async def run(args: argparse.Namespace) -> int:
     except ConnectionError as e:
         print(f"lloom-gateway: {e}", file=sys.stderr)
         return 2
+    telemetry = None
     try:
-        server = GatewayServer(client, gw)
+        observer = None
+        if config.telemetry.enabled:  # the OpenTelemetry SDK is imported only then
+            from executor.gateway.telemetry import GatewayTelemetry
+
+            telemetry = GatewayTelemetry.standalone(config.telemetry, gw.client_id or "gateway")
+            await telemetry.start()
+            observer = telemetry.observer
+        server = GatewayServer(client, gw, observer=observer)
         try:
             await server.start()
         except OSError as e:
@@ -76,7 +87,12 @@ async def run(args: argparse.Namespace) -> int:
         await stop.wait()
         print("lloom-gateway: stopping; draining open requests", file=sys.stderr, flush=True)
         await server.stop()
+    except ConfigError as e:
+        print(f"lloom-gateway: {e}", file=sys.stderr)
+        return 2
     finally:
+        if telemetry is not None:  # after the drain: the last requests are in the final export
+            await telemetry.aclose()
         await client.close()
     return 0
 
