@@ -31,7 +31,6 @@ from executor.telemetry.recorder import DURATION_BOUNDS_S, OTHER_MODEL, TOKEN_BO
 from protocol.errors import ErrorCode
 from protocol.messages import Usage
 
-KEY = "lloom.exchange"  # the request's `Exchange`, under this key of the aiohttp request
 CANCELLED_STATUS = 499  # nginx's "client closed request": the caller went away before the answer
 CANCELLED = "cancelled"
 OTHER = "other"
@@ -80,6 +79,9 @@ class Exchange:
         self.usage: Usage | None = None
         self.code: str | None = None
         self.served = False
+
+
+KEY = web.RequestKey("lloom_exchange", Exchange)  # where the middleware leaves the request's record
 
 
 # -- the handlers' hooks (each a dict lookup when telemetry is off) --

@@ -239,9 +239,29 @@ def add_scope(data: MetricsData | None, ours: ScopeMetrics, resource: Resource) 
         return MetricsData(resource_metrics=[ResourceMetrics(resource=resource, scope_metrics=[ours],
                                                              schema_url="")])  # fmt: skip
     first, *rest = data.resource_metrics
+    scopes = list(first.scope_metrics)
+    # A histogram of a name already collected (an in-process gateway's gen_ai.client.*, beside the
+    # executor's) joins that metric's points: the Prometheus reader makes one family per metric and
+    # labels a second family of the same name with the first one's label keys.
+    by_name = {m.name: (i, j) for i, sm in enumerate(scopes) for j, m in enumerate(sm.metrics)
+               if isinstance(m.data, Histogram)}  # fmt: skip
+    joined = set()
+    for m in ours.metrics:
+        if m.name in by_name and isinstance(m.data, Histogram):
+            i, j = by_name[m.name]
+            sm = scopes[i]
+            old = sm.metrics[j]
+            merged = Metric(name=old.name, description=old.description, unit=old.unit, data=Histogram(
+                data_points=[*old.data.data_points, *m.data.data_points],  # type: ignore[union-attr]
+                aggregation_temporality=AggregationTemporality.CUMULATIVE))  # fmt: skip
+            scopes[i] = ScopeMetrics(scope=sm.scope, metrics=[*sm.metrics[:j], merged, *sm.metrics[j + 1:]],
+                                     schema_url=sm.schema_url)  # fmt: skip
+            joined.add(m.name)
+    if joined:
+        ours = ScopeMetrics(scope=ours.scope, metrics=[m for m in ours.metrics if m.name not in joined],
+                            schema_url=ours.schema_url)  # fmt: skip
     # Into the instruments' own scope (same name): the OTLP encoder keys scopes by name, so a
     # second ScopeMetrics of that scope would replace the first instead of joining it.
-    scopes = list(first.scope_metrics)
     same = next((i for i, sm in enumerate(scopes) if sm.scope.name == ours.scope.name), None)
     if same is None:
         scopes.append(ours)
