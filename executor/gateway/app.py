@@ -143,7 +143,7 @@ class Gateway:
             if model is None:
                 raise BadRequestBody("give `model` (or `models`, the models to try in order)", param="model")
             job = convert.chat_request(body, split_suffix(model)[0])
-            observe.asked(request, job.model)
+            observe.asked(job.model)
             route = plan(body, job)
             await self.admission.hold(grant, await self._estimate(job))
         except Exception as e:  # typed refusals; anything else is a 500 (logged by error_response)
@@ -159,7 +159,7 @@ class Gateway:
                 reply = await dispatch.complete(self.client, route, job, self.timeout)
             receipt = reply.receipt
             self.generations.remember(receipt)
-            observe.answered(request, reply.usage)
+            observe.answered(reply.usage)
             return _json(convert.chat_completion(reply), _reply_headers(reply.job_id, reply.executor_id, receipt))
         except LloomError as e:
             receipt = e.receipt if isinstance(e.receipt, SignedReceipt) else None
@@ -183,19 +183,19 @@ class Gateway:
             if opened.first is not None:
                 head += writer.chunk(opened.first)
             await resp.write(head)
-            observe.first_chunk(request)
+            observe.first_chunk()
             try:
                 await relay(opened, writer.chunk, resp.write)
             except LloomError as e:
                 _, err, _ = error_body(e)
                 await resp.write(error_event(err) + DONE)
-                observe.stream_failed(request, err.error.code or "")
+                observe.stream_failed(err.error.code or "")
                 receipt = e.receipt if isinstance(e.receipt, SignedReceipt) else None
                 return resp, receipt
             end = stream.end
             assert end is not None
             self.generations.remember(end.receipt)
-            observe.answered(request, end.usage)
+            observe.answered(end.usage)
             tail = writer.finish(end.finish_reason.value, end.executor_id)
             if body.stream_options is not None and body.stream_options.include_usage:
                 tail += writer.usage(convert.usage_out(end.usage, end.receipt))
@@ -216,7 +216,7 @@ class Gateway:
             grant = await self.admission.authorize(request)
             body = convert.decode_completion(data)
             model = body.model
-            observe.asked(request, model)
+            observe.asked(model)
             await self.admission.hold(grant, None)
             prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             reply = await self.client.complete_text(body.model, prompt, max_tokens=body.max_tokens,
@@ -224,7 +224,7 @@ class Gateway:
                                                     stop=convert.stop_list(body.stop), timeout=self.timeout)  # fmt: skip
             receipt = reply.receipt
             self.generations.remember(receipt)
-            observe.answered(request, reply.usage)
+            observe.answered(reply.usage)
             return _json(convert.text_completion(reply), _reply_headers(reply.job_id, reply.executor_id, receipt))
         except Exception as e:
             return error_response(e, model)
@@ -241,13 +241,13 @@ class Gateway:
             grant = await self.admission.authorize(request)
             body = convert.decode_embedding(data)
             model = body.model
-            observe.asked(request, model)
+            observe.asked(model)
             await self.admission.hold(grant, None)
             inputs = [body.input] if isinstance(body.input, str) else body.input
             reply = await self.client.embed(body.model, inputs, dimensions=body.dimensions, timeout=self.timeout)
             receipt = reply.receipt
             self.generations.remember(receipt)
-            observe.answered(request, reply.usage)
+            observe.answered(reply.usage)
             return _json(convert.embedding_list(reply, body.encoding_format), _reply_headers(reply.job_id, reply.executor_id, receipt))
         except Exception as e:
             return error_response(e, model)
