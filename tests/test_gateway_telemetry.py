@@ -31,7 +31,14 @@ from tests.doubles.openai_double import Fault
 from tests.helpers.gateway import Network, offer
 from tests.helpers.jobs import MODEL as JOB_MODEL
 from tests.helpers.processes import StartExecutor
-from tests.helpers.prometheus import free_port, prometheus, promql, start_prometheus  # noqa: F401 (a fixture)
+from tests.helpers.prometheus import (  # noqa: F401 (a fixture)
+    dashboard_queries,
+    free_port,
+    listening_ports,
+    prometheus,
+    promql,
+    start_prometheus,
+)
 from tests.helpers.wait import WAIT_S, eventually, within
 
 MODEL = "gw-model"
@@ -125,10 +132,18 @@ async def test_prometheus_scraping_a_gateway_counts_its_requests_by_route_model_
             return got == expected
 
         await eventually(all_scraped, timeout=60, what=lambda: f"PromQL results {got}, expected {expected}")
-        # No model a caller typed became a label.
-        async with aiohttp.ClientSession() as http, http.get(
-            f"{base}/api/v1/label/gen_ai_request_model/values") as r:  # fmt: skip
-            assert set((await r.json())["data"]) == {MODEL, "other"}
+        async with aiohttp.ClientSession() as http:
+            # No model a caller typed became a label.
+            async with http.get(f"{base}/api/v1/label/gen_ai_request_model/values") as r:
+                assert set((await r.json())["data"]) == {MODEL, "other"}
+            # The shipped dashboard's gateway panels are valid PromQL over series this gateway exports.
+            async with http.get(f"{base}/api/v1/label/__name__/values") as r:
+                exported = set((await r.json())["data"])
+            for expr in dashboard_queries(gateway=True):
+                async with http.get(f"{base}/api/v1/query", params={"query": expr}) as r:
+                    assert (await r.json())["status"] == "success", expr
+                used = set(re.findall(r"\b((?:lloom|gen_ai)_[a-z_]+)\{", expr))
+                assert used and used <= exported, (expr, used - exported)
 
 
 def gauge(exposition: str, name: str) -> float:
@@ -228,8 +243,6 @@ async def test_without_a_traceparent_the_gateway_span_starts_the_trace_and_a_mal
 async def test_with_telemetry_off_the_gateway_opens_no_port_records_no_span_and_adds_no_middleware(
     net: Network,
 ) -> None:
-    from tests.test_telemetry import listening_ports
-
     await net.executor("exe-a", offer(MODEL))
     telemetry = await gateway_telemetry(net, TelemetryConfig())
     assert telemetry.observer is None and telemetry.recorder is None and telemetry.endpoint is None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import socket
@@ -46,7 +45,14 @@ from protocol.identity import Identity
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
 from tests.helpers.processes import StartExecutor
-from tests.helpers.prometheus import free_port, prometheus, promql, start_prometheus  # noqa: F401 (a fixture)
+from tests.helpers.prometheus import (  # noqa: F401 (a fixture)
+    dashboard_queries,
+    free_port,
+    listening_ports,
+    prometheus,
+    promql,
+    start_prometheus,
+)
 from tests.helpers.wait import WAIT_S, eventually, within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,25 +79,6 @@ async def start_node(stack: AsyncExitStack, server: EmbeddedNats, double: OpenAI
     backend = OpenAICompatibleBackend(base_url=double.base_url)
     stack.push_async_callback(backend.aclose)
     return await assemble(config, nc, backend, stack, identity=Identity.generate(), tracer_provider=tracer_provider)
-
-
-def listening_ports() -> set[int]:
-    """The TCP ports this process listens on: its sockets' inodes looked up in /proc/net/tcp(6)."""
-    mine = set()
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            mine.add(target[8:-1])
-    ports = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(name).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in mine:  # TCP_LISTEN, ours
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 @pytest.mark.slow
@@ -140,19 +127,11 @@ async def test_prometheus_scraping_a_node_counts_its_requests_tokens_and_errors(
         # The shipped dashboard's queries are valid PromQL over series this executor exports.
         async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/label/__name__/values") as r:
             exported = set((await r.json())["data"])
-        for expr in dashboard_queries():
+        for expr in dashboard_queries(gateway=False):
             async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/query", params={"query": expr}) as r:
                 assert (await r.json())["status"] == "success", expr
             used = set(re.findall(r"\b((?:lloom|gen_ai)_[a-z_]+)\{", expr))
             assert used and used <= exported | ONLY_WITH_A_POOL_OR_QUEUE, (expr, used - exported)
-
-
-def dashboard_queries() -> list[str]:
-    """Every PromQL expression of compose/grafana/lloom-dashboard.json, its variables filled in."""
-    dashboard = json.loads((ROOT / "compose" / "grafana" / "lloom-dashboard.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    assert len(exprs) >= 15
-    return [e.replace("$instance", ".*").replace("$model", ".*").replace("$__rate_interval", "1m") for e in exprs]
 
 
 def test_the_shipped_prometheus_config_is_valid() -> None:

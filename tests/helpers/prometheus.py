@@ -1,9 +1,11 @@
 """A real Prometheus for telemetry tests: Debian's `prometheus` binary on a free port, scraping
-the targets a test names every second, and one-value PromQL queries against its HTTP API."""
+the targets a test names every second, and one-value PromQL queries against its HTTP API; the
+shipped dashboard's queries, and the ports this process listens on."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -15,6 +17,8 @@ import aiohttp
 import pytest
 
 from tests.helpers.wait import eventually
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def free_port() -> int:
@@ -83,3 +87,32 @@ async def promql(base: str, query: str) -> float | None:
     assert body["status"] == "success", body
     result = body["data"]["result"]
     return float(result[0]["value"][1]) if result else None
+
+
+def listening_ports() -> set[int]:
+    """The TCP ports this process listens on: its sockets' inodes looked up in /proc/net/tcp(6)."""
+    mine = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            mine.add(target[8:-1])
+    ports = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(name).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in mine:  # TCP_LISTEN, ours
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def dashboard_queries(*, gateway: bool) -> list[str]:
+    """The PromQL expressions of compose/grafana/lloom-dashboard.json, variables filled in: the
+    executor's panels, or the gateway's (those of the `$gateway` variable; tests/test_gateway_telemetry.py)."""
+    dashboard = json.loads((ROOT / "compose" / "grafana" / "lloom-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"] if ("$gateway" in t["expr"]) == gateway]
+    assert len(exprs) >= (8 if gateway else 15)
+    return [e.replace("$instance", ".*").replace("$gateway", ".*").replace("$model", ".*")
+            .replace("$__rate_interval", "1m") for e in exprs]
