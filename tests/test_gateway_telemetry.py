@@ -327,3 +327,17 @@ async def test_a_gateway_metrics_port_already_taken_is_a_config_error_naming_the
                 await telemetry.start()
         finally:
             await telemetry.aclose()
+
+
+async def test_routes_are_labelled_by_their_template_never_by_the_raw_path(net: Network) -> None:
+    await net.executor("exe-a", offer(MODEL))
+    telemetry = await gateway_telemetry(net, TelemetryConfig(prometheus_listen="127.0.0.1:0"))
+    assert telemetry.recorder is not None
+    gw = await net.gateway(observer=telemetry.observer)
+    async with aiohttp.ClientSession() as http:
+        for path in (f"/v1/models/{MODEL}", "/v1/models/secret-name-1", "/v1/no/such/endpoint-2", "/outside-3"):
+            async with http.get(f"{gw.url}{path}") as r:
+                assert r.status in (200, 404)
+    routes = {(key[0], key[3]): s.requests for key, s in telemetry.recorder.series.items()}
+    assert routes == {("/v1/models/{id}", 200): 1, ("/v1/models/{id}", 404): 1, ("/v1/{tail}", 404): 1,
+                      ("other", 404): 1}  # fmt: skip
