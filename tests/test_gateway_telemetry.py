@@ -8,8 +8,11 @@ Debian's binary (tests/helpers/prometheus.py); spans go to the SDK's in-memory e
 
 from __future__ import annotations
 
+import asyncio
 import re
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -35,6 +38,7 @@ from tests.helpers.prometheus import (  # noqa: F401 (a fixture)
     dashboard_queries,
     free_port,
     listening_ports,
+    outside_address,
     prometheus,
     promql,
     start_prometheus,
@@ -341,3 +345,43 @@ async def test_routes_are_labelled_by_their_template_never_by_the_raw_path(net: 
     routes = {(key[0], key[3]): s.requests for key, s in telemetry.recorder.series.items()}
     assert routes == {("/v1/models/{id}", 200): 1, ("/v1/models/{id}", 404): 1, ("/v1/{tail}", 404): 1,
                       ("other", 404): 1}  # fmt: skip
+
+
+GATEWAY = str(Path(sys.executable).parent / "lloom-gateway")
+
+
+@pytest.mark.slow
+async def test_lloom_gateway_serves_its_metrics_on_loopback_only_and_closes_the_port_when_it_stops(
+    net: Network, js_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    await net.executor("exe-a", offer(MODEL))
+    port, metrics_port = free_port(), free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[telemetry]\nprometheus_listen = "127.0.0.1:{metrics_port}"\n')
+    proc = await asyncio.create_subprocess_exec(
+        GATEWAY, "--config", str(config), "--nats", js_server.url, "--listen", f"127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    try:
+        line = await within(proc.stdout.readline(), "the gateway's URL on stdout")  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{port}/v1" in line.decode()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}{CHAT}", json=chat()) as r:
+                assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                assert r.status == 200
+                text = await r.text()
+            outside = outside_address()
+            if outside is not None:  # another host, through the machine's address: nothing answers
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await http.get(f"http://{outside}:{metrics_port}/metrics")
+        assert re.search(r'^target_info\{[^}]*service_name="lloom-gateway"', text, re.M), text
+        assert re.search(rf'^lloom_gateway_requests_total{{[^}}]*gen_ai_request_model="{MODEL}"[^}}]*'
+                         r'http_response_status_code="200"[^}]*\} 1\.0$', text, re.M), text  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        assert await within(proc.wait(), "the gateway's exit") == 0
+        with pytest.raises(OSError):  # nothing listens there any more
+            await asyncio.open_connection("127.0.0.1", metrics_port)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

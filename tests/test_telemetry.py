@@ -49,6 +49,7 @@ from tests.helpers.prometheus import (  # noqa: F401 (a fixture)
     dashboard_queries,
     free_port,
     listening_ports,
+    outside_address,
     prometheus,
     promql,
     start_prometheus,
@@ -139,17 +140,6 @@ def test_the_shipped_prometheus_config_is_valid() -> None:
     checked = subprocess.run([promtool, "check", "config", str(ROOT / "compose" / "prometheus" / "prometheus.yml")],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-def outside_address() -> str | None:
-    """An address of this machine other than loopback (where another host would connect), if any."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("10.255.255.255", 9))  # no packet is sent: this only picks the outgoing interface
-        except OSError:
-            return None
-        address = str(probe.getsockname()[0])
-    return None if address.startswith("127.") else address
 
 
 async def test_the_metrics_port_answers_on_loopback_and_nothing_answers_on_the_machines_other_address(

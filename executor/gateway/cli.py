@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from executor.config import ConfigError, ExecutorConfig, load_config
 from executor.gateway.server import GatewayServer, ListenError, parse_listen
@@ -77,6 +78,9 @@ async def run(args: argparse.Namespace) -> int:
             telemetry = GatewayTelemetry.standalone(config.telemetry, gw.client_id or "gateway")
             await telemetry.start()
             observer = telemetry.observer
+            if telemetry.endpoint is not None:
+                endpoint = telemetry.endpoint
+                print(f"lloom-gateway: metrics at http://{endpoint.host}:{endpoint.port}/metrics", file=sys.stderr)
         server = GatewayServer(client, gw, observer=observer)
         try:
             await server.start()
@@ -100,6 +104,10 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # The telemetry parts it shares with the executor log through structlog: to stderr, at this level
+    # (stdout carries only the URL line).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, args.log_level.upper())),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # fmt: skip
     try:
         import uvloop
 

@@ -116,3 +116,14 @@ def dashboard_queries(*, gateway: bool) -> list[str]:
     assert len(exprs) >= (8 if gateway else 15)
     return [e.replace("$instance", ".*").replace("$gateway", ".*").replace("$model", ".*")
             .replace("$__rate_interval", "1m") for e in exprs]
+
+
+def outside_address() -> str | None:
+    """An address of this machine other than loopback (where another host would connect), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))  # no packet is sent: this only picks the outgoing interface
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
