@@ -33,6 +33,7 @@ from protocol.messages import Usage
 from tests.doubles.openai_double import Fault
 from tests.helpers.gateway import Network, offer
 from tests.helpers.jobs import MODEL as JOB_MODEL
+from tests.helpers.otlp import Collector
 from tests.helpers.processes import StartExecutor
 from tests.helpers.prometheus import (  # noqa: F401 (a fixture)
     dashboard_queries,
@@ -385,3 +386,33 @@ async def test_lloom_gateway_serves_its_metrics_on_loopback_only_and_closes_the_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_otlp_export_sends_the_gateways_metrics_and_spans_to_the_collector(net: Network) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="pip install -e '.[otlp]' (CI has it)")
+    collector = Collector()
+    await collector.start()
+    try:
+        await net.executor("exe-a", offer(MODEL))
+        telemetry = GatewayTelemetry.standalone(
+            TelemetryConfig(otlp_endpoint=collector.url, otlp_interval_secs=0.2), "gw-test")  # fmt: skip
+        await telemetry.start()
+        assert telemetry.endpoint is None and telemetry.tracer is not None  # no port: OTLP only
+        try:
+            gw = await net.gateway(observer=telemetry.observer)
+            async with aiohttp.ClientSession() as http:
+                for _ in range(2):
+                    async with http.post(f"{gw.url}{CHAT}", json=chat(), headers={"traceparent": TRACEPARENT}) as r:
+                        assert r.status == 200
+            await eventually(lambda: collector.last_sum("lloom.gateway.requests") == 2, timeout=WAIT_S,
+                             what=lambda: f"2 requests at the collector (got {collector.last_sum('lloom.gateway.requests')})")
+        finally:
+            await telemetry.aclose()  # the batch span processor's last export
+        usage = [m for m in collector.metrics if m.name == "gen_ai.client.token.usage"][-1]
+        assert sum(p.sum for p in usage.histogram.data_points) == 2 * (PROMPT_TOKENS + COMPLETION_TOKENS)
+        spans = [s for s in collector.spans if s.name == f"POST {CHAT}"]
+        assert len(spans) == 2 and {s.trace_id.hex() for s in spans} == {f"{TRACE_ID:032x}"}
+        assert {s.parent_span_id.hex() for s in spans} == {f"{CALLER_SPAN_ID:016x}"}
+    finally:
+        assert collector.runner is not None
+        await collector.runner.cleanup()
