@@ -243,7 +243,7 @@ class GatewayTelemetry:
             readers.append(reader)
             gt.endpoint = MetricsEndpoint(config.prometheus_listen, registry, _Nothing())  # type: ignore[arg-type]
         if metric_exporter is not None:
-            readers.append(PeriodicExportingMetricReader(WithHistograms(metric_exporter, producer),  # type: ignore[arg-type]
+            readers.append(PeriodicExportingMetricReader(WithHistograms(metric_exporter, producer),
                                                          export_interval_millis=config.otlp_interval_secs * 1000))  # fmt: skip
         gt._meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         GatewayInstruments(gt._meter_provider.get_meter(NAME), recorder)

@@ -7,7 +7,10 @@ then builds the OpenTelemetry `MeterProvider` whose instruments read the node's 
 (executor/telemetry/metrics.py), with a Prometheus reader and its HTTP endpoint, and/or
 a periodic OTLP reader. `aclose()` stops the endpoint and shuts the providers down,
 flushing what was not exported yet (the daemon's exit stack calls it after the node has
-drained). Not configured: nothing is created, no port opens, no span is recorded.
+drained). Not configured: nothing is created, no port opens, no span is recorded. An
+in-process gateway (executor/gateway/telemetry.py `GatewayTelemetry.beside`) registers its
+instruments on `meter_provider`, its histograms through `add_histograms` and its spans on
+`tracer_provider`, so it needs no port of its own.
 
 OTLP export needs the `otlp` extra (`pip install 'lloom[otlp]'`); configured without it,
 start-up fails with a `ConfigError` that says so.
@@ -16,7 +19,7 @@ start-up fails with a `ConfigError` that says so.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from opentelemetry.sdk.metrics import MeterProvider
@@ -50,7 +53,7 @@ def otlp_exporters(endpoint: str) -> tuple[Any, Any]:
 class WithHistograms(MetricExporter):
     """An OTLP metric exporter whose exports carry the recorder's histograms too."""
 
-    def __init__(self, inner: MetricExporter, producer: Producers) -> None:
+    def __init__(self, inner: MetricExporter, producer: HistogramSource) -> None:
         super().__init__(preferred_temporality=inner._preferred_temporality,
                          preferred_aggregation=inner._preferred_aggregation)  # fmt: skip
         self._inner = inner
@@ -66,11 +69,17 @@ class WithHistograms(MetricExporter):
         self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
+class HistogramSource(Protocol):
+    """Histogram points made at collection (metrics.HistogramProducer, the gateway's GatewayHistograms)."""
+
+    def add_to(self, data: MetricsData | None) -> MetricsData: ...
+
+
 class Producers:
     """The histograms added to each collection: the executor's, and an in-process gateway's."""
 
     def __init__(self) -> None:
-        self.producers: list[HistogramProducer] = []
+        self.producers: list[HistogramSource] = []
 
     def add_to(self, data: MetricsData | None) -> MetricsData:
         for producer in self.producers:
@@ -114,7 +123,7 @@ class Telemetry:
     def tracer_provider(self) -> TracerProvider | None:
         return self._tracer_provider
 
-    def add_histograms(self, producer: Any) -> None:
+    def add_histograms(self, producer: HistogramSource) -> None:
         """Add `producer`'s histograms (an `add_to(MetricsData)`) to every collection from now on."""
         self._producers.producers.append(producer)
 
