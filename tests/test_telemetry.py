@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import msgspec
 import nats
 import pytest
 import structlog
-from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -46,7 +42,17 @@ from protocol.errors import InvalidRequest, LloomError
 from protocol.identity import Identity
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import MODEL, ask
+from tests.helpers.otlp import Collector
 from tests.helpers.processes import StartExecutor
+from tests.helpers.prometheus import (  # noqa: F401 (a fixture)
+    dashboard_queries,
+    free_port,
+    listening_ports,
+    outside_address,
+    prometheus,
+    promql,
+    start_prometheus,
+)
 from tests.helpers.wait import WAIT_S, eventually, within
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,95 +79,6 @@ async def start_node(stack: AsyncExitStack, server: EmbeddedNats, double: OpenAI
     backend = OpenAICompatibleBackend(base_url=double.base_url)
     stack.push_async_callback(backend.aclose)
     return await assemble(config, nc, backend, stack, identity=Identity.generate(), tracer_provider=tracer_provider)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def listening_ports() -> set[int]:
-    """The TCP ports this process listens on: its sockets' inodes looked up in /proc/net/tcp(6)."""
-    mine = set()
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            mine.add(target[8:-1])
-    ports = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(name).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in mine:  # TCP_LISTEN, ours
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-# -- a real Prometheus --------------------------------------------------------------
-
-
-def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        message = "Prometheus is not installed: apt-get install -y prometheus (Debian's package)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
-@pytest.fixture
-async def prometheus(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
-    """(the binary, a working directory) for a Prometheus the test starts once it knows its target."""
-    yield prometheus_binary(), tmp_path / "prometheus"
-
-
-async def start_prometheus(stack: AsyncExitStack, binary: str, workdir: Path, target: str) -> str:
-    """Prometheus scraping `target` every second; returns its HTTP API's base URL once it is ready."""
-    workdir.mkdir()
-    config = workdir / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        f"scrape_configs:\n  - job_name: lloom-executor\n    static_configs:\n      - targets: ['{target}']\n"
-    )
-    listen = f"127.0.0.1:{free_port()}"
-    proc = await asyncio.create_subprocess_exec(
-        binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address={listen}",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-
-    async def stop() -> None:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-    stack.push_async_callback(stop)
-    http = await stack.enter_async_context(aiohttp.ClientSession())
-    base = f"http://{listen}"
-
-    async def ready() -> bool:
-        if proc.returncode is not None:
-            pytest.fail(f"prometheus exited {proc.returncode}: {(await proc.stderr.read()).decode()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            async with http.get(f"{base}/-/ready") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    await eventually(ready, timeout=60, what="prometheus ready")
-    return base
-
-
-async def promql(base: str, query: str) -> float | None:
-    """The single value of an instant query, or None while it has no result."""
-    async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/query", params={"query": query}) as r:
-        body = await r.json()
-    assert body["status"] == "success", body
-    result = body["data"]["result"]
-    return float(result[0]["value"][1]) if result else None
 
 
 @pytest.mark.slow
@@ -210,19 +127,11 @@ async def test_prometheus_scraping_a_node_counts_its_requests_tokens_and_errors(
         # The shipped dashboard's queries are valid PromQL over series this executor exports.
         async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/label/__name__/values") as r:
             exported = set((await r.json())["data"])
-        for expr in dashboard_queries():
+        for expr in dashboard_queries(gateway=False):
             async with aiohttp.ClientSession() as http, http.get(f"{base}/api/v1/query", params={"query": expr}) as r:
                 assert (await r.json())["status"] == "success", expr
             used = set(re.findall(r"\b((?:lloom|gen_ai)_[a-z_]+)\{", expr))
             assert used and used <= exported | ONLY_WITH_A_POOL_OR_QUEUE, (expr, used - exported)
-
-
-def dashboard_queries() -> list[str]:
-    """Every PromQL expression of compose/grafana/lloom-dashboard.json, its variables filled in."""
-    dashboard = json.loads((ROOT / "compose" / "grafana" / "lloom-dashboard.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    assert len(exprs) >= 15
-    return [e.replace("$instance", ".*").replace("$model", ".*").replace("$__rate_interval", "1m") for e in exprs]
 
 
 def test_the_shipped_prometheus_config_is_valid() -> None:
@@ -230,17 +139,6 @@ def test_the_shipped_prometheus_config_is_valid() -> None:
     checked = subprocess.run([promtool, "check", "config", str(ROOT / "compose" / "prometheus" / "prometheus.yml")],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-def outside_address() -> str | None:
-    """An address of this machine other than loopback (where another host would connect), if any."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect(("10.255.255.255", 9))  # no packet is sent: this only picks the outgoing interface
-        except OSError:
-            return None
-        address = str(probe.getsockname()[0])
-    return None if address.startswith("127.") else address
 
 
 async def test_the_metrics_port_answers_on_loopback_and_nothing_answers_on_the_machines_other_address(
@@ -542,47 +440,6 @@ async def test_a_metrics_port_already_taken_stops_the_daemon_with_a_message_nami
 
 
 # -- OTLP ----------------------------------------------------------------------------
-
-
-class Collector:
-    """An OTLP/HTTP receiver (what an OpenTelemetry collector answers on :4318): it decodes what it gets."""
-
-    def __init__(self) -> None:
-        self.metrics: list[Any] = []
-        self.spans: list[Any] = []
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-
-        body = ExportMetricsServiceRequest()
-        body.ParseFromString(await request.read())
-        self.metrics += [m for rm in body.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
-        return web.Response(content_type="application/x-protobuf")
-
-    async def _traces(self, request: web.Request) -> web.Response:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-        body = ExportTraceServiceRequest()
-        body.ParseFromString(await request.read())
-        self.spans += [s for rs in body.resource_spans for ss in rs.scope_spans for s in ss.spans]
-        return web.Response(content_type="application/x-protobuf")
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/metrics", self._metrics)
-        app.router.add_post("/v1/traces", self._traces)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    def last_sum(self, name: str) -> float:
-        """The latest cumulative value of counter `name`, all series added up."""
-        points = [m.sum.data_points for m in self.metrics if m.name == name]
-        return sum(p.as_int or p.as_double for p in points[-1]) if points else 0.0
 
 
 async def test_otlp_export_sends_the_metrics_and_the_spans_to_the_collector(

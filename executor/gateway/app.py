@@ -24,7 +24,7 @@ import msgspec
 from aiohttp import web
 
 from executor.config import GatewayConfig
-from executor.gateway import convert, dispatch
+from executor.gateway import convert, dispatch, observe
 from executor.gateway.admission import OPEN, Admission
 from executor.gateway.errors import BadRequestBody, BodyTooLarge, NotFound, error_body, error_response
 from executor.gateway.generation import Generations
@@ -40,6 +40,9 @@ from protocol.messages import ChatRequest, StreamChunk
 from protocol.receipts import SignedReceipt
 
 RouteRegistrar = Callable[[web.Application], None]
+# Wraps every request (executor/gateway/observe.py `observed`: metrics and spans when telemetry is on).
+Middleware = Callable[[web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]],
+                      Awaitable[web.StreamResponse]]  # fmt: skip
 JSON = "application/json"
 CLIENT_KEY: web.AppKey[LloomClient] = web.AppKey("lloom_client", LloomClient)
 _encode = encoder.encode
@@ -141,6 +144,7 @@ class Gateway:
             if model is None:
                 raise BadRequestBody("give `model` (or `models`, the models to try in order)", param="model")
             job = convert.chat_request(body, split_suffix(model)[0])
+            observe.asked(job.model)
             route = plan(body, job)
             await self.admission.hold(grant, await self._estimate(job))
         except Exception as e:  # typed refusals; anything else is a 500 (logged by error_response)
@@ -156,6 +160,7 @@ class Gateway:
                 reply = await dispatch.complete(self.client, route, job, self.timeout)
             receipt = reply.receipt
             self.generations.remember(receipt)
+            observe.answered(reply.usage)
             return _json(convert.chat_completion(reply), _reply_headers(reply.job_id, reply.executor_id, receipt))
         except LloomError as e:
             receipt = e.receipt if isinstance(e.receipt, SignedReceipt) else None
@@ -179,16 +184,19 @@ class Gateway:
             if opened.first is not None:
                 head += writer.chunk(opened.first)
             await resp.write(head)
+            observe.first_chunk()
             try:
                 await relay(opened, writer.chunk, resp.write)
             except LloomError as e:
                 _, err, _ = error_body(e)
                 await resp.write(error_event(err) + DONE)
+                observe.stream_failed(err.error.code or "")
                 receipt = e.receipt if isinstance(e.receipt, SignedReceipt) else None
                 return resp, receipt
             end = stream.end
             assert end is not None
             self.generations.remember(end.receipt)
+            observe.answered(end.usage)
             tail = writer.finish(end.finish_reason.value, end.executor_id)
             if body.stream_options is not None and body.stream_options.include_usage:
                 tail += writer.usage(convert.usage_out(end.usage, end.receipt))
@@ -209,6 +217,7 @@ class Gateway:
             grant = await self.admission.authorize(request)
             body = convert.decode_completion(data)
             model = body.model
+            observe.asked(model)
             await self.admission.hold(grant, None)
             prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             reply = await self.client.complete_text(body.model, prompt, max_tokens=body.max_tokens,
@@ -216,6 +225,7 @@ class Gateway:
                                                     stop=convert.stop_list(body.stop), timeout=self.timeout)  # fmt: skip
             receipt = reply.receipt
             self.generations.remember(receipt)
+            observe.answered(reply.usage)
             return _json(convert.text_completion(reply), _reply_headers(reply.job_id, reply.executor_id, receipt))
         except Exception as e:
             return error_response(e, model)
@@ -232,11 +242,13 @@ class Gateway:
             grant = await self.admission.authorize(request)
             body = convert.decode_embedding(data)
             model = body.model
+            observe.asked(model)
             await self.admission.hold(grant, None)
             inputs = [body.input] if isinstance(body.input, str) else body.input
             reply = await self.client.embed(body.model, inputs, dimensions=body.dimensions, timeout=self.timeout)
             receipt = reply.receipt
             self.generations.remember(receipt)
+            observe.answered(reply.usage)
             return _json(convert.embedding_list(reply, body.encoding_format), _reply_headers(reply.job_id, reply.executor_id, receipt))
         except Exception as e:
             return error_response(e, model)
@@ -286,8 +298,11 @@ def make_app(
     admission: Admission = OPEN,
     extra_routes: Iterable[RouteRegistrar] = (),
     generations: Generations | None = None,
+    observer: Middleware | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=int(config.max_body_mb * 2**20), middlewares=[guard(config)])
+    # The observer (telemetry) is outermost, so refused requests are counted too.
+    middlewares = [observer, guard(config)] if observer is not None else [guard(config)]
+    app = web.Application(client_max_size=int(config.max_body_mb * 2**20), middlewares=middlewares)
     app[CLIENT_KEY] = client
     gw = Gateway(client, config, admission, generations or Generations(client.nc))
     app.router.add_post("/v1/chat/completions", gw.chat)

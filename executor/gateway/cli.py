@@ -1,12 +1,15 @@
 """`lloom-gateway`: run the OpenAI-compatible HTTP gateway against a NATS bus.
 
     lloom-gateway --nats nats://127.0.0.1:4222 --listen 127.0.0.1:8640
-    lloom-gateway --config executor.toml        # its [gateway] and [nats] sections
+    lloom-gateway --config executor.toml        # its [gateway], [nats] and [telemetry] sections
     lloom-gateway keys create|list|revoke       # API keys (executor/gateway/keys_cli.py)
 
 Prints its URL when it listens; SIGTERM or SIGINT stops accepting and lets open
 requests and streams finish for `[gateway] drain_secs`, then it exits 0.
-Exit codes: 0 stopped, 2 bad usage, config or no connection.
+`[telemetry]` gives it metrics (a Prometheus endpoint, OTLP) and spans like an executor's
+(executor/gateway/telemetry.py, docs/observability.md); its service.name is `lloom-gateway`
+unless `service_name` says otherwise.
+Exit codes: 0 stopped, 2 bad usage, config, metrics port taken or no connection.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from executor.config import ConfigError, ExecutorConfig, load_config
 from executor.gateway import keys_cli
@@ -34,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog="API keys: lloom-gateway keys create|list|revoke (lloom-gateway keys --help)")
     p.add_argument("--nats", help=f"NATS URL (default: [node] nats_url, $LLOOM_NATS_URL, else {DEFAULT_URL})")
     p.add_argument("--listen", help="host:port to listen on (default: [gateway] listen, 127.0.0.1:8640)")
-    p.add_argument("--config", type=Path, help="config file (its [gateway], [nats] and [node] sections)")
+    p.add_argument("--config", type=Path, help="config file (its [gateway], [nats], [node] and [telemetry] sections)")
     p.add_argument("--drain-secs", type=float, help="grace for open streams on SIGTERM")
     p.add_argument("--api-keys", action="store_true", default=None,
                    help="require API keys ([gateway] api_keys; `lloom-gateway keys create` makes them)")  # fmt: skip
@@ -74,13 +78,24 @@ async def run(args: argparse.Namespace) -> int:
     except ConnectionError as e:
         print(f"lloom-gateway: {e}", file=sys.stderr)
         return 2
+    telemetry = None
     try:
+        observer = None
+        if config.telemetry.enabled:  # the OpenTelemetry SDK is imported only then
+            from executor.gateway.telemetry import GatewayTelemetry
+
+            telemetry = GatewayTelemetry.standalone(config.telemetry, gw.client_id or "gateway")
+            await telemetry.start()
+            observer = telemetry.observer
+            if telemetry.endpoint is not None:
+                endpoint = telemetry.endpoint
+                print(f"lloom-gateway: metrics at http://{endpoint.host}:{endpoint.port}/metrics", file=sys.stderr)
         try:
             admission, routes = await seams_for(client, gw)
         except KeyStoreError as e:
             print(f"lloom-gateway: API keys are on ([gateway] api_keys) but {e}", file=sys.stderr)
             return 2
-        server = GatewayServer(client, gw, admission=admission, extra_routes=routes)
+        server = GatewayServer(client, gw, admission=admission, extra_routes=routes, observer=observer)
         try:
             await server.start()
         except OSError as e:
@@ -92,7 +107,12 @@ async def run(args: argparse.Namespace) -> int:
         await stop.wait()
         print("lloom-gateway: stopping; draining open requests", file=sys.stderr, flush=True)
         await server.stop()
+    except ConfigError as e:
+        print(f"lloom-gateway: {e}", file=sys.stderr)
+        return 2
     finally:
+        if telemetry is not None:  # after the drain: the last requests are in the final export
+            await telemetry.aclose()
         await client.close()
     return 0
 
@@ -105,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactKeys())
+    # The telemetry parts it shares with the executor log through structlog: to stderr, at this level
+    # (stdout carries only the URL line).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, args.log_level.upper())),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # fmt: skip
     try:
         import uvloop
 

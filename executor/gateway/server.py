@@ -20,7 +20,7 @@ from aiohttp import web
 
 from executor.config import GatewayConfig
 from executor.gateway.admission import OPEN, Admission
-from executor.gateway.app import RouteRegistrar, make_app
+from executor.gateway.app import Middleware, RouteRegistrar, make_app
 from executor.gateway.generation import Generations
 from protocol.client import LloomClient
 
@@ -46,6 +46,7 @@ class GatewayServer:
         *,
         admission: Admission = OPEN,
         extra_routes: Iterable[RouteRegistrar] = (),
+        observer: Middleware | None = None,
     ) -> None:
         self.client = client
         self.config = config
@@ -53,7 +54,7 @@ class GatewayServer:
         self.host, self.port = parse_listen(config.listen)
         self.generations = Generations(client.nc, remember=config.remember_generations)
         self.app = make_app(client, config, admission=admission, extra_routes=extra_routes,
-                            generations=self.generations)  # fmt: skip
+                            generations=self.generations, observer=observer)  # fmt: skip
         self._runner: web.AppRunner | None = None
 
     @property

@@ -20,7 +20,7 @@ import asyncio
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import structlog
@@ -39,6 +39,9 @@ from executor.runtime.keys import KeyRotation
 from executor.secrets import SecretMasker, config_secrets
 from protocol.client import LloomClient
 from protocol.connection import Violations, close_nats, connect_nats, redact
+
+if TYPE_CHECKING:  # imported only when telemetry is on (it costs ~5 MB of RSS)
+    from executor.telemetry.setup import Telemetry
 
 log = structlog.get_logger(logger_name=__name__)
 T = TypeVar("T")
@@ -160,7 +163,7 @@ async def serve(
             node = running.node
             _report_backend(node)
             if gateway_enabled(config):
-                await start_gateway(config, url, stack)
+                await start_gateway(config, url, stack, running.telemetry)
             if on_ready is not None:
                 on_ready(node, url)
             await stop.wait()
@@ -175,10 +178,12 @@ def gateway_enabled(config: ExecutorConfig) -> bool:
     return config.gateway.enabled if config.gateway.enabled is not None else not config.node.nats_url
 
 
-async def start_gateway(config: ExecutorConfig, url: str, stack: AsyncExitStack) -> GatewayServer | None:
+async def start_gateway(config: ExecutorConfig, url: str, stack: AsyncExitStack,
+                        telemetry: Telemetry | None = None) -> GatewayServer | None:  # fmt: skip
     """The OpenAI-compatible gateway in this process, on its own client connection; stopped (drained)
     by `stack` before the node drains. A taken port (another executor of this machine runs one) is
-    logged and skipped: the executor serves jobs all the same."""
+    logged and skipped: the executor serves jobs all the same. With the executor's `telemetry`, the
+    gateway's metrics and spans go through it (its metrics port: no second one)."""
     gw = config.gateway
     try:
         client = await LloomClient.connect(url, timeout=gw.default_timeout_secs, client_id=gw.client_id,
@@ -187,13 +192,18 @@ async def start_gateway(config: ExecutorConfig, url: str, stack: AsyncExitStack)
         log.warning("OpenAI-compatible gateway not started: it cannot connect to NATS as a client", error=str(e))
         return None
     stack.push_async_callback(client.close)
+    observer = None
+    if telemetry is not None:
+        from executor.gateway.telemetry import GatewayTelemetry
+
+        observer = GatewayTelemetry.beside(telemetry).observer
     try:
         admission, routes = await seams_for(client, gw)
     except KeyStoreError as e:
         log.warning("OpenAI-compatible gateway not started: [gateway] api_keys is on but the keys are"
                     " unreachable", error=str(e))  # fmt: skip
         return None
-    server = GatewayServer(client, gw, admission=admission, extra_routes=routes)
+    server = GatewayServer(client, gw, admission=admission, extra_routes=routes, observer=observer)
     try:
         await server.start()
     except OSError as e:

@@ -47,6 +47,11 @@ TOKEN_TYPE = "gen_ai.token.type"
 ERROR_TYPE = "error.type"
 OUTCOME = "lloom.outcome"
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# Shared with the gateway's histograms of the same names (executor/gateway/telemetry.py): a Prometheus
+# family is one name, description and unit, so an in-process gateway's series join the executor's.
+CLIENT_DURATION = ("GenAI client operation time: an executor's backend call (none for cache hits), or a gateway's"
+                   " request (with http.route)")  # fmt: skip
+TOKEN_USAGE = "Tokens per job or gateway request, by gen_ai.token.type (input, output)"
 
 
 class StatusSource(Protocol):
@@ -180,16 +185,13 @@ class ExecutorInstruments:
 _HISTOGRAMS: tuple[tuple[str, str, str, Callable[[Series], Buckets], dict[str, str]], ...] = (
     ("gen_ai.server.request.duration", "s", "Time a job took on this executor, received to answered",
      lambda s: s.duration, {}),
-    ("gen_ai.client.operation.duration", "s", "Time the backend call of a job took (none for cache hits)",
-     lambda s: s.backend, {}),
+    ("gen_ai.client.operation.duration", "s", CLIENT_DURATION, lambda s: s.backend, {}),
     ("gen_ai.server.time_to_first_token", "s", "Time from receiving a streamed job to its first chunk",
      lambda s: s.ttft, {}),
     ("gen_ai.server.time_per_output_token", "s", "Time per output token after the first, of streamed jobs",
      lambda s: s.tpot, {}),
-    ("gen_ai.client.token.usage", "{token}", "Tokens per job, by gen_ai.token.type (input, output)",
-     lambda s: s.input_tokens, {TOKEN_TYPE: "input"}),
-    ("gen_ai.client.token.usage", "{token}", "Tokens per job, by gen_ai.token.type (input, output)",
-     lambda s: s.output_tokens, {TOKEN_TYPE: "output"}),
+    ("gen_ai.client.token.usage", "{token}", TOKEN_USAGE, lambda s: s.input_tokens, {TOKEN_TYPE: "input"}),
+    ("gen_ai.client.token.usage", "{token}", TOKEN_USAGE, lambda s: s.output_tokens, {TOKEN_TYPE: "output"}),
 )  # fmt: skip
 
 
@@ -228,19 +230,43 @@ class HistogramProducer:
 
     def add_to(self, data: MetricsData | None) -> MetricsData:
         """`data` (what the SDK collected) with the histograms added."""
-        ours = self.produce()
-        if data is None or not data.resource_metrics:
-            return MetricsData(resource_metrics=[ResourceMetrics(resource=self._resource, scope_metrics=[ours],
-                                                                 schema_url="")])  # fmt: skip
-        first, *rest = data.resource_metrics
-        # Into the instruments' own scope (same name): the OTLP encoder keys scopes by name, so a
-        # second ScopeMetrics of that scope would replace the first instead of joining it.
-        scopes = list(first.scope_metrics)
-        same = next((i for i, sm in enumerate(scopes) if sm.scope.name == SCOPE.name), None)
-        if same is None:
-            scopes.append(ours)
-        else:
-            sm = scopes[same]
-            scopes[same] = ScopeMetrics(scope=sm.scope, metrics=[*sm.metrics, *ours.metrics], schema_url=sm.schema_url)
-        first = ResourceMetrics(resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url)
-        return MetricsData(resource_metrics=[first, *rest])
+        return add_scope(data, self.produce(), self._resource)
+
+
+def add_scope(data: MetricsData | None, ours: ScopeMetrics, resource: Resource) -> MetricsData:
+    """`data` (what the SDK collected) with the metrics of `ours` added to their scope."""
+    if data is None or not data.resource_metrics:
+        return MetricsData(resource_metrics=[ResourceMetrics(resource=resource, scope_metrics=[ours],
+                                                             schema_url="")])  # fmt: skip
+    first, *rest = data.resource_metrics
+    scopes = list(first.scope_metrics)
+    # A histogram of a name already collected (an in-process gateway's gen_ai.client.*, beside the
+    # executor's) joins that metric's points: the Prometheus reader makes one family per metric and
+    # labels a second family of the same name with the first one's label keys.
+    by_name = {m.name: (i, j) for i, sm in enumerate(scopes) for j, m in enumerate(sm.metrics)
+               if isinstance(m.data, Histogram)}  # fmt: skip
+    joined = set()
+    for m in ours.metrics:
+        if m.name in by_name and isinstance(m.data, Histogram):
+            i, j = by_name[m.name]
+            sm = scopes[i]
+            old = sm.metrics[j]
+            merged = Metric(name=old.name, description=old.description, unit=old.unit, data=Histogram(
+                data_points=[*old.data.data_points, *m.data.data_points],  # type: ignore[union-attr]
+                aggregation_temporality=AggregationTemporality.CUMULATIVE))  # fmt: skip
+            scopes[i] = ScopeMetrics(scope=sm.scope, metrics=[*sm.metrics[:j], merged, *sm.metrics[j + 1:]],
+                                     schema_url=sm.schema_url)  # fmt: skip
+            joined.add(m.name)
+    if joined:
+        ours = ScopeMetrics(scope=ours.scope, metrics=[m for m in ours.metrics if m.name not in joined],
+                            schema_url=ours.schema_url)  # fmt: skip
+    # Into the instruments' own scope (same name): the OTLP encoder keys scopes by name, so a
+    # second ScopeMetrics of that scope would replace the first instead of joining it.
+    same = next((i for i, sm in enumerate(scopes) if sm.scope.name == ours.scope.name), None)
+    if same is None:
+        scopes.append(ours)
+    else:
+        sm = scopes[same]
+        scopes[same] = ScopeMetrics(scope=sm.scope, metrics=[*sm.metrics, *ours.metrics], schema_url=sm.schema_url)
+    first = ResourceMetrics(resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url)
+    return MetricsData(resource_metrics=[first, *rest])

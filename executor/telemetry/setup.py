@@ -7,7 +7,10 @@ then builds the OpenTelemetry `MeterProvider` whose instruments read the node's 
 (executor/telemetry/metrics.py), with a Prometheus reader and its HTTP endpoint, and/or
 a periodic OTLP reader. `aclose()` stops the endpoint and shuts the providers down,
 flushing what was not exported yet (the daemon's exit stack calls it after the node has
-drained). Not configured: nothing is created, no port opens, no span is recorded.
+drained). Not configured: nothing is created, no port opens, no span is recorded. An
+in-process gateway (executor/gateway/telemetry.py `GatewayTelemetry.beside`) registers its
+instruments on `meter_provider`, its histograms through `add_histograms` and its spans on
+`tracer_provider`, so it needs no port of its own.
 
 OTLP export needs the `otlp` extra (`pip install 'lloom[otlp]'`); configured without it,
 start-up fails with a `ConfigError` that says so.
@@ -16,7 +19,7 @@ start-up fails with a `ConfigError` that says so.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from opentelemetry.sdk.metrics import MeterProvider
@@ -37,7 +40,7 @@ OTLP_MISSING = ("[telemetry] otlp_endpoint is set but the OTLP exporter is not i
                 " pip install 'lloom[otlp]' (or clear otlp_endpoint)")  # fmt: skip
 
 
-def _otlp_exporters(endpoint: str) -> tuple[Any, Any]:
+def otlp_exporters(endpoint: str) -> tuple[Any, Any]:
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -47,10 +50,10 @@ def _otlp_exporters(endpoint: str) -> tuple[Any, Any]:
     return OTLPMetricExporter(endpoint=f"{base}/v1/metrics"), OTLPSpanExporter(endpoint=f"{base}/v1/traces")
 
 
-class _WithHistograms(MetricExporter):
+class WithHistograms(MetricExporter):
     """An OTLP metric exporter whose exports carry the recorder's histograms too."""
 
-    def __init__(self, inner: MetricExporter, producer: HistogramProducer) -> None:
+    def __init__(self, inner: MetricExporter, producer: HistogramSource) -> None:
         super().__init__(preferred_temporality=inner._preferred_temporality,
                          preferred_aggregation=inner._preferred_aggregation)  # fmt: skip
         self._inner = inner
@@ -66,6 +69,24 @@ class _WithHistograms(MetricExporter):
         self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
+class HistogramSource(Protocol):
+    """Histogram points made at collection (metrics.HistogramProducer, the gateway's GatewayHistograms)."""
+
+    def add_to(self, data: MetricsData | None) -> MetricsData: ...
+
+
+class Producers:
+    """The histograms added to each collection: the executor's, and an in-process gateway's."""
+
+    def __init__(self) -> None:
+        self.producers: list[HistogramSource] = []
+
+    def add_to(self, data: MetricsData | None) -> MetricsData:
+        for producer in self.producers:
+            data = producer.add_to(data)
+        return data if data is not None else MetricsData(resource_metrics=[])
+
+
 class Telemetry:
     """What `[telemetry]` asks for; `recorder` and `tracer` are None when it asks for nothing."""
 
@@ -75,7 +96,7 @@ class Telemetry:
         self._resource = Resource.create({"service.name": config.service_name, "service.instance.id": executor_id})
         metric_exporter = span_exporter = None
         if config.otlp_endpoint:
-            metric_exporter, span_exporter = _otlp_exporters(config.otlp_endpoint)
+            metric_exporter, span_exporter = otlp_exporters(config.otlp_endpoint)
         self._metric_exporter = metric_exporter
         self._own_tracer_provider = tracer_provider is None and span_exporter is not None
         if self._own_tracer_provider:
@@ -87,23 +108,41 @@ class Telemetry:
         self.endpoint: MetricsEndpoint | None = None
         self._meter_provider: MeterProvider | None = None
         self._refresh: asyncio.Task[None] | None = None
+        self._producers = Producers()
+
+    @property
+    def resource(self) -> Resource:
+        return self._resource
+
+    @property
+    def meter_provider(self) -> MeterProvider | None:
+        """The provider of the metrics (after `start`), for an in-process gateway's instruments."""
+        return self._meter_provider
+
+    @property
+    def tracer_provider(self) -> TracerProvider | None:
+        return self._tracer_provider
+
+    def add_histograms(self, producer: HistogramSource) -> None:
+        """Add `producer`'s histograms (an `add_to(MetricsData)`) to every collection from now on."""
+        self._producers.producers.append(producer)
 
     async def start(self, node: StatusSource) -> None:
         """Register the instruments on `node`'s status and open the exporters configured."""
         if self.recorder is None or self._meter_provider is not None:
             return
         snapshot = StatusSnapshot(node)
-        producer = HistogramProducer(self.recorder, snapshot, self._resource)
+        self._producers.producers.insert(0, HistogramProducer(self.recorder, snapshot, self._resource))
         readers: list[MetricReader] = []
         if self.config.prometheus_listen:
             registry = CollectorRegistry(auto_describe=False)
             reader = HistogramReader(registry)
-            reader.producer = producer
+            reader.producer = self._producers  # type: ignore[assignment]
             readers.append(reader)
             self.endpoint = MetricsEndpoint(self.config.prometheus_listen, registry, snapshot)
         if self._metric_exporter is not None:
             interval_ms = self.config.otlp_interval_secs * 1000
-            readers.append(PeriodicExportingMetricReader(_WithHistograms(self._metric_exporter, producer),
+            readers.append(PeriodicExportingMetricReader(WithHistograms(self._metric_exporter, self._producers),
                                                          export_interval_millis=interval_ms))  # fmt: skip
             # The OTLP reader collects in its own thread: it reads a snapshot the loop keeps fresh.
             self._refresh = asyncio.create_task(self._keep_fresh(snapshot, self.config.otlp_interval_secs / 2),

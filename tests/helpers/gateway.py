@@ -10,16 +10,22 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 
 from executor.backends.registry import create_backend
 from executor.config import ExecutorConfig, GatewayConfig, LlmClientConfig, ModelConfig, NodeConfig, ReceiptsConfig
+from executor.gateway.app import Middleware
 from executor.gateway.server import GatewayServer
 from executor.runtime.builder import RunningNode, assemble
 from protocol.client import LloomClient
 from protocol.connection import NatsConnectOptions, connect_nats
 from protocol.identity import Identity
 from tests.doubles.openai_double import OpenAIDouble
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 
 def offer(name: str, inp: str = "0", out: str = "0", *features: str, context: int | None = None) -> ModelConfig:
@@ -39,7 +45,8 @@ class Network:
         self.doubles: dict[str, OpenAIDouble] = {}
 
     async def executor(self, executor_id: str, *offers: ModelConfig, double: OpenAIDouble | None = None,
-                       options: NatsConnectOptions | None = None, **node: object) -> RunningNode:  # fmt: skip
+                       options: NatsConnectOptions | None = None, tracer_provider: TracerProvider | None = None,
+                       **node: object) -> RunningNode:  # fmt: skip
         if self.session is None:
             self.session = aiohttp.ClientSession()
             self.stack.push_async_callback(self.session.close)
@@ -58,17 +65,18 @@ class Network:
         self.stack.push_async_callback(nc.close)
         backend = create_backend(config.llm_client, self.session)
         self.stack.push_async_callback(backend.aclose)
-        running = await assemble(config, nc, backend, self.stack, identity=Identity.generate())
+        running = await assemble(config, nc, backend, self.stack, identity=Identity.generate(),
+                                 tracer_provider=tracer_provider)  # fmt: skip
         self.executors[executor_id] = running
         self.doubles[executor_id] = double
         return running
 
-    async def gateway(self, options: NatsConnectOptions | None = None, *, admission: Any = None,
-                      extra_routes: Iterable[Any] = (), **config: object) -> GatewayServer:  # fmt: skip
+    async def gateway(self, options: NatsConnectOptions | None = None, observer: Middleware | None = None, *,
+                      admission: Any = None, extra_routes: Iterable[Any] = (), **config: object) -> GatewayServer:  # fmt: skip
         """A gateway on a free port; `admission` may be a factory taking the gateway's client (keys)."""
         client = await LloomClient.connect(self.nats_url, timeout=15, client_id="gateway", options=options)
         self.stack.push_async_callback(client.close)
-        seams: dict[str, Any] = {"extra_routes": extra_routes}
+        seams: dict[str, Any] = {"extra_routes": extra_routes, "observer": observer}
         if admission is not None:
             seams["admission"] = await admission(client) if callable(admission) else admission
         server = GatewayServer(client, GatewayConfig(listen="127.0.0.1:0", **config), **seams)  # type: ignore[arg-type]
