@@ -16,8 +16,8 @@ cancel only with the job's token, so nobody but the caller can cancel its jobs.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-import secrets
 
 import nats.aio.subscription
 from nats.aio.client import Client as NATS
@@ -49,8 +49,23 @@ HINT_JITTER = 0.2
 MAX_HINTED_RETRIES = 20
 
 
-def new_cancel_token() -> str:
-    return secrets.token_hex(16)
+class _Tokens:
+    """Cancel tokens cut from one `os.urandom` read per 256 (one system call per job was measurable)."""
+
+    __slots__ = ("_pool", "_at")
+    SIZE = 16
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool = os.urandom(self.SIZE * 256)
+            self._at = 0
+        at = self._at
+        self._at = at + self.SIZE
+        return self._pool[at : at + self.SIZE].hex()
 
 
 
@@ -70,6 +85,7 @@ class Pending:
         self._waiting: dict[str, Waiter] = {}
         self._cancel_tokens: dict[str, str] = {}  # job id -> its cancel secret, while the call waits
         self._nuid = NUID()
+        self._tokens = _Tokens()
         self._sub: nats.aio.subscription.Subscription | None = None
         self.watch = DeliveryWatch(nc, self._waiting, silence_s=silence_s)
 
@@ -108,7 +124,7 @@ class Pending:
         """The secret that lets this client (only) cancel `job_id`; made on first use."""
         token = self._cancel_tokens.get(job_id)
         if token is None:
-            token = self._cancel_tokens[job_id] = new_cancel_token()
+            token = self._cancel_tokens[job_id] = self._tokens.next()
         return token
 
     def forget(self, job_id: str) -> None:
@@ -154,16 +170,34 @@ class Pending:
         """The next message for one job; at the deadline, or when the caller is cancelled, the job is cancelled.
 
         Raises the error the dispatcher put there (no responders, client closed)."""
-        try:
-            async with asyncio.timeout_at(deadline):
+        if inbox.qsize():  # already here: no timer to arm (asyncio.timeout_at would not fire either)
+            item = inbox.get_nowait()
+        else:
+            # What `asyncio.timeout_at` does, without its object and state machine per wait (this
+            # runs once per reply on the gateway's path): one timer that cancels this task, told
+            # apart from a cancellation by the caller through `expired` and `uncancel`.
+            task = asyncio.current_task()
+            assert task is not None
+            expired = False
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                task.cancel()
+
+            timer = asyncio.get_running_loop().call_at(deadline, expire)
+            try:
                 item = await inbox.get()
-        except TimeoutError:
-            await self.cancel(job_id)
-            where = f" on executor {target[1]}" if target[1] else ""
-            raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time", job_id=job_id) from None
-        except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(job_id))
-            raise
+            except asyncio.CancelledError:
+                if expired and task.uncancel() == 0:  # the deadline, and nobody else cancelled us
+                    await self.cancel(job_id)
+                    where = f" on executor {target[1]}" if target[1] else ""
+                    raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time",
+                                           job_id=job_id) from None  # fmt: skip
+                await asyncio.shield(self.cancel(job_id))
+                raise
+            finally:
+                timer.cancel()
         if isinstance(item, LloomError):
             raise item
         return item
