@@ -26,7 +26,14 @@ from aiohttp import web
 from executor.config import GatewayConfig
 from executor.gateway import convert, dispatch
 from executor.gateway.admission import OPEN, Admission
-from executor.gateway.errors import BadRequestBody, BodyTooLarge, NotFound, error_body, error_response
+from executor.gateway.errors import (
+    BadRequestBody,
+    BodyTooLarge,
+    NotFound,
+    RequestTimeout,
+    error_body,
+    error_response,
+)
 from executor.gateway.generation import Generations
 from executor.gateway.models_list import model_cards, model_list
 from executor.gateway.openai_types import ErrorBody, ErrorDetail, GenerationBody, encoder
@@ -115,7 +122,13 @@ class Gateway:
 
     async def _body(self, request: web.Request) -> bytes:
         try:
-            return await request.read()
+            if request.content.is_eof():  # all of it arrived with the headers (the usual case): no timer
+                return await request.read()
+            async with asyncio.timeout(self.config.body_timeout_secs):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.config.body_timeout_secs:g} s"
+                                 " ([gateway] body_timeout_secs)") from None  # fmt: skip
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"the request body is over the gateway's limit of {self.config.max_body_mb:g} MB"
                                " ([gateway] max_body_mb)") from None  # fmt: skip
