@@ -47,6 +47,8 @@ BUSY_BACKOFF = Backoff(initial_s=0.02, max_s=0.25, jitter=0.75)
 HINT_JITTER = 0.2
 # Retries after busy replies that carry a wait estimate: bounded by the deadline, and this.
 MAX_HINTED_RETRIES = 20
+# A stream's first chunk names its executor in a header; a longer value is not an id (and not kept).
+MAX_EXECUTOR_ID = 256
 
 
 class _Tokens:
@@ -84,6 +86,7 @@ class Pending:
         self._prefix_len = len(self._prefix) + 1
         self._waiting: dict[str, Waiter] = {}
         self._cancel_tokens: dict[str, str] = {}  # job id -> its cancel secret, while the call waits
+        self._served_by: dict[str, str] = {}  # job id -> the executor its first stream chunk names
         self._nuid = NUID()
         self._tokens = _Tokens()
         self._sub: nats.aio.subscription.Subscription | None = None
@@ -119,6 +122,12 @@ class Pending:
     def unregister(self, job_id: str) -> None:
         self._waiting.pop(job_id, None)
         self._cancel_tokens.pop(job_id, None)
+        if self._served_by:
+            self._served_by.pop(job_id, None)
+
+    def served_by(self, job_id: str) -> str | None:
+        """The executor a waiting stream's first chunk named (a claim its end's receipt proves or not)."""
+        return self._served_by.get(job_id)
 
     def cancel_token(self, job_id: str) -> str:
         """The secret that lets this client (only) cancel `job_id`; made on first use."""
@@ -219,6 +228,9 @@ class Pending:
                 if waiter is not None:
                     fail(waiter, NoExecutors("no responders"))
                 return
+            executor = headers.get(subj.HDR_EXECUTOR)
+            if executor is not None and waiter is not None and len(executor) <= MAX_EXECUTOR_ID:
+                self._served_by[token] = executor
         if waiter is None:
             return  # a late reply (or one re-sent after an outage) for a job its caller has done with
         last = self.watch.last

@@ -68,6 +68,18 @@ async def test_async_sdk_streams_chunks_then_done_with_usage_when_asked(net: Net
     assert len({c.id for c in chunks}) == 1
 
 
+async def test_a_stream_through_the_queue_group_names_its_executor_in_the_headers(net: Network) -> None:
+    await net.executor("exe-a", offer(MODEL))
+    gw = await net.gateway()
+    async with sdk(gw.url) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True)
+        chunks = [c async for c in raw.parse()]
+    assert raw.headers["x-lloom-executor"] == "exe-a"
+    assert raw.headers["x-lloom-job-id"] == chunks[0].id
+    assert [c.model_extra.get("provider") for c in chunks if c.choices and c.choices[0].finish_reason] == ["exe-a"]
+
+
 async def test_sync_sdk_unary_and_streaming(net: Network) -> None:
     await net.executor("exe-a", offer(MODEL))
     gw = await net.gateway()

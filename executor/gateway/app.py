@@ -10,8 +10,9 @@ typed encode of the answer, no dicts, no logging at info.
 
 Responses carry `X-Lloom-Job-Id` (also the response `id`, and what `/v1/generation`
 takes), `X-Lloom-Executor` and `X-Lloom-Receipt` (`<executor id>#<receipt seq>`). A
-stream's headers leave before its executor is known when its model's queue group picked
-it: its last chunk names the executor (`provider`) instead.
+stream's headers leave with its first chunk, which names the executor the queue group
+picked (its last chunk names it again, in `provider`, once the receipt verified it); a
+stream has no `X-Lloom-Receipt` (its receipt comes at the end).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class Gateway:
             stream = opened.stream
             resp = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                **_reply_headers(stream.job_id, opened.target.executor, None),
+                **_reply_headers(stream.job_id, opened.target.executor or stream.executor, None),
             })  # fmt: skip
             await resp.prepare(request)
             writer = ChunkWriter(stream.job_id, opened.target.model)
