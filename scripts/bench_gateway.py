@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_gateway.py                      # this checkout's gateway
     .venv/bin/python scripts/bench_gateway.py --baseline main      # and main's gateway, same run, A/B
+    .venv/bin/python scripts/bench_gateway.py --ref B --baseline A # one commit's lever: A vs B
 
 What scripts/bench.py measures for the `gateway` path (added latency at c=1 over direct,
 CPU per request of gateway, executor and nats-server at c=32), without its other phases,
@@ -56,7 +57,8 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     nats_url, nats_pid = await start_nats(procs, gen_cpus, tmp)
     pids = {"backend": backend_pid, "nats-server": nats_pid}
     pids["executor"] = start_executor(procs, tmp, 1, backend_url, nats_url, relay_cpus)
-    gateways = {"gateway": start_gateway(procs, "gateway", nats_url, relay_cpus, None)}
+    code = export(args.ref, tmp / "candidate") if args.ref else None
+    gateways = {"gateway": start_gateway(procs, "gateway", nats_url, relay_cpus, code)}
     if args.baseline:
         base = export(args.baseline, tmp / "baseline")
         gateways["baseline"] = start_gateway(procs, "gateway-baseline", nats_url, relay_cpus, base)
@@ -109,6 +111,7 @@ def render(res: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", metavar="REF", help="also run the gateway of git ref REF (e.g. main), same run")
+    ap.add_argument("--ref", help="run the `gateway` path from git ref REF instead of this checkout")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=1.5, help="per batch")
     ap.add_argument("--quiet", action="store_true")
