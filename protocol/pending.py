@@ -47,6 +47,8 @@ BUSY_BACKOFF = Backoff(initial_s=0.02, max_s=0.25, jitter=0.75)
 HINT_JITTER = 0.2
 # Retries after busy replies that carry a wait estimate: bounded by the deadline, and this.
 MAX_HINTED_RETRIES = 20
+# Put in a unary call's inbox by its deadline timer (Pending.wait).
+_EXPIRED = object()
 # A stream's first chunk names its executor in a header; a longer value is not an id (and not kept).
 MAX_EXECUTOR_ID = 256
 
@@ -179,34 +181,24 @@ class Pending:
         """The next message for one job; at the deadline, or when the caller is cancelled, the job is cancelled.
 
         Raises the error the dispatcher put there (no responders, client closed)."""
-        if inbox.qsize():  # already here: no timer to arm (asyncio.timeout_at would not fire either)
+        if inbox.qsize():  # already here: no timer to arm
             item = inbox.get_nowait()
         else:
-            # What `asyncio.timeout_at` does, without its object and state machine per wait (this
-            # runs once per reply on the gateway's path): one timer that cancels this task, told
-            # apart from a cancellation by the caller through `expired` and `uncancel`.
-            task = asyncio.current_task()
-            assert task is not None
-            expired = False
-
-            def expire() -> None:
-                nonlocal expired
-                expired = True
-                task.cancel()
-
-            timer = asyncio.get_running_loop().call_at(deadline, expire)
+            # Not `asyncio.timeout_at` (an object and a cancellation per reply on the gateway's path):
+            # at the deadline a timer puts a marker in the inbox. If it lands just after the reply,
+            # the reply is taken first; the marker then ends any later wait of this job (past its deadline).
+            timer = asyncio.get_running_loop().call_at(deadline, inbox.put_nowait, _EXPIRED)  # type: ignore[arg-type]
             try:
                 item = await inbox.get()
             except asyncio.CancelledError:
-                if expired and task.uncancel() == 0:  # the deadline, and nobody else cancelled us
-                    await self.cancel(job_id)
-                    where = f" on executor {target[1]}" if target[1] else ""
-                    raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time",
-                                           job_id=job_id) from None  # fmt: skip
                 await asyncio.shield(self.cancel(job_id))
                 raise
             finally:
                 timer.cancel()
+        if item is _EXPIRED:
+            await self.cancel(job_id)
+            where = f" on executor {target[1]}" if target[1] else ""
+            raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time", job_id=job_id)
         if isinstance(item, LloomError):
             raise item
         return item
