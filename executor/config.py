@@ -363,6 +363,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     allowed_hosts: Annotated[list[Annotated[str, Meta(min_length=1, max_length=253)]], Meta(max_length=64)] = []
     # A request's whole deadline (routing, failover, the answer).
     default_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 120.0
+    # A request body not fully received this long after its headers is answered 408 (a stalled client).
+    body_timeout_secs: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     # On SIGTERM: stop accepting, let open requests and streams finish this long, then close.
     drain_secs: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     # Named in receipts as the client (so `lloom receipts report` shows the gateway's usage).

@@ -16,8 +16,8 @@ cancel only with the job's token, so nobody but the caller can cancel its jobs.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-import secrets
 
 import nats.aio.subscription
 from nats.aio.client import Client as NATS
@@ -46,10 +46,30 @@ BUSY_BACKOFF = Backoff(initial_s=0.02, max_s=0.25, jitter=0.75)
 HINT_JITTER = 0.2
 # Retries after busy replies that carry a wait estimate: bounded by the deadline, and this.
 MAX_HINTED_RETRIES = 20
+# Put in a unary call's inbox by its deadline timer (Pending.wait).
+_EXPIRED = object()
+# A stream's first chunk names its executor in a header; a longer value is not an id (and not kept).
+MAX_EXECUTOR_ID = 256
 
 
-def new_cancel_token() -> str:
-    return secrets.token_hex(16)
+class _Tokens:
+    """128-bit random hex strings (job ids, cancel tokens) cut from one `os.urandom` read per 256:
+    one system call per job was measurable."""
+
+    __slots__ = ("_pool", "_at")
+    SIZE = 16
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool = os.urandom(self.SIZE * 256)
+            self._at = 0
+        at = self._at
+        self._at = at + self.SIZE
+        return self._pool[at : at + self.SIZE].hex()
 
 
 
@@ -68,6 +88,8 @@ class Pending:
         self._prefix_len = len(self._prefix) + 1
         self._waiting: dict[str, Waiter] = {}
         self._cancel_tokens: dict[str, str] = {}  # job id -> its cancel secret, while the call waits
+        self._served_by: dict[str, str] = {}  # job id -> the executor its first stream chunk names
+        self._tokens = _Tokens()
         self._sub: nats.aio.subscription.Subscription | None = None
         self.watch = DeliveryWatch(nc, self._waiting, silence_s=silence_s)
 
@@ -97,7 +119,7 @@ class Pending:
         # random increment, so one job id would let its holder guess its neighbours, whose
         # receipts (/v1/generation) and queued results are read by job id. Hex: a subject
         # token, a KV key, and never an id starting with "-" that a command line takes for an option.
-        return secrets.token_hex(16)
+        return self._tokens.next()
 
     def register(self, job_id: str, waiter: Waiter) -> None:
         self._waiting[job_id] = waiter
@@ -106,12 +128,18 @@ class Pending:
         self._waiting.pop(job_id, None)
         self._cancel_tokens.pop(job_id, None)
         self.watch.forget(job_id)
+        if self._served_by:
+            self._served_by.pop(job_id, None)
+
+    def served_by(self, job_id: str) -> str | None:
+        """The executor a waiting stream's first chunk named (a claim its end's receipt proves or not)."""
+        return self._served_by.get(job_id)
 
     def cancel_token(self, job_id: str) -> str:
         """The secret that lets this client (only) cancel `job_id`; made on first use."""
         token = self._cancel_tokens.get(job_id)
         if token is None:
-            token = self._cancel_tokens[job_id] = new_cancel_token()
+            token = self._cancel_tokens[job_id] = self._tokens.next()
         return token
 
     def forget(self, job_id: str) -> None:
@@ -158,16 +186,24 @@ class Pending:
         """The next message for one job; at the deadline, or when the caller is cancelled, the job is cancelled.
 
         Raises the error the dispatcher put there (no responders, client closed)."""
-        try:
-            async with asyncio.timeout_at(deadline):
+        if inbox.qsize():  # already here: no timer to arm
+            item = inbox.get_nowait()
+        else:
+            # Not `asyncio.timeout_at` (an object and a cancellation per reply on the gateway's path):
+            # at the deadline a timer puts a marker in the inbox. If it lands just after the reply,
+            # the reply is taken first; the marker then ends any later wait of this job (past its deadline).
+            timer = asyncio.get_running_loop().call_at(deadline, inbox.put_nowait, _EXPIRED)  # type: ignore[arg-type]
+            try:
                 item = await inbox.get()
-        except TimeoutError:
+            except asyncio.CancelledError:
+                await asyncio.shield(self.cancel(job_id))
+                raise
+            finally:
+                timer.cancel()
+        if item is _EXPIRED:
             await self.cancel(job_id)
             where = f" on executor {target[1]}" if target[1] else ""
-            raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time", job_id=job_id) from None
-        except asyncio.CancelledError:
-            await asyncio.shield(self.cancel(job_id))
-            raise
+            raise DeadlineExceeded(f"no reply for model {target[0]!r}{where} in time", job_id=job_id)
         if isinstance(item, LloomError):
             raise item
         return item
@@ -189,6 +225,9 @@ class Pending:
                 if waiter is not None:
                     fail(waiter, NoExecutors("no responders"))
                 return
+            executor = headers.get(subj.HDR_EXECUTOR)
+            if executor is not None and waiter is not None and len(executor) <= MAX_EXECUTOR_ID:
+                self._served_by[token] = executor
         if waiter is None:
             return  # a late reply (or one re-sent after an outage) for a job its caller has done with
         last = self.watch.last

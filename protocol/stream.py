@@ -108,6 +108,14 @@ class ChatStream:
         self._finished = False
 
     @property
+    def executor(self) -> str | None:
+        """Who serves the stream: the end's (verified) executor once it ended; before, the one asked
+        for, else the one the first chunk named (None before it, or from an executor that names none)."""
+        if self.end is not None:
+            return self.end.executor_id
+        return self._executor or self._pending.served_by(self.job_id)
+
+    @property
     def reasoning(self) -> str:
         """The reasoning text received so far (each chunk's `reasoning` joined)."""
         return "".join(self._reasoning)

@@ -56,6 +56,7 @@ HDR_TRACESTATE = "tracestate"
 # Reply headers in the nats micro convention, so generic NATS tools see errors.
 HDR_SERVICE_ERROR = "Nats-Service-Error"
 HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+# On a stream's first chunk: the executor's id, so a relay (the gateway) can name it before the end.
 HDR_EXECUTOR = "Lloom-Executor"
 # Status header the server sets on its "no responders" reply.
 HDR_STATUS = "Status"

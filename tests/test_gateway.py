@@ -68,6 +68,18 @@ async def test_async_sdk_streams_chunks_then_done_with_usage_when_asked(net: Net
     assert len({c.id for c in chunks}) == 1
 
 
+async def test_a_stream_through_the_queue_group_names_its_executor_in_the_headers(net: Network) -> None:
+    await net.executor("exe-a", offer(MODEL))
+    gw = await net.gateway()
+    async with sdk(gw.url) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True)
+        chunks = [c async for c in raw.parse()]
+    assert raw.headers["x-lloom-executor"] == "exe-a"
+    assert raw.headers["x-lloom-job-id"] == chunks[0].id
+    assert [c.model_extra.get("provider") for c in chunks if c.choices and c.choices[0].finish_reason] == ["exe-a"]
+
+
 async def test_sync_sdk_unary_and_streaming(net: Network) -> None:
     await net.executor("exe-a", offer(MODEL))
     gw = await net.gateway()
@@ -318,18 +330,67 @@ async def test_two_gateways_serve_side_by_side(net: Network) -> None:
     assert len({r.id for r in replies}) == 10
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-async def test_litellm_sdk_as_a_client(net: Network, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # else its import fetches a price list online
-    litellm = pytest.importorskip("litellm")  # not in the test extra: see pyproject.toml
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# LiteLLM's SDK as a second client. litellm cannot join the test extra (its dependency tree
+# conflicts with our pins): it runs in its own venv (scripts/litellm_venv.py, created by .ci/run),
+# in a subprocess that prints what the SDK returned, unary then streamed.
+LITELLM_CLIENT = """
+import json, sys
+import litellm
+url, model = sys.argv[1], sys.argv[2]
+ask = dict(model="openai/" + model, api_base=url, api_key="unused", messages=[{"role": "user", "content": "x"}])
+unary = litellm.completion(max_tokens=2, **ask)
+streamed = "".join(c.choices[0].delta.content or "" for c in litellm.completion(max_tokens=3, stream=True, **ask))
+print(json.dumps({"unary": unary.choices[0].message.content, "id": unary.id, "streamed": streamed}))
+"""
+
+
+def litellm_python() -> Path:
+    """The LiteLLM venv's python; in CI its absence fails the test, elsewhere it skips saying how to make it."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("litellm_venv", ROOT / "scripts" / "litellm_venv.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    python = module.venv_python()
+    if python is None:
+        why = f"LiteLLM's venv is missing ({module.venv_dir()}): create it with `python3 scripts/litellm_venv.py`"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return python
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_litellm_sdk_as_a_client(net: Network) -> None:
+    import json
+    import os
+
+    python = litellm_python()
     await net.executor("exe-a", offer(MODEL))
     gw = await net.gateway()
-    reply = await litellm.acompletion(model=f"openai/{MODEL}", api_base=f"{gw.url}/v1", api_key="unused",
-                                      messages=[{"role": "user", "content": "x"}], max_tokens=2)
-    assert reply.choices[0].message.content == "tok0 tok1 "
-    stream = await litellm.acompletion(model=f"openai/{MODEL}", api_base=f"{gw.url}/v1", api_key="unused",
-                                       messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True)
-    assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "tok0 tok1 tok2 "
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # else its import fetches a price list online
+           "LITELLM_TELEMETRY": "False", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        str(python), "-c", LITELLM_CLIENT, f"{gw.url}/v1", MODEL, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await within(proc.communicate(), "litellm's calls finished", timeout=150)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    got = json.loads(out.decode().strip().splitlines()[-1])
+    assert got["unary"] == "tok0 tok1 "
+    assert got["streamed"] == "tok0 tok1 tok2 "
+    assert got["id"]
 
 
 # -- the admission seam (keys, limits and budgets plug in here) and the deadline -------------------
@@ -415,6 +476,24 @@ async def test_a_request_past_its_deadline_is_504(net: Network) -> None:
         with pytest.raises(openai.APIStatusError) as late:
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert late.value.status_code == 504
+
+
+async def test_a_body_that_stalls_is_408_and_no_job_runs(net: Network) -> None:
+    """408 is the client's own lateness (its body did not arrive); 504 is upstream's (above)."""
+    await net.executor("exe-a", offer(MODEL))
+    gw = await net.gateway(body_timeout_secs=0.3)
+    body = msgspec.json.encode({"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])  # fmt: skip
+        await writer.drain()
+        status_line = await within(reader.readline(), "the gateway's answer to a stalled body")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert status_line.split()[1] == b"408"
+    assert net.doubles["exe-a"].requests == []
 
 
 async def test_stream_errors_before_and_after_the_first_chunk(net: Network) -> None:

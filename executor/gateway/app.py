@@ -10,8 +10,9 @@ typed encode of the answer, no dicts, no logging at info.
 
 Responses carry `X-Lloom-Job-Id` (also the response `id`, and what `/v1/generation`
 takes), `X-Lloom-Executor` and `X-Lloom-Receipt` (`<executor id>#<receipt seq>`). A
-stream's headers leave before its executor is known when its model's queue group picked
-it: its last chunk names the executor (`provider`) instead.
+stream's headers leave with its first chunk, which names the executor the queue group
+picked (its last chunk names it again, in `provider`, once the receipt verified it); a
+stream has no `X-Lloom-Receipt` (its receipt comes at the end).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from aiohttp import web
 from executor.config import GatewayConfig
 from executor.gateway import convert, dispatch, observe
 from executor.gateway.admission import OPEN, Admission
-from executor.gateway.errors import BadRequestBody, BodyTooLarge, NotFound, error_body, error_response
+from executor.gateway.errors import (
+    BadRequestBody,
+    BodyTooLarge,
+    NotFound,
+    RequestTimeout,
+    error_body,
+    error_response,
+)
 from executor.gateway.generation import Generations
 from executor.gateway.guard import guard, header_token
 from executor.gateway.models_list import model_cards, model_list
@@ -119,7 +127,13 @@ class Gateway:
 
     async def _body(self, request: web.Request) -> bytes:
         try:
-            return await request.read()
+            if request.content.is_eof():  # all of it arrived with the headers (the usual case): no timer
+                return await request.read()
+            async with asyncio.timeout(self.config.body_timeout_secs):
+                return await request.read()
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.config.body_timeout_secs:g} s"
+                                 " ([gateway] body_timeout_secs)") from None  # fmt: skip
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"the request body is over the gateway's limit of {self.config.max_body_mb:g} MB"
                                " ([gateway] max_body_mb)") from None  # fmt: skip
@@ -176,7 +190,7 @@ class Gateway:
             stream = opened.stream
             resp = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                **_reply_headers(stream.job_id, opened.target.executor, None),
+                **_reply_headers(stream.job_id, opened.target.executor or stream.executor, None),
             })  # fmt: skip
             await resp.prepare(request)
             writer = ChunkWriter(stream.job_id, opened.target.model)

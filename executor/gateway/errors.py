@@ -17,7 +17,8 @@ status that makes them do the right thing:
 | `TooManyRequests` (admission), `RateLimited` (a backend's 429) | 429 + Retry-After | rate_limit_error |
 | `KeysUnavailable` (admission: the keys bucket unreachable) | 503 + Retry-After | service_unavailable |
 | `NoExecutors` (none within the constraints), busy, shutting down, lost, receipts or queue unavailable | 503 + Retry-After | service_unavailable |
-| `DeadlineExceeded`, `BackendTimeout` | 504 | timeout |
+| `RequestTimeout`: the client's body not received within `body_timeout_secs` | 408 | invalid_request_error |
+| `DeadlineExceeded`, `BackendTimeout`: no answer from upstream within the request's deadline | 504 | timeout |
 | backend and verification failures | 502 | upstream_error |
 | anything else | 500 | server_error (no details: they stay in the log) |
 
@@ -84,6 +85,12 @@ class RequestTimeout(GatewayError):
 
 class BodyTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class RequestTimeout(GatewayError):
+    """The client did not finish sending its request in time (`[gateway] body_timeout_secs`)."""
+
+    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class TooManyRequests(GatewayError):

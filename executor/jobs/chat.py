@@ -23,6 +23,7 @@ from executor.backends.base import Backend, Completion, Delta, Finish, StreamEve
 from executor.cache.memory import cache_key, cacheable
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.context import JobContext, ReplyChannel
+from protocol import subjects as subj
 from protocol.chat_checks import check_chat_request
 from protocol.chat_types import ToolCallDelta
 from protocol.errors import (
@@ -242,8 +243,11 @@ class Job(JobBase):
             try:
                 async for event in events:
                     if type(event) is Delta:
+                        # The first chunk names this executor (a header), so a relay can say who serves
+                        # the stream before its end (the gateway's X-Lloom-Executor); the end's receipt proves it.
                         await send(encoder.encode(StreamChunk(seq, event.text, event.reasoning, event.tool_calls,
-                                                              event.logprobs)))  # fmt: skip
+                                                              event.logprobs)),
+                                   None if seq else {subj.HDR_EXECUTOR: self.ctx.executor_id})  # fmt: skip
                         self._parts.append(event.text)
                         if event.reasoning is not None:
                             reasoning.append(event.reasoning)

@@ -103,7 +103,7 @@ class Procs:
 
     def start(
         self, name: str, argv: list[str], *, cpus: set[int] | None = None, env: dict[str, str] | None = None,
-        stdout_pipe: bool = False,
+        stdout_pipe: bool = False, cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:  # fmt: skip
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
         proc = subprocess.Popen(
@@ -112,6 +112,7 @@ class Procs:
             stdout=subprocess.PIPE if stdout_pipe else log,
             stderr=log,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
             preexec_fn=_die_with_parent,
         )
         self.started.append((name, proc))
