@@ -485,7 +485,7 @@ async def test_a_body_that_stalls_is_408_and_no_job_runs(net: Network) -> None:
     body = msgspec.json.encode({"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     reader, writer = await asyncio.open_connection(gw.host, gw.port)
     try:
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[: len(body) // 2])  # fmt: skip
         await writer.drain()
         status_line = await within(reader.readline(), "the gateway's answer to a stalled body")

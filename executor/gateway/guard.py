@@ -20,9 +20,9 @@ pages from anywhere on the same machine. Two ways a web page could use it:
   operator's to know); API keys are what guards such a gateway.
 
 Refusals are OpenAI error bodies (403 `forbidden_host` / `forbidden_origin`, errors.py's
-table), sent before any work. The body deadline (`[gateway] body_timeout_secs`): a client that sends headers
-and then trickles its body (slowloris) holds a handler; after the deadline it gets 408 and
-the connection closes. The body is read here, once (aiohttp keeps it for the handler).
+table), sent before any work. The body deadline (`[gateway] body_timeout_secs`, against a
+client that sends headers and then trickles its body) is kept where bodies are read, in
+`app.Handlers._body`: 408, and no job runs.
 
 Header values built from what the network says (executor ids come from announcements and
 replies, which anyone with a key can sign) go through `header_token`, so a line break can
@@ -31,7 +31,6 @@ never reach a response header.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable
@@ -41,11 +40,9 @@ from aiohttp import web
 
 from executor.config import GatewayConfig
 from executor.gateway.errors import (
-    BodyTooLarge,
     ForbiddenHost,
     ForbiddenOrigin,
     GatewayError,
-    RequestTimeout,
     error_response,
 )
 
@@ -90,8 +87,6 @@ class Guard:
         listen_host = config.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
         self.check_host = is_loopback(listen_host)
         self.allowed = frozenset(h.lower() for h in config.allowed_hosts)
-        self.body_timeout = config.body_timeout_secs
-        self.max_body_mb = config.max_body_mb
 
     def host_ok(self, host_header: str | None) -> bool:
         if not self.check_host:
@@ -120,16 +115,8 @@ class Guard:
                                          " (127.0.0.1, localhost); add the name to [gateway] allowed_hosts to use another"))  # fmt: skip
         if not self.origin_ok(request.headers.get("Origin"), host):
             return _refuse(ForbiddenOrigin("cross-origin requests are refused: a web page may not use this gateway"))
-        if request.body_exists:
-            try:
-                async with asyncio.timeout(self.body_timeout):
-                    await request.read()  # kept by aiohttp: the handler's read() returns it
-            except TimeoutError:
-                return _refuse(RequestTimeout(f"the request body did not arrive within {self.body_timeout:g} s"
-                                              " ([gateway] body_timeout_secs)"))  # fmt: skip
-            except web.HTTPRequestEntityTooLarge:
-                return _refuse(BodyTooLarge(f"the request body is over the gateway's limit of {self.max_body_mb:g} MB"
-                                            " ([gateway] max_body_mb)"))  # fmt: skip
+        # The body deadline is kept where bodies are read (app.Handlers._body: the only reader), which
+        # arms no timer when the body came with the headers.
         return await handler(request)
 
 
