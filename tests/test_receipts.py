@@ -379,6 +379,35 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     assert check_chain(chain) == []
 
 
+
+async def test_a_replys_encoded_receipt_is_its_outbox_line_and_verifies_with_its_endorsement(tmp_path: Path) -> None:
+    """Receipts are encoded once: the JSON a reply carries is the outbox line, byte for byte."""
+    from protocol.receipts import ReceiptUsage
+    from protocol.trust import endorse
+
+    identity, operator = Identity.generate(), Identity.generate()
+    outbox = Outbox(tmp_path)
+    issuer = ReceiptIssuer(identity, "exe", outbox, pricing=lambda _m: PRICE)
+    issuer.endorsement = endorse(operator, identity.public_key)
+    job = dict(client="c", model="m", backend="b", outcome="completed", finish_reason="stop",
+               usage=ReceiptUsage(prompt_tokens=3, completion_tokens=2, total_tokens=5, counted_by="backend"),
+               started_at_ms=0, ttft_ms=None, request=b"{}", response_text="y")  # fmt: skip
+    raws = await asyncio.gather(*(issuer.issue_encoded(job_id=f"j{i}", **job) for i in range(3)))
+    outbox.close()
+    lines = receipt_lines((tmp_path / "receipts.jsonl").read_bytes())
+    assert [bytes(r) for r in raws] == lines
+    signed = [signed_receipt_decoder.decode(r) for r in raws]
+    assert [s.receipt.job_id for s in signed] == ["j0", "j1", "j2"]
+    assert all(s.endorsement == issuer.endorsement for s in signed)
+    assert len({s.proof.sig for s in signed}) == 1  # one batch, one signature
+    assert check_chain([(s, verify_receipt(s)) for s in signed]) == []
+    # As a reply carries it: the same receipt the client decodes.
+    reply = msgspec.json.decode(encoder.encode({"receipt": raws[0]}))
+    assert signed_receipt_decoder.decode(msgspec.json.encode(reply["receipt"])) == signed[0]
+    tampered = lines[0].replace(b'"completion_tokens":2', b'"completion_tokens":1', 1)
+    with pytest.raises(ReceiptInvalid):
+        verify_receipt(signed_receipt_decoder.decode(tampered))
+
 # -- the backend named is the one chosen -------------------------------------------------
 
 

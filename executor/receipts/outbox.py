@@ -205,15 +205,17 @@ class Outbox:
             else:
                 self._spill = (seq, offset)
 
-    def write(self, batch: list[tuple[SignedReceipt, str]]) -> None:
+    def write(self, batch: list[tuple[SignedReceipt, str]], *, lines: list[bytes] | None = None) -> None:
         """Write a signed batch (receipt, leaf hash hex) with one write(), before any of its replies leave.
+        `lines`: the batch's receipts already encoded (one per receipt, without the newline).
 
         All or nothing: a write that fails is cut back to the last whole batch and raises
         `OutboxUnwritable`; the outbox is then not `durable` until a probe finds it writable.
         """
         if self.error is not None:
             raise OutboxUnwritable(self.error)
-        lines = [_encode(signed) for signed, _ in batch]
+        if lines is None:
+            lines = [_encode(signed) for signed, _ in batch]
         data = b"\n".join(lines) + b"\n"
         try:
             fd = self._open()
