@@ -18,8 +18,10 @@ without an ack after `ack_timeout_s` is sent again. No responders (no
 JetStream) or an error ack means JetStream is away: back off and retry; nothing
 is dropped. fsync, the acked mark and the outbox's probe (when it could not
 write) happen every `sync_interval_s`, never on the request path: jobs only
-write and wake it. While JetStream is away, receipts wait in the outbox file:
-the publisher reads them from it (`Outbox.entry`) in seq order as it sends, so
+write and wake it (the fsync and the mark's write run in a worker thread, so a
+slow disk does not stall the event loop's replies meanwhile). While JetStream is
+away, receipts wait in the outbox file: the publisher reads them from it
+(`Outbox.entry`) in seq order as it sends, so
 memory holds the outbox's bounded window, not every receipt waiting.
 
 The stream is made with `deny_delete` and `deny_purge`, so no one can remove
@@ -121,6 +123,7 @@ class ReceiptPublisher:
         self._in_flight: dict[int, _Batch] = {}  # first seq -> batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._syncing: asyncio.Future[None] | None = None  # the outbox's sync under way, or the last one
         self._acks: Subscription | None = None
         self._ack_prefix = nc.new_inbox()
         self._stream_ready = False
@@ -183,6 +186,8 @@ class ReceiptPublisher:
         task, self._task = self._task, None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        if self._syncing is not None:  # a sync's thread outlives the task's cancellation: let it end first
+            await asyncio.gather(self._syncing, return_exceptions=True)
         if self._acks is not None and not self._nc.is_closed:
             await self._acks.unsubscribe()
         self.outbox.sync()
@@ -206,7 +211,9 @@ class ReceiptPublisher:
             now = loop.time()
             if now >= next_sync:
                 next_sync = now + self.sync_interval_s
-                self.outbox.sync()
+                # Shielded: a cancelled publisher still finishes (and accounts for) a sync under way.
+                self._syncing = asyncio.ensure_future(self.outbox.sync_async())
+                await asyncio.shield(self._syncing)
                 self._requeue_overdue(now)
             if not self.outbox.waiting:
                 self.idle.set()
