@@ -5,6 +5,8 @@ receipt's leaf hash) and stages it; at the end of the event-loop turn every
 staged receipt is signed with one Ed25519 signature over a Merkle root
 (`BatchSigner`), written to the outbox with one write(), and only then handed
 back, so a job sends its receipt only once it is on disk. The publisher is woken.
+A receipt is encoded once: its canonical JSON (hashed for its leaf) is spliced into
+its outbox line, and `issue_encoded()` hands a reply those same bytes.
 
 Receipts fail closed. If the outbox cannot write the batch (full disk, EIO,
 read-only), every job of the batch gets `ReceiptsUnavailable` instead of a

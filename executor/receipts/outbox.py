@@ -2,8 +2,8 @@
 
 `receipts.jsonl` is append-only, one signed receipt per line. `write()` puts a
 signed batch into the file with one write() before any of its replies may leave
-(it survives the process being killed; `sync()` fsyncs every `sync_interval`, or
-each batch with `fsync_each_batch`, for the machine). A write that fails (full
+(it survives the process being killed; `sync_async()` fsyncs every `sync_interval`
+in a worker thread, or `write()` each batch with `fsync_each_batch`, for the machine). A write that fails (full
 disk, EFBIG, EIO, read-only fs) is cut back to the last whole batch and raises
 `OutboxUnwritable`: none of that batch's receipts reaches disk, a client, or the
 stream, and the outbox says it is not `durable` (the node then refuses billable
