@@ -148,6 +148,11 @@ def outbox_state(directory: Path) -> tuple[int, int]:
                 continue  # a line cut by the seek, or being written
     except FileNotFoundError:
         pass
+    if not last:  # compacted (rotated away once all was acknowledged): the chain file keeps its position
+        try:
+            last = int((directory / "chain").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            pass
     try:
         acked = int((directory / "acked").read_text().strip() or 0)
     except (FileNotFoundError, ValueError):

@@ -40,7 +40,7 @@ from protocol.receipts import (
 from tests.conftest import MODEL
 from tests.doubles.openai_double import Fault, OpenAIDouble
 from tests.helpers.jobs import ask, leave_a_long_stream_early
-from tests.helpers.wait import within
+from tests.helpers.wait import eventually, within
 
 PRICE = Pricing(input=Decimal("0.15"), output=Decimal("0.60"))
 WAIT = 10.0
@@ -176,6 +176,36 @@ async def test_receipts_travel_in_batches_one_stream_message_for_many_jobs(rig: 
     assert last.headers is not None
     assert int(last.headers["Lloom-Receipts"]) == len(receipt_lines(last.data))
 
+
+
+async def test_receipts_issued_while_a_batch_awaits_its_ack_wait_to_make_a_whole_batch(
+    js_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """An acknowledgement does not send the few receipts issued since as a batch of their own (one
+    stored message, one server fsync each): they leave when a batch is full (or its delay is up)."""
+    nc = await nats.connect(js_server.url)
+    outbox = Outbox(tmp_path / "outbox")
+    # Only a full batch leaves (no delay, and no sync tick, which sends what waits, runs meanwhile).
+    publisher = ReceiptPublisher(nc, outbox, batch=8, batch_delay_s=3600, sync_interval_s=3600)
+    issuer = ReceiptIssuer(Identity.generate(), "exe", outbox, on_issue=publisher.notify)
+    await publisher.start()
+    try:
+        await _issue(issuer, 8)  # batch 1 leaves
+        await asyncio.gather(*(_issue(issuer, 1) for _ in range(3)))  # issued before its ack is back
+        await eventually(lambda: publisher.messages == 1, timeout=WAIT, what="batch 1 acknowledged")
+        assert outbox.waiting == 3  # the ack did not send them
+        await _issue(issuer, 5)
+        await eventually(lambda: publisher.messages == 2, timeout=WAIT, what="batch 2 acknowledged")
+        js = nc.jetstream()
+        sizes = [len(receipt_lines((await js.get_msg(STREAM, seq)).data)) for seq in (1, 2)]
+        assert sizes == [8, 8]
+        stored = await stored_receipts(js)
+        assert sorted(s.receipt.seq for s in stored) == list(range(1, 17))
+        assert check_chain([(s, verify_receipt(s)) for s in stored]) == []
+    finally:
+        await publisher.stop()
+        outbox.close()
+        await nc.close()
 
 async def test_embedding_jobs_are_billed_by_receipt_too(rig: Rig, js_client: LloomClient) -> None:
     reply = await js_client.embed(MODEL, ["three word input", "two words"])
@@ -378,6 +408,35 @@ async def test_a_fully_acknowledged_outbox_is_compacted_and_the_chain_continues(
     assert later.receipt.seq == 4
     assert check_chain(chain) == []
 
+
+
+async def test_a_replys_encoded_receipt_is_its_outbox_line_and_verifies_with_its_endorsement(tmp_path: Path) -> None:
+    """Receipts are encoded once: the JSON a reply carries is the outbox line, byte for byte."""
+    from protocol.receipts import ReceiptUsage
+    from protocol.trust import endorse
+
+    identity, operator = Identity.generate(), Identity.generate()
+    outbox = Outbox(tmp_path)
+    issuer = ReceiptIssuer(identity, "exe", outbox, pricing=lambda _m: PRICE)
+    issuer.endorsement = endorse(operator, identity.public_key)
+    job = dict(client="c", model="m", backend="b", outcome="completed", finish_reason="stop",
+               usage=ReceiptUsage(prompt_tokens=3, completion_tokens=2, total_tokens=5, counted_by="backend"),
+               started_at_ms=0, ttft_ms=None, request=b"{}", response_text="y")  # fmt: skip
+    raws = await asyncio.gather(*(issuer.issue_encoded(job_id=f"j{i}", **job) for i in range(3)))
+    outbox.close()
+    lines = receipt_lines((tmp_path / "receipts.jsonl").read_bytes())
+    assert [bytes(r) for r in raws] == lines
+    signed = [signed_receipt_decoder.decode(r) for r in raws]
+    assert [s.receipt.job_id for s in signed] == ["j0", "j1", "j2"]
+    assert all(s.endorsement == issuer.endorsement for s in signed)
+    assert len({s.proof.sig for s in signed}) == 1  # one batch, one signature
+    assert check_chain([(s, verify_receipt(s)) for s in signed]) == []
+    # As a reply carries it: the same receipt the client decodes.
+    reply = msgspec.json.decode(encoder.encode({"receipt": raws[0]}))
+    assert signed_receipt_decoder.decode(msgspec.json.encode(reply["receipt"])) == signed[0]
+    tampered = lines[0].replace(b'"completion_tokens":2', b'"completion_tokens":1', 1)
+    with pytest.raises(ReceiptInvalid):
+        verify_receipt(signed_receipt_decoder.decode(tampered))
 
 # -- the backend named is the one chosen -------------------------------------------------
 

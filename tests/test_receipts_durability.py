@@ -195,6 +195,45 @@ async def test_a_write_that_fails_mid_batch_leaves_no_part_of_it_and_the_next_ba
     assert check_chain([(s, verify_receipt(s)) for s in lines]) == []
 
 
+
+async def test_a_slow_fsync_runs_beside_the_loop_and_a_failed_one_still_stops_jobs(tmp_path: Path) -> None:
+    """The periodic fsync and acked mark run in a thread: jobs get receipts (written before they
+    return) while an fsync hangs; when the fsync fails, the outbox fails closed as before."""
+    import threading
+
+    release, entered = threading.Event(), threading.Event()
+    fail = False
+
+    def fsync(fd: int) -> None:
+        entered.set()
+        release.wait(WAIT)
+        if fail:
+            raise OSError(errno.EIO, "I/O error")
+        os.fsync(fd)
+
+    outbox = Outbox(tmp_path, fsync=fsync)
+    issuer = ReceiptIssuer(Identity.generate(), "exe", outbox)
+    first = await _issue(issuer, 2)
+    outbox.acked(1)
+    syncing = asyncio.ensure_future(outbox.sync_async())
+    await eventually(entered.is_set, timeout=WAIT, what="the fsync began")
+    during = await within(_issue(issuer, 3), "receipts while an fsync hangs", WAIT)  # the loop is free
+    assert [s.receipt.seq for s in outbox_lines(tmp_path)] == [1, 2, 3, 4, 5]  # on disk before they returned
+    assert not syncing.done()
+    release.set()
+    await within(syncing, "the fsync, released", WAIT)
+    assert (tmp_path / "acked").read_text() == "1"
+    assert outbox.durable
+    # Written after the fsync began: dirty again, fsynced by the next round, which fails here.
+    fail = True
+    await within(outbox.sync_async(), "a failing fsync", WAIT)
+    assert not outbox.durable and "fsync" in (outbox.error or "")
+    with pytest.raises(ReceiptsUnavailable):
+        await _one(issuer, "refused")
+    outbox.close()
+    assert check_chain([(s, verify_receipt(s)) for s in outbox_lines(tmp_path)]) == []
+    assert [s.receipt.job_id for s in outbox_lines(tmp_path)] == [s.receipt.job_id for s in first + during]
+
 async def test_receipts_waiting_for_jetstream_are_held_on_disk_not_in_memory_and_all_published_once(
     double: OpenAIDouble, tmp_path: Path
 ) -> None:

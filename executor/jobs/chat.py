@@ -135,6 +135,8 @@ class Job(JobBase):
         cached: bool = False,
         signed: bytes | None = None,
     ) -> SignedReceipt | None:
+        """The job's signed receipt, as the JSON its outbox line holds (`msgspec.Raw`, which a reply's
+        encoder copies as it is: the receipt is encoded once), or None with receipts off."""
         receipts = self.ctx.receipts
         if receipts is None:
             return None
@@ -143,7 +145,8 @@ class Job(JobBase):
 
     async def _issue(self, receipts: Any, outcome: Outcome, finish_reason: str | None, model: str, usage: Usage | None,
                      text: str, *, cached: bool, signed: bytes | None) -> SignedReceipt:  # fmt: skip
-        return await receipts.issue(  # type: ignore[no-any-return]
+        # A Raw stands in for the SignedReceipt it encodes: replies only encode it.
+        return await receipts.issue_encoded(  # type: ignore[no-any-return]
             job_id=self.id,
             client=self._client,
             model=model,

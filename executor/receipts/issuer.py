@@ -5,6 +5,8 @@ receipt's leaf hash) and stages it; at the end of the event-loop turn every
 staged receipt is signed with one Ed25519 signature over a Merkle root
 (`BatchSigner`), written to the outbox with one write(), and only then handed
 back, so a job sends its receipt only once it is on disk. The publisher is woken.
+A receipt is encoded once: its canonical JSON (hashed for its leaf) is spliced into
+its outbox line, and `issue_encoded()` hands a reply those same bytes.
 
 Receipts fail closed. If the outbox cannot write the batch (full disk, EIO,
 read-only), every job of the batch gets `ReceiptsUnavailable` instead of a
@@ -23,7 +25,9 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
+from typing import Any
 
+import msgspec
 import structlog
 
 from executor.receipts.outbox import Outbox, OutboxUnwritable
@@ -41,7 +45,7 @@ from protocol.receipts import (
     ReceiptProof,
     ReceiptUsage,
     SignedReceipt,
-    leaf_hash,
+    canonical,
     merkle,
 )
 from protocol.status import ReceiptsStatus
@@ -66,12 +70,23 @@ class BatchSigner:
 
 
 class _Staged:
-    __slots__ = ("fut", "leaf", "receipt")
+    __slots__ = ("body", "fut", "leaf", "receipt")
 
-    def __init__(self, receipt: Receipt, leaf: bytes, fut: asyncio.Future[SignedReceipt]) -> None:
+    def __init__(self, receipt: Receipt, body: bytes, leaf: bytes, fut: asyncio.Future[tuple[SignedReceipt, bytes]]) -> None:
         self.receipt = receipt
+        self.body = body  # the receipt's canonical JSON: hashed for the leaf, and spliced into its line
         self.leaf = leaf
         self.fut = fut
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def signed_line(body: bytes, proof: ReceiptProof, endorsement: bytes) -> bytes:
+    """A signed receipt's JSON (its outbox line, and what a reply carries) from the receipt's canonical
+    bytes, already made for its leaf hash: the receipt is encoded once. Decodes as `SignedReceipt`
+    (key order is free in JSON); `endorsement` is `,"endorsement":{...}` or empty."""
+    return b'{"receipt":' + body + b',"proof":' + _encode(proof) + endorsement + b"}"
 
 
 class ReceiptIssuer:
@@ -200,6 +215,33 @@ class ReceiptIssuer:
     ) -> SignedReceipt:
         """`signed`: what `response_sha256` hashes when it is not the text alone (protocol/verify.py
         `signed_answer`)."""
+        return (await self._stage(job_id=job_id, client=client, model=model, backend=backend, outcome=outcome,
+                                  finish_reason=finish_reason, usage=usage, started_at_ms=started_at_ms,
+                                  ttft_ms=ttft_ms, request=request, response_text=response_text, cached=cached,
+                                  signed=signed))[0]  # fmt: skip
+
+    async def issue_encoded(self, **job: Any) -> msgspec.Raw:
+        """As `issue()`, but the signed receipt as the JSON its outbox line holds, for a reply to
+        carry as it is (`msgspec.Raw`): a reply does not encode the receipt a second time."""
+        return msgspec.Raw((await self._stage(**job))[1])
+
+    async def _stage(
+        self,
+        *,
+        job_id: str,
+        client: str | None,
+        model: str,
+        backend: str,
+        outcome: Outcome,
+        finish_reason: str | None,
+        usage: ReceiptUsage,
+        started_at_ms: int,
+        ttft_ms: int | None,
+        request: bytes,
+        response_text: str,
+        cached: bool = False,
+        signed: bytes | None = None,
+    ) -> tuple[SignedReceipt, bytes]:
         if not self.outbox.durable:  # fail closed: nothing is numbered, nothing billed
             self.failed += 1
             raise self.unavailable()
@@ -226,13 +268,14 @@ class ReceiptIssuer:
             response_sha256=hashlib.sha256(response_text.encode() if signed is None else signed).hexdigest(),
             cached=cached,
         )
-        leaf = leaf_hash(receipt)
+        body = canonical(receipt)
+        leaf = hashlib.sha256(b"\x00" + body).digest()  # protocol/receipts.py leaf_hash, on bytes made once
         self._prev = leaf.hex()  # the chain is fixed now, before any await
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[SignedReceipt] = loop.create_future()
+        fut: asyncio.Future[tuple[SignedReceipt, bytes]] = loop.create_future()
         if not self._staged:
             loop.call_soon(self._flush)
-        self._staged.append(_Staged(receipt, leaf, fut))
+        self._staged.append(_Staged(receipt, body, leaf, fut))
         return await fut
 
     def _flush(self) -> None:
@@ -241,7 +284,10 @@ class ReceiptIssuer:
         try:
             proofs = self._signer.sign([s.leaf for s in staged])
             signed = [SignedReceipt(s.receipt, proof, self.endorsement) for s, proof in zip(staged, proofs, strict=True)]
-            self.outbox.write([(sr, s.leaf.hex()) for sr, s in zip(signed, staged, strict=True)])
+            # Once a batch (it may be replaced at run time): the same bytes in every line.
+            endorsement = b"" if self.endorsement is None else b',"endorsement":' + _encode(self.endorsement)
+            lines = [signed_line(s.body, proof, endorsement) for s, proof in zip(staged, proofs, strict=True)]
+            self.outbox.write([(sr, s.leaf.hex()) for sr, s in zip(signed, staged, strict=True)], lines=lines)
         except Exception as e:
             # Nothing of this batch is on disk: roll the chain back to what is (see the module docstring).
             self._seq, self._prev = self.outbox.last_seq, self.outbox.last_leaf
@@ -255,7 +301,7 @@ class ReceiptIssuer:
                     s.fut.set_exception(err)
                     s.fut.exception()  # a cancelled job's future may never be awaited: no "never retrieved"
             return
-        for s, sr in zip(staged, signed, strict=True):
+        for s, sr, line in zip(staged, signed, lines, strict=True):
             if not s.fut.done():  # a job cancelled meanwhile: its receipt is kept, not sent
-                s.fut.set_result(sr)
+                s.fut.set_result((sr, line))
             self._on_issue(sr.receipt.seq)

@@ -2,8 +2,8 @@
 
 `receipts.jsonl` is append-only, one signed receipt per line. `write()` puts a
 signed batch into the file with one write() before any of its replies may leave
-(it survives the process being killed; `sync()` fsyncs every `sync_interval`, or
-each batch with `fsync_each_batch`, for the machine). A write that fails (full
+(it survives the process being killed; `sync_async()` fsyncs every `sync_interval`
+in a worker thread, or `write()` each batch with `fsync_each_batch`, for the machine). A write that fails (full
 disk, EFBIG, EIO, read-only fs) is cut back to the last whole batch and raises
 `OutboxUnwritable`: none of that batch's receipts reaches disk, a client, or the
 stream, and the outbox says it is not `durable` (the node then refuses billable
@@ -32,6 +32,7 @@ numbering a second chain into the same file.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import time
@@ -96,6 +97,7 @@ class Outbox:
         fsync_each_batch: bool = False,
         probe_bytes: int = 64 << 10,
         write: Callable[[int, bytes | memoryview], int] = os.write,
+        fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,7 @@ class Outbox:
         # jobs resume when a batch of their receipts would fit again, not at the first free byte.
         self.probe_bytes = probe_bytes
         self._write = write  # os.write; tests inject a failing one
+        self._fsync = fsync  # os.fsync; tests inject a slow one
         self.acked_seq = self._read_acked()
         self._written_mark = self.acked_seq
         # The oldest waiting receipts, oldest first (dict order is seq order); the rest wait on disk
@@ -205,15 +208,17 @@ class Outbox:
             else:
                 self._spill = (seq, offset)
 
-    def write(self, batch: list[tuple[SignedReceipt, str]]) -> None:
+    def write(self, batch: list[tuple[SignedReceipt, str]], *, lines: list[bytes] | None = None) -> None:
         """Write a signed batch (receipt, leaf hash hex) with one write(), before any of its replies leave.
+        `lines`: the batch's receipts already encoded (one per receipt, without the newline).
 
         All or nothing: a write that fails is cut back to the last whole batch and raises
         `OutboxUnwritable`; the outbox is then not `durable` until a probe finds it writable.
         """
         if self.error is not None:
             raise OutboxUnwritable(self.error)
-        lines = [_encode(signed) for signed, _ in batch]
+        if lines is None:
+            lines = [_encode(signed) for signed, _ in batch]
         data = b"\n".join(lines) + b"\n"
         try:
             fd = self._open()
@@ -386,27 +391,51 @@ class Outbox:
 
     def sync(self) -> None:
         """fsync what was written (power-loss durability), probe an unwritable outbox, persist the
-        acked mark; the publisher calls it every `sync_interval`, off the request path."""
+        acked mark; for a caller off the event loop's hot path (close, tests). The publisher uses
+        `sync_async`, which does the same with the blocking calls in a thread."""
         if self.error is not None:
             self.probe()
+        fd, mark = self._sync_begin()
+        self._sync_end(mark, *_sync_files(self._fsync, fd, self._acked_path, mark))
+
+    async def sync_async(self) -> None:
+        """`sync()` with its file system calls (the fsync, the acked mark's write and rename) in a
+        worker thread: on a busy disk they take milliseconds, which on the event loop would stall
+        every reply meanwhile. Durability is the same: replies wait for their batch's write(), not
+        for this fsync, which runs every sync interval as before. Only the publisher's task calls
+        it, one at a time; the outbox's state is read and changed on the loop only."""
+        if self.error is not None:
+            self.probe()  # only while unwritable: the failure path may block
+        fd, mark = self._sync_begin()
+        if fd is None and mark is None:
+            self._sync_end(None, None, None)
+            return
+        self._sync_end(mark, *(await asyncio.to_thread(_sync_files, self._fsync, fd, self._acked_path, mark)))
+
+    def _sync_begin(self) -> tuple[int | None, int | None]:
+        """What to sync: the fd if written since the last fsync (marked clean now: a write from here
+        on marks it dirty again, for the next round), and the acked mark if it moved."""
+        fd = None
         if self._dirty and self._fd is not None and self.error is None:
-            try:
-                os.fsync(self._fd)
-                self._dirty = False
-            except OSError as e:  # what was written may not survive a power loss: stop taking jobs
-                self._fail(f"fsync of {self._path} failed: {e}")
+            fd, self._dirty = self._fd, False
         # The mark only moves over a contiguous prefix: a hole must be republished.
         first = self.first_waiting()
         mark = first - 1 if first is not None else self.last_seq
-        try:
-            if mark > self._written_mark:
-                _write_atomically(self._acked_path, str(mark))
-                self._written_mark = mark
+        return fd, (mark if mark > self._written_mark else None)
+
+    def _sync_end(self, mark: int | None, fsync_error: OSError | None, mark_error: OSError | None) -> None:
+        if fsync_error is not None:  # what was written may not survive a power loss: stop taking jobs
+            self._fail(f"fsync of {self._path} failed: {fsync_error}")
+        if mark_error is not None:  # the receipts themselves are safe; a restart republishes more, that is all
+            log.warning("could not record the outbox's acknowledged mark", error=str(mark_error))
+        elif mark is not None:
+            self._written_mark = max(self._written_mark, mark)
             self.acked_seq = max(self.acked_seq, mark)
-            if not self.waiting and self.error is None and self._size >= self.compact_bytes:
+        if not self.waiting and self.error is None and self._size >= self.compact_bytes:
+            try:
                 self._compact()
-        except OSError as e:  # the receipts themselves are safe; a restart republishes more, that is all
-            log.warning("could not record the outbox's acknowledged mark", error=str(e))
+            except OSError as e:
+                log.warning("could not compact the receipts outbox", error=str(e))
 
     def _compact(self) -> None:
         """Rotate a fully acknowledged file; the chain's position is kept in `chain`."""
@@ -434,6 +463,24 @@ class Outbox:
         if self._sent_fd is not None:
             os.close(self._sent_fd)
             self._sent_fd = None
+
+
+def _sync_files(
+    fsync: Callable[[int], None], fd: int | None, acked_path: Path, mark: int | None
+) -> tuple[OSError | None, OSError | None]:
+    """The blocking part of a sync (no outbox state touched: it may run in a thread)."""
+    fsync_error = mark_error = None
+    if fd is not None:
+        try:
+            fsync(fd)
+        except OSError as e:
+            fsync_error = e
+    if mark is not None:
+        try:
+            _write_atomically(acked_path, str(mark))
+        except OSError as e:
+            mark_error = e
+    return fsync_error, mark_error
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -2,7 +2,7 @@
 
 The publisher keeps the `LLOOM_RECEIPTS` stream (subjects `lloom.v1.receipts.>`,
 file storage) and sends the pending outbox receipts to
-`lloom.v1.receipts.<executor id>` in batches: one message holds up to `batch`
+`lloom.v1.receipts.<executor id>` in batches: one message holds up to `batch` (128)
 consecutive receipts, one per line, so the server stores (and fsyncs) once per
 batch rather than once per job, which was most of what receipts cost. A batch's
 `Nats-Msg-Id` is a hash of its receipts' leaf hashes and its seq range is
@@ -18,8 +18,10 @@ without an ack after `ack_timeout_s` is sent again. No responders (no
 JetStream) or an error ack means JetStream is away: back off and retry; nothing
 is dropped. fsync, the acked mark and the outbox's probe (when it could not
 write) happen every `sync_interval_s`, never on the request path: jobs only
-write and wake it. While JetStream is away, receipts wait in the outbox file:
-the publisher reads them from it (`Outbox.entry`) in seq order as it sends, so
+write and wake it (the fsync and the mark's write run in a worker thread, so a
+slow disk does not stall the event loop's replies meanwhile). While JetStream is
+away, receipts wait in the outbox file: the publisher reads them from it
+(`Outbox.entry`) in seq order as it sends, so
 memory holds the outbox's bounded window, not every receipt waiting.
 
 The stream is made with `deny_delete` and `deny_purge`, so no one can remove
@@ -102,12 +104,15 @@ class ReceiptPublisher:
         retry_max_s: float = 5.0,
         ack_timeout_s: float = 5.0,
         window: int = 64,
-        batch: int = 64,
-        batch_delay_s: float = 0.01,
+        batch: int = 128,
+        batch_delay_s: float = 0.05,
     ) -> None:
         self.batch = batch
         self.batch_delay_s = batch_delay_s
         self._batch_timer: asyncio.TimerHandle | None = None
+        # Whether a batch short of `batch` receipts may leave now (its delay is up, a sync tick, a
+        # start or stop); else only full batches do, however often the sender is woken.
+        self._due = False
         self._nc = nc
         self._js = nc.jetstream()
         self.outbox = outbox
@@ -121,6 +126,7 @@ class ReceiptPublisher:
         self._in_flight: dict[int, _Batch] = {}  # first seq -> batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._syncing: asyncio.Future[None] | None = None  # the outbox's sync under way, or the last one
         self._acks: Subscription | None = None
         self._ack_prefix = nc.new_inbox()
         self._stream_ready = False
@@ -145,6 +151,7 @@ class ReceiptPublisher:
 
     def _batch_due(self) -> None:
         self._batch_timer = None
+        self._due = True
         self._wake.set()
 
     async def start(self) -> None:
@@ -162,6 +169,7 @@ class ReceiptPublisher:
                 self._ready.append(_Batch(range(first, last + 1)))
                 pos = last + 1
             self._cursor = pos
+            self._due = bool(self.outbox.waiting)  # what a previous run left goes at once
             self._acks = await self._nc.subscribe(f"{self._ack_prefix}.*", cb=self._on_ack)
             self._wake.set()
             self._task = asyncio.create_task(self._run(), name="receipt-publisher")
@@ -171,6 +179,7 @@ class ReceiptPublisher:
         if self._task is None:
             return
         if self.outbox.waiting:
+            self._due = True
             self._wake.set()
             try:
                 async with asyncio.timeout(flush_timeout):
@@ -183,6 +192,8 @@ class ReceiptPublisher:
         task, self._task = self._task, None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        if self._syncing is not None:  # a sync's thread outlives the task's cancellation: let it end first
+            await asyncio.gather(self._syncing, return_exceptions=True)
         if self._acks is not None and not self._nc.is_closed:
             await self._acks.unsubscribe()
         self.outbox.sync()
@@ -206,7 +217,10 @@ class ReceiptPublisher:
             now = loop.time()
             if now >= next_sync:
                 next_sync = now + self.sync_interval_s
-                self.outbox.sync()
+                self._due = True  # what waits leaves at least every sync interval
+                # Shielded: a cancelled publisher still finishes (and accounts for) a sync under way.
+                self._syncing = asyncio.ensure_future(self.outbox.sync_async())
+                await asyncio.shield(self._syncing)
                 self._requeue_overdue(now)
             if not self.outbox.waiting:
                 self.idle.set()
@@ -219,7 +233,7 @@ class ReceiptPublisher:
             except (nats.errors.Error, OSError) as e:
                 self._away(now, str(e) or type(e).__name__)
 
-    def _next_batch(self) -> _Batch | None:
+    def _next_batch(self, partial: bool) -> _Batch | None:
         """The oldest formed batch, or a new one of consecutive fresh receipts (recorded first)."""
         if self._ready:
             return self._ready.popleft()
@@ -238,8 +252,8 @@ class ReceiptPublisher:
             count += 1
             size += len(entry.line)
             seq += 1
-        if not count:
-            return None
+        if not count or (not partial and count < self.batch and seq > outbox.last_seq):
+            return None  # nothing, or a short batch before its time: `notify`'s timer sends it
         batch = range(self._cursor, self._cursor + count)
         outbox.record_batch(batch[0], batch[-1])  # may raise (a full disk): nothing is lost, it is formed again
         self._cursor = batch[-1] + 1
@@ -247,8 +261,12 @@ class ReceiptPublisher:
 
     async def _send(self, now: float) -> None:
         outbox = self.outbox
-        while len(self._in_flight) < self.window:
-            batch = self._next_batch()
+        partial, self._due = self._due, False
+        while True:
+            if len(self._in_flight) >= self.window:
+                self._due = self._due or partial  # the rest goes as acknowledgements make room
+                return
+            batch = self._next_batch(partial)
             if batch is None:
                 return
             entries = []
@@ -257,6 +275,7 @@ class ReceiptPublisher:
                 entry = outbox.entry(seq, force=not self._in_flight)
                 if entry is NOT_LOADED:  # a previous run's batch beyond the memory window: after acks
                     self._ready.appendleft(batch)
+                    self._due = self._due or partial
                     return
                 if entry is not None:
                     entries.append((seq, entry))
@@ -274,6 +293,7 @@ class ReceiptPublisher:
             )
 
     async def _on_ack(self, msg: Msg) -> None:
+        window_was_full = len(self._in_flight) >= self.window
         batch = self._in_flight.pop(int(msg.subject.rpartition(".")[2]), None)
         if batch is None:
             return  # a late ack of a batch already sent again
@@ -299,8 +319,10 @@ class ReceiptPublisher:
         self._retry.reset()
         if not self.outbox.waiting:
             self.idle.set()
-        elif self._ready or self._cursor <= self.outbox.last_seq:
-            self._wake.set()  # the window had filled: more can go now
+        elif self._ready or (window_was_full and self._cursor <= self.outbox.last_seq):
+            self._wake.set()  # a batch to send again, or the window had filled: more can go now
+        # Otherwise the receipts issued since wait for their batch (`notify`): an ack that woke
+        # the sender would send them a few at a time, one stored message (and fsync) each.
 
     def _retry_later(self, batch: _Batch, why: str) -> None:
         self._ready.appendleft(batch)

@@ -92,9 +92,9 @@ def goals(res: dict) -> list[tuple[str, str, bool | None]]:
     add_ttft = t["executor"]["ttft_p50_ms"] - t["direct"]["ttft_p50_ms"]
     idle = res["rss_idle_mb"]["executor"]
     out: list[tuple[str, str, bool | None]] = [
-        ("added p50 at c=1 <= 0.3 ms (one core)", f"{add50:.3f} ms ({s50:.3f} ms with the relay on its own core)", add50 <= 0.3),
-        ("added p99 at c=1 <= 1 ms (one core)", f"{add99:.3f} ms ({s99:.3f} ms with the relay on its own core)", add99 <= 1.0),
-        ("executor CPU per request at c=32 <= 80 µs", f"{cpu_sat:.0f} µs", cpu_sat <= 80),
+        ("added p50 at c=1 <= 0.25 ms (one core)", f"{add50:.3f} ms ({s50:.3f} ms with the relay on its own core)", add50 <= 0.25),
+        ("added p99 at c=1 <= 0.8 ms (one core)", f"{add99:.3f} ms ({s99:.3f} ms with the relay on its own core)", add99 <= 0.8),
+        ("executor CPU per request at c=32 <= 50 µs (receipts on)", f"{cpu_sat:.0f} µs", cpu_sat <= 50),
         ("relayed stream chunks/s per process >= 100,000 (1 / executor CPU per chunk, longest stream)", chunk_note,
          chunk_cap >= 100_000),
         ("added TTFT p50 <= 0.5 ms (shortest stream)", f"{add_ttft:.3f} ms", add_ttft <= 0.5),
@@ -103,19 +103,19 @@ def goals(res: dict) -> list[tuple[str, str, bool | None]]:
     ab = res.get("receipts_ab", {})
     if ab.get("status") == "measured":
         share = ab["cost_share_of_off"]  # None when the off run was too short to register CPU time
-        out.append(("receipt signing + publishing cost per job < 5% of the executor's per-request CPU (c=32, on vs off)",
+        out.append(("receipt signing + publishing cost per job <= 10 µs of executor CPU (c=32, on vs off)",
                     f"{ab['cost_us']:.1f} µs ({_f(None if share is None else 100 * share, 1)}% of "
-                    f"{ab['executor_cpu_us']['off']:.1f} µs)", None if share is None else share < 0.05))  # fmt: skip
+                    f"{ab['executor_cpu_us']['off']:.1f} µs)", ab["cost_us"] <= 10))  # fmt: skip
     if lt and "litellm" in sat:
         e_core = 1e6 / ((sat["executor"]["cpu_us"].get("executor", 0) + sat["executor"]["cpu_us"].get("nats-server", 0)) or 1)
         l_core = 1e6 / (sat["litellm"]["cpu_us"].get("litellm") or 1)
         lt_add99 = lt["p99_ms"] - d["p99_ms"]
-        out.append((">= 100x LiteLLM's requests/s per core (executor + nats-server CPU vs LiteLLM CPU)",
-                    f"{e_core / l_core:.1f}x", e_core / l_core >= 100))  # fmt: skip
+        out.append((">= 150x LiteLLM's requests/s per core (executor + nats-server CPU vs LiteLLM CPU)",
+                    f"{e_core / l_core:.1f}x", e_core / l_core >= 150))  # fmt: skip
         out.append(("added p99 <= 1/20 of LiteLLM's (c=1, one core)", f"{add99:.3f} vs {lt_add99:.3f} ms (1/{lt_add99 / add99 if add99 > 0 else float('inf'):.1f})",
                     add99 * 20 <= lt_add99))  # fmt: skip
     else:
-        out.append((">= 100x LiteLLM's requests/s per core", "LiteLLM not measured", None))
+        out.append((">= 150x LiteLLM's requests/s per core", "LiteLLM not measured", None))
         out.append(("added p99 <= 1/20 of LiteLLM's", "LiteLLM not measured", None))
     return out
 
@@ -316,7 +316,7 @@ def render_receipts(ab: dict | None) -> list[str]:
             ["difference (receipts on − off)", _f(ab["rps"]["on"] - ab["rps"]["off"], 0), _f(ab["cost_us"], 1),
              _f(ab["nats_cost_us"], 1), _f(ab["p99_ms"]["on"] - ab["p99_ms"]["off"], 2)]]  # fmt: skip
     share = ab["cost_share_of_off"]
-    verdict = "n/a (no CPU time registered with receipts off)" if share is None else "PASS" if share < 0.05 else "MISS"
+    verdict = "n/a (no CPU time registered with receipts off)" if share is None else "PASS" if ab["cost_us"] <= 10 else "MISS"
     share = share or 0.0
     lag = ab.get("publisher_lag_s", {})
     st = ab.get("stream", {})
@@ -329,7 +329,7 @@ def render_receipts(ab: dict | None) -> list[str]:
           _table(["executor", "req/s", "executor CPU µs/req", "nats-server CPU µs/req", "p99 ms"], rows), "",
           f"- **Receipt signing + publishing cost per job: {ab['cost_us']:.1f} µs of executor CPU, "
           f"{100 * share:.1f}% of the receipts-off executor's {e['off']:.1f} µs — {verdict}** against the goal "
-          "\"under 5% of the executor's per-request CPU\". nats-server spends "
+          "\"at most 10 µs per job\" (issue #20). nats-server spends "
           f"{ab['nats_cost_us']:.1f} µs more per job storing the receipt.",
           f"- Receipts per signature at saturation: {_f(ab['receipts_per_signature'], 1)} "
           f"({ab['receipts_sampled']:,} receipts returned to the harness, {ab['signatures']:,} distinct `proof.sig`).",
@@ -359,7 +359,7 @@ def render_profile(prof: dict | None, exec_us: float | None) -> list[str]:
           _table(["function", "samples", "%"], [[f"`{n}`", str(c), f"{pc:.1f}"] for n, c, pc in prof["self"]]), ""]
     L += ["Top inclusive time:", "",
           _table(["function", "samples", "%"], [[f"`{n}`", str(c), f"{pc:.1f}"] for n, c, pc in prof["inclusive"]]), ""]
-    return L + SUGGESTIONS
+    return L + RECEIPTS_MICROSECONDS + [""] + SUGGESTIONS
 
 
 # Written against the executor as of the receipts batching commit; the tables above are the
@@ -388,7 +388,8 @@ SUGGESTIONS = [
     "instead of a timer per job would drop the timeout handle.",
     "- **Receipts are the largest single cost** (about 40-50 µs of executor CPU per job at saturation in the "
     "A/B above, down from 61-73 µs, and about 15 µs of nats-server CPU, down from about 150 µs, since receipts go "
-    "to JetStream in batches of up to 64 per message instead of one message each). What remains per job: an "
+    "to JetStream in batches of up to 64 per message instead of one message each; since issue #20, whole batches of up "
+    "to 128: see \"Where the microseconds go\" above). What remains per job: an "
     "Ed25519 signature per loop turn (about 20 µs, shared by the receipts of that turn: one per job at "
     "concurrency 1, about 10 per signature at 32), building and canonically encoding the receipt, three SHA-256 "
     "digests and the Merkle path, the outbox line, one more event-loop step while the job waits for the batch "
@@ -401,3 +402,69 @@ SUGGESTIONS = [
     "hops. With the relay on its own core, cross-vCPU wake-ups on this VM dominate p99 (see the two c=1 tables).",
     "",
 ]
+
+
+# Hand-written from the runs it names (issue #20): what a receipt's microseconds are made of, and
+# each lever before/after. Re-measure before changing its figures.
+RECEIPTS_MICROSECONDS = """\
+## Where the microseconds go: receipts (issue #20)
+
+Written by hand from the runs named here (not regenerated by `scripts/bench.py`); the machine is shared with other work, so
+end-to-end figures move by ±15 µs between runs and only same-run ratios and same-script A/Bs are compared.
+
+What a receipt costs the executor per job at concurrency 32, piece by piece (timeit and an in-process issuer at 32 jobs a loop
+turn on this machine, receipts only, no network):
+
+| piece | µs per job | notes |
+|---|---|---|
+| token check (`usage()`, `[tokens] verify = "always"`) | ~3 | the estimate, for a model without a known tokenizer (as in the bench); tiktoken adds ~10 µs for OpenAI-named models (docs/tokens.md); `verify = 0.05` samples it |
+| `Receipt` struct, Decimal cost, SHA-256 of request and response | ~3 | |
+| canonical JSON (sorted keys) + leaf SHA-256 | ~3 | |
+| Merkle paths | 1-2 | |
+| Ed25519 signature of the batch root | ~2 | 21-28 µs a signature, 12.6 receipts a signature at c=32; **at c=1 all of it lands on one job, on the reply path** |
+| signed line (outbox and reply), after "encode once" | ~0.5 | was 1.6 (two more encodes of the receipt) |
+| outbox `write()`, one per loop turn | ~1-5 | 3.6% of py-spy's samples at saturation on this (busy) disk |
+| the job's extra event-loop step (wait for its batch's future) | ~2-3 | the group commit: every reply waits for its turn's write |
+| **in-process total** | **17-19** | measured whole: 32 jobs a turn, receipts on minus off |
+| publishing to JetStream (publisher task, acks) | ~5-10 | per message: a publish with three headers, a `sent` line, an ack parsed by nats-py |
+
+The rest of the on/off difference in the bench's A/B (about 40 µs in the runs below) is not one function in py-spy: with receipts
+on the executor answers fewer requests per second at the same concurrency, so each loop wake-up carries fewer jobs.
+
+Per lever, before -> after (each its own commit, figures in the commit message):
+
+| lever | before | after | kept |
+|---|---|---|---|
+| encode each receipt once (canonical bytes spliced into the outbox line, passed to the reply as `msgspec.Raw`) | 4.8 µs/job (leaf hash + line + reply encode) | 3.7 µs/job | yes |
+| outbox fsync + acked mark in a worker thread (every 0.2 s, as before) | `Outbox.sync` + `_write_atomically` on the loop thread: 41 of 767 samples (5.3%) | 0 on the loop thread | yes: a slow disk no longer stalls replies; durability unchanged |
+| whole batches to JetStream (short batches only when due; 128 a message; 50 ms delay) | 11 receipts a message at saturation (bench), nats-server +22-24 µs/job | 56 a message, nats-server +8.8 µs/job | yes |
+| same, same-script A/B (issuer + publisher, ~2,000 receipts/s) | 16 a message; nats-server 32.5, this process 65.6 µs/receipt | 88 a message; 10.8 and 50.2 µs/receipt | |
+| end to end, bench A/B at c=32 (receipts on − off, executor CPU) | 62.7 µs (previous report), 67.8 µs (this branch, first lever only) | 40.4 µs (all three; other runs with two of them: 41.7, 41.9) | |
+
+Weighed and not done:
+
+- **Signing off the reply path** (the reply carries the receipt and its Merkle path; the root's signature follows in a second
+  message or is fetched): at c=1 it would take the ~25 µs Ed25519 signature off each reply, about 4% of the 0.62 ms added p50,
+  which is process hops and wake-ups, not receipts. It changes what a client can check when a reply arrives: until the signature
+  comes, a forged reply is indistinguishable from a genuine one, so `ReplyVerifier` would have to hold every answer back until
+  its batch signature arrived (no latency gained) or hand out unverified answers (a weaker guarantee). Not worth it at these
+  figures.
+- **Larger signature batches under load**: at 12.6 receipts a signature the signature is ~2 µs a job; doubling the batch saves
+  ~1 µs and delays every reply by a loop turn.
+- **Cheaper hashing**: SHA-256 is ~0.6 µs per digest here (four a job with the Merkle nodes); a different hash changes the
+  protocol for ~1 µs.
+- **Replies without the inline receipt** (a request header): saves ~1.3 kB a reply on the wire and the client's verification
+  (~50 µs of the client's CPU), but the executor's share of it is now ~0.3 µs (the line is already encoded); and such a reply
+  cannot be verified at all (no proof of the executor, the request or the answer), so it would have to be a documented
+  opt-out of the trust model. Not done.
+- **The executor's own CPU beyond receipts** (106 µs/request with receipts off in the last run; goal 50): py-spy puts 31% in
+  uvloop's loop itself (epoll, socket calls), 21% in `http1_connection.Connection.start` (the backend write and its timer),
+  5% in `ExecutorNode._admit`, 10% in nats-py's parser and header parsing; see "Hot path" above. Not changed here.
+
+Guarantees, unchanged and tested: every job's receipt is signed, chained and written to the outbox with one `write()` per loop
+turn before any reply of that turn leaves (a killed process loses nothing; `fsync` every 0.2 s, or per batch with
+`fsync_each_batch`, for power loss); a full disk or a failed fsync fails closed. `tests/test_receipts_crash.py` SIGKILLs a
+`lloom-executor` mid-burst (32 clients): 307 replies with receipts, 32 jobs failed by the kill, 319 receipts on disk and 319 in
+the stream after a restart, lost 0, duplicated 0, chain intact; 12 receipts were written whose replies the kill cut off (at most
+the jobs in flight: billed, not answered).
+""".splitlines()
