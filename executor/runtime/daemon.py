@@ -28,19 +28,16 @@ import structlog
 from executor.backends.autodetect import AutoDetectBackend
 from executor.backends.registry import create_backend, create_pool
 from executor.config import ConfigError, ExecutorConfig
-from executor.gateway.keystore import KeyStoreError
-from executor.gateway.seams import seams_for
-from executor.gateway.server import GatewayServer
 from executor.jobs.node import ExecutorNode
 from executor.process.leaf import Leaf
 from executor.process.shared_bus import SharedBus
 from executor.runtime.builder import assemble, data_home
 from executor.runtime.keys import KeyRotation
 from executor.secrets import SecretMasker, config_secrets
-from protocol.client import LloomClient
 from protocol.connection import Violations, close_nats, connect_nats, redact
 
 if TYPE_CHECKING:  # imported only when telemetry is on (it costs ~5 MB of RSS)
+    from executor.gateway.server import GatewayServer
     from executor.telemetry.setup import Telemetry
 
 log = structlog.get_logger(logger_name=__name__)
@@ -184,6 +181,12 @@ async def start_gateway(config: ExecutorConfig, url: str, stack: AsyncExitStack,
     by `stack` before the node drains. A taken port (another executor of this machine runs one) is
     logged and skipped: the executor serves jobs all the same. With the executor's `telemetry`, the
     gateway's metrics and spans go through it (its metrics port: no second one)."""
+    # Imported here: an executor without a gateway (a cluster's) keeps aiohttp's server out of memory.
+    from executor.gateway.keystore import KeyStoreError
+    from executor.gateway.seams import seams_for
+    from executor.gateway.server import GatewayServer
+    from protocol.client import LloomClient
+
     gw = config.gateway
     try:
         client = await LloomClient.connect(url, timeout=gw.default_timeout_secs, client_id=gw.client_id,
