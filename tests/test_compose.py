@@ -234,7 +234,10 @@ async def run_scenario(cluster: Cluster, name: str) -> dict[str, object]:
 
         async def all_stored() -> bool:
             nonlocal stored
-            stored = await stored_receipts(admin)
+            try:
+                stored = await stored_receipts(admin)
+            except (nats.errors.Error, TimeoutError):
+                return False  # a read of the R3 stream may time out while its new leader settles: try again
             return expected <= stored.receipts.keys()
 
         def missing() -> str:

@@ -75,7 +75,8 @@ class Cluster:
         """Start node i again on its own ports and JetStream store (after `kill`)."""
         old = self.nodes[i]
         assert old.pid is None, "kill the node first"
-        node = EmbeddedNats(port=old.port, jetstream=True, store_dir=old.store_dir, extra_args=old.extra_args)
+        node = EmbeddedNats(port=old.port, jetstream=True, store_dir=old.store_dir, extra_args=old.extra_args,
+                            env=old.env)  # the same config variables (compose/nats/cluster.conf reads them)
         self.nodes[i] = node
         await node.start()
 
