@@ -107,8 +107,8 @@ SNEAKY = [
     "http://224.0.0.1/x.png", "http://255.255.255.255/x.png", "http://1.2.3.4.5/x.png",
     "http://example.com:99999/x.png",
 ]  # fmt: skip
-PUBLIC_ONES = ["http://93.184.215.14/cat.png", "https://[2606:4700:4700::1111]/cat.png", "https://cdn.example.org:8443/a.webp",
-               "HTTPS://Example.COM/Cat.PNG"]  # fmt: skip
+PUBLIC_ONES = ["http://93.184.215.14/cat.png", "https://[2606:4700:4700::1111]/cat.png",
+               "https://cdn.example.org:8443/a.webp", "HTTPS://Example.COM/Cat.PNG"]  # fmt: skip
 
 
 @pytest.mark.parametrize("url", SNEAKY)
