@@ -33,6 +33,10 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key."""
 
 
+# Which image URLs the executor passes on to its backend (executor/jobs/image_urls.py; docs/security.md).
+ImageUrlPolicy = Literal["data_only", "public_only", "any"]
+
+
 class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # A preset (lmstudio, openai, ollama, vllm, llamacpp, openai_compatible),
     # "local" (a llama-server child process with a GGUF model), "auto" to probe
@@ -53,6 +57,11 @@ class LlmClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # an HTTP proxy and accepts gzip; "auto" takes http1 unless HTTP_PROXY/HTTPS_PROXY/
     # ALL_PROXY (any case) applies to base_url and NO_PROXY does not exclude it.
     transport: Literal["auto", "http1", "aiohttp"] = "auto"
+    # Image URLs the backend may be asked to fetch (it fetches them from its own host: SSRF).
+    # "data_only" refuses every http(s) image URL (inline data: images only); "public_only"
+    # refuses those naming a loopback, private, link-local or reserved IP or an internal name
+    # (names are not resolved); "any" passes all. For every backend of the executor.
+    image_urls: ImageUrlPolicy = "data_only"
     # -- backend = "local" (see executor/backends/local.py and local_models.py) --
     # Which prepared model to serve when model_path is absent: SmolLM2-135M-Instruct
     # (set up by `lloom-executor setup-local`), or Gemma 3 270M of the `local` extra.
@@ -585,6 +594,12 @@ max_connections = 100
 # auto: the lean HTTP/1.1 pool, or aiohttp when HTTP_PROXY/HTTPS_PROXY/ALL_PROXY applies to
 # base_url (and NO_PROXY does not exclude it) | http1 | aiohttp (proxies, gzip)
 transport = "auto"
+# Image URLs passed on to the backend, which fetches them from its own host (a caller could
+# make it fetch cloud metadata or its loopback): data_only (inline data: images only) |
+# public_only (refuse URLs naming localhost, private, loopback, link-local or reserved IPs;
+# names are not resolved, so a name or a redirect to a private address still gets through) |
+# any (e.g. OpenAI's API, which fetches from its own network). See docs/security.md.
+image_urls = "data_only"
 # backend = "local": the model, either a prepared one, served under its own name
 # (smollm2-135m-instruct: the default, set up by `lloom-executor setup-local`; or
 # gemma3-270m: the `local` extra's base model), or any GGUF file (model_path); the name

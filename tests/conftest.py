@@ -204,12 +204,16 @@ EVERY_FEATURE = ["chat", "stream", "tools", "vision", "json_schema", "reasoning"
 
 
 @pytest.fixture
-async def capable_node(make_node: NodeFactory, signing: Signing, double: OpenAIDouble) -> AsyncIterator[ExecutorNode]:
+async def capable_node(
+    make_node: NodeFactory, signing: Signing, double: OpenAIDouble, request: pytest.FixtureRequest
+) -> AsyncIterator[ExecutorNode]:
     """A node whose models (the double's) are configured with every capability of the chat surface
-    and announced on the bus, so a client routes requests needing them (tools, images, ...) to it."""
+    and announced on the bus, so a client routes requests needing them (tools, images, ...) to it.
+    Parametrized indirectly, the parameter is its `image_urls` policy (default: the executor's, data_only)."""
     identity = Identity.generate()
     features = {model: EVERY_FEATURE for model in double.models}
-    node = await make_node(parts={**signing(None, identity), "model_features": features})
+    policy = {"image_urls": request.param} if hasattr(request, "param") else {}
+    node = await make_node(parts={**signing(None, identity), "model_features": features, **policy})
     offers = [ModelConfig(name=model, features=EVERY_FEATURE) for model in double.models]
     announcer = Announcer(node.nc, node, identity, models=offers)
     await announcer.start()

@@ -51,6 +51,7 @@ async def test_tools_file_sends_the_tools_and_prints_the_calls_as_json(
     assert "tool_calls" in out.stderr  # the summary line names the finish reason
 
 
+@pytest.mark.parametrize("capable_node", ["any"], indirect=True)  # http(s) image URLs passed on
 async def test_json_schema_image_seed_and_penalties_reach_the_backend(
     node: ExecutorNode, nats_server: EmbeddedNats, double: OpenAIDouble, env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -105,6 +106,7 @@ async def test_bad_chat_input_gets_a_message_and_a_non_zero_exit(
     assert double.requests == []
 
 
+@pytest.mark.parametrize("capable_node", ["any"], indirect=True)  # http(s) image URLs passed on
 async def test_readme_tools_json_and_images_example_runs_as_written(
     node: ExecutorNode, nats_server: EmbeddedNats, double: OpenAIDouble
 ) -> None:

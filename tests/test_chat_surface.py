@@ -161,6 +161,7 @@ async def test_response_format_reaches_the_backend_exactly(
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("capable_node", ["any"], indirect=True)  # image_urls: the default takes data: URLs only
 async def test_image_parts_reach_the_backend_unchanged_and_the_executor_fetches_nothing(
     node: ExecutorNode, client: LloomClient, double: OpenAIDouble, stream: bool
 ) -> None:

@@ -44,6 +44,13 @@ def test_the_written_default_config_is_valid_and_equals_the_defaults() -> None:
     assert parse_config(DEFAULT_CONFIG_TOML, source="default.toml", environ={}) == ExecutorConfig()
 
 
+@pytest.mark.parametrize("policy", ["data_only", "public_only", "any"])
+def test_image_urls_is_typed_and_takes_data_urls_only_by_default(policy: str) -> None:
+    assert LlmClientConfig().image_urls == "data_only"  # the written default (init's template) equals it: above
+    cfg = parse_config(f'[llm_client]\nimage_urls = "{policy}"\n', source="x.toml", environ={})
+    assert cfg.llm_client.image_urls == policy
+
+
 @pytest.mark.parametrize(
     ("toml", "says"),
     [
@@ -53,6 +60,7 @@ def test_the_written_default_config_is_valid_and_equals_the_defaults() -> None:
         (b"[nodes]\n", "unknown field `nodes`"),
         (b"[llm_client\n", "not valid TOML"),
         (b"[llm_client]\napi_key = '${MISSING_KEY}'\n", "${MISSING_KEY}"),
+        (b"[llm_client]\nimage_urls = 'public'\n", "`$.llm_client.image_urls`"),
     ],
 )
 def test_mistakes_name_the_file_and_the_key(toml: bytes, says: str) -> None:

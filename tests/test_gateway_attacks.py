@@ -280,10 +280,10 @@ async def test_content_from_the_backend_cannot_forge_sse_events(net: Network) ->
     assert text == evil + " "  # the double streams word by word, each with a space after it
 
 
-# -- image URLs: the executor never fetches them ------------------------------------------------
+# -- image URLs: the executor never fetches them, and passes on only what its image_urls allows ----
 
 
-async def test_image_urls_reach_the_backend_untouched_and_nothing_on_the_executors_side_fetches_them(
+async def test_image_urls_the_backend_would_fetch_inside_the_network_are_refused_400_and_nothing_fetches_them(
     net: Network,
 ) -> None:
     hits: list[str] = []
@@ -300,24 +300,39 @@ async def test_image_urls_reach_the_backend_untouched_and_nothing_on_the_executo
     await site.start()
     canary_url = f"http://127.0.0.1:{runner.addresses[0][1]}/img.png"
     try:
-        await net.executor("exe-v", offer(MODEL, "0", "0", "vision"))
-        await net.executor("exe-t", offer("text-only"))
+        await net.executor("exe-v", offer(MODEL, "0", "0", "vision"), image_urls="public_only")
+        await net.executor("exe-d", offer("vision-default", "0", "0", "vision"))  # image_urls left at data_only
+        await net.executor("exe-t", offer("text-only"), image_urls="any")
         gw = await net.gateway()
-        refused = ["file:///etc/passwd", "gopher://127.0.0.1:25/", "ftp://127.0.0.1/x.png"]
-        passed = ["http://169.254.169.254/latest/meta-data/", canary_url, "data:image/png;base64,iVBORw0KGgo="]
+        malformed = ["file:///etc/passwd", "gopher://127.0.0.1:25/", "ftp://127.0.0.1/x.png"]
+        internal = ["http://169.254.169.254/latest/meta-data/", canary_url, "http://[::1]/x.png"]
+        public, inline = "https://example.com/cat.png", "data:image/png;base64,iVBORw0KGgo="
+
+        async def post(http: aiohttp.ClientSession, model: str, url: str) -> tuple[int, str]:
+            parts = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+            body = {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+            async with http.post(f"{gw.url}/v1/chat/completions", json=body) as r:
+                return r.status, await r.text()
+
         async with aiohttp.ClientSession() as http:
-            for url in refused + passed:
-                parts = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}]
-                body = {"model": MODEL, "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
-                async with http.post(f"{gw.url}/v1/chat/completions", json=body) as r:
-                    assert r.status == (400 if url in refused else 200), await r.text()
+            for url in malformed + internal + [public, inline]:
+                status, text = await post(http, MODEL, url)
+                if url in malformed:
+                    assert (status, "neither an http(s) URL" in text) == (400, True), text
+                elif url in internal:  # the executor's policy, named, with the gateway's 400
+                    assert (status, 'image_urls = \\"public_only\\"' in text) == (400, True), text
+                else:
+                    assert status == 200, text
                 # A model whose executor announces no vision: refused before any backend (422).
-                async with http.post(f"{gw.url}/v1/chat/completions", json={**body, "model": "text-only"}) as r:
-                    assert r.status in ((400, 422) if url in refused else (422,))
+                status, _ = await post(http, "text-only", url)
+                assert status in ((400, 422) if url in malformed else (422,))
+            status, text = await post(http, "vision-default", public)
+            assert (status, 'image_urls = \\"data_only\\"' in text, "data: URL" in text) == (400, True, True), text
+            assert (await post(http, "vision-default", inline))[0] == 200
         sent = [part["image_url"]["url"] for req in net.doubles["exe-v"].requests
                 for part in req["messages"][0]["content"] if part["type"] == "image_url"]  # fmt: skip
-        assert sent == passed  # http(s) and data: URLs passed on byte for byte: fetching is the backend's business
-        assert net.doubles["exe-t"].requests == []
+        assert sent == [public, inline]  # passed on byte for byte; the refused ones never reached the backend
+        assert len(net.doubles["exe-d"].requests) == 1 and net.doubles["exe-t"].requests == []
         assert hits == []  # nobody on the gateway's or executor's side fetched the URL
     finally:
         await runner.cleanup()

@@ -23,6 +23,7 @@ from executor.backends.base import Backend, Completion, Delta, Finish, StreamEve
 from executor.cache.memory import cache_key, cacheable
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.context import JobContext, ReplyChannel
+from executor.jobs.image_urls import check_image_urls
 from protocol import subjects as subj
 from protocol.chat_checks import check_chat_request
 from protocol.chat_types import ToolCallDelta
@@ -64,6 +65,7 @@ class Job(JobBase):
         check_chat_request(request)  # the rules between fields: the same typed error the client raises
         self.ctx.check(request.model, request.max_tokens or request.max_completion_tokens)
         self.ctx.check_features(request)  # before the cache too: a hit must not serve what is refused
+        check_image_urls(request, self.ctx.image_urls)  # before the backend could be made to fetch one (SSRF)
         if self.request.stream:
             await self._run_stream(self.ctx.backend)
         else:

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 from executor.backends.base import Backend
 from executor.catalog.features import model_features
 from executor.catalog.perf import PerfTracker
+from executor.config import ImageUrlPolicy
 from protocol import subjects as subj
 from protocol.capabilities import required_capabilities
 from protocol.errors import InvalidRequest, ModelNotFound, UnsupportedFeature
@@ -90,6 +91,8 @@ class JobContext:
     # Telemetry (executor/telemetry/): finished jobs' figures, and spans; None when off.
     recorder: JobRecorder | None = None
     tracer: JobTracer | None = None
+    # `[llm_client] image_urls`: which image URLs the backend may be asked to fetch (jobs/image_urls.py).
+    image_urls: ImageUrlPolicy = "data_only"
 
     @property
     def backend_kind(self) -> str:

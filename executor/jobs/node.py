@@ -48,7 +48,7 @@ from nats.nuid import NUID
 from executor.backends.base import Backend, ModelInfo
 from executor.catalog.features import model_features
 from executor.catalog.perf import PerfTracker
-from executor.config import NodeConfig
+from executor.config import ImageUrlPolicy, NodeConfig
 from executor.jobs.base import JobBase, send_error
 from executor.jobs.batched import EmbedJob, TextJob
 from executor.jobs.chat import Job
@@ -143,6 +143,7 @@ class ExecutorNode:
         model_features: dict[str, list[str]] | None = None,
         recorder: JobRecorder | None = None,
         tracer: JobTracer | None = None,
+        image_urls: ImageUrlPolicy = "data_only",
     ) -> None:
         self.nc = nc
         # `[[models]] features` set in the config, by model: they override what the backend says.
@@ -173,6 +174,7 @@ class ExecutorNode:
             limits=Limits(max_tokens_cap=self.config.max_tokens_cap, max_payload=nc.max_payload or 1 << 20),
             stats=self.stats, perf=self.perf, receipts=receipts, cache=cache, shared_cache=shared_cache,
             batcher=batcher, queue=queue, masker=masker, recorder=recorder, tracer=tracer,
+            image_urls=image_urls,
         )  # fmt: skip
         self.masker = masker
         self._refresh_error: str | None = None

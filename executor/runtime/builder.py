@@ -129,6 +129,7 @@ async def assemble(
         # The same [[models]] the announcer announces from: what is announced is what is enforced.
         model_features={m.name: m.features for m in config.models if m.features is not None},
         recorder=telemetry and telemetry.recorder, tracer=telemetry and telemetry.tracer,
+        image_urls=config.llm_client.image_urls,  # for every backend, [[executors.backends]] too
     )  # fmt: skip
     if receipts is not None:
 

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from executor.backends.registry import create_backend
-from executor.config import ExecutorConfig, GatewayConfig, LlmClientConfig, ModelConfig, NodeConfig, ReceiptsConfig
+from executor.config import (
+    ExecutorConfig, GatewayConfig, ImageUrlPolicy, LlmClientConfig, ModelConfig, NodeConfig, ReceiptsConfig,
+)
 from executor.gateway.app import Middleware
 from executor.gateway.server import GatewayServer
 from executor.runtime.builder import RunningNode, assemble
@@ -46,7 +48,7 @@ class Network:
 
     async def executor(self, executor_id: str, *offers: ModelConfig, double: OpenAIDouble | None = None,
                        options: NatsConnectOptions | None = None, tracer_provider: TracerProvider | None = None,
-                       **node: object) -> RunningNode:  # fmt: skip
+                       image_urls: ImageUrlPolicy = "data_only", **node: object) -> RunningNode:  # fmt: skip
         if self.session is None:
             self.session = aiohttp.ClientSession()
             self.stack.push_async_callback(self.session.close)
@@ -57,7 +59,7 @@ class Network:
         config = ExecutorConfig(
             node=NodeConfig(id=executor_id, nats_url=self.nats_url, **node),  # type: ignore[arg-type]
             llm_client=LlmClientConfig(backend="openai_compatible", base_url=double.base_url,
-                                       models=[o.name for o in offers], timeout_secs=30),
+                                       models=[o.name for o in offers], timeout_secs=30, image_urls=image_urls),
             models=list(offers),
             receipts=ReceiptsConfig(outbox_dir=str(self.tmp / f"outbox-{executor_id}")),
         )  # fmt: skip
