@@ -119,7 +119,7 @@ class Direct:
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
-                    break
+                    continue  # read on to the end of the body, so the connection goes back to the pool
                 chunk = msgspec.json.decode(data)
                 choices = chunk.get("choices")
                 if not ttft and choices and choices[0].get("delta", {}).get("content"):
