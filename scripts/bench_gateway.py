@@ -15,7 +15,6 @@ Processes are pinned as in bench.py (the process under test on one core, the res
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys

@@ -38,7 +38,7 @@ from protocol.catalog import MAX_HEARTBEAT_S, Catalog
 from protocol.client import LloomClient
 from protocol.errors import ERROR_TYPES, ErrorCode, ReplyForged, UnverifiedReply
 from protocol.identity import Identity
-from protocol.messages import ChatResponse, ErrorReply, FinishReason, StreamChunk, StreamEnd, Usage, encoder
+from protocol.messages import ChatResponse, FinishReason, StreamChunk, StreamEnd, Usage, encoder
 from protocol.receipts import ReceiptUsage, SignedReceipt, check_chain, verify_receipt
 from protocol.routing import Cheapest, Fastest, Specific, rank
 from protocol.trust import Trust, TrustError, endorse, load_endorsement

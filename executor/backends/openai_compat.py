@@ -29,7 +29,6 @@ import structlog
 from executor.backends.model_caps import CapabilityProbe
 from executor.backends.base import (
     Completion,
-    Delta,
     Embeddings,
     Finish,
     ModelInfo,

@@ -21,7 +21,6 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from decimal import Decimal
 
-import msgspec
 from aiohttp import web
 
 from executor.config import GatewayConfig

@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from executor.config import ConfigError, ExecutorConfig, load_config
+from executor.config import ConfigError, load_config
 from executor.gateway import keys_cli
 from executor.gateway.keystore import KeyStoreError, RedactKeys
 from executor.gateway.seams import seams_for

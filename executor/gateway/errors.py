@@ -70,17 +70,13 @@ class NotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "not_found"
 
 
-# The request edge's refusals (executor/gateway/guard.py): a web page's request, a trickled body.
+# The request edge's refusals (executor/gateway/guard.py): a web page's request.
 class ForbiddenHost(GatewayError):
     status, type, code = 403, "invalid_request_error", "forbidden_host"
 
 
 class ForbiddenOrigin(GatewayError):
     status, type, code = 403, "invalid_request_error", "forbidden_origin"
-
-
-class RequestTimeout(GatewayError):
-    status, type, code = 408, "invalid_request_error", "request_timeout"
 
 
 class BodyTooLarge(GatewayError):
