@@ -10,6 +10,7 @@ requests of that batch.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -217,20 +218,21 @@ class Runner:
             res["half"][name]["rate"] = rate
 
 
-async def profile_executor(runner: Runner, pid: int, seconds: float, tmp: Path, log: Callable[[str], None]) -> dict:
+async def profile_executor(runner: Runner, pid: int, seconds: float, tmp: Path, log: Callable[[str], None],
+                           concurrency: int = SAT_CONCURRENCY) -> dict:  # fmt: skip
     """py-spy samples the executor during a saturation run (not a measured phase: sampling costs CPU)."""
     spy = env.bench_tool("py-spy")
     if spy is None:
         return {"status": "skipped: py-spy is not in the bench venv (it is installed with LiteLLM)"}
     out = tmp / "executor.collapsed"
-    log(f"profiling the executor with py-spy for {seconds:.0f}s at concurrency {SAT_CONCURRENCY}")
+    log(f"profiling the executor with py-spy for {seconds:.0f}s at concurrency {concurrency}")
     proc = subprocess.Popen(
         [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--format", "raw",
-         "--nonblocking", "--full-filenames", "-o", str(out)],
+         *(() if os.environ.get("BENCH_SPY_BLOCKING") else ("--nonblocking",)), "--full-filenames", "-o", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     await asyncio.sleep(0.5)
-    batch = await closed_loop(runner.paths["executor"], SAT_CONCURRENCY, seconds + 0.5, 10**6)
+    batch = await closed_loop(runner.paths["executor"], concurrency, seconds + 0.5, 10**6)
     err = (await asyncio.to_thread(proc.communicate, None, 30))[1]
     if proc.returncode != 0 or not out.exists():
         return {"status": f"py-spy failed: {err.decode(errors='replace')[-400:]}"}

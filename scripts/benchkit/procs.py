@@ -155,14 +155,14 @@ def run_all_stopped(main: Coroutine[Any, Any, T], procs: Procs, *, uvloop_loop: 
     Ctrl-C ends with exit status 130; a failure shows each process's log tail first.
     """
     try:
+        uvloop = None
         if uvloop_loop:
             try:
                 import uvloop
-
-                return uvloop.run(main)
             except ImportError:
                 pass
-        return asyncio.run(main)
+        # An ImportError raised inside `main` must not be taken for a missing uvloop.
+        return uvloop.run(main) if uvloop is not None else asyncio.run(main)
     except KeyboardInterrupt:
         print("interrupted; stopping every process this run started", file=sys.stderr)
         raise SystemExit(130) from None
