@@ -36,6 +36,8 @@ import nats.errors
 from msgspec import Meta
 from nats.aio.client import Client as NATS
 
+from protocol import nats_headers
+
 ErrorReporter = Callable[[Exception], Awaitable[None]]
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 # A server that stops answering with the socket still open (paused, cut off by a partition) is
@@ -240,6 +242,7 @@ async def connect_nats(
     failures: list[BaseException] = []
     final = asyncio.Event()
     nc = NATS()
+    nats_headers.install(nc)  # every message with headers (each job) parses them at C speed
 
     async def error_cb(e: Exception) -> None:
         if nc.is_connected or nc.is_reconnecting:
