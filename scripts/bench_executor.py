@@ -38,17 +38,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_executor(procs: Procs, tmp: Path, name: str, backend_url: str, nats_url: str, cpus: set[int] | None,
-                   *, receipts: bool, code: Path | None) -> int:  # fmt: skip
+                   *, receipts: bool, code: Path | None, receipts_toml: str = "", cprofile: Path | None = None) -> int:  # fmt: skip
     cfg = tmp / f"{name}.toml"
     cfg.write_text(
         f'[node]\nid = "bench-exec-{name}"\nnats_url = "{nats_url}"\nidentity_file = "{tmp / f"{name}.nk"}"\n\n'
         f'[llm_client]\nbackend = "openai_compatible"\nbase_url = "{backend_url}"\nmodels = ["model-{name}"]\n\n'
-        f'[receipts]\nenabled = {"true" if receipts else "false"}\noutbox_dir = "{tmp / f"outbox-{name}"}"\n\n'
+        f'[receipts]\nenabled = {"true" if receipts else "false"}\noutbox_dir = "{tmp / f"outbox-{name}"}"\n{receipts_toml}\n\n'
         '[logging]\nformat = "json"\n'
     )
     tree = code or ROOT
     module = "executor.runtime.cli" if (tree / "executor" / "runtime" / "cli.py").exists() else "executor.cli"  # older layout
-    argv = [sys.executable, "-m", module, "--config", str(cfg), "--nats", nats_url]
+    prof = ["-m", "cProfile", "-o", str(cprofile)] if cprofile else []
+    argv = [sys.executable, *prof, "-m", module, "--config", str(cfg), "--nats", nats_url]
     env = {"PYTHONPATH": str(code)} if code is not None else None
     return procs.start(name, argv, cpus=cpus, env=env, cwd=code).pid
 
@@ -89,7 +90,9 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     for tag, code in trees.items():
         for receipts in (True, False) if not args.receipts_only else (True,):
             name = f"{tag}-{'on' if receipts else 'off'}"
-            pids[name] = start_executor(procs, tmp, name, backend_url, nats_url, relay_cpus, receipts=receipts, code=code)
+            pids[name] = start_executor(procs, tmp, name, backend_url, nats_url, relay_cpus, receipts=receipts, code=code,
+                                         receipts_toml=args.receipts_toml if tag == "cand" else "",
+                                         cprofile=args.cprofile / f"{name}.prof" if args.cprofile else None)  # fmt: skip
             path = ExecutorPath(nats_url, name=name, model=f"model-{name}", verify=receipts)
             if receipts:
                 path.settle = settler(tmp / f"outbox-{name}", path, f"bench-exec-{name}")
@@ -110,13 +113,14 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
             for name in executors:
                 pin(pids[name], gen_cpus)
         try:
-            c1 = await runner.rounds("c=1", lambda n, p: closed_loop(p, 1, args.seconds, 5000), args.rounds)
+            c1 = await runner.rounds("c=1", lambda n, p: closed_loop(p, 1, args.seconds if not args.c32_only else 0.2, 5000),
+                                     args.rounds if not args.c32_only else 1)  # fmt: skip
         finally:
             if relay_cpus:
                 for name in executors:
                     pin(pids[name], relay_cpus)
-        c32 = await runner.rounds("c=32", lambda n, p: closed_loop(p, 32, args.seconds, 50000)
-                                  if n != "direct" else None, args.rounds)  # fmt: skip
+        c32 = await runner.rounds("c=32", lambda n, p: closed_loop(p, 32, args.seconds if not args.c1_only else 0.2, 50000)
+                                  if n != "direct" else None, args.rounds if not args.c1_only else 1)  # fmt: skip
         res = {"c1": c1, "c32": c32}
         if args.syscalls:
             res["syscalls"] = {}
@@ -141,6 +145,12 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
     finally:
         for path in paths.values():
             await path.close()
+    if args.cprofile:  # cProfile writes its stats as the process exits: stop the executors, patiently
+        for name in executors:
+            os.kill(pids[name], 15)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not all((args.cprofile / f"{n}.prof").exists() for n in executors):
+            await asyncio.sleep(0.2)
     return res
 
 
@@ -178,16 +188,17 @@ async def perf_profile(pid: int, path: ExecutorPath, seconds: float, concurrency
 def render(res: dict) -> list[str]:
     c1, c32 = res["c1"], res["c32"]
     d = c1["direct"]
-    lines = ["| path | p50 ms c=1 | p99 ms c=1 | added p50 | added p99 | executor µs c=1 | req/s c=32 | executor µs c=32 | nats µs c=32 | p99 ms c=32 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| path | p50 ms c=1 | p99 ms c=1 | added p50 | added p99 | executor µs c=1 | client µs c=1 | nats µs c=1 | req/s c=32 | executor µs c=32 | nats µs c=32 | p99 ms c=32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, s in c1.items():
         if name == "direct":
-            lines.append(f"| direct | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | | | | | | | |")
+            lines.append(f"| direct | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | | | | {s['cpu_us'].get('generator', 0):.1f} | | | | | |")
             continue
         sat = c32[name]
         lines.append(
             f"| {name} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | {s['p50_ms'] - d['p50_ms']:.3f} |"
-            f" {s['p99_ms'] - d['p99_ms']:.3f} | {s['cpu_us'].get(name, 0):.1f} | {sat['rps']:,.0f} |"
+            f" {s['p99_ms'] - d['p99_ms']:.3f} | {s['cpu_us'].get(name, 0):.1f} | {s['cpu_us'].get('generator', 0):.1f} |"
+            f" {s['cpu_us'].get('nats-server', 0):.1f} | {sat['rps']:,.0f} |"
             f" {sat['cpu_us'].get(name, 0):.1f} | {sat['cpu_us'].get('nats-server', 0):.1f} | {sat['p99_ms']:.2f} |"
         )
     for tag in ("cand", "base"):
@@ -225,9 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-concurrency", type=int, default=32, metavar="C", help="concurrency while profiling")
     ap.add_argument("--syscalls", type=float, default=0.0, metavar="S", help="strace -c each executor for S seconds")
     ap.add_argument("--perf", type=float, default=0.0, metavar="S", help="perf record each executor for S seconds")
+    ap.add_argument("--receipts-toml", default="", metavar="TOML",
+                    help="extra [receipts] lines for the candidate executors, e.g. 'sync_interval_secs = 2.0'")
+    ap.add_argument("--cprofile", type=Path, metavar="DIR", help="run the executors under cProfile, stats in DIR")
+    ap.add_argument("--c32-only", action="store_true", help="c=1 only briefly (for --cprofile at saturation)")
+    ap.add_argument("--c1-only", action="store_true", help="c=32 only briefly (for --cprofile at concurrency 1)")
     ap.add_argument("--keep-profiles", type=Path, metavar="DIR", help="keep py-spy's collapsed stacks in DIR")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.cprofile:
+        args.cprofile.mkdir(parents=True, exist_ok=True)
     log = Progress(args.quiet)
     with tempfile.TemporaryDirectory(prefix="lloom-bench-ex-") as tmp_s:
         tmp = Path(tmp_s)

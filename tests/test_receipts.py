@@ -438,6 +438,49 @@ async def test_a_replys_encoded_receipt_is_its_outbox_line_and_verifies_with_its
     with pytest.raises(ReceiptInvalid):
         verify_receipt(signed_receipt_decoder.decode(tampered))
 
+async def test_a_job_alone_has_its_receipt_signed_and_written_at_once_with_whatever_was_staged(tmp_path: Path) -> None:
+    """`alone`: no waiting for the end of the turn; still written before it is handed back, in chain order."""
+    from protocol.receipts import ReceiptUsage
+
+    outbox = Outbox(tmp_path)
+    issuer = ReceiptIssuer(Identity.generate(), "exe", outbox, pricing=lambda _m: PRICE)
+    job = dict(client="c", model="m", backend="b", outcome="completed", finish_reason="stop",
+               usage=ReceiptUsage(prompt_tokens=3, completion_tokens=2, total_tokens=5, counted_by="backend"),
+               started_at_ms=0, ttft_ms=None, request=b"{}", response_text="y")  # fmt: skip
+    # Two receipts staged for the end of the turn, then one for a job alone, all started this turn.
+    batched = [asyncio.ensure_future(issuer.issue_encoded(job_id=f"b{i}", **job)) for i in range(2)]
+    await asyncio.sleep(0)  # the two have staged (their tasks ran to their await)
+    lone = issuer.issue_encoded(job_id="alone", alone=True, **job).__await__()
+    with pytest.raises(StopIteration) as done:  # it finishes without ever suspending: no loop turn
+        lone.send(None)
+    raw_alone = done.value.value
+    lines = receipt_lines((tmp_path / "receipts.jsonl").read_bytes())
+    assert len(lines) == 3 and lines[-1] == bytes(raw_alone)  # on disk, the staged two too, before it returned
+    signed = [signed_receipt_decoder.decode(r) for r in [*await asyncio.gather(*batched), raw_alone]]
+    assert [s.receipt.job_id for s in signed] == ["b0", "b1", "alone"]
+    assert len({s.proof.sig for s in signed}) == 1  # one batch: the staged two and the lone one
+    assert check_chain([(s, verify_receipt(s)) for s in signed]) == []
+    later = await issuer.issue_encoded(job_id="later", **job)  # the flush scheduled for the turn found nothing left
+    outbox.close()
+    assert signed_receipt_decoder.decode(later).receipt.seq == 4
+    assert len(receipt_lines((tmp_path / "receipts.jsonl").read_bytes())) == 4
+
+
+async def test_a_lone_job_is_signed_alone_and_concurrent_jobs_still_share_a_signature(
+    rig: Rig, js_client: LloomClient
+) -> None:
+    first = await js_client.complete(ask())
+    second = await js_client.complete(ask())
+    assert first.receipt is not None and second.receipt is not None
+    assert first.receipt.proof.sig != second.receipt.proof.sig
+    batches = rig.issuer.signer.batches
+    together = await asyncio.gather(*(js_client.complete(ask()) for _ in range(20)))
+    assert rig.issuer.signer.batches - batches < 20  # many jobs at once: several a signature
+    leaves = [(r.receipt, verify_receipt(r.receipt)) for r in [first, second, *together] if r.receipt]
+    assert len(leaves) == 22 and check_chain(leaves) == []
+    assert sorted(s.receipt.seq for s in await rig.published()) == list(range(1, 23))
+
+
 # -- the backend named is the one chosen -------------------------------------------------
 
 

@@ -37,7 +37,7 @@ class JobBase:
     """A job the node tracks: who asked, until when, and how to stop it."""
 
     __slots__ = ("_carrier", "_client", "_payload", "_running", "_started_ms", "backend_s", "cancel_reason", "channel",
-                 "ctx", "deadline", "error", "id", "liveness", "missed_pings", "request", "started", "task", "tokens",
+                 "ctx", "deadline", "error", "id", "liveness", "loop", "missed_pings", "request", "started", "task", "tokens",
                  "trace")  # fmt: skip
     operation = "chat"  # gen_ai.operation.name
 
@@ -50,7 +50,9 @@ class JobBase:
         self.request = request
         self.channel = channel
         self.deadline = deadline
-        self.started = asyncio.get_running_loop().time()
+        # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
         self._started_ms = time.time_ns() // 1_000_000
         self._payload = payload  # exactly as received: the receipt hashes it
         self._client = client
@@ -109,7 +111,7 @@ class JobBase:
                 # The caller gets a code, never a repr: internals stay in our log.
                 log.exception("job failed")
                 err = InternalError(f"internal error in executor {ctx.executor_id}; job {self.id} is in its log")
-        elapsed = asyncio.get_running_loop().time() - self.started
+        elapsed = self.loop.time() - self.started
         if err is None:
             ctx.stats.completed += 1
             self._on_success(elapsed)

@@ -162,6 +162,7 @@ class Job(JobBase):
             response_text=text,
             cached=cached,
             signed=signed,
+            alone=self.ctx.in_flight() <= 1,
         )
 
     async def _cache_lookup(self) -> tuple[bytes | None, Completion | None]:
@@ -198,10 +199,10 @@ class Job(JobBase):
     async def _run_unary(self, backend: Backend) -> None:
         key, hit = await self._cache_lookup()
         if hit is None:
-            t0 = asyncio.get_running_loop().time()
+            t0 = self.loop.time()
             with self._backend_span(hit):
                 result = await backend.complete(self.request)
-            self.backend_s = asyncio.get_running_loop().time() - t0
+            self.backend_s = self.loop.time() - t0
             self._cache_store(key, result)
         else:
             result = hit
@@ -243,7 +244,7 @@ class Job(JobBase):
         reasoning: list[str] = []  # kept for the cache, which replays it, and the receipt
         tool_pieces: list[ToolCallDelta] = []  # for the receipt
         send = self.channel.send
-        t0 = asyncio.get_running_loop().time()
+        t0 = self.loop.time()
         with self._backend_span(hit) as span:
             try:
                 async for event in events:
@@ -259,7 +260,7 @@ class Job(JobBase):
                         if event.tool_calls is not None:
                             tool_pieces += event.tool_calls
                         if seq == 0:
-                            self._ttft = asyncio.get_running_loop().time() - self.started
+                            self._ttft = self.loop.time() - self.started
                             if span is not None:
                                 span.add_event("gen_ai.first_token")
                             # nats.py writes from its flusher task; let it run now, or the
@@ -272,7 +273,7 @@ class Job(JobBase):
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
         if hit is None:
-            self.backend_s = asyncio.get_running_loop().time() - t0
+            self.backend_s = self.loop.time() - t0
         if finish is None:
             raise StreamInterrupted(f"{backend.name} ended the stream without a final event")
         text = "".join(self._parts)

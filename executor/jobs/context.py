@@ -11,6 +11,7 @@ once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +38,10 @@ if TYPE_CHECKING:  # types only: none of these import the jobs package
     from executor.telemetry.tracing import JobTracer
 
 _SENTINEL = b""  # ADR-47: an empty message ends a multi-message reply
+
+
+def _in_flight_unknown() -> int:  # a context built without a node (tests): never alone, receipts batched per turn
+    return 2
 
 
 class Enqueuer(Protocol):
@@ -93,6 +98,8 @@ class JobContext:
     tracer: JobTracer | None = None
     # `[llm_client] image_urls`: which image URLs the backend may be asked to fetch (jobs/image_urls.py).
     image_urls: ImageUrlPolicy = "data_only"
+    # How many jobs the node runs now: a job alone has its receipt written without waiting for others'.
+    in_flight: Callable[[], int] = _in_flight_unknown
 
     @property
     def backend_kind(self) -> str:

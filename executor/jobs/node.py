@@ -174,7 +174,7 @@ class ExecutorNode:
             limits=Limits(max_tokens_cap=self.config.max_tokens_cap, max_payload=nc.max_payload or 1 << 20),
             stats=self.stats, perf=self.perf, receipts=receipts, cache=cache, shared_cache=shared_cache,
             batcher=batcher, queue=queue, masker=masker, recorder=recorder, tracer=tracer,
-            image_urls=image_urls,
+            image_urls=image_urls, in_flight=lambda: len(self._jobs),
         )  # fmt: skip
         self.masker = masker
         self._refresh_error: str | None = None
@@ -445,7 +445,7 @@ class ExecutorNode:
         if cancel_token is not None:
             self._cancel_tokens[job.id] = cancel_token.encode()
         self._idle.clear()
-        job.task = asyncio.get_running_loop().create_task(job.run())
+        job.task = job.loop.create_task(job.run())
         job.task.add_done_callback(lambda _t, jid=job.id, ep=endpoint: self._job_done(jid, ep))
         return job.task
 
@@ -471,7 +471,7 @@ class ExecutorNode:
     def _job_done(self, job_id: str, endpoint: EndpointCounts | None = None) -> None:
         job = self._jobs.pop(job_id, None)
         if job is not None:
-            elapsed = asyncio.get_running_loop().time() - job.started
+            elapsed = job.loop.time() - job.started
             self._pacer.record(elapsed)
             if endpoint is not None:  # micro discovery's endpoint stats, inline: this runs per job
                 endpoint.processing_s += elapsed

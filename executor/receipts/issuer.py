@@ -8,6 +8,12 @@ back, so a job sends its receipt only once it is on disk. The publisher is woken
 A receipt is encoded once: its canonical JSON (hashed for its leaf) is spliced into
 its outbox line, and `issue_encoded()` hands a reply those same bytes.
 
+Waiting for the end of the turn pays only when other jobs may stage in it. A job that
+says it is `alone` (the only one the node runs, so nothing else can stage before the
+turn ends) has its batch, with anything already staged, signed and written at once:
+two event-loop turns fewer on its reply path, the same receipt, the same write-before-
+reply order.
+
 Receipts fail closed. If the outbox cannot write the batch (full disk, EIO,
 read-only), every job of the batch gets `ReceiptsUnavailable` instead of a
 receipt, and the chain is rolled back to the last receipt on disk: those
@@ -220,10 +226,12 @@ class ReceiptIssuer:
                                   ttft_ms=ttft_ms, request=request, response_text=response_text, cached=cached,
                                   signed=signed))[0]  # fmt: skip
 
-    async def issue_encoded(self, **job: Any) -> msgspec.Raw:
+    async def issue_encoded(self, *, alone: bool = False, **job: Any) -> msgspec.Raw:
         """As `issue()`, but the signed receipt as the JSON its outbox line holds, for a reply to
-        carry as it is (`msgspec.Raw`): a reply does not encode the receipt a second time."""
-        return msgspec.Raw((await self._stage(**job))[1])
+        carry as it is (`msgspec.Raw`): a reply does not encode the receipt a second time.
+
+        `alone`: no other job can stage a receipt this turn, so it is signed and written now."""
+        return msgspec.Raw((await self._stage(alone=alone, **job))[1])
 
     async def _stage(
         self,
@@ -241,6 +249,7 @@ class ReceiptIssuer:
         response_text: str,
         cached: bool = False,
         signed: bytes | None = None,
+        alone: bool = False,
     ) -> tuple[SignedReceipt, bytes]:
         if not self.outbox.durable:  # fail closed: nothing is numbered, nothing billed
             self.failed += 1
@@ -273,6 +282,11 @@ class ReceiptIssuer:
         self._prev = leaf.hex()  # the chain is fixed now, before any await
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[SignedReceipt, bytes]] = loop.create_future()
+        if alone:
+            # Everything staged before it goes too, in order; a flush already scheduled finds nothing left.
+            self._staged.append(_Staged(receipt, body, leaf, fut))
+            self._flush()
+            return fut.result()  # done either way: the receipt, or the batch's error
         if not self._staged:
             loop.call_soon(self._flush)
         self._staged.append(_Staged(receipt, body, leaf, fut))
@@ -281,6 +295,8 @@ class ReceiptIssuer:
     def _flush(self) -> None:
         """Sign the turn's receipts, write them with one write(), then hand them to their jobs."""
         staged, self._staged = self._staged, []
+        if not staged:  # an `alone` job flushed them already
+            return
         try:
             proofs = self._signer.sign([s.leaf for s in staged])
             signed = [SignedReceipt(s.receipt, proof, self.endorsement) for s, proof in zip(staged, proofs, strict=True)]
