@@ -1,4 +1,4 @@
-"""The node process's collector settings (executor/runtime/heap.py), checked in a child interpreter:
+"""The node process's collector settings (executor/process/heap.py), checked in a child interpreter:
 they are the process's, so pytest's own must not change."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 PROBE = """
 import gc, json
 import executor.runtime.daemon  # what a node has imported by the time it is ready
-from executor.runtime.heap import YOUNG_THRESHOLD, settle_heap
+from executor.process.heap import YOUNG_THRESHOLD, settle_heap
 before = gc.get_threshold()
 settle_heap()
 print(json.dumps({"frozen": gc.get_freeze_count(), "threshold": gc.get_threshold(), "before": before,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -28,14 +27,11 @@ import structlog
 
 from executor.config import ConfigError, load_config
 from executor.gateway import keys_cli
+from executor.process.heap import settle_heap
 from executor.gateway.keystore import KeyStoreError, RedactKeys
 from executor.gateway.seams import seams_for
 from executor.gateway.server import GatewayServer, ListenError, parse_listen
 from protocol.client import DEFAULT_URL, LloomClient
-
-# Allocations between young-generation collections once serving (Python's default: 700).
-GC_THRESHOLD = 20_000
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lloom-gateway", description="OpenAI-compatible HTTP gateway to a Lloom network",
@@ -107,11 +103,8 @@ async def run(args: argparse.Namespace) -> int:
             return 2
         print(f"lloom-gateway: serving the OpenAI API at {server.url}/v1", flush=True)
         # What exists now (modules, the app, the connection) lives as long as the process: out of
-        # the collector's sight. Each request leaves only short-lived objects, freed by reference
-        # counting, so collections every 700 allocations (the default) were mostly wasted work.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, 20, 20)
+        # the collector's sight; each request's short-lived objects are freed by reference counting.
+        settle_heap()
         if gw.status_page:
             print(f"lloom-gateway: live status page at {server.url}/", file=sys.stderr, flush=True)
         await stop.wait()

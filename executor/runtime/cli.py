@@ -139,7 +139,7 @@ def _run(config: ExecutorConfig, reload: Callable[[], ExecutorConfig]) -> int:
     from executor.process.logs import configure_logging
     from executor.receipts.outbox import OutboxInUse
     from executor.runtime.daemon import serve
-    from executor.runtime.heap import settle_heap
+    from executor.process.heap import settle_heap
     from executor.secrets import SecretMasker, config_secrets
 
     # Every configured secret, by value: masked in every log line, error reply and status from here on.
@@ -153,7 +153,7 @@ def _run(config: ExecutorConfig, reload: Callable[[], ExecutorConfig]) -> int:
     except ImportError:  # uvloop is optional on platforms without it
         runner = asyncio.run
     try:
-        # This process is the node: its heap is its own to tune once the node is ready (runtime/heap.py).
+        # This process is the node: its heap is its own to tune once the node is ready (process/heap.py).
         runner(serve(config, masker=masker, reload=reload, on_ready=lambda _node, _url: settle_heap()))
     except (ConfigError, ConnectionError, IdentityError, EmbeddedNatsError, OutboxInUse, TrustError) as e:
         print(f"lloom-executor: {masker.mask(str(e))}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The garbage collector, set for a long-lived server: the startup heap frozen, fewer young collections.
+"""The garbage collector, set for a long-lived server (lloom-executor, lloom-gateway): the startup heap frozen, fewer young collections.
 
 CPython's cyclic collector walks every tracked object of the generations it collects. A node
 imports tens of thousands of objects (modules, classes, msgspec types, tables) that live as long
@@ -22,7 +22,8 @@ YOUNG_THRESHOLD = 20_000
 def settle_heap() -> None:
     """Once the node is ready: collect what startup left, freeze the rest, space young collections out.
 
-    Only for a process that is the node (the CLI calls it): the collector's settings are the process's.
+    Only for a process that is the node or the gateway (their CLIs call it): the collector's settings
+    are the process's, never a library caller's.
     """
     if os.environ.get("LLOOM_GC_DEFAULT"):  # the interpreter's defaults, for an A/B (scripts/bench_executor.py)
         return
