@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_executor(procs: Procs, tmp: Path, name: str, backend_url: str, nats_url: str, cpus: set[int] | None,
-                   *, receipts: bool, code: Path | None, receipts_toml: str = "", cprofile: Path | None = None) -> int:  # fmt: skip
+                   *, receipts: bool, code: Path | None, receipts_toml: str = "", cprofile: Path | None = None,
+                   python: str = sys.executable) -> int:  # fmt: skip
     cfg = tmp / f"{name}.toml"
     cfg.write_text(
         f'[node]\nid = "bench-exec-{name}"\nnats_url = "{nats_url}"\nidentity_file = "{tmp / f"{name}.nk"}"\n\n'
@@ -49,7 +50,7 @@ def start_executor(procs: Procs, tmp: Path, name: str, backend_url: str, nats_ur
     tree = code or ROOT
     module = "executor.runtime.cli" if (tree / "executor" / "runtime" / "cli.py").exists() else "executor.cli"  # older layout
     prof = ["-m", "cProfile", "-o", str(cprofile)] if cprofile else []
-    argv = [sys.executable, *prof, "-m", module, "--config", str(cfg), "--nats", nats_url]
+    argv = [python, *prof, "-m", module, "--config", str(cfg), "--nats", nats_url]
     env = {"PYTHONPATH": str(code)} if code is not None else None
     return procs.start(name, argv, cpus=cpus, env=env, cwd=code).pid
 
@@ -92,7 +93,8 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
             name = f"{tag}-{'on' if receipts else 'off'}"
             pids[name] = start_executor(procs, tmp, name, backend_url, nats_url, relay_cpus, receipts=receipts, code=code,
                                          receipts_toml=args.receipts_toml if tag == "cand" else "",
-                                         cprofile=args.cprofile / f"{name}.prof" if args.cprofile else None)  # fmt: skip
+                                         cprofile=args.cprofile / f"{name}.prof" if args.cprofile else None,
+                                         python=(args.cand_python if tag == "cand" else args.base_python) or sys.executable)  # fmt: skip
             path = ExecutorPath(nats_url, name=name, model=f"model-{name}", verify=receipts)
             if receipts:
                 path.settle = settler(tmp / f"outbox-{name}", path, f"bench-exec-{name}")
@@ -241,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cprofile", type=Path, metavar="DIR", help="run the executors under cProfile, stats in DIR")
     ap.add_argument("--c32-only", action="store_true", help="c=1 only briefly (for --cprofile at saturation)")
     ap.add_argument("--c1-only", action="store_true", help="c=32 only briefly (for --cprofile at concurrency 1)")
+    ap.add_argument("--cand-python", metavar="PATH", help="interpreter of the candidate executors (default: this one)")
+    ap.add_argument("--base-python", metavar="PATH", help="interpreter of the baseline executors (default: this one)")
+    ap.add_argument("--cand-python", metavar="PATH", help="interpreter of the candidate executors (default: this one)")
+    ap.add_argument("--base-python", metavar="PATH", help="interpreter of the baseline executors (default: this one)")
     ap.add_argument("--keep-profiles", type=Path, metavar="DIR", help="keep py-spy's collapsed stacks in DIR")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
