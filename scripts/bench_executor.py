@@ -124,6 +124,12 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
         c32 = await runner.rounds("c=32", lambda n, p: closed_loop(p, 32, args.seconds if not args.c1_only else 0.2, 50000)
                                   if n != "direct" else None, args.rounds if not args.c1_only else 1)  # fmt: skip
         res = {"c1": c1, "c32": c32}
+        if args.stream:
+            n = args.stream
+            res["stream_ttft"] = await runner.rounds(f"stream {n} c=1", lambda name, p: closed_loop(p, 1, args.seconds, 2000, n)
+                                                     if name != "direct" else None, args.rounds)  # fmt: skip
+            res["stream"] = await runner.rounds(f"stream {n} c=8", lambda name, p: closed_loop(p, 8, args.seconds, 20000, n)
+                                                if name != "direct" else None, args.rounds)  # fmt: skip
         if args.syscalls:
             res["syscalls"] = {}
             for name in executors:
@@ -203,6 +209,13 @@ def render(res: dict) -> list[str]:
             f" {s['cpu_us'].get('nats-server', 0):.1f} | {sat['rps']:,.0f} |"
             f" {sat['cpu_us'].get(name, 0):.1f} | {sat['cpu_us'].get('nats-server', 0):.1f} | {sat['p99_ms']:.2f} |"
         )
+    if "stream" in res:
+        lines += ["", "| path | TTFT p50 ms c=1 | chunks/s c=8 | executor µs/chunk c=8 |", "|---|---|---|---|"]
+        for name, s in res["stream"].items():
+            chunks = s.get("chunks", 0) or 1
+            per_chunk = s["cpu_us"].get(name, 0) * s["n"] / chunks
+            lines.append(f"| {name} | {res['stream_ttft'][name].get('ttft_p50_ms', 0):.3f} | {s.get('chunks_per_s', 0):,.0f} |"
+                         f" {per_chunk:.2f} |")  # fmt: skip
     for tag in ("cand", "base"):
         on, off = c32.get(f"{tag}-on"), c32.get(f"{tag}-off")
         if on and off:
@@ -245,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--c1-only", action="store_true", help="c=32 only briefly (for --cprofile at concurrency 1)")
     ap.add_argument("--cand-python", metavar="PATH", help="interpreter of the candidate executors (default: this one)")
     ap.add_argument("--base-python", metavar="PATH", help="interpreter of the baseline executors (default: this one)")
-    ap.add_argument("--cand-python", metavar="PATH", help="interpreter of the candidate executors (default: this one)")
-    ap.add_argument("--base-python", metavar="PATH", help="interpreter of the baseline executors (default: this one)")
+    ap.add_argument("--stream", type=int, default=0, metavar="N", help="also streams of N chunks: TTFT at c=1, chunks/s at c=8")
     ap.add_argument("--keep-profiles", type=Path, metavar="DIR", help="keep py-spy's collapsed stacks in DIR")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)

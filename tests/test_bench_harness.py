@@ -108,3 +108,23 @@ def test_sealed_jobs_benchmark_smoke_run_reports_both_sides() -> None:
     for mode in ("unsealed", "sealed"):
         assert float(figures[f"client CPU per request, {mode}"]) > 0
         assert f"executor CPU per request, {mode}" in figures  # 10 ms /proc ticks: may read 0 in a smoke run
+
+
+@pytest.mark.slow  # about 20 s: nats-server, the benchmark backend, a receipts-on and a receipts-off executor
+@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 60)
+def test_executor_benchmark_reports_both_executors_and_the_receipt_cost() -> None:
+    proc = run_script("bench_executor.py", "--rounds", "1", "--seconds", "0.3", "--stream", "8", "--quiet",
+                      timeout=SCRIPT_TIMEOUT_S)  # fmt: skip
+    cells: dict[str, list[str]] = {}
+    for name, rest in re.findall(r"^\| (cand-on|cand-off|direct) \|(.*)\|$", proc.stdout, re.M):
+        cells.setdefault(name, [c.strip() for c in rest.split("|")])  # the first table; the streams' comes later
+    assert set(cells) == {"direct", "cand-on", "cand-off"}
+    for name in ("cand-on", "cand-off"):
+        p50, p99 = float(cells[name][0]), float(cells[name][1])
+        assert 0 < p50 <= p99, cells[name]
+        assert float(cells[name][7].replace(",", "")) > 0  # requests/s at c=32
+    streams = {name: (float(ttft), int(rate.replace(",", ""))) for name, ttft, rate
+               in re.findall(r"^\| (cand-on|cand-off) \| ([0-9.]+) \| ([0-9,]+) \| [0-9.]+ \|$", proc.stdout, re.M)}
+    assert set(streams) == {"cand-on", "cand-off"}  # the streams' table
+    assert all(ttft > 0 and rate > 0 for ttft, rate in streams.values()), streams
+    assert re.search(r"^cand: receipt cost at c=32 -?[0-9.]+ µs", proc.stdout, re.M)
