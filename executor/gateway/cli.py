@@ -27,10 +27,10 @@ import structlog
 
 from executor.config import ConfigError, load_config
 from executor.gateway import keys_cli
-from executor.process.heap import settle_heap
 from executor.gateway.keystore import KeyStoreError, RedactKeys
 from executor.gateway.seams import seams_for
 from executor.gateway.server import GatewayServer, ListenError, parse_listen
+from executor.process.heap import settle_heap
 from protocol.client import DEFAULT_URL, LloomClient
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -37,8 +37,8 @@ class JobBase:
     """A job the node tracks: who asked, until when, and how to stop it."""
 
     __slots__ = ("_carrier", "_client", "_payload", "_running", "_started_ms", "backend_s", "cancel_reason", "channel",
-                 "ctx", "deadline", "error", "id", "liveness", "loop", "missed_pings", "request", "started", "task", "tokens",
-                 "trace")  # fmt: skip
+                 "ctx", "deadline", "error", "id", "liveness", "loop", "missed_pings", "request", "started", "task",
+                 "tokens", "trace")  # fmt: skip
     operation = "chat"  # gen_ai.operation.name
 
 

@@ -1,4 +1,6 @@
-"""The garbage collector, set for a long-lived server (lloom-executor, lloom-gateway): the startup heap frozen, fewer young collections.
+"""The garbage collector, set for a long-lived server (lloom-executor, lloom-gateway).
+
+The startup heap is frozen and young collections are spaced out.
 
 CPython's cyclic collector walks every tracked object of the generations it collects. A node
 imports tens of thousands of objects (modules, classes, msgspec types, tables) that live as long
