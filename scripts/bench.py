@@ -288,6 +288,9 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
             await tel_path.close()
         if p["profile_s"] > 0:
             res["profile"] = await phases.profile_executor(runner, pids["executor"], p["profile_s"], tmp, log)
+            # And one caller at a time: where a lone request's CPU goes (wake-ups more than work).
+            res["profile_c1"] = await phases.profile_executor(runner, pids["executor"], p["profile_s"], tmp, log,
+                                                              concurrency=1)  # fmt: skip
         res["scaling"] = await phases.scaling(
             runner, p, lambda i: start_executor(procs, tmp, i, backend_url, nats_url, relay_cpus),
             lambda i: wait_executor(paths["executor"].client, i),

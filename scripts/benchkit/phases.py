@@ -220,7 +220,7 @@ class Runner:
 
 async def profile_executor(runner: Runner, pid: int, seconds: float, tmp: Path, log: Callable[[str], None],
                            concurrency: int = SAT_CONCURRENCY) -> dict:  # fmt: skip
-    """py-spy samples the executor during a saturation run (not a measured phase: sampling costs CPU)."""
+    """py-spy samples the executor under `concurrency` closed-loop callers (not a measured phase: sampling costs CPU)."""
     spy = env.bench_tool("py-spy")
     if spy is None:
         return {"status": "skipped: py-spy is not in the bench venv (it is installed with LiteLLM)"}

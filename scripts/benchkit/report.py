@@ -302,6 +302,9 @@ def render(res: dict, plot_note: str) -> str:
           "multi-core speed-up (there is no spare core to give them).", ""]
     L += ["## Latency distributions", "", plot_note, ""]
     L += render_profile(res.get("profile"), sat["executor"]["cpu_us"].get("executor"))
+    split = res.get("c1_split", {}).get("executor", {})
+    L += render_profile(res.get("profile_c1"), split.get("cpu_us", {}).get("executor"), concurrency=1)
+    L += HOT_PATH
     return "\n".join(L) + "\n"
 
 
@@ -342,15 +345,19 @@ def render_receipts(ab: dict | None) -> list[str]:
     return L
 
 
-def render_profile(prof: dict | None, exec_us: float | None) -> list[str]:
-    L = ["## Where the executor's CPU goes (py-spy, saturation)", ""]
+def render_profile(prof: dict | None, exec_us: float | None, *, concurrency: int = 32) -> list[str]:
+    where = "saturation" if concurrency > 1 else "one caller at a time"
+    measured = "measured at saturation" if concurrency > 1 else "measured at c=1 with the relay on its own core"
+    L = [f"## Where the executor's CPU goes (py-spy, {where})", ""]
+    if concurrency == 1 and prof is None:
+        return []  # a report written before the c=1 profile existed
     if not prof or "samples" not in prof:
         return L + [f"Not profiled in this run: {(prof or {}).get('status', 'profiling is off in this mode')}.", ""]
     L += [f"{prof['status']}; {prof['samples']} samples of the executor process with Python stacks. "
           "Time inside C extensions (uvloop's loop and socket calls, msgspec) is counted on the Python frame "
           "that called them.", ""]  # fmt: skip
     L += [f"By library of the innermost frame, with the share of the {exec_us or 0:.0f} µs of executor CPU per request "
-          "measured at saturation (py-spy sees only Python stacks: a sample whose innermost frame is "
+          f"{measured} (py-spy sees only Python stacks: a sample whose innermost frame is "
           "`Runner.run (asyncio/runners.py)` is time in uvloop's C loop itself, i.e. epoll and socket system calls "
           "and callback dispatch):", "",
           _table(["layer", "samples", "%", "≈ µs/request"],
@@ -359,7 +366,7 @@ def render_profile(prof: dict | None, exec_us: float | None) -> list[str]:
           _table(["function", "samples", "%"], [[f"`{n}`", str(c), f"{pc:.1f}"] for n, c, pc in prof["self"]]), ""]
     L += ["Top inclusive time:", "",
           _table(["function", "samples", "%"], [[f"`{n}`", str(c), f"{pc:.1f}"] for n, c, pc in prof["inclusive"]]), ""]
-    return L + HOT_PATH
+    return L
 
 
 # The analysis (what the microseconds are made of, the levers tried, what stands between the
