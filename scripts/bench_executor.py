@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import outbox_state, start_nats, wait_executor  # noqa: E402
+from bench import outbox_settler, start_nats, wait_executor  # noqa: E402
 from bench_gateway import export  # noqa: E402
 from benchkit import phases  # noqa: E402
 from benchkit.harness import Progress, cpu_plan, start_fast_backend  # noqa: E402
 from benchkit.paths import ExecutorPath, HttpPath, closed_loop  # noqa: E402
-from benchkit.procs import Procs, pin, run_all_stopped  # noqa: E402
+from benchkit.procs import Procs, pin, run_in_temp_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,29 +53,6 @@ def start_executor(procs: Procs, tmp: Path, name: str, backend_url: str, nats_ur
     return procs.start(name, argv, cpus=cpus, env=env, cwd=code).pid
 
 
-def settler(outbox: Path, path: ExecutorPath, executor_id: str):  # type: ignore[no-untyped-def]
-    """Until JetStream holds the last receipt this executor wrote (its own subject, so the others do not matter)."""
-    from protocol.receipts import receipt_lines
-    from protocol.subjects import receipts_subject
-
-    subject = receipts_subject(executor_id)
-
-    async def settle() -> None:
-        js = path.client._nc.jetstream()
-        last = outbox_state(outbox)[0]
-        end = time.perf_counter() + 60
-        while time.perf_counter() < end:
-            try:
-                msg = await js.get_last_msg("LLOOM_RECEIPTS", subject)
-                if json.loads(receipt_lines(msg.data)[-1])["receipt"]["seq"] >= last:
-                    return
-            except Exception:  # not stored yet
-                pass
-            await asyncio.sleep(0.005)
-
-    return settle
-
-
 async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress) -> dict:
     relay_cpus, gen_cpus = cpu_plan()
     backend_url, backend_pid = await start_fast_backend(procs, gen_cpus)
@@ -97,7 +72,7 @@ async def amain(args: argparse.Namespace, procs: Procs, tmp: Path, log: Progress
                                          python=(args.cand_python if tag == "cand" else args.base_python) or sys.executable)  # fmt: skip
             path = ExecutorPath(nats_url, name=name, model=f"model-{name}", verify=receipts)
             if receipts:
-                path.settle = settler(tmp / f"outbox-{name}", path, f"bench-exec-{name}")
+                path.settle = outbox_settler(tmp / f"outbox-{name}", path, f"bench-exec-{name}")
             paths[name] = path
             executors.append(name)
     if gen_cpus:
@@ -267,10 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cprofile:
         args.cprofile.mkdir(parents=True, exist_ok=True)
     log = Progress(args.quiet)
-    with tempfile.TemporaryDirectory(prefix="lloom-bench-ex-") as tmp_s:
-        tmp = Path(tmp_s)
-        procs = Procs(tmp)
-        res = run_all_stopped(amain(args, procs, tmp, log), procs, uvloop_loop=True)
+    res = run_in_temp_dir("lloom-bench-ex-", lambda procs, tmp: amain(args, procs, tmp, log))
     print("\n".join(render(res)))
     return 0
 

@@ -18,7 +18,6 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,7 +26,7 @@ from bench import MODEL, start_executor, start_nats, wait_executor, wait_http  #
 from benchkit import phases  # noqa: E402
 from benchkit.harness import Progress, cpu_plan, start_fast_backend  # noqa: E402
 from benchkit.paths import ExecutorPath, HttpPath, closed_loop  # noqa: E402
-from benchkit.procs import Procs, pin, run_all_stopped  # noqa: E402
+from benchkit.procs import Procs, pin, run_in_temp_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     log = Progress(args.quiet)
-    with tempfile.TemporaryDirectory(prefix="lloom-bench-gw-") as tmp_s:
-        tmp = Path(tmp_s)
-        procs = Procs(tmp)
-        res = run_all_stopped(amain(args, procs, tmp, log), procs, uvloop_loop=True)
+    res = run_in_temp_dir("lloom-bench-gw-", lambda procs, tmp: amain(args, procs, tmp, log))
     print("\n".join(render(res)))
     return 0
 

@@ -200,3 +200,11 @@ def run_ab_benchmark(
         procs = Procs(Path(tmp) / "logs")
         run_all_stopped(amain(args, procs, Path(tmp)), procs)
     return 0
+
+
+def run_in_temp_dir(prefix: str, main: Callable[[Procs, Path], Coroutine[Any, Any, T]]) -> T:
+    """`main(procs, tmp)` on uvloop in a fresh temp dir (`prefix`...), every process it starts stopped at the end."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_s:
+        tmp = Path(tmp_s)
+        procs = Procs(tmp)
+        return run_all_stopped(main(procs, tmp), procs, uvloop_loop=True)
